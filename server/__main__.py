@@ -1,0 +1,86 @@
+"""dflash-server / python -m server: parse flags, pick the fast BLAS, start uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+DESCRIPTION = """\
+Local OpenAI-compatible LLM server with DFlash speculative decoding on MLX.
+
+With no flags it serves the embedded SmolLM2-135M-Instruct with its shipped DFlash draft
+on http://127.0.0.1:8000/v1 (chat/completions, completions, models; /health).
+"""
+
+EPILOG = """\
+examples:
+  dflash-server                                   the embedded model and its draft
+  dflash-server --no-draft                        plain decoding
+  dflash-server --model mlx-community/Qwen3-4B-4bit --draft z-lab/Qwen3-4B-DFlash-b16
+  dflash-server --host 0.0.0.0 --api-key sk-local reachable from other machines, with a key
+  dflash-server --config my.toml                  settings from a file (see configs/default.toml)
+"""
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="dflash-server", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = p.add_argument_group("model")
+    model.add_argument("--model", help="'embedded' (default), a .gguf file, an mlx-lm directory or a Hugging Face repo id")
+    model.add_argument("--draft", help="DFlash draft: a directory or repo id in the published layout; 'none' to disable")
+    model.add_argument("--no-draft", action="store_true", help="plain decoding (same as --draft none)")
+    model.add_argument("--drafter", choices=["dflash", "ngram"], help="dflash (default) or ngram prompt lookup")
+    model.add_argument("--block-size", type=int, help="tokens per draft block (default 16)")
+    model.add_argument("--dequantize", choices=["auto", "yes", "no"], help="fp32 weights (auto: on the CPU backend)")
+    model.add_argument("--served-model-name", help="the model id clients see in /v1/models")
+    net = p.add_argument_group("network")
+    net.add_argument("--host", help="bind address (default 127.0.0.1)")
+    net.add_argument("--port", type=int, help="port (default 8000)")
+    net.add_argument("--api-key", help="require this key on every route but /health (env: DFLASH_API_KEY)")
+    p.add_argument("--config", type=Path, help="TOML config file (default: configs/default.toml)")
+    p.add_argument("--max-waiting", type=int, help="queued requests before 503 (default 64)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> "ServerConfig":
+    from engine.config import ServerConfig, default_config_path
+
+    path = args.config or default_config_path()
+    config = ServerConfig.from_file(path) if path else ServerConfig()
+    draft = "none" if args.no_draft else args.draft
+    return config.override(
+        model=args.model, draft=draft, drafter=args.drafter, block_size=args.block_size,
+        dequantize=args.dequantize, served_model_name=args.served_model_name, host=args.host, port=args.port,
+        api_key=args.api_key or os.environ.get("DFLASH_API_KEY") or None, max_waiting=args.max_waiting,
+        log_level=args.log_level,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)  # --help before any re-exec or heavy import
+    from engine.blas import maybe_reexec_with_openblas
+
+    maybe_reexec_with_openblas(["-m", "server", *argv])
+    try:
+        config = build_config(args)
+    except ValueError as e:
+        sys.exit(f"dflash-server: {e}")
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from engine.async_engine import AsyncEngine
+    from engine.serving_model import ServingModel
+    from server.app import create_app
+
+    engine = AsyncEngine(lambda: ServingModel.load(config.engine), max_waiting=config.engine.max_waiting)
+    app = create_app(config, engine)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, timeout_graceful_shutdown=30)
+
+
+if __name__ == "__main__":
+    main()

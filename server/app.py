@@ -1,0 +1,316 @@
+"""FastAPI application: OpenAI routes over the async engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette.sse import EventSourceResponse
+
+from engine.async_engine import AsyncEngine, EngineDead
+from engine.config import ServerConfig
+from engine.request import Request as EngineRequest
+from engine.request import RequestOutput
+from engine.sampling import SamplingParams
+from engine.scheduler import EngineBusy
+from server.errors import OpenAIError, error_body, install_error_handlers
+from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
+from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from server.responses import Envelope, TokenText, chat_logprobs, finish_value, text_logprobs, usage_dict
+
+log = logging.getLogger("dflash.server")
+T = TypeVar("T")
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions endpoint
+
+
+def create_app(config: ServerConfig, engine: AsyncEngine) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        yield
+        await engine.stop()
+
+    app = FastAPI(title="dflash-server", version="0.1.0", lifespan=lifespan)
+    app.state.engine = engine
+    app.state.config = config
+    app.state.started = int(time.time())
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    if config.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+    routes = Routes(config, engine, app.state.started)
+    app.get("/health")(routes.health)
+    app.get("/v1/models")(routes.models)
+    app.get("/v1/models/{model_id:path}")(routes.model)
+    app.post("/v1/chat/completions")(routes.chat)
+    app.post("/v1/completions")(routes.completions)
+    return app
+
+
+class Routes:
+    def __init__(self, config: ServerConfig, engine: AsyncEngine, started: int) -> None:
+        self.config = config
+        self.engine = engine
+        self.started = started
+        self._token_text: TokenText | None = None
+
+    # --- helpers -----------------------------------------------------------------------
+    @property
+    def served(self) -> Any:
+        if self.engine.model is None:
+            raise OpenAIError(503, "the model is still loading", headers={"Retry-After": "1"})
+        return self.engine.model
+
+    @property
+    def model_name(self) -> str:
+        return self.config.served_model_name or self.served.model_id
+
+    def token_text(self) -> TokenText:
+        if self._token_text is None:
+            self._token_text = TokenText(self.served.tokenizer)
+        return self._token_text
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in (self.model_name, self.served.model_id):
+            raise OpenAIError(404, f"model {model!r} is not served here; this server serves {self.model_name!r}",
+                              param="model", code="model_not_found")
+
+    def sampling_params(self, body: SamplingFields, logprobs: bool, top_logprobs: int) -> SamplingParams:
+        vocab = self.served.tokenizer.vocab_size
+        bias = []
+        for key, value in (body.logit_bias or {}).items():
+            if not 0 <= int(key) < vocab:
+                raise OpenAIError(400, f"logit_bias token id {key} is outside the vocabulary [0, {vocab})", param="logit_bias")
+            bias.append((int(key), float(value)))
+        temperature = body.temperature if body.temperature is not None else self.config.engine.default_temperature
+        return SamplingParams(
+            temperature=temperature,
+            top_p=body.top_p if body.top_p is not None else 1.0,
+            top_k=max(body.top_k or 0, 0),
+            min_p=body.min_p or 0.0,
+            seed=body.seed,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=body.repetition_penalty or 1.0,
+            logit_bias=tuple(bias),
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+        )
+
+    def make_request(self, body: SamplingFields, prompt_ids: list[int], limit: int | None, default_limit: int,
+                     params: SamplingParams) -> EngineRequest:
+        context = self.served.context_length
+        num_prompt = len(prompt_ids)
+        if num_prompt == 0:
+            raise OpenAIError(400, "the prompt is empty", param="prompt")
+        if limit is not None and num_prompt + limit > context:
+            raise OpenAIError(
+                400,
+                f"this model's maximum context length is {context} tokens, but {num_prompt} prompt tokens "
+                f"+ {limit} max_tokens = {num_prompt + limit} were requested; reduce the prompt or max_tokens",
+                param="max_tokens", code="context_length_exceeded",
+            )
+        if num_prompt >= context:
+            raise OpenAIError(400, f"the prompt has {num_prompt} tokens but this model's maximum context length is "
+                                   f"{context} tokens", param="messages", code="context_length_exceeded")
+        max_tokens = limit if limit is not None else min(default_limit, context - num_prompt)
+        return EngineRequest(uuid.uuid4().hex, prompt_ids, params, max_tokens, body.stop_strings())
+
+    def submit(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        try:
+            return self.engine.submit(request)
+        except EngineBusy as e:
+            raise OpenAIError(503, str(e), type="server_busy", headers={"Retry-After": "1"}) from None
+        except EngineDead as e:
+            raise OpenAIError(503, f"the engine is down: {e}", type="server_error") from None
+
+    def stream(self, events: AsyncIterator[dict[str, Any]]) -> EventSourceResponse:
+        async def framed() -> AsyncIterator[dict[str, str]]:
+            try:
+                async for event in events:
+                    yield {"data": json.dumps(event, ensure_ascii=False)}
+            except (OpenAIError, EngineDead, Exception) as e:  # headers are sent: report in-band
+                log.warning("stream failed: %r", e)
+                body = e.body() if isinstance(e, OpenAIError) else error_body(str(e) or type(e).__name__, "server_error")
+                yield {"data": json.dumps(body)}
+            yield {"data": "[DONE]"}
+
+        return EventSourceResponse(framed(), ping=self.config.keepalive_seconds, sep="\n",
+                                   headers={"X-Accel-Buffering": "no", "Cache-Control": "no-cache"})
+
+    # --- routes ------------------------------------------------------------------------
+    async def health(self) -> JSONResponse:
+        engine = self.engine
+        if engine.model is None or not engine.is_alive:
+            status = "error" if engine.error else "loading"
+            return JSONResponse({"status": status, "error": repr(engine.error) if engine.error else None}, status_code=503)
+        served = engine.model
+        return JSONResponse({
+            "status": "ok",
+            "model": self.model_name,
+            "drafter": served.drafter,
+            "backend": served.backend,
+            "waiting": engine.scheduler.num_waiting if engine.scheduler else 0,
+        })
+
+    def model_card(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": self.started, "owned_by": "dflash-server",
+                "max_model_len": self.served.context_length}
+
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self.model_card()]}
+
+    async def model(self, model_id: str) -> dict[str, Any]:
+        self.check_model(model_id)
+        return self.model_card()
+
+    async def chat(self, body: ChatCompletionRequest, raw: Request) -> Response:
+        self.check_model(body.model)
+        prompt_ids = self.render_chat(body)
+        params = self.sampling_params(body, body.logprobs, body.top_logprobs or 0)
+        request = self.make_request(body, prompt_ids, body.token_limit, self.config.engine.default_max_tokens, params)
+        envelope = Envelope("chat", self.model_name)
+        outputs = self.submit(request)
+        if body.stream:
+            return self.stream(self.chat_chunks(envelope, outputs, body))
+        return await with_cancellation(raw, self.chat_response(envelope, outputs, body))
+
+    def render_chat(self, body: ChatCompletionRequest) -> list[int]:
+        tokenizer = self.served.tokenizer
+        kwargs = dict(body.chat_template_kwargs or {})
+        if body.tools and body.tool_choice != "none":
+            if "tools" not in (tokenizer.chat_template or ""):
+                raise OpenAIError(400, "this model's chat template does not support tools", param="tools")
+            kwargs["tools"] = body.tools
+        try:
+            return tokenizer.apply_chat_template([m.for_template() for m in body.messages], add_generation_prompt=True, **kwargs)
+        except Exception as e:  # a template error is the request's fault (roles, kwargs)
+            raise OpenAIError(400, f"cannot apply the chat template: {e}", param="messages") from None
+
+    async def chat_response(self, envelope: Envelope, outputs: AsyncIterator[RequestOutput],
+                            body: ChatCompletionRequest) -> dict[str, Any]:
+        text, entries, last = await collect(outputs)
+        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
+                                  "logprobs": chat_logprobs(entries, self.token_text()) if body.logprobs else None,
+                                  "finish_reason": finish_value(last.finish_reason)}
+        return {**envelope.head("chat.completion"), "choices": [choice], "usage": usage_dict(last.usage)}
+
+    async def chat_chunks(self, envelope: Envelope, outputs: AsyncIterator[RequestOutput],
+                          body: ChatCompletionRequest) -> AsyncIterator[dict[str, Any]]:
+        include_usage = body.include_usage
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
+            out = {**envelope.head("chat.completion.chunk"),
+                   "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+            return {**out, "usage": None} if include_usage else out
+
+        yield chunk({"role": "assistant", "content": ""})
+        last = None
+        async for out in outputs:
+            last = out
+            if out.text or (body.logprobs and out.logprobs):
+                lp = chat_logprobs(out.logprobs, self.token_text()) if body.logprobs and out.logprobs else None
+                yield chunk({"content": out.text}, logprobs=lp)
+        assert last is not None and last.finish_reason is not None
+        yield chunk({}, finish_value(last.finish_reason))
+        if include_usage:
+            yield {**envelope.head("chat.completion.chunk"), "choices": [], "usage": usage_dict(last.usage)}
+
+    async def completions(self, body: CompletionRequest, raw: Request) -> Response:
+        self.check_model(body.model)
+        tokenizer = self.served.tokenizer
+        if isinstance(body.prompt, str):
+            prompt_ids = tokenizer.encode(body.prompt, add_special_tokens=True)
+        else:
+            vocab = tokenizer.vocab_size
+            if any(not 0 <= t < vocab for t in body.prompt):
+                raise OpenAIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+            prompt_ids = list(body.prompt)
+        num_top = body.logprobs or 0
+        params = self.sampling_params(body, body.logprobs is not None, num_top)
+        request = self.make_request(body, prompt_ids, body.token_limit, COMPLETIONS_DEFAULT_MAX_TOKENS, params)
+        envelope = Envelope("text", self.model_name)
+        echo = tokenizer.decode(prompt_ids) if body.echo else ""
+        outputs = self.submit(request)
+        if body.stream:
+            return self.stream(self.completion_chunks(envelope, outputs, body, echo))
+        return await with_cancellation(raw, self.completion_response(envelope, outputs, body, echo))
+
+    async def completion_response(self, envelope: Envelope, outputs: AsyncIterator[RequestOutput],
+                                  body: CompletionRequest, echo: str) -> dict[str, Any]:
+        text, entries, last = await collect(outputs)
+        logprobs = text_logprobs(entries, self.token_text(), len(echo)) if body.logprobs is not None else None
+        choice = {"index": 0, "text": echo + text, "logprobs": logprobs, "finish_reason": finish_value(last.finish_reason)}
+        return {**envelope.head("text_completion"), "choices": [choice], "usage": usage_dict(last.usage)}
+
+    async def completion_chunks(self, envelope: Envelope, outputs: AsyncIterator[RequestOutput],
+                                body: CompletionRequest, echo: str) -> AsyncIterator[dict[str, Any]]:
+        include_usage = body.include_usage
+        offset = len(echo)
+
+        def chunk(text: str, finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
+            out = {**envelope.head("text_completion"),
+                   "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+            return {**out, "usage": None} if include_usage else out
+
+        if echo:
+            yield chunk(echo)
+        last = None
+        async for out in outputs:
+            last = out
+            if out.text or out.logprobs:
+                lp = None
+                if body.logprobs is not None and out.logprobs:
+                    lp = text_logprobs(out.logprobs, self.token_text(), offset)
+                offset += len(out.text)
+                yield chunk(out.text, logprobs=lp)
+        assert last is not None and last.finish_reason is not None
+        yield chunk("", finish_value(last.finish_reason))
+        if include_usage:
+            yield {**envelope.head("text_completion"), "choices": [], "usage": usage_dict(last.usage)}
+
+
+async def collect(outputs: AsyncIterator[RequestOutput]) -> tuple[str, list, RequestOutput]:
+    parts: list[str] = []
+    entries: list = []
+    last: RequestOutput | None = None
+    async for out in outputs:
+        parts.append(out.text)
+        entries.extend(out.logprobs or [])
+        last = out
+    assert last is not None and last.finish_reason is not None
+    return "".join(parts), entries, last
+
+
+async def with_cancellation(raw: Request, work: Awaitable[T]) -> T | Response:
+    """Race a non-streaming handler against the client's disconnect (vLLM's pattern)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(raw))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()  # closes the delta stream, which aborts the request in the engine
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):
+        pass
+    return Response(status_code=499)
+
+
+async def _disconnected(raw: Request) -> None:
+    while True:
+        message = await raw.receive()
+        if message["type"] == "http.disconnect":
+            return
