@@ -1,0 +1,147 @@
+"""The real embedded model behind a real uvicorn process, driven by the OpenAI SDK and raw HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+ROOT = Path(__file__).resolve().parent.parent
+GREEDY = {"temperature": 0, "max_tokens": 12}
+HELLO = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, *flags: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(ROOT / f".pytest_cache/live-{self.port}.log", "w") if (ROOT / ".pytest_cache").is_dir() else subprocess.DEVNULL
+        self.proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(self.port), *flags],
+                                     cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ})
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, "server exited during startup"
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError("server did not become healthy")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LiveServer]:
+    live = LiveServer("--no-draft")
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: LiveServer) -> OpenAI:
+    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_models(client: OpenAI) -> None:
+    assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct"]
+
+
+def test_chat_non_stream_answers(client: OpenAI) -> None:
+    r = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=HELLO, **GREEDY)
+    assert "Paris" in r.choices[0].message.content
+    assert r.usage.completion_tokens <= 12 and r.usage.prompt_tokens > 5
+
+
+def test_chat_stream_with_usage_matches_non_stream(client: OpenAI) -> None:
+    full = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=HELLO, **GREEDY)
+    stream = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=HELLO, stream=True,
+                                            stream_options={"include_usage": True}, **GREEDY)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_completions_and_stop(client: OpenAI) -> None:
+    r = client.completions.create(model="SmolLM2-135M-Instruct", prompt="1, 2, 3, 4,", max_tokens=10, temperature=0)
+    assert r.choices[0].text.startswith(" 5")
+    r = client.completions.create(model="SmolLM2-135M-Instruct", prompt="1, 2, 3, 4,", max_tokens=10, temperature=0,
+                                  stop=[" 7"])
+    assert r.choices[0].finish_reason == "stop" and " 7" not in r.choices[0].text and "6" in r.choices[0].text
+
+
+def test_seed(client: OpenAI) -> None:
+    kw = dict(model="SmolLM2-135M-Instruct", messages=HELLO, max_tokens=10, temperature=1.0, seed=42)
+    assert client.chat.completions.create(**kw).choices[0].message.content == \
+        client.chat.completions.create(**kw).choices[0].message.content
+
+
+def test_raw_sse_framing(server: LiveServer) -> None:
+    body = {"messages": HELLO, "stream": True, "max_tokens": 4, "temperature": 0}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    assert raw.endswith("data: [DONE]\n\n")
+    for block in raw.strip().split("\n\n"):
+        assert block.startswith("data: ") or block.startswith(":"), block
+        if block != "data: [DONE]" and block.startswith("data: "):
+            json.loads(block[6:])
+
+
+def test_bad_input_is_400(client: OpenAI) -> None:
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=HELLO, temperature=5)
+    assert e.value.status_code == 400 and e.value.body["param"] == "temperature"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=HELLO)
+
+
+def _quick_request_seconds(server: LiveServer) -> float:
+    t0 = time.monotonic()
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "temperature": 0}, timeout=60)
+    assert r.status_code == 200
+    return time.monotonic() - t0
+
+
+def test_disconnect_mid_stream_frees_engine(server: LiveServer) -> None:
+    body = {"messages": HELLO, "stream": True, "max_tokens": 3000, "temperature": 1.0,
+            "logit_bias": {"2": -100}}  # never EOS: runs for minutes unless cancelled
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(l.startswith("data: ") for l in got)
+    assert _quick_request_seconds(server) < 10
+
+
+def test_disconnect_non_stream_frees_engine(server: LiveServer) -> None:
+    body = json.dumps({"prompt": "Tell me a story.", "max_tokens": 3000, "temperature": 1.0,
+                       "logit_bias": {"2": -100}}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        time.sleep(1.5)
+    assert _quick_request_seconds(server) < 10
