@@ -36,6 +36,7 @@ def create_app(config: ServerConfig, engine: AsyncEngine) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await engine.start()
+        log.info(banner(config, engine))
         yield
         await engine.stop()
 
@@ -54,6 +55,16 @@ def create_app(config: ServerConfig, engine: AsyncEngine) -> FastAPI:
     app.post("/v1/chat/completions")(routes.chat)
     app.post("/v1/completions")(routes.completions)
     return app
+
+
+def banner(config: ServerConfig, engine: AsyncEngine) -> str:
+    served = engine.model
+    name = config.served_model_name or served.model_id
+    auth = "API key required" if config.api_key else "no API key"
+    return (f"dflash-server ready on http://{config.host}:{config.port}/v1 ({auth})\n"
+            f"  model    {name}: {served.description}, context {served.context_length}\n"
+            f"  drafter  {served.drafter}\n"
+            f"  backend  {served.backend}")
 
 
 class Routes:
