@@ -16,6 +16,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+INSTALLED_CONFIGS = Path(sys.prefix) / "share" / "dflash-server" / "configs"  # a wheel install's data-files
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -92,6 +93,13 @@ class ServerConfig:
         return asdict(self)
 
 
+def config_dir() -> Path | None:
+    for folder in (REPO_CONFIGS, INSTALLED_CONFIGS):
+        if (folder / "default.toml").is_file():
+            return folder
+    return None
+
+
 def default_config_path() -> Path | None:
-    path = REPO_CONFIGS / "default.toml"
-    return path if path.is_file() else None
+    folder = config_dir()
+    return folder / "default.toml" if folder else None

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlx.core as mx
 
 from engine.config import EngineConfig
 from engine.decoder import Decoder
+from engine.pairs import default_draft_for, load_pairs
 from engine.plain_decoder import PlainDecoder
 
 log = logging.getLogger("dflash.model")
 
-SHIPPED_DRAFTS = Path(__file__).resolve().parent / "drafts"
-# Drafts we train and ship, by the model id of their target.
-DEFAULT_DRAFTS = {"SmolLM2-135M-Instruct": SHIPPED_DRAFTS / "smollm2-135m-instruct-dflash"}
 
 
 @dataclass
@@ -35,6 +33,9 @@ class ServingModel:
         from engine.loader import load_model
 
         dequantize = {"auto": None, "yes": True, "no": False}[config.dequantize]
+        pair = load_pairs().get(config.model)
+        if pair is not None:  # a known pair's name stands for its target (and its draft by default)
+            config = replace(config, model=pair.target)
         loaded = load_model(config.model, dequantize=dequantize)
         plain = PlainDecoder(loaded.model, prefill_chunk=config.prefill_chunk)
         speculative, drafter = build_speculative(loaded, config)
@@ -50,15 +51,15 @@ class ServingModel:
         )
 
 
-def resolve_draft(spec: str, model_id: str) -> str | None:
+def resolve_draft(spec: str, target: str, model_id: str) -> str | None:
     if spec == "none":
         return None
     if spec == "default":
-        path = DEFAULT_DRAFTS.get(model_id)
-        if path is None or not (path / "config.json").is_file():
-            log.warning("no DFlash draft is shipped for %s: decoding without one", model_id)
+        draft = default_draft_for(target, model_id)
+        if draft is None or (Path(draft).is_absolute() and not (Path(draft) / "config.json").is_file()):
+            log.warning("no DFlash draft is known for %s: decoding without one", model_id)
             return None
-        return str(path)
+        return draft
     return spec
 
 
@@ -73,7 +74,7 @@ def build_speculative(loaded: object, config: EngineConfig) -> tuple[Decoder | N
         target = Target(loaded.model, layer_ids=())
         drafter = NgramDrafter()
         return SpeculativeDecoder(target, drafter, block_size=config.block_size, prefill_chunk=config.prefill_chunk), "ngram"
-    path = resolve_draft(config.draft, loaded.model_id)
+    path = resolve_draft(config.draft, config.model, loaded.model_id)
     if path is None:
         return None, "none"
     from engine.draft import load_draft

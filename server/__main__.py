@@ -19,6 +19,7 @@ EPILOG = """\
 examples:
   dflash-server                                   the embedded model and its draft
   dflash-server --no-draft                        plain decoding
+  dflash-server --model qwen3-8b                  a known pair by name (see --list-configs)
   dflash-server --model mlx-community/Qwen3-4B-4bit --draft z-lab/Qwen3-4B-DFlash-b16
   dflash-server --host 0.0.0.0 --api-key sk-local reachable from other machines, with a key
   dflash-server --config my.toml                  settings from a file (see configs/default.toml)
@@ -40,6 +41,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     net.add_argument("--host", help="bind address (default 127.0.0.1)")
     net.add_argument("--port", type=int, help="port (default 8000)")
     net.add_argument("--api-key", help="require this key on every route but /health (env: DFLASH_API_KEY)")
+    p.add_argument("--list-configs", action="store_true", help="show the known target/draft pairs and exit")
     p.add_argument("--config", type=Path, help="TOML config file (default: configs/default.toml)")
     p.add_argument("--max-waiting", type=int, help="queued requests before 503 (default 64)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
@@ -63,6 +65,11 @@ def build_config(args: argparse.Namespace) -> "ServerConfig":
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)  # --help before any re-exec or heavy import
+    if args.list_configs:
+        from engine.pairs import describe_pairs
+
+        print(describe_pairs())
+        return
     from engine.blas import maybe_reexec_with_openblas
 
     maybe_reexec_with_openblas(["-m", "server", *argv])
