@@ -49,6 +49,7 @@ def load_gguf(path: Path, *, dequantize: bool) -> tuple[nn.Module, Tokenizer, di
             f"GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)}); "
             "use an mlx-lm / Hugging Face directory for other models."
         )
+    tokenizer = Tokenizer.from_gguf_metadata(meta)  # fail fast on an unsupported vocabulary
     weights = {_mlx_name(k): v for k, v in weights.items()}
     model = _build_model(arch, meta, weights)
     _quantize_like(model, weights)
@@ -65,7 +66,7 @@ def load_gguf(path: Path, *, dequantize: bool) -> tuple[nn.Module, Tokenizer, di
         "num_parameters": get_total_parameters(model),
         "name": meta.get("general.name"),
     }
-    return model, Tokenizer.from_gguf_metadata(meta), info
+    return model, tokenizer, info
 
 
 def to_float32(model: nn.Module) -> nn.Module:
