@@ -1,0 +1,117 @@
+"""Tiny random models for tests: mlx-lm targets (llama, qwen3) and DFlash drafts, float32.
+
+Targets are saved in the mlx-lm layout (config.json + model.safetensors) and drafts in the
+published DFlash layout, so loaders are exercised exactly as with real checkpoints.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.utils import load_model
+
+from engine.draft import DFlashDraft, DraftConfig, save_draft
+
+
+def target_config(family: str = "qwen3", **overrides: Any) -> dict[str, Any]:
+    """A small mlx-lm config.json for `family` ("llama" or "qwen3")."""
+    config: dict[str, Any] = {
+        "model_type": family,
+        "hidden_size": 64,
+        "num_hidden_layers": 4,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-6,
+        "vocab_size": 96,
+        "max_position_embeddings": 2048,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+    }
+    config.update(overrides)
+    return config
+
+
+def build_target(config: dict[str, Any], seed: int = 0) -> nn.Module:
+    """A random float32 mlx-lm model for `config` (mlx-lm's own init, seeded)."""
+    module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    mx.random.seed(seed)
+    model = module.Model(module.ModelArgs.from_dict(config))
+    model.update(tree_map(lambda p: p.astype(mx.float32), model.parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+def save_target(model: nn.Module, config: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
+def load_target(path: str | Path) -> nn.Module:
+    model, _ = load_model(Path(path))
+    return model
+
+
+def draft_config(target: dict[str, Any], **overrides: Any) -> DraftConfig:
+    """A 2-layer draft for `target` tapping layer 1 and the last (the spec's formula gives
+    [1, 1] for 4-layer targets)."""
+    fields: dict[str, Any] = {
+        "hidden_size": target["hidden_size"],
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "intermediate_size": 128,
+        "num_target_layers": target["num_hidden_layers"],
+        "target_layer_ids": (1, target["num_hidden_layers"] - 1),
+        "mask_token_id": target["vocab_size"] - 1,
+        "block_size": 4,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 2048,
+        "vocab_size": target["vocab_size"],
+    }
+    fields.update(overrides)
+    return DraftConfig(**fields)
+
+
+def build_draft(config: DraftConfig, seed: int = 0) -> DFlashDraft:
+    mx.random.seed(seed)
+    draft = DFlashDraft(config)
+    draft.update(tree_map(lambda p: p.astype(mx.float32), draft.parameters()))
+    mx.eval(draft.parameters())
+    return draft
+
+
+def save_tiny_draft(draft: DFlashDraft, path: str | Path) -> Path:
+    save_draft(draft, path, dtype=mx.float32)
+    return Path(path)
+
+
+def plain_greedy(model: nn.Module, prompt: list[int], max_tokens: int) -> tuple[list[int], float]:
+    """Reference greedy decoding on the raw mlx-lm model, one token per forward.
+
+    Returns the tokens and the smallest top-1/top-2 logit gap seen: a gap near float32
+    noise would make a token mismatch a tie rather than a bug.
+    """
+    cache = make_prompt_cache(model)
+    logits = model(mx.array(prompt)[None], cache=cache)[0, -1]
+    tokens: list[int] = []
+    min_gap = float("inf")
+    while True:
+        top2 = mx.sort(logits)[-2:]
+        min_gap = min(min_gap, (top2[1] - top2[0]).item())
+        tokens.append(int(mx.argmax(logits).item()))
+        if len(tokens) == max_tokens:
+            return tokens, min_gap
+        logits = model(mx.array([[tokens[-1]]]), cache=cache)[0, -1]
