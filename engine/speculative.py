@@ -1,0 +1,305 @@
+"""The speculative cycle (spec §2.1): draft → one verify forward → accept → commit and trim.
+
+One host sync per cycle. After it, the next cycle (draft, verify, acceptance) is built from
+lazy results and launched with `mx.async_eval` before the current DecodeStep is yielded, so
+the caller's detokenizing and stop checks overlap with device work.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import mlx.core as mx
+
+from engine.decoder import DecodeStep
+from engine.drafters import Drafter
+from engine.sampling import (
+    SamplingParams,
+    TokenLogprob,
+    TokenRng,
+    filter_logprobs,
+    sample,
+    to_token_logprobs,
+    token_logprobs,
+)
+from engine.target import Target
+
+PREFILL_CHUNK = 512
+TIMING_MODES = (None, "overlap", "split")
+
+
+def accept_draft(
+    draft_tokens: mx.array,
+    target_logits: mx.array,
+    draft_logprobs: mx.array | None,
+    params: SamplingParams,
+    key: mx.array | None = None,
+) -> tuple[mx.array, mx.array]:
+    """Decide, lazily, how much of a draft block to keep (the one acceptance function).
+
+    Names follow gpt-fast: p = draft probabilities, q = target probabilities (spec §2.1 names
+    them the other way round). Both go through `filter_logprobs`, so sampling stays exact for
+    the temperature/top-k/top-p/min-p-truncated target distribution.
+
+    draft_tokens: (..., k). target_logits: (..., k+1, V); row i scores the token after draft i
+    (row 0 follows the anchor). draft_logprobs: (..., k, V), what each draft was sampled from,
+    or None for a deterministic proposal (p one-hot). Greedy params: longest prefix equal to the
+    target argmax. Returns (num_accepted a (...), next_token (...)): the committed tokens are
+    draft_tokens[..., :a] then next_token (the correction at the first rejection, or the bonus).
+    """
+    k = draft_tokens.shape[-1]
+    if params.is_greedy:
+        target_tokens = mx.argmax(target_logits, axis=-1).astype(mx.int32)  # (..., k+1)
+        matches = (draft_tokens == target_tokens[..., :k]).astype(mx.int32)
+        num_accepted = mx.cumprod(matches, axis=-1).sum(axis=-1)
+        return num_accepted, mx.take_along_axis(target_tokens, num_accepted[..., None], axis=-1)[..., 0]
+    assert key is not None, "sampling needs a random key"
+    q = mx.exp(filter_logprobs(target_logits, params))  # (..., k+1, V)
+    if draft_logprobs is None:
+        p = (draft_tokens[..., None] == mx.arange(q.shape[-1])).astype(mx.float32)  # (..., k, V)
+    else:
+        p = mx.exp(draft_logprobs.astype(mx.float32))
+    p_draft = mx.take_along_axis(p, draft_tokens[..., None], axis=-1)[..., 0]  # (..., k)
+    q_draft = mx.take_along_axis(q[..., :k, :], draft_tokens[..., None], axis=-1)[..., 0]
+    accept_key, resample_key = mx.random.split(key)
+    # q: target prob, p: draft prob
+    # q >= p: always accept draft token
+    # q < p: q/p prob to accept draft token
+    accepted = mx.random.uniform(shape=p_draft.shape, key=accept_key) * p_draft < q_draft
+    num_accepted = mx.cumprod(accepted.astype(mx.int32), axis=-1).sum(axis=-1)
+    # at the first rejection sample norm(max(q - p, 0)); row k has no draft (p = 0): the bonus
+    p = mx.concatenate([p, mx.zeros((*p.shape[:-2], 1, p.shape[-1]))], axis=-2)  # (..., k+1, V)
+    row = num_accepted[..., None, None]
+    q_row = mx.take_along_axis(q, row, axis=-2)[..., 0, :]  # (..., V)
+    residual = mx.maximum(q_row - mx.take_along_axis(p, row, axis=-2)[..., 0, :], 0.0)
+    residual = mx.where(residual.sum(axis=-1, keepdims=True) > 0, residual, q_row)  # p == q
+    next_token = mx.random.categorical(mx.log(residual), axis=-1, key=resample_key)
+    return num_accepted, next_token.astype(mx.int32)
+
+
+class CycleTiming(NamedTuple):
+    draft_s: float  # device time of the draft ("split" mode only, else 0)
+    verify_s: float  # device time of verify + acceptance ("split" mode only, else 0)
+    wait_s: float  # blocked in the cycle's sync
+    host_s: float  # from the previous sync's return to this one: bookkeeping + the caller
+
+
+@dataclass
+class SpecStats:
+    cycles: int = 0
+    syncs: int = 0  # host syncs inside the cycle loop (one per cycle unless timing="split")
+    drafted: int = 0
+    accepted: int = 0
+    accept_counts: list[int] = field(default_factory=list)  # histogram of a, as gpt-fast
+    timings: list[CycleTiming] = field(default_factory=list)
+
+    @property
+    def acceptance_length(self) -> float:
+        """τ = mean tokens committed per cycle, bonus included: (A + S) / S."""
+        return (self.accepted + self.cycles) / max(self.cycles, 1)
+
+    def record(self, drafted: int, accepted: int) -> None:
+        self.cycles += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        self.accept_counts.extend([0] * (accepted + 1 - len(self.accept_counts)))
+        self.accept_counts[accepted] += 1
+
+
+class _Cycle(NamedTuple):
+    """A launched cycle: everything lazy except the block size, already in the target cache."""
+
+    block: int  # rows verified = drafted + 1
+    num_accepted: mx.array  # () int32
+    tokens: mx.array  # (block,) int32: tokens[:a] are the accepted drafts, tokens[a] the next token
+    taps: mx.array | None  # (1, block, T*H)
+    logprobs: tuple[mx.array, mx.array, mx.array] | None
+    draft_s: float
+    verify_s: float
+
+
+class SpeculativeDecoder:
+    """Decoder protocol over a Target and a Drafter; batch 1, one sequence at a time."""
+
+    def __init__(
+        self,
+        target: Target,
+        drafter: Drafter,
+        *,
+        block_size: int,
+        prefill_chunk: int = PREFILL_CHUNK,
+        timing: str | None = None,
+    ) -> None:
+        if block_size < 2:
+            raise ValueError(f"block_size must be >= 2 (the anchor plus at least one draft), got {block_size}")
+        if timing not in TIMING_MODES:
+            raise ValueError(f"timing must be one of {TIMING_MODES}, got {timing!r}")
+        self.target = target
+        self.drafter = drafter
+        self.block_size = block_size
+        self.prefill_chunk = prefill_chunk
+        self.timing = timing
+        self.name = f"speculative-{drafter.name}"
+        self.stats = SpecStats()
+
+    def supports(self, params: SamplingParams) -> str | None:
+        if params.has_processors:
+            return (
+                "speculative decoding cannot apply penalties or logit_bias to a draft block "
+                "(they depend on tokens not yet accepted); using plain decoding"
+            )
+        return None
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        max_tokens: int,
+        rng: TokenRng,
+    ) -> Generator[DecodeStep, None, None]:
+        if reason := self.supports(params):
+            raise ValueError(reason)
+        if not prompt_ids:
+            raise ValueError("prompt_ids is empty; speculative decoding needs at least one prompt token")
+        if max_tokens <= 0:
+            return
+        self.stats = SpecStats()
+        cache = self.target.make_cache()
+        launched: _Cycle | None = None
+        try:
+            first, first_logprobs, prompt_taps = self._prefill(prompt_ids, cache, params, rng)
+            self.drafter.begin(prompt_ids, prompt_taps)
+            self._sync_end = time.perf_counter()
+            num_committed = len(prompt_ids)  # rows in the target cache
+            num_emitted = 1
+            if max_tokens > 1:
+                launched = self._launch([first], None, max_tokens - 1, cache, params, rng)
+            yield DecodeStep([first], first_logprobs)
+            while launched is not None:
+                cycle, launched = launched, None
+                accepted, tokens, logprobs = self._finish(cycle, cache)
+                num_committed += accepted + 1  # the anchor and the accepted drafts
+                assert self.target.cache_length(cache) == num_committed, (
+                    f"target cache holds {self.target.cache_length(cache)} rows, {num_committed} committed"
+                )
+                tokens = tokens[: max_tokens - num_emitted]  # the block was sized to reach max_tokens
+                num_emitted += len(tokens)
+                if num_emitted < max_tokens:
+                    new_taps = None if cycle.taps is None else cycle.taps[:, : accepted + 1]
+                    launched = self._launch(tokens, new_taps, max_tokens - num_emitted, cache, params, rng)
+                shown = min(accepted, len(tokens))
+                yield DecodeStep(
+                    tokens,
+                    None if logprobs is None else logprobs[: len(tokens)],
+                    drafted=cycle.block - 1,
+                    accepted=shown,
+                    accepted_positions=tuple(range(shown)),
+                )
+        finally:
+            if launched is not None:  # closed early: drop the verify rows nobody will accept
+                self.target.trim(cache, launched.block)
+            self.drafter.end()
+
+    def _prefill(
+        self, prompt_ids: list[int], cache: list[Any], params: SamplingParams, rng: TokenRng
+    ) -> tuple[int, list[TokenLogprob] | None, mx.array | None]:
+        """Run the prompt with taps; the last token goes alone so only its logits are computed."""
+        ids = mx.array(prompt_ids, dtype=mx.int32)[None]  # (1, P)
+        needs_taps = self.drafter.needs_taps
+        taps: list[mx.array] = []
+        start, end = 0, len(prompt_ids)
+        while start < end:
+            stop = end if start == end - 1 else min(start + self.prefill_chunk, end - 1)
+            logits, chunk_taps = self.target(ids[:, start:stop], cache, taps=needs_taps)
+            if chunk_taps is not None:
+                taps.append(chunk_taps)
+            if stop < end:
+                mx.eval([c.state for c in cache], taps[-1:])  # bound the graph per chunk
+            start = stop
+        last = logits[:, -1]  # (1, V)
+        first = sample(last, params, rng).astype(mx.int32)  # (1,)
+        logprobs = self._logprobs(last, first, params)
+        mx.eval(first, logprobs)
+        prompt_taps = mx.concatenate(taps, axis=1) if taps else None  # (1, P, T*H)
+        return int(first.item()), self._to_list([int(first.item())], logprobs), prompt_taps
+
+    def _launch(
+        self,
+        new_tokens: list[int],
+        new_taps: mx.array | None,
+        remaining: int,
+        cache: list[Any],
+        params: SamplingParams,
+        rng: TokenRng,
+    ) -> _Cycle:
+        """Build and start one cycle; the block shrinks so it cannot overshoot max_tokens."""
+        block = min(self.block_size, remaining + 1)
+        clock = time.perf_counter()
+        proposal = self.drafter.propose(new_tokens, new_taps, block - 1, params, rng)
+        mx.async_eval(proposal.tokens)  # the device drafts while the verify graph is built
+        draft_s = self._split_sync(proposal.tokens, clock)
+        clock = time.perf_counter()
+        drafts = proposal.tokens  # (k,)
+        verify_ids = mx.concatenate([mx.array([new_tokens[-1]], dtype=mx.int32), drafts])  # (k+1,)
+        logits, taps = self.target(verify_ids[None], cache, taps=self.drafter.needs_taps)
+        logits = logits[0]  # (k+1, V)
+        key = None if params.is_greedy else rng.next_key()
+        num_accepted, next_token = accept_draft(drafts, logits, proposal.draft_logprobs, params, key)
+        padded = mx.concatenate([drafts, next_token[None]])  # (k+1,)
+        tokens = mx.where(mx.arange(padded.shape[0]) == num_accepted, next_token, padded)
+        logprobs = self._logprobs(logits, tokens, params)
+        pending = [num_accepted, tokens, *(logprobs or ()), *([] if taps is None else [taps])]
+        mx.async_eval(*pending)
+        verify_s = self._split_sync(pending, clock)
+        return _Cycle(padded.shape[0], num_accepted, tokens, taps, logprobs, draft_s, verify_s)
+
+    def _finish(self, cycle: _Cycle, cache: list[Any]) -> tuple[int, list[int], list[TokenLogprob] | None]:
+        """The cycle's one host sync; the target cache is trimmed even if it raises."""
+        rejected = cycle.block  # on failure roll the whole block back
+        try:
+            clock = time.perf_counter()
+            self._sync(cycle.num_accepted, cycle.tokens, cycle.logprobs)
+            now = time.perf_counter()
+            accepted = int(cycle.num_accepted.item())
+            rejected = cycle.block - 1 - accepted
+        finally:
+            self.target.trim(cache, rejected)
+        if self.timing is not None:
+            self.stats.timings.append(
+                CycleTiming(cycle.draft_s, cycle.verify_s, now - clock, clock - self._sync_end)
+            )
+        self._sync_end = now
+        self.stats.record(cycle.block - 1, accepted)
+        tokens = cycle.tokens.tolist()[: accepted + 1]
+        return accepted, tokens, self._to_list(tokens, cycle.logprobs)
+
+    def _sync(self, *arrays: Any) -> None:
+        mx.eval(*arrays)
+        self.stats.syncs += 1
+
+    def _split_sync(self, arrays: Any, clock: float) -> float:
+        """timing="split" only: wait for one stage to attribute device time (costs the overlap)."""
+        if self.timing != "split":
+            return 0.0
+        self._sync(arrays)
+        return time.perf_counter() - clock
+
+    @staticmethod
+    def _logprobs(
+        logits: mx.array, tokens: mx.array, params: SamplingParams
+    ) -> tuple[mx.array, mx.array, mx.array] | None:
+        # verify row i is the target's exact distribution for committed token i: real logprobs
+        return token_logprobs(logits, tokens, params.top_logprobs) if params.logprobs else None
+
+    @staticmethod
+    def _to_list(
+        tokens: list[int], logprobs: tuple[mx.array, mx.array, mx.array] | None
+    ) -> list[TokenLogprob] | None:
+        if logprobs is None:
+            return None
+        chosen, top_ids, top_lp = (x.tolist() for x in logprobs)
+        n = len(tokens)
+        return to_token_logprobs(tokens, chosen[:n], top_ids[:n], top_lp[:n])
