@@ -1,0 +1,446 @@
+"""DFlash draft training against a frozen target (spec §3): blocks, mask, loss, optimizer, checkpoints.
+
+Each step: the target runs once over a batch of generated sequences and its tapped hidden states
+become the draft's context; N random anchors per sequence each open a block
+[anchor token, MASK × (B−1)], and all blocks train in parallel under one attention mask.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from engine.draft import DFlashDraft, DraftConfig, save_draft
+from engine.target import Target
+from engine.train import progress_bar
+from engine.train.dataset import MODES, BlockBatch, TokenDataset
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 4000
+    batch_tokens: int = 16384  # padded target tokens per step
+    max_len: int = 1024
+    blocks_per_seq: int = 32
+    gamma: float = 7.0  # loss decay over block positions (spec §3.3: 7 for B = 16)
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    warmup: float = 0.04  # fraction of steps
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    dtype: str = "auto"  # auto: bfloat16 compute on a GPU, float32 on the CPU
+    seed: int = 0
+    modes: tuple[str, ...] = MODES
+    val_permille: int = 10
+    val_batches: int = 8
+    log_every: int = 10
+    eval_every: int = 250
+    checkpoint_every: int = 250
+    time_limit: float | None = None  # seconds of training; then checkpoint and publish
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modes", tuple(self.modes))
+        if unknown := set(self.modes) - set(MODES):
+            raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        if unknown := set(data) - names:
+            raise ValueError(f"unknown train config keys {sorted(unknown)}")
+        return cls(**data)
+
+    def compute_dtype(self) -> mx.Dtype:
+        if self.dtype == "auto":
+            return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
+        return getattr(mx, self.dtype)
+
+
+def loss_weights(block_size: int, gamma: float) -> mx.array:
+    """(B,) w_0 = 0 (the anchor is given), w_k = exp(−(k−1)/γ) for k ≥ 1 (paper Eq. 4)."""
+    k = mx.arange(block_size, dtype=mx.float32)
+    return mx.where(k == 0, 0.0, mx.exp(-(k - 1) / gamma))
+
+
+def block_attention_mask(anchors: mx.array, seq_len: int, block_size: int) -> mx.array:
+    """(b, N) anchors -> (b, 1, N*B, S + N*B) bool: which keys each block row may attend to.
+
+    Keys are [context rows 0..S−1 | all blocks]. A block sees context strictly before its anchor
+    (the anchor's own hidden state does not exist yet at inference) and its own block in both
+    directions, never another block.
+    """
+    b, n = anchors.shape
+    rows = n * block_size
+    row_anchor = mx.repeat(anchors, block_size, axis=1)  # (b, N*B)
+    sees_context = mx.arange(seq_len)[None, None, :] < row_anchor[:, :, None]  # (b, N*B, S)
+    block_id = mx.arange(rows) // block_size
+    own_block = mx.broadcast_to(block_id[:, None] == block_id[None, :], (b, rows, rows))
+    return mx.concatenate([sees_context, own_block], axis=-1)[:, None]
+
+
+class BlockTargets(NamedTuple):
+    """Device-side inputs and labels for one batch of blocks (N*B rows per sequence)."""
+
+    noise_ids: mx.array  # (b, N*B) [anchor token, MASK × (B−1)] per block
+    positions: mx.array  # (b, N*B) absolute position of each row
+    labels: mx.array  # (b, N*B) row k of a block predicts the token at anchor + k
+    weights: mx.array  # (b, N*B) decay × in-bounds × valid block; 0 on row 0
+    mask: mx.array  # (b, 1, N*B, S + N*B)
+
+
+def block_targets(batch: BlockBatch, block_size: int, mask_token_id: int, gamma: float) -> BlockTargets:
+    tokens = mx.array(batch.tokens)  # (b, S)
+    b, seq_len = tokens.shape
+    anchors = mx.array(batch.anchors)  # (b, N)
+    offsets = mx.arange(block_size)
+    positions = anchors[:, :, None] + offsets  # (b, N, B)
+    in_bounds = positions < mx.array(batch.lengths)[:, None, None]
+    flat = positions.reshape(b, -1)
+    labels = mx.take_along_axis(tokens, mx.minimum(flat, seq_len - 1), axis=1)  # (b, N*B)
+    is_anchor = mx.broadcast_to(offsets == 0, positions.shape).reshape(b, -1)
+    noise_ids = mx.where(is_anchor, labels, mask_token_id)
+    valid = mx.array(batch.block_valid)[:, :, None]
+    weights = loss_weights(block_size, gamma) * in_bounds * valid  # (b, N, B)
+    mask = block_attention_mask(anchors, seq_len, block_size)
+    return BlockTargets(noise_ids, flat, labels, weights.reshape(b, -1).astype(mx.float32), mask)
+
+
+def draft_hidden(draft: DFlashDraft, noise: mx.array, context: mx.array, positions: mx.array, mask: mx.array) -> mx.array:
+    """The draft over every sequence's blocks; vmap gives each sequence its own row positions."""
+
+    def one(n: mx.array, c: mx.array, p: mx.array, m: mx.array) -> mx.array:
+        return draft(n[None], c[None], q_offset=p, mask=m[None])[0]
+
+    return mx.vmap(one)(noise, context, positions, mask)  # (b, N*B, H)
+
+
+def dflash_loss(
+    draft: DFlashDraft, target: Target, taps: mx.array, blocks: BlockTargets
+) -> tuple[mx.array, mx.array, mx.array]:
+    """Weighted CE over block rows 1..B−1; also returns correctness (b, N, B−1) and its weights."""
+    b = taps.shape[0]
+    bs = draft.config.block_size
+    context = draft.project_context(taps)  # (b, S, H)
+    noise = draft.noise_embedding(blocks.noise_ids, target.embed).astype(context.dtype)  # (b, N*B, H)
+    hidden = draft_hidden(draft, noise, context, blocks.positions, blocks.mask)
+    hidden = hidden.reshape(b, -1, bs, hidden.shape[-1])[:, :, 1:]  # row 0 has no loss: skip its logits
+    labels = blocks.labels.reshape(b, -1, bs)[:, :, 1:]  # (b, N, B−1)
+    weights = blocks.weights.reshape(b, -1, bs)[:, :, 1:]
+    logits = draft.logits(hidden, target.lm_head)  # (b, N, B−1, V) float32
+    ce = nn.losses.cross_entropy(logits, labels)  # (b, N, B−1)
+    loss = (ce * weights).sum() / mx.maximum(weights.sum(), 1e-6)
+    correct = mx.argmax(logits, axis=-1) == labels
+    return loss, correct, weights
+
+
+def block_metrics(correct: mx.array, weights: mx.array) -> dict[str, mx.array]:
+    """Top-1 accuracy per position and the teacher-forced acceptance length τ.
+
+    τ = 1 + leading correct drafts, over blocks whose labels are all in bounds; with greedy data
+    this is exactly what greedy speculative decoding would accept on these contexts.
+    """
+    seen = weights > 0  # (b, N, B−1)
+    per_position = (correct & seen).sum(axis=(0, 1)) / mx.maximum(seen.sum(axis=(0, 1)), 1)
+    full = seen.all(axis=-1)  # (b, N)
+    run = mx.cumprod(correct.astype(mx.int32), axis=-1).sum(axis=-1)  # (b, N)
+    tau = 1 + (run * full).sum() / mx.maximum(full.sum(), 1)
+    acc = (correct & seen).sum() / mx.maximum(seen.sum(), 1)
+    return {"acc": acc, "tau": tau, "acc_by_position": per_position}
+
+
+def lr_schedule(config: TrainConfig) -> optim.Schedule:
+    warmup = max(1, int(config.warmup * config.steps))
+    decay = optim.cosine_decay(config.lr, max(1, config.steps - warmup), config.lr * config.min_lr_ratio)
+    return optim.join_schedules([optim.linear_schedule(config.lr * 1e-2, config.lr, warmup), decay], [warmup])
+
+
+class Trainer:
+    """Owns the optimizer, the step function, checkpoints and curves for one output directory."""
+
+    def __init__(self, target: Target, draft: DFlashDraft, data: TokenDataset, config: TrainConfig, out_dir: Path):
+        self.target, self.draft, self.data, self.config = target, draft, data, config
+        self.out_dir = Path(out_dir)
+        self.dtype = config.compute_dtype()
+        self.target.model.freeze()
+        self.optimizer = optim.AdamW(lr_schedule(config), betas=(0.9, 0.95), weight_decay=config.weight_decay)
+        self.optimizer.init(self.draft.trainable_parameters())
+        self.step_count = 0
+        self.history: list[dict[str, Any]] = []
+        self.train_idx, self.val_idx = data.split(config.val_permille)
+        if len(self.train_idx) == 0:
+            raise ValueError("no training sequences (all went to validation); lower --val-permille")
+
+    # ---- one step -------------------------------------------------------------------------
+    def taps(self, batch: BlockBatch) -> mx.array:
+        """(b, S, T*H) tapped target states; logits are never evaluated, so never computed."""
+        _, taps = self.target(mx.array(batch.tokens), None, taps=True)
+        return mx.stop_gradient(taps).astype(self.dtype)
+
+    def _loss_and_grad(self, taps: mx.array, blocks: BlockTargets) -> tuple[Any, dict]:
+        def loss_of(params: dict) -> tuple[mx.array, mx.array, mx.array]:
+            # float32 master weights, compute in self.dtype; grads come back float32 through astype
+            self.draft.update(tree_map(lambda p: p.astype(self.dtype), params))
+            return dflash_loss(self.draft, self.target, taps, blocks)
+
+        master = self.draft.trainable_parameters()
+        outputs, grads = mx.value_and_grad(loss_of)(master)
+        self.draft.update(master)
+        return outputs, grads
+
+    def train_step(self, batch: BlockBatch) -> dict[str, mx.array]:
+        cfg = self.config
+        blocks = block_targets(batch, self.draft.config.block_size, self.draft.config.mask_token_id, cfg.gamma)
+        (loss, correct, weights), grads = self._loss_and_grad(self.taps(batch), blocks)
+        grads, grad_norm = optim.clip_grad_norm(grads, cfg.grad_clip)
+        self.optimizer.update(self.draft, grads)
+        metrics = {"loss": loss, "grad_norm": grad_norm, **block_metrics(correct, weights)}
+        mx.eval(self.draft.parameters(), self.optimizer.state, metrics)
+        self.step_count += 1
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        """Loss, accuracy and τ on held-back sequences, with fixed anchors so runs compare."""
+        if len(self.val_idx) == 0:
+            return {}
+        rng = np.random.default_rng([self.config.seed, 1])
+        batches = self.data.epoch_batches(self.val_idx, self.config.batch_tokens, rng)[: self.config.val_batches]
+        totals = {"val_loss": 0.0, "val_acc": 0.0, "val_tau": 0.0}
+        master = self.draft.trainable_parameters()
+        self.draft.update(tree_map(lambda p: p.astype(self.dtype), master))
+        try:
+            for idx in batches:
+                batch = self.data.block_batch(idx, self.config.blocks_per_seq, rng)
+                blocks = block_targets(batch, self.draft.config.block_size, self.draft.config.mask_token_id, self.config.gamma)
+                loss, correct, weights = dflash_loss(self.draft, self.target, self.taps(batch), blocks)
+                m = block_metrics(correct, weights)
+                for key, value in (("val_loss", loss), ("val_acc", m["acc"]), ("val_tau", m["tau"])):
+                    totals[key] += value.item() / len(batches)
+        finally:
+            self.draft.update(master)
+        return totals
+
+    # ---- data order -----------------------------------------------------------------------
+    def batches(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(epoch, indices) forever; a pure function of the seed, so resuming just skips ahead."""
+        epoch = 0
+        while True:
+            rng = np.random.default_rng([self.config.seed, epoch, 0])
+            for idx in self.data.epoch_batches(self.train_idx, self.config.batch_tokens, rng):
+                yield epoch, idx
+            epoch += 1
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def fit(self, until: int | None = None) -> dict[str, Any]:
+        """Train to `config.steps` (or step `until`, for a run cut short on purpose), then publish."""
+        cfg = self.config
+        last = cfg.steps if until is None else min(until, cfg.steps)
+        start = time.perf_counter()
+        stream = self.batches()
+        for _ in range(self.step_count):
+            next(stream)
+        window: list[dict[str, mx.array]] = []
+        tokens, window_start = 0, time.perf_counter()
+        bar = progress_bar(total=cfg.steps, desc="fit", unit="step", initial=self.step_count)
+        stopped = "steps"
+        try:
+            while self.step_count < last:
+                if cfg.time_limit is not None and time.perf_counter() - start > cfg.time_limit:
+                    stopped = "time_limit"
+                    break
+                epoch, idx = next(stream)
+                rng = np.random.default_rng([cfg.seed, self.step_count, 1])
+                batch = self.data.block_batch(idx, cfg.blocks_per_seq, rng)
+                window.append(self.train_step(batch))
+                tokens += batch.num_tokens
+                bar.update(1)
+                if self.step_count % cfg.log_every == 0 or self.step_count == cfg.steps:
+                    record = self._log(window, tokens, time.perf_counter() - window_start, epoch)
+                    bar.set_postfix_str(
+                        f"loss {record['loss']:.3f} acc {record['acc']:.3f} tau {record['tau']:.2f} "
+                        f"lr {record['lr']:.1e} {record['tokens_per_second']:.0f} tok/s"
+                    )
+                    window, tokens, window_start = [], 0, time.perf_counter()
+                if self.step_count % cfg.eval_every == 0 and self.history:
+                    self.history[-1].update(self.evaluate())
+                if self.step_count % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        val = self.evaluate()
+        self.save_checkpoint()
+        self.publish()
+        return {"steps": self.step_count, "stopped_by": stopped, "seconds": time.perf_counter() - start, **val}
+
+    def _log(self, window: list[dict[str, mx.array]], tokens: int, seconds: float, epoch: int) -> dict[str, Any]:
+        mean = {k: float(np.mean([m[k].item() for m in window])) for k in ("loss", "acc", "tau", "grad_norm")}
+        by_position = np.mean([np.array(m["acc_by_position"]) for m in window], axis=0)
+        record = {
+            "step": self.step_count,
+            "epoch": epoch,
+            **mean,
+            "acc_by_position": [round(float(a), 4) for a in by_position],
+            "lr": float(self.optimizer.learning_rate.item()),
+            "tokens_per_second": tokens / max(seconds, 1e-9),
+            "seconds_per_step": seconds / max(len(window), 1),
+        }
+        self.history.append(record)
+        return record
+
+    # ---- files ------------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / "checkpoint"
+
+    def save_checkpoint(self) -> None:
+        """Draft (float32) + optimizer state + step + config, swapped in atomically."""
+        tmp = self.out_dir / "checkpoint.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        mx.save_safetensors(str(tmp / "draft.safetensors"), dict(tree_flatten(self.draft.parameters())))
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
+        state = {
+            "step": self.step_count,
+            "train_config": {**asdict(self.config), "modes": list(self.config.modes)},
+            "draft_config": self.draft.config.to_dict(),
+        }
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        old = self.out_dir / "checkpoint.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if self.checkpoint_dir.exists():
+            self.checkpoint_dir.rename(old)
+        tmp.rename(self.checkpoint_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        self.write_curves()
+
+    def load_checkpoint(self) -> bool:
+        """Resume from `checkpoint/` if present; returns whether it did."""
+        state_file = self.checkpoint_dir / "state.json"
+        if not state_file.exists():
+            return False
+        state = json.loads(state_file.read_text())
+        self.draft.load_weights(str(self.checkpoint_dir / "draft.safetensors"))
+        opt_state = tree_unflatten(list(mx.load(str(self.checkpoint_dir / "optimizer.safetensors")).items()))
+        self.optimizer.state = opt_state
+        self.step_count = int(state["step"])
+        curves = self.out_dir / "curves.json"
+        if curves.exists():
+            self.history = [r for r in json.loads(curves.read_text()) if r["step"] <= self.step_count]
+        mx.eval(self.draft.parameters(), self.optimizer.state)
+        return True
+
+    def publish(self) -> Path:
+        """The trained draft in the published layout (bf16), ready for `--draft`."""
+        path = self.out_dir / "draft"
+        save_draft(self.draft, path, dtype=mx.bfloat16)
+        return path
+
+    def write_curves(self) -> None:
+        (self.out_dir / "curves.json").write_text(json.dumps(self.history, indent=0))
+        plot_curves(self.history, self.out_dir / "curves.png")
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """Loss, accuracy and τ against steps; skipped with a warning where matplotlib is missing."""
+    if not history:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn("matplotlib is not installed: curves.json written, curves.png skipped", stacklevel=2)
+        return
+    steps = [r["step"] for r in history]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, key in zip(axes, ("loss", "acc", "tau")):
+        ax.plot(steps, [r[key] for r in history], label="train")
+        val = [(r["step"], r[f"val_{key}"]) for r in history if f"val_{key}" in r]
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation")
+        ax.set_xlabel("step")
+        ax.set_title({"loss": "weighted CE loss", "acc": "top-1 accuracy", "tau": "teacher-forced τ"}[key])
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def draft_config_for(
+    target: Target,
+    model_args: Any,
+    *,
+    mask_token_id: int,
+    num_layers: int = 3,
+    num_taps: int | None = None,
+    tap_layer_ids: tuple[int, ...] | None = None,
+    intermediate_size: int | None = None,
+    block_size: int = 16,
+    max_position_embeddings: int = 8192,
+) -> DraftConfig:
+    """A draft shaped like one target layer (heads, head_dim, MLP width), `num_layers` deep.
+
+    Taps default to the spec formula with one tap per draft layer (§1.3).
+    """
+    from engine.draft import build_target_layer_ids
+
+    hidden = int(model_args.hidden_size)
+    heads = int(model_args.num_attention_heads)
+    taps = tap_layer_ids or build_target_layer_ids(target.num_layers, num_taps or num_layers)
+    return DraftConfig(
+        hidden_size=hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=int(getattr(model_args, "num_key_value_heads", None) or heads),
+        head_dim=int(getattr(model_args, "head_dim", None) or hidden // heads),
+        intermediate_size=int(intermediate_size or model_args.intermediate_size),
+        num_target_layers=target.num_layers,
+        target_layer_ids=tuple(taps),
+        mask_token_id=mask_token_id,
+        block_size=block_size,
+        rms_norm_eps=float(getattr(model_args, "rms_norm_eps", 1e-6)),
+        rope_theta=float(getattr(model_args, "rope_theta", 10000.0)),
+        max_position_embeddings=max_position_embeddings,
+        vocab_size=target.vocab_size,
+    )
+
+
+def choose_mask_token(tokenizer: Any, vocab_size: int) -> int:
+    """A dedicated mask token if the vocabulary has one, else the last unused special token.
+
+    SmolLM2 has no mask token; its specials are StarCoder-era markers (<jupyter_*>, <gh_stars>,
+    <empty_output>, ...) that chat never produces, so the highest one (<empty_output>, 16) is free.
+    """
+    hf = getattr(tokenizer, "hf", None)
+    vocab = hf.get_vocab() if hf is not None else {}
+    for name in ("<|MASK|>", "<|mask|>", "<mask>", "[MASK]"):
+        if name in vocab and vocab[name] < vocab_size:
+            return int(vocab[name])
+    busy = set(tokenizer.eos_token_ids) | {getattr(tokenizer, "bos_token_id", None)}
+    probe = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], add_generation_prompt=True
+    )
+    busy |= set(probe)
+    free = sorted(i for i in tokenizer.special_token_ids if i not in busy and i < vocab_size)
+    if not free:
+        raise ValueError("no unused special token to serve as the mask token; pass --mask-token-id")
+    return free[-1]
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(v.size for _, v in tree_flatten(module.parameters()))
