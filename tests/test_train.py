@@ -1,0 +1,260 @@
+"""DFlash draft training: block mask, loss weights, anchors, data shards, a tiny fit, resume, eval."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from engine.drafters import DFlashDrafter
+from engine.speculative import SpeculativeDecoder
+from engine.target import Target
+from engine.tokenizer import Tokenizer
+from engine.train.__main__ import build_parser
+from engine.train.dataset import (
+    BlockBatch,
+    Sample,
+    ShardWriter,
+    TokenDataset,
+    finished_jobs,
+    read_shard,
+    sample_anchors,
+    shard_paths,
+)
+from engine.train.evaluate import DomainResult, evaluate_domain, format_table
+from engine.train.generator import GenerationConfig, generate_responses
+from engine.train.prompts import Prompt, clean, is_heldout, iter_json_array, math_prompts, read_prompts, write_prompts
+from engine.train.trainer import (
+    TrainConfig,
+    Trainer,
+    block_attention_mask,
+    block_targets,
+    choose_mask_token,
+    draft_config_for,
+    draft_hidden,
+    loss_weights,
+)
+from tiny_models import build_draft, build_target, draft_config, target_config
+
+VOCAB = 96
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[Target, object]:
+    config = target_config("llama", vocab_size=VOCAB)
+    draft = build_draft(draft_config(config, block_size=4))
+    return Target(build_target(config), draft.config.target_layer_ids), draft
+
+
+def periodic_samples(n: int, seed: int = 0) -> list[Sample]:
+    """Prompts of random tokens answered by a short repeating pattern: easy to learn to draft."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(n):
+        prompt = rng.integers(0, VOCAB - 1, size=int(rng.integers(4, 12))).tolist()
+        pattern = rng.integers(0, VOCAB - 1, size=int(rng.integers(2, 4))).tolist()
+        answer = (pattern * 40)[: int(rng.integers(16, 40))]
+        samples.append(Sample(prompt + answer, len(prompt), 7919 * (i + 1), 0, True))
+    return samples
+
+
+# ---- the block attention mask -----------------------------------------------------------------
+def test_mask_context_strictly_before_anchor_and_own_block_only() -> None:
+    mask = np.array(block_attention_mask(mx.array([[2, 5]]), seq_len=8, block_size=3))[0, 0]  # (6, 14)
+    context, blocks = mask[:, :8], mask[:, 8:]
+    assert (context[:3] == (np.arange(8) < 2)).all()  # block 0 (anchor 2) sees rows 0, 1 only
+    assert (context[3:] == (np.arange(8) < 5)).all()
+    own = np.kron(np.eye(2, dtype=bool), np.ones((3, 3), dtype=bool))
+    assert (blocks == own).all()  # bidirectional inside a block, blind to the other block
+
+
+def test_mask_holds_through_the_draft_forward(tiny: tuple[Target, object]) -> None:
+    """Changing what a block must not see leaves its output unchanged; changing what it sees does not."""
+    _, draft = tiny
+    b, seq_len, bs, hidden = 1, 10, 4, draft.config.hidden_size
+    anchors = mx.array([[3, 6]])
+    positions = (anchors[:, :, None] + mx.arange(bs)).reshape(b, -1)
+    mask = block_attention_mask(anchors, seq_len, bs)
+    context = mx.random.normal((b, seq_len, hidden), key=mx.random.key(1))
+    noise = mx.random.normal((b, 2 * bs, hidden), key=mx.random.key(2))
+
+    def block0(ctx: mx.array, nz: mx.array) -> np.ndarray:
+        return np.array(draft_hidden(draft, nz, ctx, positions, mask)[0, :bs])
+
+    base = block0(context, noise)
+    later = context.at[:, 3:].add(5.0)  # the anchor's own row and everything after it
+    other = noise.at[:, bs:].add(5.0)  # the second block
+    earlier = context.at[:, 1].add(5.0)
+    np.testing.assert_allclose(block0(later, noise), base, atol=1e-5)
+    np.testing.assert_allclose(block0(context, other), base, atol=1e-5)
+    assert np.abs(block0(earlier, noise) - base).max() > 1e-3
+
+
+# ---- loss weights, labels, anchors ---------------------------------------------------------------
+def test_loss_weights_decay_from_the_first_draft_position() -> None:
+    w = np.array(loss_weights(16, gamma=7.0))
+    assert w[0] == 0 and w[1] == pytest.approx(1.0)
+    assert w[5] == pytest.approx(math.exp(-4 / 7))
+    assert (np.diff(w[1:]) < 0).all()
+
+
+def test_block_targets_labels_noise_and_weights() -> None:
+    tokens = np.zeros((1, 12), dtype=np.int32)
+    tokens[0, :10] = np.arange(100, 110)
+    batch = BlockBatch(tokens, np.array([10]), np.array([4]), np.array([[4, 8]], dtype=np.int32),
+                       np.array([[True, True]]))
+    t = block_targets(batch, block_size=4, mask_token_id=7, gamma=2.0)
+    assert np.array(t.labels)[0].tolist() == [104, 105, 106, 107, 108, 109, 0, 0]  # padding past the end
+    assert np.array(t.noise_ids)[0].tolist() == [104, 7, 7, 7, 108, 7, 7, 7]
+    assert np.array(t.positions)[0].tolist() == [4, 5, 6, 7, 8, 9, 10, 11]
+    w = np.array(t.weights)[0]
+    assert w[0] == 0 and w[4] == 0  # anchors carry no loss
+    assert w[5] == pytest.approx(1.0) and w[6] == 0 and w[7] == 0  # rows past the sequence end
+    invalid = block_targets(batch._replace(block_valid=np.array([[True, False]])), 4, 7, 2.0)
+    assert np.array(invalid.weights)[0, 4:].sum() == 0
+
+
+def test_anchors_lie_on_response_tokens_with_a_successor() -> None:
+    rng = np.random.default_rng(0)
+    lengths = np.array([30, 12, 9, 50])
+    starts = np.array([10, 10, 8, 5])
+    anchors, valid = sample_anchors(starts, lengths, num_blocks=8, rng=rng)
+    assert anchors.shape == (4, 8)
+    for row in range(4):
+        chosen = anchors[row][valid[row]]
+        assert len(chosen) == min(8, lengths[row] - 1 - starts[row])
+        assert len(set(chosen.tolist())) == len(chosen)
+        assert (chosen >= starts[row]).all() and (chosen <= lengths[row] - 2).all()
+    narrow, _ = sample_anchors(np.array([10]), np.array([13]), num_blocks=8, rng=rng)
+    assert narrow.shape == (1, 2)  # width shrinks to what the batch can hold
+
+
+# ---- data shards -----------------------------------------------------------------------------------
+def test_shards_round_trip_and_feed_the_dataset(tmp_path: Path) -> None:
+    samples = periodic_samples(5)
+    writer = ShardWriter(tmp_path, vocab_size=VOCAB, shard_size=2)
+    for s in samples:
+        writer.add(s)
+    writer.flush()
+    paths = shard_paths(tmp_path)
+    assert [p.name for p in paths] == ["shard-00000.npz", "shard-00001.npz", "shard-00002.npz"]
+    assert [s for p in paths for s in read_shard(p)] == samples
+    assert finished_jobs(tmp_path) == {(s.key, 0) for s in samples}
+    data = TokenDataset.from_dir(tmp_path, max_len=20)
+    assert len(data) == 5 and data.lengths.max() <= 20
+    assert data.sequence(0).tolist() == samples[0].tokens[:20]
+
+
+def test_generation_writes_shards_and_a_rerun_skips_them(tmp_path: Path, gguf_tokenizer: Tokenizer) -> None:
+    from conftest import tiny_llama
+
+    model = tiny_llama(gguf_tokenizer.vocab_size)
+    prompts = [Prompt(f"p{i}", f"Say something about the number {i}.") for i in range(5)]
+    config = GenerationConfig(mode="both", max_new_tokens=6, batch_size=4, prefill_batch_size=2, shard_size=4)
+    manifest = generate_responses(model, gguf_tokenizer, prompts, tmp_path, config)
+    assert manifest["totals"]["sequences"] == 10 and manifest["totals"]["greedy"] == 5
+    samples = [s for p in shard_paths(tmp_path) for s in read_shard(p)]
+    for s in samples:
+        assert 1 <= len(s.tokens) - s.response_start <= 6
+        assert s.tokens[: s.response_start][-3:] == gguf_tokenizer.encode("<|im_start|>assistant\n")[-3:]
+    again = generate_responses(model, gguf_tokenizer, prompts, tmp_path, config)
+    assert again["last_run"] == {} and again["totals"]["sequences"] == 10
+    assert len(shard_paths(tmp_path)) == 3
+
+
+# ---- prompts -------------------------------------------------------------------------------------
+def test_prompt_cleaning_split_and_truncated_json(tmp_path: Path) -> None:
+    assert clean("  What is 2 + 2?  ") == "What is 2 + 2?"
+    assert clean("") is None and clean("x" * 5000) is None
+    assert clean("iVBOR" + "A" * 300 + " please describe") is None  # a base64 blob
+    assert clean("1234 5678 9012 3456 7890") is None  # no prose
+    text = '[{"id": "a", "conversations": [{"from": "human", "value": "hi"}]}, {"id": "b", "conv'
+    assert [r["id"] for r in iter_json_array(text)] == ["a"]
+    assert is_heldout("Hello  World", 500) == is_heldout("hello world", 500)
+    write_prompts(tmp_path, "math", math_prompts())
+    assert len(read_prompts(tmp_path, "math")) >= 40
+    with gzip.open(tmp_path / "math.jsonl.gz", "rt") as f:
+        assert json.loads(f.readline())["id"] == "math/0"
+
+
+def test_mask_token_and_default_draft_shape(gguf_tokenizer: Tokenizer) -> None:
+    mask = choose_mask_token(gguf_tokenizer, gguf_tokenizer.vocab_size)
+    assert mask == 16  # <empty_output>: unused by SmolLM2's chat template
+    config = target_config("llama", num_hidden_layers=30, hidden_size=64, intermediate_size=96, vocab_size=VOCAB)
+    target = Target(build_target(config))
+    args = type("Args", (), config)
+    draft = draft_config_for(target, args, mask_token_id=3, num_layers=3)
+    assert draft.target_layer_ids == (1, 14, 27) and draft.hidden_size == 64 and draft.intermediate_size == 96
+
+
+# ---- training ----------------------------------------------------------------------------------
+def make_trainer(tiny: tuple[Target, object], out: Path, steps: int, seed: int = 0, **kw: object) -> Trainer:
+    target, reference = tiny
+    draft = build_draft(reference.config, seed=seed)
+    config = TrainConfig(steps=steps, batch_tokens=640, blocks_per_seq=6, lr=3e-3, gamma=2.0, log_every=5,
+                         eval_every=1000, checkpoint_every=1000, val_permille=0, **kw)
+    return Trainer(target, draft, TokenDataset(periodic_samples(48), max_len=64), config, out)
+
+
+def test_tiny_fit_lowers_the_loss_and_publishes(tiny: tuple[Target, object], tmp_path: Path) -> None:
+    trainer = make_trainer(tiny, tmp_path, steps=30)
+    result = trainer.fit()
+    losses = [r["loss"] for r in trainer.history]
+    assert result["steps"] == 30 and len(losses) == 6
+    assert losses[-1] < 0.8 * losses[0]
+    assert trainer.history[-1]["tau"] >= 1.0
+    assert (tmp_path / "draft" / "config.json").exists() and (tmp_path / "curves.json").exists()
+    published = json.loads((tmp_path / "draft" / "config.json").read_text())
+    assert published["dflash_config"]["mask_token_id"] == trainer.draft.config.mask_token_id
+
+
+def test_resume_from_checkpoint_is_identical(tiny: tuple[Target, object], tmp_path: Path) -> None:
+    straight = make_trainer(tiny, tmp_path / "a", steps=6)
+    straight.fit()
+    first = make_trainer(tiny, tmp_path / "b", steps=6)
+    first.fit(until=3)
+    resumed = make_trainer(tiny, tmp_path / "b", steps=6, seed=123)  # different init: the checkpoint must win
+    assert resumed.load_checkpoint() and resumed.step_count == 3
+    resumed.fit()
+    for (name, a), (_, b) in zip(tree_flatten(straight.draft.parameters()), tree_flatten(resumed.draft.parameters())):
+        np.testing.assert_array_equal(np.array(a), np.array(b), err_msg=name)
+    assert resumed.history[-1]["loss"] == straight.history[-1]["loss"]  # the window after the resume point
+
+
+# ---- evaluation ----------------------------------------------------------------------------------
+def test_eval_counts_cycles_through_the_speculative_decoder(gguf_tokenizer: Tokenizer) -> None:
+    config = target_config("llama", vocab_size=gguf_tokenizer.vocab_size)
+    draft = build_draft(draft_config(config, block_size=4))
+    target = Target(build_target(config), draft.config.target_layer_ids)
+    decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=4)
+    prompts = [Prompt("a", "Hello there"), Prompt("b", "Write a haiku.")]
+    result = evaluate_domain(decoder, gguf_tokenizer, "chat", prompts, max_tokens=12)
+    assert result.prompts == 2 and result.cycles >= 1
+    assert 1.0 <= result.acceptance_length <= 4.0
+    assert result.drafted_by_position[0] == result.cycles
+    rates = result.acceptance_by_position
+    assert all(0 <= r <= 1 for r in rates)
+    assert "chat" in format_table([result, DomainResult("math")])
+
+
+def test_domain_result_arithmetic() -> None:
+    r = DomainResult("code")
+    r.record(drafted=3, accepted=3)
+    r.record(drafted=3, accepted=1)
+    r.record(drafted=2, accepted=0)
+    assert r.acceptance_length == pytest.approx((4 + 3) / 3)
+    assert r.acceptance_by_position == [pytest.approx(2 / 3), pytest.approx(1 / 3), pytest.approx(1 / 2)]
+
+
+def test_cli_help_lists_every_phase(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(phase in text for phase in ("prompts", "generate", "fit", "eval", "--out DIR"))
