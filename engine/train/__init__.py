@@ -12,11 +12,12 @@ from typing import Any
 
 
 class _LineBar:
-    """A one-line `\\r` progress bar for machines without tqdm."""
+    """A `\\r` progress line without tqdm; in a log file, one plain line every `interval` seconds."""
 
-    def __init__(self, total: int | None, desc: str, unit: str) -> None:
+    def __init__(self, total: int | None, desc: str, unit: str, *, log: bool = False) -> None:
         self.total, self.desc, self.unit = total, desc, unit
         self.n, self.postfix, self.start, self.last = 0, "", time.perf_counter(), 0.0
+        self.interval, self.end = (30.0, "\n") if log else (0.5, "")
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -28,24 +29,29 @@ class _LineBar:
 
     def _draw(self, force: bool = False) -> None:
         now = time.perf_counter()
-        if not force and now - self.last < 0.5:
+        if not force and now - self.last < self.interval:
             return
         self.last = now
         total = f"/{self.total}" if self.total else ""
-        sys.stderr.write(f"\r{self.desc}: {self.n}{total} {self.unit} [{now - self.start:.0f}s] {self.postfix}  ")
+        line = f"{self.desc}: {self.n}{total} {self.unit} [{now - self.start:.0f}s] {self.postfix}"
+        sys.stderr.write(f"{line}\n" if self.end else f"\r{line}  ")
         sys.stderr.flush()
 
     def close(self) -> None:
         self._draw(force=True)
-        sys.stderr.write("\n")
+        if not self.end:
+            sys.stderr.write("\n")
 
 
 def progress_bar(*, total: int | None, desc: str, unit: str, initial: int = 0) -> Any:
-    """tqdm when installed (it is on the GPU image), else a plain `\\r` line."""
+    """tqdm on a terminal when installed, else a plain line; redirected to a file, a line every 30 s."""
+    interactive = sys.stderr.isatty()
     try:
         from tqdm import tqdm
     except ImportError:
-        bar = _LineBar(total, desc, unit)
-        bar.n = initial
-        return bar
-    return tqdm(total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=True, mininterval=0.5)
+        tqdm = None
+    if tqdm is not None and interactive:
+        return tqdm(total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=True, mininterval=0.5)
+    bar = _LineBar(total, desc, unit, log=not interactive)
+    bar.n = initial
+    return bar
