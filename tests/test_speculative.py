@@ -59,8 +59,8 @@ def _chi2(counts: Counter, probs: dict, n: int) -> tuple[float, int]:
 def _run(
     decoder: SpeculativeDecoder, max_tokens: int, params: SamplingParams = GREEDY, seed: int = 0
 ) -> tuple[list[int], list[DecodeStep]]:
-    steps = list(decoder.generate(PROMPT, params, max_tokens, TokenRng(seed)))
-    return [t for s in steps for t in s.tokens], steps
+    steps = [s for s in decoder.generate(PROMPT, params, max_tokens, TokenRng(seed)) if s.tokens]
+    return [t for s in steps for t in s.tokens], steps  # empty steps come from the prefill
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
@@ -205,8 +205,8 @@ def test_block_shrinks_at_max_tokens(varied: Varied, block_size: int, offset: in
 class RecordingTarget(Target):
     """Keeps the caches it makes, so a test can inspect them after the generator is gone."""
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
+    def __init__(self, model: nn.Module, layer_ids: tuple[int, ...] = ()) -> None:
+        super().__init__(model, layer_ids)
         self.caches: list[list[Any]] = []
 
     def make_cache(self) -> list[Any]:
@@ -223,6 +223,22 @@ def test_cache_matches_committed_tokens_when_closed_early(varied: Varied) -> Non
         emitted = sum(len(next(gen).tokens) for _ in range(num_steps))
         gen.close()  # a launched cycle is in flight: its verify rows must be rolled back
         assert target.cache_length(target.caches[-1]) == len(PROMPT) + emitted - 1
+
+
+def test_chunked_prefill_yields_empty_steps_and_can_be_cancelled(varied: Varied) -> None:
+    cfg, model, ref = varied
+    dcfg = draft_config(cfg)
+    target = RecordingTarget(model, dcfg.target_layer_ids)
+    drafter = DFlashDrafter(build_draft(dcfg, seed=2), target)
+    decoder = SpeculativeDecoder(target, drafter, block_size=4, prefill_chunk=5)
+    steps = list(decoder.generate(PROMPT, GREEDY, 12, TokenRng(0)))
+    assert [len(s.tokens) for s in steps[:3]] == [0, 0, 0]  # 16 prompt tokens: 5 + 5 + 5, then 1
+    assert [t for s in steps for t in s.tokens] == ref[:12]
+    gen = decoder.generate(PROMPT, GREEDY, 12, TokenRng(0))
+    next(gen)
+    gen.close()  # cancelled mid-prefill
+    assert target.cache_length(target.caches[-1]) == 5
+    target.close()
 
 
 def test_cache_rewound_when_the_drafter_fails(varied: Varied) -> None:
