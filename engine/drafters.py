@@ -2,12 +2,10 @@
 
 A drafter sees the sequence grow one call at a time. Each `propose` gets the tokens emitted
 since the previous call (the last of them is the pending token, not yet in the target cache)
-and, when `needs_taps`, the features of the positions that entered the cache since then:
-`features(taps)`, which the decoder applies as soon as taps exist, so it only ever stores
-what the drafter keeps (DFlash: the projected context, H per position instead of T*H).
-`propose` returns k <= num_tokens proposals, lazily, and the distribution they were sampled
-from (None when the proposal is deterministic: p is then one-hot and rejection sampling stays
-exact). Proposals must not force a host sync: the decoder syncs once per cycle.
+and, when `needs_taps`, the target taps of the positions that entered the cache since then.
+It returns k <= num_tokens proposals, lazily, and the distribution they were sampled from
+(None when the proposal is deterministic: p is then one-hot and rejection sampling stays exact).
+Proposals must not force a host sync: the decoder syncs once per cycle.
 """
 
 from __future__ import annotations
@@ -31,23 +29,19 @@ class Drafter(Protocol):
     name: str
     needs_taps: bool  # False lets the decoder skip computing target taps
 
-    def features(self, taps: mx.array) -> mx.array:
-        """(1, n, T*H) target taps -> (1, n, F), what the drafter keeps per position."""
-        ...
-
-    def begin(self, prompt_ids: list[int], prompt_features: mx.array | None) -> None:
-        """Reset for a new request. prompt_features: (1, P, F) when needs_taps, else None."""
+    def begin(self, prompt_ids: list[int], prompt_taps: mx.array | None) -> None:
+        """Reset for a new request. prompt_taps: (1, P, T*H) when needs_taps, else None."""
         ...
 
     def propose(
         self,
         new_tokens: list[int],
-        features: mx.array | None,
+        taps: mx.array | None,
         num_tokens: int,
         params: SamplingParams,
         rng: TokenRng,
     ) -> Proposal:
-        """new_tokens: emitted since the last call, new_tokens[-1] pending; features: (1, n, F)."""
+        """new_tokens: emitted since the last call, new_tokens[-1] pending; taps: (1, n, T*H)."""
         ...
 
     def end(self) -> None:
@@ -74,29 +68,27 @@ class DFlashDrafter:
         self.draft = draft
         self.target = target
         self._cache: list | None = None
-        self._unseen: list[mx.array] = []  # features (1, n, H) the draft cache has not ingested yet
+        self._unseen: list[mx.array] = []  # taps the draft cache has not ingested yet
 
-    def features(self, taps: mx.array) -> mx.array:
-        return self.draft.project_context(taps)  # (1, n, H): computed once per committed position
-
-    def begin(self, prompt_ids: list[int], prompt_features: mx.array | None) -> None:
-        assert prompt_features is not None, "DFlashDrafter needs the prompt features"
+    def begin(self, prompt_ids: list[int], prompt_taps: mx.array | None) -> None:
+        assert prompt_taps is not None, "DFlashDrafter needs the prompt taps"
         self._cache = self.draft.make_cache()
-        self._unseen = [prompt_features]
+        self._unseen = [prompt_taps]
 
     def propose(
         self,
         new_tokens: list[int],
-        features: mx.array | None,
+        taps: mx.array | None,
         num_tokens: int,
         params: SamplingParams,
         rng: TokenRng,
     ) -> Proposal:
         assert self._cache is not None, "begin() first"
-        if features is not None:
-            self._unseen.append(features)
-        context = self._unseen[0] if len(self._unseen) == 1 else mx.concatenate(self._unseen, axis=1)
-        self._unseen = []  # the draft call below moves them into its cache
+        if taps is not None:
+            self._unseen.append(taps)
+        unseen = self._unseen[0] if len(self._unseen) == 1 else mx.concatenate(self._unseen, axis=1)
+        self._unseen = []
+        context = self.draft.project_context(unseen)  # (1, n, H)
         anchor_position = self._cache[0].offset + context.shape[1]
         ids = mx.array([[new_tokens[-1]] + [self.draft.config.mask_token_id] * num_tokens], dtype=mx.int32)
         noise = self.draft.noise_embedding(ids, self.target.embed)  # (1, k+1, H)
@@ -125,10 +117,7 @@ class NgramDrafter:
         self._history: list[int] = []
         self._index: dict[int, dict[tuple[int, ...], int]] = {}
 
-    def features(self, taps: mx.array) -> mx.array:
-        return taps  # never called: needs_taps is False
-
-    def begin(self, prompt_ids: list[int], prompt_features: mx.array | None) -> None:
+    def begin(self, prompt_ids: list[int], prompt_taps: mx.array | None) -> None:
         self._history = []
         self._index = {n: {} for n in self.sizes}
         self._extend(prompt_ids)
@@ -146,7 +135,7 @@ class NgramDrafter:
     def propose(
         self,
         new_tokens: list[int],
-        features: mx.array | None,
+        taps: mx.array | None,
         num_tokens: int,
         params: SamplingParams,
         rng: TokenRng,
@@ -186,16 +175,13 @@ class OracleDrafter:
         self._num_output = 0
         self._cycle = 0
 
-    def features(self, taps: mx.array) -> mx.array:
-        return taps  # never called: needs_taps is False
-
-    def begin(self, prompt_ids: list[int], prompt_features: mx.array | None) -> None:
+    def begin(self, prompt_ids: list[int], prompt_taps: mx.array | None) -> None:
         self._num_output, self._cycle = 0, 0
 
     def propose(
         self,
         new_tokens: list[int],
-        features: mx.array | None,
+        taps: mx.array | None,
         num_tokens: int,
         params: SamplingParams,
         rng: TokenRng,

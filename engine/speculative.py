@@ -120,7 +120,7 @@ class _Cycle(NamedTuple):
     block: int  # rows verified = drafted + 1
     num_accepted: mx.array  # () int32
     tokens: mx.array  # (block,) int32: tokens[:a] are the accepted drafts, tokens[a] the next token
-    features: mx.array | None  # (1, block, F): drafter features of the verified rows
+    taps: mx.array | None  # (1, block, T*H)
     logprobs: tuple[mx.array, mx.array, mx.array] | None
     draft_s: float
     verify_s: float
@@ -177,8 +177,8 @@ class SpeculativeDecoder:
         cache = self.target.make_cache()
         launched: _Cycle | None = None
         try:
-            first, first_logprobs, prompt_features = yield from self._prefill(prompt_ids, cache, params, rng)
-            self.drafter.begin(prompt_ids, prompt_features)
+            first, first_logprobs, prompt_taps = yield from self._prefill(prompt_ids, cache, params, rng)
+            self.drafter.begin(prompt_ids, prompt_taps)
             self._sync_end = time.perf_counter()
             num_committed = len(prompt_ids)  # rows in the target cache
             num_emitted = 1
@@ -195,8 +195,8 @@ class SpeculativeDecoder:
                 tokens = tokens[: max_tokens - num_emitted]  # the block was sized to reach max_tokens
                 num_emitted += len(tokens)
                 if num_emitted < max_tokens:
-                    features = None if cycle.features is None else cycle.features[:, : accepted + 1]
-                    launched = self._launch(tokens, features, max_tokens - num_emitted, cache, params, rng)
+                    new_taps = None if cycle.taps is None else cycle.taps[:, : accepted + 1]
+                    launched = self._launch(tokens, new_taps, max_tokens - num_emitted, cache, params, rng)
                 shown = min(accepted, len(tokens))
                 yield DecodeStep(
                     tokens,
@@ -219,28 +219,28 @@ class SpeculativeDecoder:
         """
         ids = mx.array(prompt_ids, dtype=mx.int32)[None]  # (1, P)
         needs_taps = self.drafter.needs_taps
-        features: list[mx.array] = []
+        taps: list[mx.array] = []
         start, end = 0, len(prompt_ids)
         while start < end:
             stop = end if start == end - 1 else min(start + self.prefill_chunk, end - 1)
-            logits, taps = self.target(ids[:, start:stop], cache, taps=needs_taps)
-            if taps is not None:
-                features.append(self.drafter.features(taps))  # (1, n, F): raw taps are not kept
+            logits, chunk_taps = self.target(ids[:, start:stop], cache, taps=needs_taps)
+            if chunk_taps is not None:
+                taps.append(chunk_taps)
             if stop < end:
-                mx.eval([c.state for c in cache], features[-1:])  # bound the graph per chunk
+                mx.eval([c.state for c in cache], taps[-1:])  # bound the graph per chunk
                 yield DecodeStep([], None)
             start = stop
         last = logits[:, -1]  # (1, V)
         first = sample(last, params, rng).astype(mx.int32)  # (1,)
         logprobs = self._logprobs(last, first, params)
         mx.eval(first, logprobs)
-        prompt_features = mx.concatenate(features, axis=1) if features else None  # (1, P, F)
-        return int(first.item()), self._to_list([int(first.item())], logprobs), prompt_features
+        prompt_taps = mx.concatenate(taps, axis=1) if taps else None  # (1, P, T*H)
+        return int(first.item()), self._to_list([int(first.item())], logprobs), prompt_taps
 
     def _launch(
         self,
         new_tokens: list[int],
-        features: mx.array | None,
+        new_taps: mx.array | None,
         remaining: int,
         cache: list[Any],
         params: SamplingParams,
@@ -249,7 +249,7 @@ class SpeculativeDecoder:
         """Build and start one cycle; the block shrinks so it cannot overshoot max_tokens."""
         block = min(self.block_size, remaining + 1)
         clock = time.perf_counter()
-        proposal = self.drafter.propose(new_tokens, features, block - 1, params, rng)
+        proposal = self.drafter.propose(new_tokens, new_taps, block - 1, params, rng)
         mx.async_eval(proposal.tokens)  # the device drafts while the verify graph is built
         draft_s = self._split_sync(proposal.tokens, clock)
         clock = time.perf_counter()
@@ -257,17 +257,16 @@ class SpeculativeDecoder:
         verify_ids = mx.concatenate([mx.array([new_tokens[-1]], dtype=mx.int32), drafts])  # (k+1,)
         logits, taps = self.target(verify_ids[None], cache, taps=self.drafter.needs_taps)
         logits = logits[0]  # (k+1, V)
-        features = None if taps is None else self.drafter.features(taps)  # (1, k+1, F)
         key = None if params.is_greedy else rng.next_key()
         num_accepted, next_token = accept_draft(drafts, logits, proposal.draft_logprobs, params, key)
         padded = mx.concatenate([drafts, next_token[None]])  # (k+1,)
         tokens = mx.where(mx.arange(padded.shape[0]) == num_accepted, next_token, padded)
         logprobs = self._logprobs(logits, tokens, params)
-        pending = [num_accepted, tokens, *(logprobs or ()), *([] if features is None else [features])]
+        pending = [num_accepted, tokens, *(logprobs or ()), *([] if taps is None else [taps])]
         mx.async_eval(*pending)
         verify_s = self._split_sync(pending, clock)
         launched_at = time.perf_counter() if self.timing else 0.0
-        return _Cycle(padded.shape[0], num_accepted, tokens, features, logprobs, draft_s, verify_s, launched_at)
+        return _Cycle(padded.shape[0], num_accepted, tokens, taps, logprobs, draft_s, verify_s, launched_at)
 
     def _finish(self, cycle: _Cycle, cache: list[Any]) -> tuple[int, list[int], list[TokenLogprob] | None]:
         """The cycle's one host sync; the target cache is trimmed even if it raises."""
