@@ -156,7 +156,7 @@ def test_generation_writes_shards_and_a_rerun_skips_them(tmp_path: Path, gguf_to
 
     model = tiny_llama(gguf_tokenizer.vocab_size)
     prompts = [Prompt(f"p{i}", f"Say something about the number {i}.") for i in range(5)]
-    config = GenerationConfig(mode="both", max_new_tokens=6, batch_size=4, prefill_batch_size=2, shard_size=4)
+    config = GenerationConfig(mode="both", max_new_tokens=6, batch_size=4, prefill_chunk=3, shard_size=4)
     manifest = generate_responses(model, gguf_tokenizer, prompts, tmp_path, config)
     assert manifest["totals"]["sequences"] == 10 and manifest["totals"]["greedy"] == 5
     samples = [s for p in shard_paths(tmp_path) for s in read_shard(p)]
@@ -166,6 +166,25 @@ def test_generation_writes_shards_and_a_rerun_skips_them(tmp_path: Path, gguf_to
     again = generate_responses(model, gguf_tokenizer, prompts, tmp_path, config)
     assert again["last_run"] == {} and again["totals"]["sequences"] == 10
     assert len(shard_paths(tmp_path)) == 3
+
+
+def test_wave_decoding_matches_one_sequence_at_a_time() -> None:
+    """Left padding, the batched cache and compaction leave every row's greedy answer unchanged."""
+    from engine.train.generator import Job, ResponseGenerator
+    from tiny_models import plain_greedy
+
+    model = build_target(target_config("llama", vocab_size=VOCAB))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, VOCAB - 1, size=int(rng.integers(1, 15))).tolist() for _ in range(9)]
+    refs = [plain_greedy(model, p, 16)[0] for p in prompts]
+    eos = {refs[0][2], refs[3][6], refs[5][10]}  # rows end at different steps, forcing compaction
+    generator = ResponseGenerator(model, eos, GenerationConfig(max_new_tokens=16, batch_size=9, prefill_chunk=4))
+    outs, ended = generator.decode([Job(p, i, 0) for i, p in enumerate(prompts)])
+    for ref, out, hit in zip(refs, outs, ended):
+        cut = next((i for i, t in enumerate(ref) if t in eos), None)
+        assert out == (ref if cut is None else ref[: cut + 1])
+        assert hit == (cut is not None)
+    assert sum(ended) >= 3
 
 
 # ---- prompts -------------------------------------------------------------------------------------
@@ -258,3 +277,32 @@ def test_cli_help_lists_every_phase(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert all(phase in text for phase in ("prompts", "generate", "fit", "eval", "--out DIR"))
+
+
+def test_training_blocks_match_what_the_drafter_proposes(tiny: tuple[Target, object]) -> None:
+    """The training forward of a block equals the inference forward on the same prefix (no leak, same positions)."""
+    from engine.sampling import SamplingParams, TokenRng
+
+    target, draft = tiny
+    bs = draft.config.block_size
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, VOCAB - 1, size=(1, 24)).astype(np.int32)
+    anchors = np.array([[9, 13, 20]], dtype=np.int32)
+    batch = BlockBatch(tokens, np.array([24]), np.array([8]), anchors, np.ones((1, 3), dtype=bool))
+    blocks = block_targets(batch, bs, draft.config.mask_token_id, gamma=2.0)
+    _, taps = target(mx.array(tokens), None, taps=True)
+    context = draft.project_context(taps)
+    noise = draft.noise_embedding(blocks.noise_ids, target.embed)
+    hidden = draft_hidden(draft, noise, context, blocks.positions, blocks.mask)  # (1, 3*B, H)
+    train_logits = np.array(draft.logits(hidden, target.lm_head)).reshape(3, bs, -1)[:, 1:]
+    drafter = DFlashDrafter(draft, target)
+    for j, p in enumerate(anchors[0].tolist()):
+        cache = draft.make_cache()
+        ctx = draft.project_context(taps[:, :p])  # what the decoder holds after committing p tokens
+        ids = mx.array([[int(tokens[0, p])] + [draft.config.mask_token_id] * (bs - 1)])
+        h = draft(draft.noise_embedding(ids, target.embed), ctx, cache=cache, q_offset=p)
+        np.testing.assert_allclose(np.array(draft.logits(h[0, 1:], target.lm_head)), train_logits[j], atol=2e-4)
+        drafter.begin(tokens[0, :p].tolist(), taps[:, :p])
+        proposal = drafter.propose([int(tokens[0, p])], None, bs - 1, SamplingParams(temperature=0.0), TokenRng(0))
+        assert np.array(proposal.tokens).tolist() == train_logits[j].argmax(-1).tolist()
+        drafter.end()

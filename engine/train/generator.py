@@ -1,25 +1,26 @@
 """Batched response generation: the target answers each training prompt through its chat template.
 
-Uses mlx-lm's continuous-batching `BatchGenerator` (right-padded prefill, batched KV cache) and
-streams finished sequences into shards, so a run stopped at any point loses only what was in flight.
+Waves of `batch_size` prompts are left-padded, prefilled together into a batched KV cache and
+decoded in lock-step; the batch is compacted when half of it has finished. mlx-lm's continuous
+BatchGenerator re-pads and copies the whole cache whenever one sequence ends or starts, which on an
+H200 ran at 2.8k tok/s at batch 256 against 21k for plain batched decoding.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-from engine.train.dataset import MODES, Sample, ShardWriter, finished_jobs, write_manifest
 from engine.train import progress_bar
+from engine.train.dataset import MODES, Sample, ShardWriter, finished_jobs, write_manifest
 from engine.train.prompts import Prompt
 
 GENERATION_MODES = ("greedy", "sampled", "mixed", "both")
@@ -33,8 +34,8 @@ class GenerationConfig:
     sample_fraction: float = 0.5
     max_new_tokens: int = 512
     max_prompt_tokens: int = 512
-    batch_size: int = 256
-    prefill_batch_size: int = 32
+    batch_size: int = 256  # sequences decoded together (one wave)
+    prefill_chunk: int = 256  # prompt columns per prefill forward
     shard_size: int = 2048
     seed: int = 0
     time_limit: float | None = None  # seconds; stop taking new prompts after this, then drain
@@ -65,7 +66,7 @@ def plan_jobs(
 ) -> tuple[list[Job], int]:
     """Jobs still to run (greedy first, then sampled) and the number of prompts skipped as too long.
 
-    Within each mode, windows of 512 jobs are sorted by prompt length so prefill batches pad little.
+    Within each mode, windows of 512 jobs are sorted by prompt length so waves pad little.
     """
     jobs: list[Job] = []
     too_long = 0
@@ -90,63 +91,94 @@ def greedy(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
 
 
+def waves(jobs: list[Job], size: int) -> Iterator[list[Job]]:
+    """Consecutive runs of at most `size` jobs that share a decoding mode."""
+    wave: list[Job] = []
+    for job in jobs:
+        if wave and (len(wave) == size or job.mode != wave[0].mode):
+            yield wave
+            wave = []
+        wave.append(job)
+    if wave:
+        yield wave
+
+
 class ResponseGenerator:
-    """Runs jobs through one BatchGenerator, keeping about `batch_size` sequences in flight."""
+    """Decodes waves of prompts in lock-step with one left-padded batched KV cache."""
 
     def __init__(self, model: nn.Module, eos_token_ids: Iterable[int], config: GenerationConfig) -> None:
-        self.config = config
-        self.samplers = (greedy, make_sampler(temp=config.temperature, top_p=config.top_p))
-        self.batch = BatchGenerator(
-            model,
-            max_tokens=config.max_new_tokens,
-            stop_tokens=[[t] for t in sorted(eos_token_ids)],
-            completion_batch_size=config.batch_size,
-            prefill_batch_size=config.prefill_batch_size,
+        if not all(type(c) is KVCache for c in make_prompt_cache(model)):
+            raise ValueError("batched generation needs a model with plain KV caches (no sliding or recurrent layers)")
+        self.model, self.config = model, config
+        self.eos = frozenset(eos_token_ids)
+        self.samplers: tuple[Callable[[mx.array], mx.array], ...] = (
+            greedy, make_sampler(temp=config.temperature, top_p=config.top_p)
         )
 
     def run(self, jobs: list[Job], writer: ShardWriter) -> dict[str, float]:
         """Generate every job (or until the time limit), handing finished samples to `writer`."""
-        cfg = self.config
-        queue, active = deque(jobs), {}
         start, new_tokens, done = time.perf_counter(), 0, 0
         bar = progress_bar(total=len(jobs), desc="generate", unit="seq")
         try:
-            while queue or active:
-                if cfg.time_limit is not None and time.perf_counter() - start > cfg.time_limit:
-                    queue.clear()  # drain what is in flight, take nothing new
-                self._top_up(queue, active)
-                responses = self.batch.next_generated()
-                assert responses or not active, "BatchGenerator stalled with sequences in flight"
-                for r in responses:
-                    job, out = active[r.uid]
-                    out.append(r.token)  # an EOS is kept: the draft must learn to propose it
-                    if r.finish_reason is not None:
-                        del active[r.uid]
-                        writer.add(Sample(job.prompt_ids + out, len(job.prompt_ids), job.key, job.mode,
-                                          r.finish_reason == "stop"))
-                        done += 1
-                        bar.update(1)
-                new_tokens += len(responses)
+            for wave in waves(jobs, self.config.batch_size):
+                if self.config.time_limit is not None and time.perf_counter() - start > self.config.time_limit:
+                    break
+                for job, out, finished in zip(wave, *self.decode(wave)):
+                    writer.add(Sample(job.prompt_ids + out, len(job.prompt_ids), job.key, job.mode, finished))
+                    new_tokens += len(out)
+                done += len(wave)
+                bar.update(len(wave))
                 bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - start):.0f} tok/s")
         finally:
             bar.close()
             writer.flush()
-            self.batch.close()
         elapsed = time.perf_counter() - start
         return {"sequences": done, "new_tokens": new_tokens, "seconds": elapsed,
                 "tokens_per_second": new_tokens / max(elapsed, 1e-9)}
 
-    def _top_up(self, queue: deque[Job], active: dict[int, tuple[Job, list[int]]]) -> None:
-        # A little over one batch in flight: enough to refill freed slots, little to drain at a stop.
-        room = self.config.batch_size + self.config.prefill_batch_size - len(active)
-        take = [queue.popleft() for _ in range(min(room, len(queue)))]
-        if not take:
-            return
-        uids = self.batch.insert(
-            [j.prompt_ids for j in take], samplers=[self.samplers[j.mode] for j in take]
-        )
-        for uid, job in zip(uids, take):
-            active[uid] = (job, [])
+    def prefill(self, prompts: list[list[int]]) -> tuple[list[BatchKVCache], mx.array]:
+        """Left-pad and run all prompts but their last token; returns the cache and the last tokens (b,)."""
+        width = max(map(len, prompts))
+        padding = [width - len(p) for p in prompts]
+        tokens = mx.array([[0] * pad + p for pad, p in zip(padding, prompts)], dtype=mx.int32)  # (b, P)
+        cache = [BatchKVCache(padding) for _ in make_prompt_cache(self.model)]
+        for start in range(0, width - 1, self.config.prefill_chunk):
+            self.model(tokens[:, start : min(start + self.config.prefill_chunk, width - 1)], cache=cache)
+            mx.eval([c.state for c in cache])  # logits of the prompt are never evaluated
+        return cache, tokens[:, -1]
+
+    def decode(self, wave: list[Job]) -> tuple[list[list[int]], list[bool]]:
+        """Each job's response (EOS included when reached) and whether it ended with EOS."""
+        cache, y = self.prefill([j.prompt_ids for j in wave])
+        sampler = self.samplers[wave[0].mode]
+
+        def step(tokens: mx.array) -> mx.array:
+            logits = self.model(tokens[:, None], cache=cache)[:, -1].astype(mx.float32)  # (b, V)
+            return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+
+        outs: list[list[int]] = [[] for _ in wave]
+        ended = [False] * len(wave)
+        rows = list(range(len(wave)))  # which job each batch row decodes
+        y = step(y)
+        while rows:
+            nxt = step(y)
+            mx.async_eval(nxt)  # the device runs ahead while the host books this step
+            for row, token in zip(rows, y.tolist()):
+                if not ended[row] and len(outs[row]) < self.config.max_new_tokens:
+                    outs[row].append(token)
+                    ended[row] = token in self.eos
+            live = [i for i, row in enumerate(rows) if not ended[row] and len(outs[row]) < self.config.max_new_tokens]
+            if not live:
+                break
+            if len(live) <= len(rows) // 2:
+                # compact when half the rows are done: few cache copies, little wasted compute
+                rows = [rows[i] for i in live]
+                keep = mx.array(live, dtype=mx.int32)
+                for c in cache:
+                    c.filter(keep)
+                nxt = nxt[keep]
+            y = nxt
+        return outs, ended
 
 
 def generate_responses(

@@ -8,6 +8,7 @@ become the draft's context; N random anchors per sequence each open a block
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 import warnings
@@ -179,6 +180,7 @@ class Trainer:
         self.optimizer = optim.AdamW(lr_schedule(config), betas=(0.9, 0.95), weight_decay=config.weight_decay)
         self.optimizer.init(self.draft.trainable_parameters())
         self.step_count = 0
+        self.best_val_tau = 0.0  # the published draft is the best one seen on validation
         self.history: list[dict[str, Any]] = []
         self.train_idx, self.val_idx = data.split(config.val_permille)
         if len(self.train_idx) == 0:
@@ -275,15 +277,25 @@ class Trainer:
                     )
                     window, tokens, window_start = [], 0, time.perf_counter()
                 if self.step_count % cfg.eval_every == 0 and self.history:
-                    self.history[-1].update(self.evaluate())
+                    self.history[-1].update(self.validate_and_publish())
                 if self.step_count % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
         finally:
             bar.close()
-        val = self.evaluate()
+        val = self.validate_and_publish()
         self.save_checkpoint()
-        self.publish()
-        return {"steps": self.step_count, "stopped_by": stopped, "seconds": time.perf_counter() - start, **val}
+        return {"steps": self.step_count, "stopped_by": stopped, "seconds": time.perf_counter() - start,
+                "best_val_tau": self.best_val_tau, **val}
+
+    def validate_and_publish(self) -> dict[str, float]:
+        """Validate; publish the draft if it beats every earlier one (always, without validation data)."""
+        val = self.evaluate()
+        tau = val.get("val_tau", math.inf)
+        if tau > self.best_val_tau or not (self.out_dir / "draft" / "config.json").exists():
+            self.best_val_tau = max(self.best_val_tau, tau) if val else 0.0
+            self.publish()
+            val["published"] = 1.0
+        return val
 
     def _log(self, window: list[dict[str, mx.array]], tokens: int, seconds: float, epoch: int) -> dict[str, Any]:
         mean = {k: float(np.mean([m[k].item() for m in window])) for k in ("loss", "acc", "tau", "grad_norm")}
@@ -314,6 +326,7 @@ class Trainer:
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
         state = {
             "step": self.step_count,
+            "best_val_tau": self.best_val_tau,
             "train_config": {**asdict(self.config), "modes": list(self.config.modes)},
             "draft_config": self.draft.config.to_dict(),
         }
@@ -336,6 +349,7 @@ class Trainer:
         opt_state = tree_unflatten(list(mx.load(str(self.checkpoint_dir / "optimizer.safetensors")).items()))
         self.optimizer.state = opt_state
         self.step_count = int(state["step"])
+        self.best_val_tau = float(state.get("best_val_tau", 0.0))
         curves = self.out_dir / "curves.json"
         if curves.exists():
             self.history = [r for r in json.loads(curves.read_text()) if r["step"] <= self.step_count]
