@@ -92,7 +92,10 @@ def _mlx_name(name: str) -> str:
     if head in _TOP_LEVEL and param in _PARAM:
         return f"{_TOP_LEVEL[head]}.{param}"
     # e.g. rope_freqs.weight (llama3 rope scaling) or MoE experts: refuse rather than run wrong.
-    raise ValueError(f"GGUF tensor {name!r} is not supported by this loader.")
+    raise ValueError(
+        f"GGUF tensor {name!r} is not supported (llama3-style rope_freqs, MoE experts and other extras "
+        "are not); load the model's Hugging Face / mlx-lm directory instead."
+    )
 
 
 def _build_model(arch: str, meta: dict[str, Any], weights: dict[str, mx.array]) -> nn.Module:
@@ -104,6 +107,8 @@ def _model_config(arch: str, meta: dict[str, Any], weights: dict[str, mx.array])
     def key(name: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{name}", default)
 
+    if "model.embed_tokens.weight" not in weights:
+        raise ValueError("GGUF has no token_embd.weight tensor.")
     heads = key("attention.head_count")
     config = {
         "model_type": arch,
@@ -150,6 +155,8 @@ def _quantize_like(model: nn.Module, weights: dict[str, mx.array]) -> None:
 
 def _file_type(meta: dict[str, Any]) -> str:
     file_type = meta.get("general.file_type")
+    if file_type is None:
+        return "unknown type"
     return _FILE_TYPES.get(file_type, f"file_type {file_type}")
 
 

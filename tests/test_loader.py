@@ -110,7 +110,7 @@ def tiny_vocab_metadata() -> dict:
     }
 
 
-def write_gguf(path: Path, model: nn.Module, arch: str) -> Path:
+def write_gguf(path: Path, model: nn.Module, arch: str, extra: dict | None = None) -> Path:
     """Export like llama.cpp: llama's Q/K rows permuted to interleaved-pair rope, qwen2's left alone."""
     a = model.args
     weights = dict(tree_flatten(model.parameters()))
@@ -134,7 +134,8 @@ def write_gguf(path: Path, model: nn.Module, arch: str) -> Path:
         f"{arch}.context_length": u32(a.max_position_embeddings),
         **tiny_vocab_metadata(),
     }
-    mx.save_gguf(str(path), {translate_weight_names(k): v for k, v in weights.items()}, meta)
+    tensors = {translate_weight_names(k): v for k, v in weights.items()}
+    mx.save_gguf(str(path), {**tensors, **(extra or {})}, meta)
     return path
 
 
@@ -169,6 +170,12 @@ def test_gguf_non_llama_architecture_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="'gemma'") as e:
         load_model(str(path))
     assert str(path) in str(e.value)
+
+
+def test_gguf_unsupported_tensor_is_refused(tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "llama3.gguf", tiny_model("llama"), "llama", extra={"rope_freqs.weight": mx.ones(8)})
+    with pytest.raises(ModelLoadError, match="rope_freqs"):
+        load_model(str(path))
 
 
 def test_gguf_unreadable_file(tmp_path: Path) -> None:
