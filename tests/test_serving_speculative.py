@@ -1,0 +1,77 @@
+"""The served embedded model with speculative decoding: greedy output equals plain decoding."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig, ServerConfig
+from engine.serving_model import ServingModel
+from server.app import create_app
+from tests.tiny_models import build_draft, draft_config, save_tiny_draft
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a Python function that returns the square of a number.",
+    "Tom has 3 apples and buys 5 more. How many apples does he have?",
+    "Repeat after me: one two three, one two three, one two three.",
+]
+MAX_TOKENS = 20
+
+
+@pytest.fixture(scope="module")
+def random_draft(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    target = {"hidden_size": 576, "num_hidden_layers": 30, "vocab_size": 49152}
+    config = draft_config(target, num_hidden_layers=1, target_layer_ids=(1, 15, 27), mask_token_id=4,
+                          head_dim=64, num_attention_heads=9, num_key_value_heads=3, intermediate_size=256,
+                          block_size=8)
+    return save_tiny_draft(build_draft(config, seed=3), tmp_path_factory.mktemp("draft"))
+
+
+def serve(**engine: object) -> TestClient:
+    config = ServerConfig(engine=EngineConfig(**engine))
+    return TestClient(create_app(config, AsyncEngine(lambda: ServingModel.load(config.engine), max_waiting=4)))
+
+
+def greedy_outputs(client: TestClient) -> list[tuple[str, dict]]:
+    outs = []
+    for prompt in PROMPTS:
+        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_TOKENS, "temperature": 0}
+        r = client.post("/v1/chat/completions", json=body).json()
+        outs.append((r["choices"][0]["message"]["content"], r["usage"]))
+    return outs
+
+
+@pytest.fixture(scope="module")
+def plain() -> list[tuple[str, dict]]:
+    with serve(draft="none") as client:
+        assert client.get("/health").json()["drafter"] == "none"
+        return greedy_outputs(client)
+
+
+@pytest.mark.parametrize("engine", [dict(drafter="ngram"), dict(block_size=8), dict(block_size=4)],
+                         ids=["ngram", "random-draft-b8", "random-draft-b4"])
+def test_greedy_speculative_equals_plain(engine: dict, plain: list, random_draft: Path) -> None:
+    if "drafter" not in engine:
+        engine = {**engine, "draft": str(random_draft)}
+    with serve(**engine) as client:
+        health = client.get("/health").json()
+        assert health["drafter"].startswith(engine.get("drafter", "dflash"))
+        outs = greedy_outputs(client)
+    for (text, usage), (plain_text, _) in zip(outs, plain):
+        assert text == plain_text
+        spec = usage["speculative"]
+        assert spec["decoder"] != "plain" and spec["verify_steps"] > 0
+        assert usage["completion_tokens_details"]["accepted_prediction_tokens"] == spec["accepted_tokens"]
+
+
+def test_penalties_fall_back_to_plain_and_say_so(random_draft: Path) -> None:
+    with serve(draft=str(random_draft), block_size=4) as client:
+        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0,
+                "presence_penalty": 1.0}
+        usage = client.post("/v1/chat/completions", json=body).json()["usage"]["speculative"]
+        assert usage["decoder"] == "plain" and "penalt" in usage["fallback_reason"]
