@@ -15,7 +15,7 @@ class DecodeStep(NamedTuple):
     logprobs: list[TokenLogprob] | None  # one per token, only when requested
     drafted: int = 0  # draft tokens proposed for verification in this step
     accepted: int = 0  # of those, how many the target accepted
-    accepted_positions: tuple[int, ...] = ()  # block positions (0-based) that were accepted
+    accepted_positions: tuple[int, ...] = ()  # draft indices (0-based) that were accepted
 
 
 class Decoder(Protocol):
