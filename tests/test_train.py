@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from tiny_models import build_draft, build_target, draft_config, target_config
 
 from engine.drafters import DFlashDrafter
 from engine.speculative import SpeculativeDecoder
@@ -27,7 +28,7 @@ from engine.train.dataset import (
     sample_anchors,
     shard_paths,
 )
-from engine.train.evaluate import DomainResult, evaluate_domain, format_table
+from engine.train.evaluate import DomainResult, evaluate_domains, format_table, interleave
 from engine.train.generator import GenerationConfig, generate_responses
 from engine.train.prompts import Prompt, clean, is_heldout, iter_json_array, math_prompts, read_prompts, write_prompts
 from engine.train.trainer import (
@@ -40,7 +41,6 @@ from engine.train.trainer import (
     draft_hidden,
     loss_weights,
 )
-from tiny_models import build_draft, build_target, draft_config, target_config
 
 VOCAB = 96
 
@@ -170,8 +170,9 @@ def test_generation_writes_shards_and_a_rerun_skips_them(tmp_path: Path, gguf_to
 
 def test_wave_decoding_matches_one_sequence_at_a_time() -> None:
     """Left padding, the batched cache and compaction leave every row's greedy answer unchanged."""
-    from engine.train.generator import Job, ResponseGenerator
     from tiny_models import plain_greedy
+
+    from engine.train.generator import Job, ResponseGenerator
 
     model = build_target(target_config("llama", vocab_size=VOCAB))
     rng = np.random.default_rng(0)
@@ -252,14 +253,15 @@ def test_eval_counts_cycles_through_the_speculative_decoder(gguf_tokenizer: Toke
     draft = build_draft(draft_config(config, block_size=4))
     target = Target(build_target(config), draft.config.target_layer_ids)
     decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=4)
-    prompts = [Prompt("a", "Hello there"), Prompt("b", "Write a haiku.")]
-    result = evaluate_domain(decoder, gguf_tokenizer, "chat", prompts, max_tokens=12)
-    assert result.prompts == 2 and result.cycles >= 1
+    prompts = {"chat": [Prompt("a", "Hello there"), Prompt("b", "Write a haiku.")], "math": [Prompt("c", "1+1?")]}
+    assert [d for d, _ in interleave(prompts)] == ["chat", "math", "chat"]
+    result, math_result = evaluate_domains(decoder, gguf_tokenizer, prompts, max_tokens=12)
+    assert result.prompts == 2 and math_result.prompts == 1 and result.cycles >= 1
     assert 1.0 <= result.acceptance_length <= 4.0
     assert result.drafted_by_position[0] == result.cycles
     rates = result.acceptance_by_position
     assert all(0 <= r <= 1 for r in rates)
-    assert "chat" in format_table([result, DomainResult("math")])
+    assert "chat" in format_table([result, math_result])
 
 
 def test_domain_result_arithmetic() -> None:

@@ -65,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, default=512, help="skip prompts longer than this (tokens)")
     p.add_argument("--batch-size", type=int, default=256, help="sequences decoded together (one wave)")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill forward")
-    p.add_argument("--shard-size", type=int, default=2048, help="sequences per shard file")
+    p.add_argument("--shard-size", type=int, default=8192, help="sequences per shard file (~5 MB each)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--time-limit", type=float, default=None, help="seconds; then finish in-flight sequences and stop")
+    p.add_argument("--time-limit", type=float, default=None, help="seconds; no new wave starts after this (a wave lasts up to --max-new-tokens steps)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("fit", help="train the draft on the generated data (resumes from DIR/checkpoint)", formatter_class=fmt)
@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     arch.add_argument("--intermediate-size", type=int, default=None, help="MLP width (default: the target's)")
     arch.add_argument("--block-size", type=int, default=16)
     arch.add_argument("--mask-token-id", type=int, default=None, help="default: an unused special token")
+    arch.add_argument("--init-draft", type=Path, default=None,
+                      help="start from this published draft (its architecture; fresh optimizer and schedule)")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--steps", type=int, default=4000)
     opt.add_argument("--batch-tokens", type=int, default=16384, help="padded target tokens per step")
@@ -104,12 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="acceptance per domain with the server's speculative decoder", formatter_class=fmt)
     p.add_argument("--out", type=Path, required=True, help="output directory (reads prompts/, writes eval.json)")
-    add_model_args(p, dtype="native")
+    add_model_args(p)
     p.add_argument("--draft", type=Path, default=None, help="draft directory (default: DIR/draft)")
     p.add_argument("--domains", default="code,chat,math", help="comma-separated: code (HumanEval), chat, math")
-    p.add_argument("--limit", type=int, default=164, help="prompts per domain at most")
+    p.add_argument("--limit", type=int, default=48, help="prompts per domain at most (HumanEval has 164)")
     p.add_argument("--max-tokens", type=int, default=256, help="new tokens per prompt")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--time-limit", type=float, default=None, help="seconds; domains are interleaved, so all get covered")
     p.add_argument("--output", type=Path, default=None, help="results JSON (default: DIR/eval.json)")
     p.set_defaults(func=cmd_eval)
     return parser
@@ -173,6 +176,8 @@ def build_draft_config(args: argparse.Namespace, loaded: Any) -> Any:
     state_file = args.out / "checkpoint" / "state.json"
     if state_file.exists():
         return DraftConfig.from_dict(json.loads(state_file.read_text())["draft_config"])
+    if args.init_draft is not None:
+        return DraftConfig.from_dict(json.loads((args.init_draft / "config.json").read_text()))
     probe = Target(loaded.model)
     mask = args.mask_token_id
     if mask is None:
@@ -187,6 +192,7 @@ def build_draft_config(args: argparse.Namespace, loaded: Any) -> Any:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     import mlx.core as mx
+    from mlx.utils import tree_map
 
     from engine.draft import DFlashDraft
     from engine.target import Target
@@ -206,6 +212,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     mx.random.seed(config.seed)
     draft = DFlashDraft(draft_config)
     target = Target(loaded.model, draft_config.target_layer_ids)
+    if args.init_draft is not None and not (args.out / "checkpoint" / "state.json").exists():
+        draft.load_weights(str(args.init_draft / "model.safetensors"))
+        draft.update(tree_map(lambda p: p.astype(mx.float32), draft.parameters()))
+        print(f"draft: initialised from {args.init_draft}")
     trainer = Trainer(target, draft, data, config, args.out)
     resumed = trainer.load_checkpoint()
     print(f"draft: {draft_config.num_hidden_layers} layers, taps {list(draft_config.target_layer_ids)}, "
@@ -238,7 +248,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from engine.drafters import DFlashDrafter
     from engine.speculative import SpeculativeDecoder
     from engine.target import Target
-    from engine.train.evaluate import evaluate_domain, format_table, write_results
+    from engine.train.evaluate import evaluate_domains, format_table, write_results
 
     draft_dir = args.draft or args.out / "draft"
     loaded = load_target(args)
@@ -249,14 +259,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=args.block_size)
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
     start = time.perf_counter()
-    results = [
-        evaluate_domain(decoder, loaded.tokenizer, d, eval_prompts(args.out, d, args.limit), args.max_tokens)
-        for d in domains
-    ]
+    prompts = {d: eval_prompts(args.out, d, args.limit) for d in domains}
+    results = evaluate_domains(decoder, loaded.tokenizer, prompts, args.max_tokens, time_limit=args.time_limit)
     print(format_table(results))
     output = args.output or args.out / "eval.json"
     write_results(output, results, {"model_id": loaded.model_id, "draft": str(draft_dir), "block_size": args.block_size,
-                                    "max_tokens": args.max_tokens, "greedy": True,
+                                    "max_tokens": args.max_tokens, "greedy": True, "target_dtype": args.target_dtype,
                                     "seconds": time.perf_counter() - start})
     print(f"eval -> {output}")
     return 0

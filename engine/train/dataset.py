@@ -122,7 +122,7 @@ def write_manifest(directory: Path, meta: dict) -> dict:
             lengths = np.diff(z["offsets"])
             shards.append({
                 "name": path.name,
-                "sequences": int(len(lengths)),
+                "sequences": len(lengths),
                 "tokens": int(lengths.sum()),
                 "response_tokens": int((lengths - z["response_start"]).sum()),
                 "greedy": int((z["mode"] == 0).sum()),

@@ -80,23 +80,39 @@ def run_prompt(
     return out
 
 
-def evaluate_domain(
-    decoder: Decoder, tokenizer: Any, domain: str, prompts: list[Prompt], max_tokens: int
-) -> DomainResult:
-    result = DomainResult(domain)
-    bar = progress_bar(total=len(prompts), desc=f"eval {domain}", unit="prompt")
+def interleave(prompts: dict[str, list[Prompt]]) -> list[tuple[str, Prompt]]:
+    """Round-robin over domains, so a run cut short by its time limit still covers each one."""
+    longest = max((len(p) for p in prompts.values()), default=0)
+    return [(d, ps[i]) for i in range(longest) for d, ps in prompts.items() if i < len(ps)]
+
+
+def evaluate_domains(
+    decoder: Decoder,
+    tokenizer: Any,
+    prompts: dict[str, list[Prompt]],
+    max_tokens: int,
+    *,
+    time_limit: float | None = None,
+) -> list[DomainResult]:
+    results = {domain: DomainResult(domain) for domain in prompts}
+    order = interleave(prompts)
+    start = time.perf_counter()
+    bar = progress_bar(total=len(order), desc="eval", unit="prompt")
     try:
-        for prompt in prompts:
+        for domain, prompt in order:
+            if time_limit is not None and time.perf_counter() - start > time_limit:
+                break
+            result = results[domain]
             ids = tokenizer.apply_chat_template(prompt.messages(), add_generation_prompt=True)
-            start = time.perf_counter()
+            clock = time.perf_counter()
             result.tokens += len(run_prompt(decoder, ids, tokenizer.eos_token_ids, max_tokens, result))
-            result.seconds += time.perf_counter() - start
+            result.seconds += time.perf_counter() - clock
             result.prompts += 1
             bar.update(1)
-            bar.set_postfix_str(f"tau {result.acceptance_length:.2f} {result.tokens_per_second:.0f} tok/s")
+            bar.set_postfix_str(" ".join(f"{r.domain} {r.acceptance_length:.2f}" for r in results.values()))
     finally:
         bar.close()
-    return result
+    return list(results.values())
 
 
 def format_table(results: list[DomainResult]) -> str:
