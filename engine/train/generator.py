@@ -66,7 +66,7 @@ def plan_jobs(
 ) -> tuple[list[Job], int]:
     """Jobs still to run (greedy first, then sampled) and the number of prompts skipped as too long.
 
-    Within each mode, windows of 512 jobs are sorted by prompt length so waves pad little.
+    Within each mode, windows of four waves are sorted by prompt length so waves pad little.
     """
     jobs: list[Job] = []
     too_long = 0
@@ -80,10 +80,11 @@ def plan_jobs(
             continue
         jobs.extend(Job(ids, prompt.key, m) for m in modes)
     ordered: list[Job] = []
+    window = 4 * config.batch_size
     for mode in range(len(MODES)):
         same = [j for j in jobs if j.mode == mode]
-        for start in range(0, len(same), 512):
-            ordered.extend(sorted(same[start : start + 512], key=lambda j: len(j.prompt_ids)))
+        for start in range(0, len(same), window):
+            ordered.extend(sorted(same[start : start + window], key=lambda j: len(j.prompt_ids)))
     return ordered, too_long
 
 
