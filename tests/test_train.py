@@ -30,7 +30,16 @@ from engine.train.dataset import (
 )
 from engine.train.evaluate import DomainResult, evaluate_domains, format_table, interleave
 from engine.train.generator import GenerationConfig, generate_responses
-from engine.train.prompts import Prompt, clean, is_heldout, iter_json_array, math_prompts, read_prompts, write_prompts
+from engine.train.prompts import (
+    Prompt,
+    clean,
+    is_heldout,
+    iter_json_array,
+    math_prompts,
+    read_prompts,
+    sharegpt_splits,
+    write_prompts,
+)
 from engine.train.trainer import (
     TrainConfig,
     Trainer,
@@ -197,6 +206,15 @@ def test_prompt_cleaning_split_and_truncated_json(tmp_path: Path) -> None:
     text = '[{"id": "a", "conversations": [{"from": "human", "value": "hi"}]}, {"id": "b", "conv'
     assert [r["id"] for r in iter_json_array(text)] == ["a"]
     assert is_heldout("Hello  World", 500) == is_heldout("hello world", 500)
+    convs = [{"id": f"c{i}", "conversations": [
+        {"from": "human", "value": f"First question number {i}?"}, {"from": "gpt", "value": "An answer."},
+        {"from": "human", "value": f"A follow-up about {i}, please."}]} for i in range(40)]
+    (tmp_path / "sg.json").write_text(json.dumps(convs))
+    train, chat = sharegpt_splits(tmp_path / "sg.json", heldout_permille=250)
+    everything, chat_again = sharegpt_splits(tmp_path / "sg.json", heldout_permille=250, all_turns=True)
+    assert len(train) + len(chat) == 40 and 0 < len(chat) < 40 and chat_again == chat
+    assert everything[: len(train)] == train and len(everything) > len(train)
+    assert not {p.text for p in everything} & {p.text for p in chat}
     write_prompts(tmp_path, "math", math_prompts())
     assert len(read_prompts(tmp_path, "math")) >= 40
     with gzip.open(tmp_path / "math.jsonl.gz", "rt") as f:

