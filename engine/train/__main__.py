@@ -18,11 +18,11 @@ Everything lives under one --out DIR, and every phase resumes from what is alrea
   DIR/curves.json, curves.png                  training curves
   DIR/eval.json                                acceptance per domain and block position
 
-Typical run:
+Typical run (prompts where the packages are installed; the rest on a GPU, each < 9 min on an H200):
   python -m engine.train prompts  --out runs/smollm2
-  python -m engine.train generate --out runs/smollm2 --mode greedy --time-limit 420
-  python -m engine.train fit      --out runs/smollm2 --steps 6000 --time-limit 480
-  python -m engine.train eval     --out runs/smollm2 --domains code,chat,math
+  python -m engine.train generate --out runs/smollm2 --mode both --batch-size 1024 --max-new-tokens 384 --time-limit 400
+  python -m engine.train fit      --out runs/smollm2 --steps 6500 --time-limit 500
+  python -m engine.train eval     --out runs/smollm2 --limit 164 --time-limit 420
 """
 
 
