@@ -62,7 +62,7 @@ def banner(config: ServerConfig, engine: AsyncEngine) -> str:
     name = config.served_model_name or served.model_id
     auth = "API key required" if config.api_key else "no API key"
     return (f"dflash-server ready on http://{config.host}:{config.port}/v1 ({auth})\n"
-            f"  model    {name}: {served.description}, context {served.context_length}\n"
+            f"  model    {name}: {served.description}\n"
             f"  drafter  {served.drafter}\n"
             f"  backend  {served.backend}")
 
