@@ -36,6 +36,7 @@ class Request:
     cancelled: bool = False  # set from the asyncio side; a plain bool store is atomic under the GIL
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    last_token_time: float | None = None  # for inter-token latency in /metrics
 
     @property
     def num_prompt_tokens(self) -> int:

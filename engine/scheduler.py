@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from engine.decoder import DecodeStep, Decoder
 from engine.detokenizer import Decodes, Detokenizer
+from engine.histogram import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS, Histogram
 from engine.request import FinishReason, Request, RequestOutput
 from engine.sampling import TokenRng
 
@@ -146,8 +147,8 @@ class Scheduler:
         if finish is None and request.num_completion_tokens >= request.max_tokens:
             finish = FinishReason.LENGTH
         logprobs = decoded.logprobs[: len(kept)] if decoded.logprobs is not None else None
-        if kept and request.first_token_time is None:
-            request.first_token_time = self.stats.now()
+        if kept:
+            self.stats.record_tokens(request, len(kept))
         if finish is not None:
             self.finish(running, finish, text=text, token_ids=kept, logprobs=logprobs)
         elif text or kept:
@@ -202,6 +203,10 @@ class SchedulerStats:
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
         self.accepted_per_position: list[int] = []
+        self.num_finished = {reason: 0 for reason in FinishReason}  # every key up front: readers iterate it
+        self.time_to_first_token = Histogram(TTFT_BUCKETS)
+        self.inter_token_latency = Histogram(ITL_BUCKETS)
+        self.e2e_request_latency = Histogram(E2E_BUCKETS)
 
     def record_cycle(self, decoded: DecodeStep) -> None:
         self.num_drafts += 1
@@ -212,7 +217,20 @@ class SchedulerStats:
                 self.accepted_per_position.append(0)
             self.accepted_per_position[pos] += 1
 
+    def record_tokens(self, request: Request, num_tokens: int) -> None:
+        """Latencies of a step that committed `num_tokens`; a speculative step's interval is split evenly."""
+        now = self.now()
+        if request.first_token_time is None:
+            request.first_token_time = now
+            self.time_to_first_token.observe(now - request.arrival_time)
+        elif request.last_token_time is not None:
+            self.inter_token_latency.observe((now - request.last_token_time) / num_tokens, num_tokens)
+        request.last_token_time = now
+
     def record_request(self, request: Request) -> None:
         self.num_requests += 1
+        if request.finish_reason is not None:
+            self.num_finished[request.finish_reason] += 1
+        self.e2e_request_latency.observe(self.now() - request.arrival_time)
         self.num_prompt_tokens += request.num_prompt_tokens
         self.num_generation_tokens += request.num_completion_tokens

@@ -22,6 +22,7 @@ from engine.request import RequestOutput
 from engine.sampling import SamplingParams
 from engine.scheduler import EngineBusy
 from server.errors import OpenAIError, error_body, install_error_handlers
+from server.metrics import Metrics, MetricsMiddleware
 from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
 from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.responses import Envelope, TokenText, chat_logprobs, finish_value, text_logprobs, usage_dict
@@ -48,12 +49,15 @@ def create_app(config: ServerConfig, engine: AsyncEngine) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+    app.state.metrics = Metrics(engine, config.served_model_name)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: counts 401s and 413s too
     routes = Routes(config, engine, app.state.started)
     app.get("/health")(routes.health)
     app.get("/v1/models")(routes.models)
     app.get("/v1/models/{model_id:path}")(routes.model)
     app.post("/v1/chat/completions")(routes.chat)
     app.post("/v1/completions")(routes.completions)
+    app.get("/metrics", include_in_schema=False)(app.state.metrics.endpoint)
     return app
 
 
