@@ -57,12 +57,16 @@ class ServerConfig:
     port: int = 8000
     api_key: str | None = None
     served_model_name: str | None = None  # the id clients see; default: the model's id
+    chat_template: str | None = None  # a file or an inline Jinja template; None: the model's own
+    reasoning: str = "auto"  # split <think> blocks into reasoning_content: auto (if the template thinks) | on | off
     keepalive_seconds: float = 5.0  # SSE comment pings while nothing else is sent
     max_body_bytes: int = 4 * 1024 * 1024
     log_level: str = "info"
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
+        if self.reasoning not in ("auto", "on", "off"):
+            raise ValueError(f"reasoning must be auto, on or off, got {self.reasoning!r}")
         if not (0 <= self.port < 65536):
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
 

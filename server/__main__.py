@@ -37,6 +37,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     model.add_argument("--block-size", type=int, help="tokens per draft block (default 16)")
     model.add_argument("--dequantize", choices=["auto", "yes", "no"], help="fp32 weights (auto: on the CPU backend)")
     model.add_argument("--served-model-name", help="the model id clients see in /v1/models")
+    model.add_argument("--chat-template", metavar="FILE_OR_STRING",
+                       help="a Jinja chat template (a file, or the template itself) instead of the model's")
+    model.add_argument("--reasoning", choices=["auto", "on", "off"],
+                       help="split <think> blocks into reasoning_content (auto: when the template has <think>)")
     net = p.add_argument_group("network")
     net.add_argument("--host", help="bind address (default 127.0.0.1)")
     net.add_argument("--port", type=int, help="port (default 8000)")
@@ -56,7 +60,8 @@ def build_config(args: argparse.Namespace) -> "ServerConfig":
     draft = "none" if args.no_draft else args.draft
     return config.override(
         model=args.model, draft=draft, drafter=args.drafter, block_size=args.block_size,
-        dequantize=args.dequantize, served_model_name=args.served_model_name, host=args.host, port=args.port,
+        dequantize=args.dequantize, served_model_name=args.served_model_name,
+        chat_template=args.chat_template, reasoning=args.reasoning, host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get("DFLASH_API_KEY") or None, max_waiting=args.max_waiting,
         log_level=args.log_level,
     )

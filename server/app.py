@@ -18,9 +18,11 @@ from sse_starlette.sse import EventSourceResponse
 from engine.async_engine import AsyncEngine, EngineDead
 from engine.config import ServerConfig
 from engine.request import Request as EngineRequest
-from engine.request import RequestOutput
+from engine.request import FinishReason, RequestOutput
 from engine.sampling import SamplingParams
 from engine.scheduler import EngineBusy
+from server.chat_output import ChatOutput
+from server.chat_template import load_chat_template, supports_tools, thinks
 from server.errors import OpenAIError, error_body, install_error_handlers
 from server.metrics import Metrics, MetricsMiddleware
 from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
@@ -77,6 +79,7 @@ class Routes:
         self.engine = engine
         self.started = started
         self._token_text: TokenText | None = None
+        self._chat_template = load_chat_template(config.chat_template)
 
     # --- helpers -----------------------------------------------------------------------
     @property
@@ -84,6 +87,10 @@ class Routes:
         if self.engine.model is None:
             raise OpenAIError(503, "the model is still loading", headers={"Retry-After": "1"})
         return self.engine.model
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_template or self.served.tokenizer.chat_template
 
     @property
     def model_name(self) -> str:
@@ -194,33 +201,45 @@ class Routes:
         params = self.sampling_params(body, body.logprobs, body.top_logprobs or 0)
         request = self.make_request(body, prompt_ids, body.token_limit, self.config.engine.default_max_tokens, params)
         envelope = Envelope("chat", self.model_name)
+        output = self.chat_output(body, prompt_ids)
         outputs = self.submit(request)
         if body.stream:
-            return self.stream(self.chat_chunks(envelope, outputs, body))
-        return await with_cancellation(raw, self.chat_response(envelope, outputs, body))
+            return self.stream(self.chat_chunks(envelope, outputs, body, output))
+        return await with_cancellation(raw, self.chat_response(envelope, outputs, body, output))
 
     def render_chat(self, body: ChatCompletionRequest) -> list[int]:
         tokenizer = self.served.tokenizer
         kwargs = dict(body.chat_template_kwargs or {})
-        if body.tools and body.tool_choice != "none":
-            if "tools" not in (tokenizer.chat_template or ""):
+        if body.uses_tools:
+            if not supports_tools(self.chat_template):
                 raise OpenAIError(400, "this model's chat template does not support tools", param="tools")
             kwargs["tools"] = body.tools
+        if body.continue_final_message:  # assistant prefill: the reply continues the last message
+            kwargs["continue_final_message"] = True
         try:
-            return tokenizer.apply_chat_template([m.for_template() for m in body.messages], add_generation_prompt=True, **kwargs)
+            return tokenizer.apply_chat_template([m.for_template() for m in body.messages], chat_template=self._chat_template,
+                                                 add_generation_prompt=body.generation_prompt, **kwargs)
         except Exception as e:  # a template error is the request's fault (roles, kwargs)
             raise OpenAIError(400, f"cannot apply the chat template: {e}", param="messages") from None
 
+    def chat_output(self, body: ChatCompletionRequest, prompt_ids: list[int]) -> ChatOutput:
+        mode = self.config.reasoning
+        reasoning = mode == "on" or (mode == "auto" and thinks(self.chat_template))
+        # some templates open <think> in the generation prompt: the reply starts mid-thought
+        thinking = reasoning and self.served.tokenizer.decode(prompt_ids[-4:]).rstrip().endswith("<think>")
+        return ChatOutput(reasoning=reasoning, thinking=thinking, tools=body.uses_tools)
+
     async def chat_response(self, envelope: Envelope, outputs: AsyncIterator[RequestOutput],
-                            body: ChatCompletionRequest) -> dict[str, Any]:
+                            body: ChatCompletionRequest, output: ChatOutput) -> dict[str, Any]:
         text, entries, last = await collect(outputs)
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
+        message = output.message(text)
+        choice: dict[str, Any] = {"index": 0, "message": message,
                                   "logprobs": chat_logprobs(entries, self.token_text()) if body.logprobs else None,
-                                  "finish_reason": finish_value(last.finish_reason)}
+                                  "finish_reason": chat_finish(output, last.finish_reason)}
         return {**envelope.head("chat.completion"), "choices": [choice], "usage": usage_dict(last.usage)}
 
     async def chat_chunks(self, envelope: Envelope, outputs: AsyncIterator[RequestOutput],
-                          body: ChatCompletionRequest) -> AsyncIterator[dict[str, Any]]:
+                          body: ChatCompletionRequest, output: ChatOutput) -> AsyncIterator[dict[str, Any]]:
         include_usage = body.include_usage
 
         def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
@@ -232,11 +251,15 @@ class Routes:
         last = None
         async for out in outputs:
             last = out
-            if out.text or (body.logprobs and out.logprobs):
-                lp = chat_logprobs(out.logprobs, self.token_text()) if body.logprobs and out.logprobs else None
-                yield chunk({"content": out.text}, logprobs=lp)
+            delta = output.feed(out.text).as_delta()
+            lp = chat_logprobs(out.logprobs, self.token_text()) if body.logprobs and out.logprobs else None
+            if delta or lp:
+                yield chunk(delta, logprobs=lp)
         assert last is not None and last.finish_reason is not None
-        yield chunk({}, finish_value(last.finish_reason))
+        tail = output.finish().as_delta()
+        if tail:
+            yield chunk(tail)
+        yield chunk({}, chat_finish(output, last.finish_reason))
         if include_usage:
             yield {**envelope.head("chat.completion.chunk"), "choices": [], "usage": usage_dict(last.usage)}
 
@@ -292,6 +315,10 @@ class Routes:
         yield chunk("", finish_value(last.finish_reason))
         if include_usage:
             yield {**envelope.head("text_completion"), "choices": [], "usage": usage_dict(last.usage)}
+
+
+def chat_finish(output: ChatOutput, reason: FinishReason | None) -> str | None:
+    return "tool_calls" if output.num_tool_calls and reason is FinishReason.STOP else finish_value(reason)
 
 
 async def collect(outputs: AsyncIterator[RequestOutput]) -> tuple[str, list, RequestOutput]:

@@ -110,6 +110,8 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False  # assistant prefill: continue the last (assistant) message
 
     @model_validator(mode="after")
     def check_combinations(self) -> ChatCompletionRequest:
@@ -118,7 +120,17 @@ class ChatCompletionRequest(SamplingFields):
         fmt = (self.response_format or {}).get("type", "text")
         if fmt != "text":
             raise ValueError(f"response_format {fmt!r} is not supported yet (only 'text')")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError("continue_final_message needs an assistant message last")
         return self
+
+    @property
+    def generation_prompt(self) -> bool:
+        return self.add_generation_prompt and not self.continue_final_message
+
+    @property
+    def uses_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
 
     @property
     def token_limit(self) -> int | None:
