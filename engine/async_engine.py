@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 import mlx.core as mx
 
 from engine.request import Request, RequestOutput
-from engine.scheduler import Scheduler
+from engine.scheduler import EngineBusy, Scheduler
 from engine.serving_model import ServingModel
 
 log = logging.getLogger("dflash.engine")
@@ -35,6 +35,7 @@ class AsyncEngine:
         self.error: BaseException | None = None
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = threading.Event()
+        self._closed = False  # set by abort_all: the server is shutting down
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
 
@@ -51,6 +52,15 @@ class AsyncEngine:
             with self.scheduler.wakeup:
                 self.scheduler.wakeup.notify()
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
+
+    def abort_all(self) -> int:
+        """Shutdown: refuse new requests and end every queued or running one with finish_reason abort."""
+        self._closed = True
+        return self.scheduler.abort_all() if self.scheduler is not None else 0
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._queues)
 
     @property
     def is_alive(self) -> bool:
@@ -93,6 +103,8 @@ class AsyncEngine:
         """
         if not self.is_alive or self.scheduler is None:
             raise self.error or EngineDead("the engine is not running")
+        if self._closed:
+            raise EngineBusy("the server is shutting down")
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request.request_id] = (asyncio.get_running_loop(), queue)
         try:

@@ -62,6 +62,9 @@ class ServerConfig:
     keepalive_seconds: float = 5.0  # SSE comment pings while nothing else is sent
     max_body_bytes: int = 4 * 1024 * 1024
     log_level: str = "info"
+    drain_timeout_seconds: float = 30.0  # on SIGTERM: wait this long for in-flight requests, then abort them
+    allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "[::1]")  # plus the bind host; "*": any
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API; "*": any; empty: no CORS
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -69,6 +72,10 @@ class ServerConfig:
             raise ValueError(f"reasoning must be auto, on or off, got {self.reasoning!r}")
         if not (0 <= self.port < 65536):
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.drain_timeout_seconds < 0:
+            raise ValueError(f"drain_timeout_seconds must be >= 0, got {self.drain_timeout_seconds}")
+        for name in ("allowed_hosts", "cors_origins"):  # TOML gives lists; keep the dataclass hashable
+            object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ServerConfig:

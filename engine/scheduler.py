@@ -67,6 +67,16 @@ class Scheduler:
         with self.wakeup:
             self.wakeup.notify()
 
+    def abort_all(self) -> int:
+        """Shutdown: cancel the running and every waiting request; each ends with finish_reason abort."""
+        with self.wakeup:
+            running = self.running
+            requests = [*([running.request] if running else []), *self.waiting]
+            for request in requests:
+                request.cancelled = True
+            self.wakeup.notify()
+        return len(requests)
+
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
@@ -103,12 +113,18 @@ class Scheduler:
                 request = self.waiting.popleft()
                 if not request.cancelled:
                     break
-                self.emit(request, None)  # cancelled while waiting: just end its stream
+                self.end_unstarted(request)
             else:
                 return None
         decoder = self.choose_decoder(request)
         stream = decoder.generate(request.prompt_ids, request.params, request.max_tokens, TokenRng(request.params.seed))
         return Running(request, stream, Detokenizer(self.tokenizer, request.stop))
+
+    def end_unstarted(self, request: Request) -> None:
+        # cancelled while waiting: never runs; a shutdown abort still reads this final output
+        request.finish_reason = FinishReason.ABORT
+        self.emit(request, RequestOutput("", [], None, FinishReason.ABORT, request.usage()))
+        self.emit(request, None)
 
     def choose_decoder(self, request: Request) -> Decoder:
         if self.speculative is not None:

@@ -45,11 +45,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     net.add_argument("--host", help="bind address (default 127.0.0.1)")
     net.add_argument("--port", type=int, help="port (default 8000)")
     net.add_argument("--api-key", help="require this key on every route but /health (env: DFLASH_API_KEY)")
+    net.add_argument("--allowed-hosts", type=comma_list, metavar="H1,H2",
+                     help="Host header names accepted, against DNS rebinding (default localhost,127.0.0.1,[::1] "
+                          "and --host; IP addresses always pass); '*' accepts any")
+    net.add_argument("--cors-origins", type=comma_list, metavar="O1,O2",
+                     help="browser origins allowed to call the API, e.g. http://localhost:3000; '*' any (default none)")
+    net.add_argument("--drain-timeout", type=float, metavar="SECONDS",
+                     help="on SIGTERM, wait this long for in-flight requests before aborting them (default 30)")
     p.add_argument("--list-configs", action="store_true", help="show the known target/draft pairs and exit")
     p.add_argument("--config", type=Path, help="TOML config file (default: configs/default.toml)")
     p.add_argument("--max-waiting", type=int, help="queued requests before 503 (default 64)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     return p.parse_args(argv)
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 def build_config(args: argparse.Namespace) -> "ServerConfig":
@@ -63,7 +74,8 @@ def build_config(args: argparse.Namespace) -> "ServerConfig":
         dequantize=args.dequantize, served_model_name=args.served_model_name,
         chat_template=args.chat_template, reasoning=args.reasoning, host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get("DFLASH_API_KEY") or None, max_waiting=args.max_waiting,
-        log_level=args.log_level,
+        log_level=args.log_level, allowed_hosts=args.allowed_hosts, cors_origins=args.cors_origins,
+        drain_timeout_seconds=args.drain_timeout,
     )
 
 
@@ -83,15 +95,13 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         sys.exit(f"dflash-server: {e}")
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import uvicorn
-
     from engine.async_engine import AsyncEngine
     from engine.serving_model import ServingModel
     from server.app import create_app
+    from server.graceful_server import serve
 
     engine = AsyncEngine(lambda: ServingModel.load(config.engine), max_waiting=config.engine.max_waiting)
-    app = create_app(config, engine)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, timeout_graceful_shutdown=30)
+    serve(create_app(config, engine), config)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 
@@ -21,11 +22,12 @@ from engine.request import Request as EngineRequest
 from engine.request import FinishReason, RequestOutput
 from engine.sampling import SamplingParams
 from engine.scheduler import EngineBusy
+from server.drain import Drain, DrainMiddleware
 from server.chat_output import ChatOutput
 from server.chat_template import load_chat_template, supports_tools, thinks
 from server.errors import OpenAIError, error_body, install_error_handlers
 from server.metrics import Metrics, MetricsMiddleware
-from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
+from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware, HostMiddleware
 from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.responses import Envelope, TokenText, chat_logprobs, finish_value, text_logprobs, usage_dict
 
@@ -51,6 +53,7 @@ def create_app(config: ServerConfig, engine: AsyncEngine) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+    add_guards(app, config, engine)
     app.state.metrics = Metrics(engine, config.served_model_name)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: counts 401s and 413s too
     routes = Routes(config, engine, app.state.started)
@@ -61,6 +64,16 @@ def create_app(config: ServerConfig, engine: AsyncEngine) -> FastAPI:
     app.post("/v1/completions")(routes.completions)
     app.get("/metrics", include_in_schema=False)(app.state.metrics.endpoint)
     return app
+
+
+def add_guards(app: FastAPI, config: ServerConfig, engine: AsyncEngine) -> None:
+    """CORS, the Host allowlist and the shutdown gate, outside the API key check (added later = outer)."""
+    if config.cors_origins:  # browser SDKs preflight Authorization, Content-Type and x-stainless-* headers
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_headers=["*"],
+                           allow_methods=["GET", "POST", "OPTIONS"], expose_headers=["Retry-After"], max_age=600)
+    app.add_middleware(HostMiddleware, allowed=(*config.allowed_hosts, config.host))
+    app.state.drain = Drain(engine, config.drain_timeout_seconds)
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)
 
 
 def banner(config: ServerConfig, engine: AsyncEngine) -> str:

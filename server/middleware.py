@@ -1,10 +1,11 @@
-"""Pure ASGI middleware (BaseHTTPMiddleware breaks streaming): API key and body size limit."""
+"""Pure ASGI middleware (BaseHTTPMiddleware breaks streaming): API key, body size limit, Host allowlist."""
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterable
 
 from server.errors import error_body
 
@@ -90,3 +91,40 @@ class BodyLimitMiddleware:
 
 class _TooLarge(Exception):
     pass
+
+
+class HostMiddleware:
+    """403 for a Host header naming a host not on the list: the guard against DNS rebinding (Ollama's).
+
+    A rebinding page sends its own domain name as Host, so IP literals are always safe to accept.
+    """
+
+    def __init__(self, app: ASGIApp, allowed: Iterable[str]) -> None:
+        self.app = app
+        self.allowed = frozenset(host_name(h) for h in allowed)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or "*" in self.allowed:
+            return await self.app(scope, receive, send)
+        raw = dict(scope["headers"]).get(b"host")
+        host = host_name(raw.decode("latin-1")) if raw else ""
+        if raw is None or host in self.allowed or is_ip_literal(host):
+            return await self.app(scope, receive, send)
+        await send_error(send, 403, f"Host {host!r} is not allowed; if clients reach this server by that name, add it "
+                                    "to allowed_hosts (--allowed-hosts)", "permission_error")
+
+
+def host_name(host: str) -> str:
+    """'LocalHost:8000' -> 'localhost', '[::1]:8000' -> '[::1]'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True

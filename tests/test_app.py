@@ -18,7 +18,7 @@ MSG = [{"role": "user", "content": "Hi"}]
 
 def make_client(serving: ServingModel, **config: object) -> TestClient:
     engine = AsyncEngine(lambda: serving, max_waiting=4)
-    return TestClient(create_app(ServerConfig(**config), engine))
+    return TestClient(create_app(ServerConfig(**config), engine), base_url="http://localhost")  # Host allowlist
 
 
 @pytest.fixture(scope="module")

@@ -3,53 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
+from live_server import LiveServer
 from openai import OpenAI
 
-ROOT = Path(__file__).resolve().parent.parent
 GREEDY = {"temperature": 0, "max_tokens": 12}
 HELLO = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    def __init__(self, *flags: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(ROOT / f".pytest_cache/live-{self.port}.log", "w") if (ROOT / ".pytest_cache").is_dir() else subprocess.DEVNULL
-        self.proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(self.port), *flags],
-                                     cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ})
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, "server exited during startup"
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError("server did not become healthy")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +105,7 @@ def test_disconnect_non_stream_frees_engine(server: LiveServer) -> None:
     body = json.dumps({"prompt": "Tell me a story.", "max_tokens": 3000, "temperature": 1.0,
                        "logit_bias": {"2": -100}}).encode()
     with socket.create_connection(("127.0.0.1", server.port)) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         time.sleep(1.5)
     assert _quick_request_seconds(server) < 10

@@ -34,7 +34,8 @@ def random_draft(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def serve(**engine: object) -> TestClient:
     config = ServerConfig(engine=EngineConfig(**engine))
-    return TestClient(create_app(config, AsyncEngine(lambda: ServingModel.load(config.engine), max_waiting=4)))
+    async_engine = AsyncEngine(lambda: ServingModel.load(config.engine), max_waiting=4)
+    return TestClient(create_app(config, async_engine), base_url="http://localhost")  # Host allowlist
 
 
 def greedy_outputs(client: TestClient) -> list[tuple[str, dict]]:

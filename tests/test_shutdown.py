@@ -1,0 +1,90 @@
+"""SIGTERM drains a live server (vLLM's test_shutdown): in-flight requests finish or end with "abort",
+new requests are refused, and the process exits 0 within the drain timeout."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import httpx
+from live_server import LiveServer
+
+MSG = [{"role": "user", "content": "Tell me a long story about the sea."}]
+ENDLESS = {"temperature": 1.0, "logit_bias": {"2": -100}, "max_tokens": 3000}  # never EOS: runs until aborted
+DRAIN_SECONDS = 5
+
+
+def stream_chat(url: str, body: dict, started: threading.Event | None = None) -> dict:
+    """The last finish_reason, whether usage and [DONE] arrived, and the content received."""
+    result = {"finish": None, "usage": None, "done": False, "text": ""}
+    body = {"messages": MSG, "stream": True, "stream_options": {"include_usage": True}, **body}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                result["done"] = True
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                result["usage"] = chunk["usage"]
+            for choice in chunk["choices"]:
+                result["text"] += choice["delta"].get("content") or ""
+                result["finish"] = choice["finish_reason"] or result["finish"]
+                if started is not None and choice["delta"].get("content"):
+                    started.set()
+    return result
+
+
+def sigterm_and_wait(live: LiveServer) -> tuple[int, float, int | str]:
+    """Send SIGTERM; return the exit code, seconds to exit, and what a request sent just after got."""
+    t0 = time.monotonic()
+    live.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    try:
+        refused: int | str = httpx.get(f"{live.url}/v1/models", timeout=5).status_code
+    except httpx.TransportError as e:  # the listener may already be closed: also a refusal
+        refused = type(e).__name__
+    code = live.proc.wait(DRAIN_SECONDS + 30)
+    return code, time.monotonic() - t0, refused
+
+
+def test_sigterm_aborts_what_the_timeout_cuts_off() -> None:
+    live = LiveServer("--no-draft", "--drain-timeout", str(DRAIN_SECONDS))
+    started = threading.Event()
+    with ThreadPoolExecutor(4) as pool:
+        # FIFO: the short stream runs first, the endless one next; the other two wait in the queue
+        short = pool.submit(stream_chat, live.url, {"temperature": 0, "max_tokens": 24}, started)
+        assert started.wait(60)
+        endless: list[Future] = [pool.submit(stream_chat, live.url, ENDLESS) for _ in range(2)]
+        time.sleep(0.3)
+        plain = pool.submit(httpx.post, f"{live.url}/v1/completions", json={"prompt": "Once", **ENDLESS}, timeout=60)
+        time.sleep(0.5)
+        code, seconds, refused = sigterm_and_wait(live)
+        results = [short.result(), *(f.result() for f in endless)]
+        body = plain.result().json()
+    assert code == 0 and seconds < DRAIN_SECONDS + 15, (code, seconds)
+    assert refused in (503, "ConnectError", "RemoteProtocolError"), refused
+    assert results[0]["finish"] == "length" and results[0]["usage"]["completion_tokens"] == 24
+    assert [r["finish"] for r in results[1:]] == ["abort", "abort"]
+    assert all(r["done"] and r["usage"] for r in results)
+    assert body["choices"][0]["finish_reason"] == "abort" and body["usage"]["completion_tokens"] == 0
+    assert "drain timeout: aborting 3 requests" in live.logs()
+
+
+def test_sigterm_lets_short_requests_finish() -> None:
+    live = LiveServer("--no-draft", "--drain-timeout", "60")
+    started = threading.Event()
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(stream_chat, live.url, {"temperature": 0, "max_tokens": 16}, started) for _ in range(3)]
+        assert started.wait(60)
+        code, seconds, refused = sigterm_and_wait(live)
+        results = [f.result() for f in futures]
+    assert code == 0 and seconds < 30, (code, seconds)
+    assert refused in (503, "ConnectError", "RemoteProtocolError"), refused
+    assert [r["finish"] for r in results] == ["length"] * 3 and all(r["done"] for r in results)
+    assert "aborting" not in live.logs()
