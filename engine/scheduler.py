@@ -63,8 +63,11 @@ class Scheduler:
             self.wakeup.notify()
 
     def abort(self, request: Request) -> None:
+        """A client left: a waiting request leaves the queue now (its slot frees at once), a running one next step."""
         request.cancelled = True
         with self.wakeup:
+            if request in self.waiting:
+                self.waiting.remove(request)
             self.wakeup.notify()
 
     def abort_all(self) -> int:

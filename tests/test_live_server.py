@@ -101,11 +101,44 @@ def test_disconnect_mid_stream_frees_engine(server: LiveServer) -> None:
     assert _quick_request_seconds(server) < 10
 
 
+def open_request(server: LiveServer, body: dict) -> socket.socket:
+    """POST /v1/completions on a raw socket, so that closing it is a plain client disconnect."""
+    data = json.dumps({"prompt": "Tell me a story.", "max_tokens": 3000, "temperature": 1.0,
+                       "logit_bias": {"2": -100}, **body}).encode()  # never EOS: runs for minutes unless cancelled
+    s = socket.create_connection(("127.0.0.1", server.port))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+              b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+    return s
+
+
 def test_disconnect_non_stream_frees_engine(server: LiveServer) -> None:
-    body = json.dumps({"prompt": "Tell me a story.", "max_tokens": 3000, "temperature": 1.0,
-                       "logit_bias": {"2": -100}}).encode()
-    with socket.create_connection(("127.0.0.1", server.port)) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    with open_request(server, {}):
         time.sleep(1.5)
     assert _quick_request_seconds(server) < 10
+
+
+def _waiting(server: LiveServer) -> int:
+    return httpx.get(f"{server.url}/health", timeout=10).json()["waiting"]
+
+
+def test_health_and_models_do_not_queue_and_waiters_that_leave_never_run(server: LiveServer) -> None:
+    sockets = [open_request(server, {"stream": i % 2 == 1}) for i in range(5)]  # one runs, four wait
+    try:
+        deadline = time.monotonic() + 20
+        while _waiting(server) < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _waiting(server) == 4
+        for path in ("/health", "/v1/models"):  # served by the event loop, never by the engine's queue
+            t0 = time.monotonic()
+            assert httpx.get(f"{server.url}{path}", timeout=10).status_code == 200
+            assert time.monotonic() - t0 < 2.0, path
+        for s in sockets[1:]:
+            s.close()
+        deadline = time.monotonic() + 10
+        while _waiting(server) and time.monotonic() < deadline:  # they leave the queue while the first still runs
+            time.sleep(0.1)
+        assert _waiting(server) == 0
+    finally:
+        for s in sockets:
+            s.close()
+    assert _quick_request_seconds(server) < 10  # had the four run, this would take minutes

@@ -212,3 +212,46 @@ def test_load_failure_surfaces() -> None:
             await engine.start()
 
     run(main())
+
+
+def test_waiting_requests_that_disconnect_never_run() -> None:
+    async def main() -> None:
+        plain = ScriptedDecoder(delay=0.02)
+        engine = engine_with(plain, max_waiting=8)
+        await engine.start()
+        running = engine.submit(req([1], 10_000, rid="long"))
+        await running.__anext__()
+        waiters = [engine.submit(req([2], 5, rid=f"w{i}")) for i in range(8)]
+        with pytest.raises(EngineBusy):
+            engine.submit(req([2], 5, rid="full"))
+        tasks = [asyncio.ensure_future(w.__anext__()) for w in waiters]
+        await asyncio.sleep(0.05)
+        for task, waiter in zip(tasks, waiters):  # what a disconnect does to a waiting stream
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await waiter.aclose()
+        assert engine.scheduler.num_waiting == 0  # their slots are free while the long request still runs
+        await running.aclose()
+        assert await drain(engine, req([3], 2, rid="after")) == ("cc", FinishReason.LENGTH, 2)
+        assert plain.started == [[1], [3]]  # none of the eight ran
+        await engine.stop()
+
+
+def test_abort_all_ends_running_and_waiting_with_abort() -> None:
+    async def main() -> None:
+        engine = engine_with(ScriptedDecoder(delay=0.02))
+        await engine.start()
+        running = engine.submit(req([1], 10_000, rid="long"))
+        await running.__anext__()
+        waiting = engine.submit(req([2], 5, rid="queued"))
+        assert engine.abort_all() == 2
+        with pytest.raises(EngineBusy, match="shutting down"):
+            engine.submit(req([3], 1, rid="late"))
+        finals = [[o async for o in stream][-1] for stream in (running, waiting)]
+        assert [f.finish_reason for f in finals] == [FinishReason.ABORT, FinishReason.ABORT]
+        assert finals[0].usage.completion_tokens > 0 and finals[1].usage.completion_tokens == 0
+        await engine.stop()
+
+    run(main())
+
+    run(main())
