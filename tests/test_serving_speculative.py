@@ -76,3 +76,30 @@ def test_penalties_fall_back_to_plain_and_say_so(random_draft: Path) -> None:
                 "presence_penalty": 1.0}
         usage = client.post("/v1/chat/completions", json=body).json()["usage"]["speculative"]
         assert usage["decoder"] == "plain" and "penalt" in usage["fallback_reason"]
+
+
+def test_oracle_on_the_embedded_model_rejects_at_every_position() -> None:
+    """The real 135M target: partial acceptance at each draft index still reproduces plain greedy."""
+    from engine.drafters import OracleDrafter
+    from engine.loader import load_model
+    from engine.plain_decoder import PlainDecoder
+    from engine.sampling import SamplingParams, TokenRng
+    from engine.speculative import SpeculativeDecoder
+    from engine.target import Target
+
+    loaded = load_model("embedded")
+    prompt = loaded.tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[1]}])
+    greedy = SamplingParams(temperature=0)
+
+    def run(decoder: object, n: int) -> list[int]:
+        return [t for step in decoder.generate(prompt, greedy, n, TokenRng(0)) for t in step.tokens]
+
+    plain = run(PlainDecoder(loaded.model), 40)
+    block = 8
+    wrong_at = [*range(block - 1), None]
+    decoder = SpeculativeDecoder(Target(loaded.model), OracleDrafter(plain, vocab_size=loaded.tokenizer.vocab_size,
+                                                                     wrong_at=wrong_at), block_size=block)
+    assert run(decoder, 40) == plain
+    assert decoder.stats.syncs == decoder.stats.cycles
+    counts = decoder.stats.accept_counts  # histogram of accepted drafts per cycle
+    assert len(counts) == block and all(c > 0 for c in counts), counts
