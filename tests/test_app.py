@@ -234,7 +234,7 @@ def test_api_key(tiny_serving: ServingModel) -> None:
 
 def test_full_queue_is_503_with_retry_after(tiny_serving: ServingModel) -> None:
     engine = AsyncEngine(lambda: tiny_serving, max_waiting=0)  # every request finds the queue full
-    with TestClient(create_app(ServerConfig(), engine)) as c:
+    with TestClient(create_app(ServerConfig(), engine), base_url="http://localhost") as c:
         for stream in (False, True):
             r = c.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 2, "stream": stream})
             assert r.status_code == 503 and r.headers["retry-after"] == "1"
