@@ -183,10 +183,18 @@ def token_logprobs(
     return chosen, top_ids, mx.take_along_axis(logprobs, top_ids, axis=-1)
 
 
+LOGPROB_FLOOR = -9999.0  # OpenAI's value for an impossible token: JSON has no -inf or NaN
+
+
+def finite_logprob(logprob: float) -> float:
+    # extreme penalties (repetition_penalty 1e-300) overflow the logits to inf, and logsumexp to NaN
+    return logprob if math.isfinite(logprob) else LOGPROB_FLOOR
+
+
 def to_token_logprobs(
     tokens: list[int], chosen: list[float], top_ids: list[list[int]], top_lp: list[list[float]]
 ) -> list[TokenLogprob]:
     return [
-        TokenLogprob(t, c, tuple(zip(ids, lps)))
+        TokenLogprob(t, finite_logprob(c), tuple((i, finite_logprob(lp)) for i, lp in zip(ids, lps)))
         for t, c, ids, lps in zip(tokens, chosen, top_ids, top_lp)
     ]

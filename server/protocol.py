@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
@@ -9,6 +10,27 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 MAX_STOP_SEQUENCES = 16
 
 Number = Annotated[float, Field(allow_inf_nan=False)]
+
+
+TOKEN_ID = re.compile(r"-?[0-9]{1,10}")
+
+
+def has_lone_surrogate(data: Any) -> bool:
+    """Any string, key or value, at any depth (iterative: the body may nest as deep as the JSON parser allows)."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str) and not item.isascii():
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 class StreamOptions(BaseModel):
@@ -74,12 +96,19 @@ class SamplingFields(BaseModel):
     n: StrictInt = Field(default=1, ge=1, le=1)
     user: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def valid_unicode(cls, data: Any) -> Any:
+        if has_lone_surrogate(data):  # JSON allows "\ud800"; the tokenizer and UTF-8 output do not
+            raise ValueError("the request holds a lone UTF-16 surrogate (like \\ud800): text must be valid Unicode")
+        return data
+
     @field_validator("logit_bias")
     @classmethod
     def check_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
         for key, value in (bias or {}).items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not TOKEN_ID.fullmatch(key):  # str.isdigit() passes '²' and 5000 digits, which int() refuses
+                raise ValueError(f"logit_bias keys must be token ids, got {key[:32]!r}")
             if not -100 <= value <= 100:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {value}")
         return bias

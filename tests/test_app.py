@@ -158,6 +158,9 @@ BAD = [
     ({"messages": MSG, "n": 2}, "n"),
     ({"messages": MSG, "logit_bias": {"abc": 1}}, "logit_bias"),
     ({"messages": MSG, "logit_bias": {"99999999": 1}}, "logit_bias"),
+    ({"messages": MSG, "logit_bias": {"1" * 5000: 1}}, "logit_bias"),  # int() refuses over 4300 digits
+    ({"messages": MSG, "logit_bias": {"\u00b2": 1}}, "logit_bias"),  # '²'.isdigit() is True
+    ({"messages": MSG, "logit_bias": {"--5": 1}}, "logit_bias"),
     ({"messages": MSG, "top_logprobs": 5}, None),
     ({"messages": MSG, "top_logprobs": 50, "logprobs": True}, "top_logprobs"),
     ({"messages": MSG, "stream": "yes"}, "stream"),
@@ -239,3 +242,25 @@ def test_full_queue_is_503_with_retry_after(tiny_serving: ServingModel) -> None:
             r = c.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 2, "stream": stream})
             assert r.status_code == 503 and r.headers["retry-after"] == "1"
             assert r.json()["error"]["type"] == "server_busy"
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", '{"prompt": "a\\ud800", "echo": true}'),  # a lone surrogate: valid JSON, not Unicode
+    ("/v1/completions", '{"prompt": "a\\ud800", "echo": true, "stream": true}'),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "a\\udfffb"}]}'),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "a"}], "stop": ["\\ud83d"]}'),
+])
+def test_lone_surrogate_is_400(client: TestClient, path: str, body: str) -> None:
+    r = client.post(path, content=body.encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"]
+
+
+def test_overflowing_penalty_keeps_logprobs_finite(client: TestClient) -> None:
+    body = {"messages": MSG, "max_tokens": 3, "repetition_penalty": 1e-300, "logprobs": True, "top_logprobs": 5}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    values = [e["logprob"] for e in r.json()["choices"][0]["logprobs"]["content"]]
+    assert all(-9999.0 <= v <= 0 for v in values)  # OpenAI's floor instead of -inf / NaN, which JSON lacks
+    data = sse_events(client, "/v1/chat/completions", {**body, "stream": True})
+    strict = {"parse_constant": lambda c: pytest.fail(f"{c} is not JSON")}  # Python's json reads -Infinity and NaN
+    assert data[-1] == "[DONE]" and all(json.loads(d, **strict) for d in data[:-1])
