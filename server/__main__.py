@@ -47,7 +47,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     net.add_argument("--api-key", help="require this key on every route but /health (env: DFLASH_API_KEY)")
     net.add_argument("--allowed-hosts", type=comma_list, metavar="H1,H2",
                      help="Host header names accepted, against DNS rebinding (default localhost,127.0.0.1,[::1] "
-                          "and --host; IP addresses always pass); '*' accepts any")
+                          "and --host; IP addresses always pass); '*' accepts any (env: DFLASH_ALLOWED_HOSTS)")
     net.add_argument("--cors-origins", type=comma_list, metavar="O1,O2",
                      help="browser origins allowed to call the API, e.g. http://localhost:3000; '*' any (default none)")
     net.add_argument("--drain-timeout", type=float, metavar="SECONDS",
@@ -74,7 +74,8 @@ def build_config(args: argparse.Namespace) -> "ServerConfig":
         dequantize=args.dequantize, served_model_name=args.served_model_name,
         chat_template=args.chat_template, reasoning=args.reasoning, host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get("DFLASH_API_KEY") or None, max_waiting=args.max_waiting,
-        log_level=args.log_level, allowed_hosts=args.allowed_hosts, cors_origins=args.cors_origins,
+        log_level=args.log_level, cors_origins=args.cors_origins,
+        allowed_hosts=args.allowed_hosts or comma_list(os.environ.get("DFLASH_ALLOWED_HOSTS", "")) or None,
         drain_timeout_seconds=args.drain_timeout,
     )
 

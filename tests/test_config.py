@@ -43,3 +43,15 @@ def test_known_pairs() -> None:
     pairs = load_pairs()
     assert pairs["qwen3-8b"].draft == "z-lab/Qwen3-8B-DFlash-b16"
     assert pairs["smollm2-135m"].draft_spec.endswith("engine/drafts/smollm2-135m-instruct-dflash")
+
+
+def test_reliability_and_security_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = build_config(parse_args(["--drain-timeout", "5", "--allowed-hosts", "box.lan, api.internal",
+                                      "--cors-origins", "http://localhost:3000"]))
+    assert config.drain_timeout_seconds == 5 and config.allowed_hosts == ("box.lan", "api.internal")
+    assert config.cors_origins == ("http://localhost:3000",)
+    monkeypatch.setenv("DFLASH_ALLOWED_HOSTS", "dflash,localhost")
+    assert build_config(parse_args([])).allowed_hosts == ("dflash", "localhost")
+    assert build_config(parse_args(["--allowed-hosts", "*"])).allowed_hosts == ("*",)
+    with pytest.raises(ValueError, match="drain_timeout_seconds"):
+        ServerConfig(drain_timeout_seconds=-1)
