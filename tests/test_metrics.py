@@ -14,14 +14,10 @@ from engine.config import EngineConfig, ServerConfig
 from engine.histogram import Histogram
 from engine.serving_model import ServingModel
 from server.app import create_app
+from tests.test_app import make_client
 
 MSG = [{"role": "user", "content": "Hi"}]
 Samples = dict[tuple[str, frozenset], float]
-
-
-def make_client(serving: ServingModel, **config: object) -> TestClient:
-    engine = AsyncEngine(lambda: serving, max_waiting=4)
-    return TestClient(create_app(ServerConfig(**config), engine), base_url="http://localhost")
 
 
 def scrape(client: TestClient, **headers: str) -> Samples:
