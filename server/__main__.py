@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     maybe_reexec_with_openblas(["-m", "server", *argv])
     try:
         config = build_config(args)
+        from server.chat_template import load_chat_template
+
+        load_chat_template(config.chat_template)  # a bad --chat-template: one line here, not a traceback later
     except ValueError as e:
         sys.exit(f"dflash-server: {e}")
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
@@ -105,6 +107,9 @@ def test_bad_chat_template_spec() -> None:
         load_chat_template("/no/such/template.jinja")
     config = build_config(parse_args(["--chat-template", "{{ messages }}", "--reasoning", "off"]))
     assert (config.chat_template, config.reasoning) == ("{{ messages }}", "off")
+    run = subprocess.run([sys.executable, "-m", "server", "--chat-template", "/no/such.jinja"], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 1 and "neither a file nor a Jinja template" in run.stderr.splitlines()[-1]
 
 
 def test_continue_final_message(scripted: tuple[TestClient, ScriptedDecoder], qwen_tokenizer: Tokenizer) -> None:
