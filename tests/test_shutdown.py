@@ -14,7 +14,7 @@ from live_server import LiveServer
 
 MSG = [{"role": "user", "content": "Tell me a long story about the sea."}]
 ENDLESS = {"temperature": 1.0, "logit_bias": {"2": -100}, "max_tokens": 3000}  # never EOS: runs until aborted
-DRAIN_SECONDS = 5
+DRAIN_SECONDS = 8  # the short stream's last tokens must fit in it even on a busy 2-core machine
 
 
 def stream_chat(url: str, body: dict, started: threading.Event | None = None) -> dict:
@@ -49,7 +49,7 @@ def sigterm_and_wait(live: LiveServer) -> tuple[int, float, int | str]:
         refused: int | str = httpx.get(f"{live.url}/v1/models", timeout=5).status_code
     except httpx.TransportError as e:  # the listener may already be closed: also a refusal
         refused = type(e).__name__
-    code = live.proc.wait(DRAIN_SECONDS + 30)
+    code = live.proc.wait(150)
     return code, time.monotonic() - t0, refused
 
 
@@ -58,7 +58,7 @@ def test_sigterm_aborts_what_the_timeout_cuts_off() -> None:
     started = threading.Event()
     with ThreadPoolExecutor(4) as pool:
         # FIFO: the short stream runs first, the endless one next; the other two wait in the queue
-        short = pool.submit(stream_chat, live.url, {"temperature": 0, "max_tokens": 24}, started)
+        short = pool.submit(stream_chat, live.url, {"temperature": 0, "max_tokens": 4}, started)
         assert started.wait(60)
         endless: list[Future] = [pool.submit(stream_chat, live.url, ENDLESS) for _ in range(2)]
         time.sleep(0.3)
@@ -69,7 +69,7 @@ def test_sigterm_aborts_what_the_timeout_cuts_off() -> None:
         body = plain.result().json()
     assert code == 0 and seconds < DRAIN_SECONDS + 15, (code, seconds)
     assert refused in (503, "ConnectError", "RemoteProtocolError"), refused
-    assert results[0]["finish"] == "length" and results[0]["usage"]["completion_tokens"] == 24
+    assert results[0]["finish"] == "length" and results[0]["usage"]["completion_tokens"] == 4
     assert [r["finish"] for r in results[1:]] == ["abort", "abort"]
     assert all(r["done"] and r["usage"] for r in results)
     assert body["choices"][0]["finish_reason"] == "abort" and body["usage"]["completion_tokens"] == 0
@@ -77,14 +77,14 @@ def test_sigterm_aborts_what_the_timeout_cuts_off() -> None:
 
 
 def test_sigterm_lets_short_requests_finish() -> None:
-    live = LiveServer("--no-draft", "--drain-timeout", "60")
+    live = LiveServer("--no-draft", "--drain-timeout", "120")
     started = threading.Event()
     with ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(stream_chat, live.url, {"temperature": 0, "max_tokens": 16}, started) for _ in range(3)]
+        futures = [pool.submit(stream_chat, live.url, {"temperature": 0, "max_tokens": 8}, started) for _ in range(3)]
         assert started.wait(60)
         code, seconds, refused = sigterm_and_wait(live)
         results = [f.result() for f in futures]
-    assert code == 0 and seconds < 30, (code, seconds)
+    assert code == 0 and seconds < 110, (code, seconds)
     assert refused in (503, "ConnectError", "RemoteProtocolError"), refused
     assert [r["finish"] for r in results] == ["length"] * 3 and all(r["done"] for r in results)
     assert "aborting" not in live.logs()
