@@ -3,6 +3,7 @@ new requests are refused, and the process exits 0 within the drain timeout."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import threading
@@ -88,3 +89,34 @@ def test_sigterm_lets_short_requests_finish() -> None:
     assert refused in (503, "ConnectError", "RemoteProtocolError"), refused
     assert [r["finish"] for r in results] == ["length"] * 3 and all(r["done"] for r in results)
     assert "aborting" not in live.logs()
+
+
+class FakeEngine:
+    def __init__(self) -> None:
+        self.aborted = 0
+
+    def abort_all(self) -> int:
+        self.aborted += 1
+        return 1
+
+
+def test_second_signal_aborts_at_once() -> None:
+    from server.drain import Drain
+
+    async def main() -> float:
+        engine = FakeEngine()
+        drain = Drain(engine, timeout=60)  # type: ignore[arg-type]
+        drain.in_flight = 1
+        drain.close()
+        task = asyncio.create_task(drain.run())
+        await asyncio.sleep(0.2)
+        assert engine.aborted == 0 and not task.done()
+        t0 = time.monotonic()
+        drain.close()  # a second SIGTERM / Ctrl-C
+        await asyncio.sleep(0.2)
+        assert engine.aborted == 1
+        drain.in_flight = 0  # the aborted request sent its final chunk
+        await asyncio.wait_for(task, 2)
+        return time.monotonic() - t0
+
+    assert asyncio.run(main()) < 2
