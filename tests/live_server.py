@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,9 +25,10 @@ class LiveServer:
     def __init__(self, *flags: str, log_path: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cache = ROOT / ".pytest_cache"
-        self.log_path = log_path or (cache / f"live-{self.port}.log" if cache.is_dir() else None)
-        self.log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
+        cache = ROOT / ".pytest_cache"  # absent in a fresh clone until pytest writes its cache
+        folder = cache if cache.is_dir() else Path(tempfile.mkdtemp(prefix="dflash-live-"))
+        self.log_path = log_path or folder / f"live-{self.port}.log"
+        self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(self.port), *flags],
                                      cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ})
         self.wait_healthy()
@@ -44,7 +46,7 @@ class LiveServer:
         raise TimeoutError("server did not become healthy")
 
     def logs(self) -> str:
-        return self.log_path.read_text() if self.log_path else ""
+        return self.log_path.read_text()
 
     def stop(self) -> None:
         self.proc.terminate()
