@@ -3,6 +3,9 @@
 Taps are recorded by swapping each tapped decoder layer's class for a subclass whose
 `__call__` stores its output. The model's own forward (masks, sliding windows, per-family
 quirks) runs unchanged, parameter paths stay the same, and nothing of mlx-lm is forked.
+Hybrid targets' Gated DeltaNet layers are hooked the same way and get caches that roll back
+by recomputing the accepted steps of the last verify (engine/recurrent_rollback.py), so
+`trim` covers them; trimming 0 rows (every draft accepted) recomputes nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +19,13 @@ from mlx_lm.models.cache import (
     can_trim_prompt_cache,
     make_prompt_cache,
     trim_prompt_cache,
+)
+
+from engine.recurrent_rollback import (
+    install_recorders,
+    recurrent_layer_ids,
+    remove_recorders,
+    wrap_caches,
 )
 
 _TAPPED_CLASSES: dict[type, type] = {}
@@ -82,10 +92,12 @@ class Target:
         self.model = model
         inner = _inner_model(model)
         self.layers: list[nn.Module] = inner.layers
-        if not can_trim_prompt_cache(make_prompt_cache(model)):
+        # Gated DeltaNet layers (qwen3_5, qwen3_next) roll back by recomputing accepted steps
+        self._recurrent_ids = recurrent_layer_ids(self.layers)
+        if not can_trim_prompt_cache(wrap_caches(make_prompt_cache(model), self._recurrent_ids)):
             raise ValueError(
-                "speculative decoding needs a trimmable target cache; hybrid/recurrent targets "
-                "(e.g. GatedDeltaNet, Mamba layers) are not supported yet"
+                "speculative decoding needs a trimmable target cache; hybrid/recurrent targets other "
+                "than Gated DeltaNet ones (qwen3_5, qwen3_next), e.g. Mamba layers, are not supported yet"
             )
         if bad := [i for i in layer_ids if not 0 <= i < len(self.layers)]:
             raise ValueError(f"tap layer ids {bad} are out of range for a {len(self.layers)}-layer target")
@@ -93,8 +105,13 @@ class Target:
         self._embed_tokens = inner.embed_tokens
         # gemma-style targets scale their embedding; REF-MLX reads the same attribute
         self.embed_scale = float(getattr(inner.embed_tokens, "embed_scale", getattr(inner, "embed_scale", 1.0)))
-        self._lm_head = getattr(model, "lm_head", None) or inner.embed_tokens.as_linear
+        # VLM-style wrappers (qwen3_5) keep an untied head on language_model
+        language_model = getattr(model, "language_model", None)
+        self._lm_head = (
+            getattr(model, "lm_head", None) or getattr(language_model, "lm_head", None) or inner.embed_tokens.as_linear
+        )
         self._slots = [_install_tap(self.layers[i]) for i in self.layer_ids]
+        install_recorders(self.layers, self._recurrent_ids)
 
     @property
     def num_layers(self) -> int:
@@ -132,7 +149,7 @@ class Target:
         return self._lm_head(hidden)
 
     def make_cache(self) -> list[Any]:
-        return make_prompt_cache(self.model)
+        return wrap_caches(make_prompt_cache(self.model), self._recurrent_ids)
 
     def cache_length(self, cache: list[Any]) -> int:
         return int(cache[0].offset)
@@ -155,8 +172,10 @@ class Target:
         """
         for i in self.layer_ids:
             _remove_tap(self.layers[i])
+        remove_recorders(self.layers, self._recurrent_ids)
         self._slots = []
         self.layer_ids = ()
+        self._recurrent_ids = ()
 
     def __enter__(self) -> Target:
         return self
