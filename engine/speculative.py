@@ -26,9 +26,11 @@ from engine.sampling import (
     token_logprobs,
 )
 from engine.target import Target
+from engine.verify_width import CostCurve, VerifyWidth
 
 PREFILL_CHUNK = 512
 TIMING_MODES = (None, "overlap", "split")
+_NO_DRAFTS = mx.zeros((0,), dtype=mx.int32)  # a width-0 cycle verifies the anchor alone
 
 
 def accept_draft(
@@ -99,6 +101,7 @@ class SpecStats:
     drafted: int = 0
     accepted: int = 0
     accept_counts: list[int] = field(default_factory=list)  # histogram of a, as gpt-fast
+    widths: list[int] = field(default_factory=list)  # verify width chosen per cycle (probes included)
     timings: list[CycleTiming] = field(default_factory=list)
 
     @property
@@ -118,6 +121,7 @@ class _Cycle(NamedTuple):
     """A launched cycle: everything lazy except the block size, already in the target cache."""
 
     block: int  # rows verified = drafted + 1
+    width: int  # the width chosen for this cycle (the drafter may have proposed fewer)
     num_accepted: mx.array  # () int32
     tokens: mx.array  # (block,) int32: tokens[:a] are the accepted drafts, tokens[a] the next token
     taps: mx.array | None  # (1, block, T*H)
@@ -138,6 +142,9 @@ class SpeculativeDecoder:
         block_size: int,
         prefill_chunk: int = PREFILL_CHUNK,
         timing: str | None = None,
+        adaptive: bool = True,
+        cost_curve: CostCurve | None = None,
+        learn_overheads: bool = True,
     ) -> None:
         if block_size < 2:
             raise ValueError(f"block_size must be >= 2 (the anchor plus at least one draft), got {block_size}")
@@ -148,9 +155,14 @@ class SpeculativeDecoder:
         self.block_size = block_size
         self.prefill_chunk = prefill_chunk
         self.timing = timing
+        self.adaptive = adaptive
+        self.cost_curve = cost_curve  # target seconds by rows; measured once, on first use
+        self.learn_overheads = learn_overheads  # draft/host seconds from live cycle times
         self.name = f"speculative-{drafter.name}"
         self.stats = SpecStats()
-        self._sync_end = 0.0  # perf_counter() at the last sync's return (timing)
+        self._sync_end = 0.0  # perf_counter() at the last sync's return
+        self._width: VerifyWidth | None = None
+        self._held: tuple[list[int], list[mx.array]] = ([], [])  # drafter input of width-0 cycles
 
     def supports(self, params: SamplingParams) -> str | None:
         if params.has_processors:
@@ -179,6 +191,8 @@ class SpeculativeDecoder:
         try:
             first, first_logprobs, prompt_taps = yield from self._prefill(prompt_ids, cache, params, rng)
             self.drafter.begin(prompt_ids, prompt_taps)
+            self._width = self._make_width(cache, prompt_ids[-1]) if self.adaptive else None
+            self._held = ([], [])
             self._sync_end = time.perf_counter()
             num_committed = len(prompt_ids)  # rows in the target cache
             num_emitted = 1
@@ -209,6 +223,18 @@ class SpeculativeDecoder:
             if launched is not None:  # closed early: drop the verify rows nobody will accept
                 self.target.trim(cache, launched.block)
             self.drafter.end()
+            self._held = ([], [])
+
+    def _make_width(self, cache: list[Any], token: int) -> VerifyWidth:
+        if self.cost_curve is None:
+
+            def forward(rows: int) -> None:
+                logits, taps = self.target(mx.full((1, rows), token, dtype=mx.int32), cache, taps=self.drafter.needs_taps)
+                mx.eval(logits, taps)
+                self.target.trim(cache, rows)
+
+            self.cost_curve = CostCurve.measure(forward, self.block_size)
+        return VerifyWidth(self.block_size - 1, self.cost_curve, learn_overheads=self.learn_overheads)
 
     def _prefill(
         self, prompt_ids: list[int], cache: list[Any], params: SamplingParams, rng: TokenRng
@@ -248,17 +274,17 @@ class SpeculativeDecoder:
     ) -> _Cycle:
         """Build and start one cycle; the block shrinks so it cannot overshoot max_tokens."""
         block = min(self.block_size, remaining + 1)
+        width = block - 1 if self._width is None else min(self._width.choose(), block - 1)
         clock = time.perf_counter()
-        proposal = self.drafter.propose(new_tokens, new_taps, block - 1, params, rng)
-        mx.async_eval(proposal.tokens)  # the device drafts while the verify graph is built
-        draft_s = self._split_sync(proposal.tokens, clock)
+        drafts, draft_logprobs = self._draft(new_tokens, new_taps, block - 1, width, params, rng)  # (k,)
+        draft_s = self._split_sync(drafts, clock)
         clock = time.perf_counter()
-        drafts = proposal.tokens  # (k,)
-        verify_ids = mx.concatenate([mx.array([new_tokens[-1]], dtype=mx.int32), drafts])  # (k+1,)
+        anchor = mx.array([new_tokens[-1]], dtype=mx.int32)
+        verify_ids = mx.concatenate([anchor, drafts]) if drafts.size else anchor  # (k+1,)
         logits, taps = self.target(verify_ids[None], cache, taps=self.drafter.needs_taps)
         logits = logits[0]  # (k+1, V)
         key = None if params.is_greedy else rng.next_key()
-        num_accepted, next_token = accept_draft(drafts, logits, proposal.draft_logprobs, params, key)
+        num_accepted, next_token = accept_draft(drafts, logits, draft_logprobs, params, key)
         padded = mx.concatenate([drafts, next_token[None]])  # (k+1,)
         tokens = mx.where(mx.arange(padded.shape[0]) == num_accepted, next_token, padded)
         logprobs = self._logprobs(logits, tokens, params)
@@ -266,7 +292,37 @@ class SpeculativeDecoder:
         mx.async_eval(*pending)
         verify_s = self._split_sync(pending, clock)
         launched_at = time.perf_counter() if self.timing else 0.0
-        return _Cycle(padded.shape[0], num_accepted, tokens, taps, logprobs, draft_s, verify_s, launched_at)
+        return _Cycle(padded.shape[0], width, num_accepted, tokens, taps, logprobs, draft_s, verify_s, launched_at)
+
+    def _draft(
+        self,
+        new_tokens: list[int],
+        new_taps: mx.array | None,
+        num_drafts: int,
+        width: int,
+        params: SamplingParams,
+        rng: TokenRng,
+    ) -> tuple[mx.array, mx.array | None]:
+        """The drafter proposes its full block; the first `width` proposals are verified.
+
+        Width 0 skips the drafter: its new tokens and taps are held for its next call.
+        """
+        held_tokens, held_taps = self._held
+        if width == 0:
+            held_tokens.extend(new_tokens)
+            if new_taps is not None:
+                held_taps.append(new_taps)
+            return _NO_DRAFTS, None
+        if held_tokens:
+            new_tokens = held_tokens + new_tokens
+            if new_taps is not None:
+                new_taps = mx.concatenate([*held_taps, new_taps], axis=1)  # (1, n, T*H)
+            self._held = ([], [])
+        proposal = self.drafter.propose(new_tokens, new_taps, num_drafts, params, rng)
+        drafts = proposal.tokens[:width]  # (k,)
+        mx.async_eval(drafts)  # the device drafts while the verify graph is built
+        logprobs = None if proposal.draft_logprobs is None else proposal.draft_logprobs[:width]
+        return drafts, logprobs
 
     def _finish(self, cycle: _Cycle, cache: list[Any]) -> tuple[int, list[int], list[TokenLogprob] | None]:
         """The cycle's one host sync; the target cache is trimmed even if it raises."""
@@ -285,8 +341,11 @@ class SpeculativeDecoder:
             self.stats.timings.append(
                 CycleTiming(cycle.draft_s, cycle.verify_s, launch_s, host_s, now - clock, now - self._sync_end)
             )
+        if self._width is not None:
+            self._width.update(cycle.block - 1, accepted, now - self._sync_end)
         self._sync_end = now
         self.stats.record(cycle.block - 1, accepted)
+        self.stats.widths.append(cycle.width)
         tokens = cycle.tokens.tolist()[: accepted + 1]
         return accepted, tokens, self._to_list(tokens, cycle.logprobs)
 

@@ -128,7 +128,7 @@ def test_greedy_generation_matches_the_reference(pair: Pair) -> None:
                                     block_size=block_size, max_tokens=max_tokens, temperature=0.0)
     ref_steps = [r.tokens for r in responses if r.tokens]
     target = Target(our_model, draft.config.target_layer_ids)
-    decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=block_size)
+    decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=block_size, adaptive=False)
     steps = [s.tokens for s in decoder.generate(PROMPT, SamplingParams(temperature=0.0), max_tokens, TokenRng(0)) if s.tokens]
     target.close()
     assert sum(steps, []) == sum(ref_steps, []) == plain

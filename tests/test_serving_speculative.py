@@ -98,7 +98,7 @@ def test_oracle_on_the_embedded_model_rejects_at_every_position() -> None:
     block = 8
     wrong_at = [*range(block - 1), None]
     decoder = SpeculativeDecoder(Target(loaded.model), OracleDrafter(plain, vocab_size=loaded.tokenizer.vocab_size,
-                                                                     wrong_at=wrong_at), block_size=block)
+                                                                     wrong_at=wrong_at), block_size=block, adaptive=False)
     assert run(decoder, 40) == plain
     assert decoder.stats.syncs == decoder.stats.cycles
     counts = decoder.stats.accept_counts  # histogram of accepted drafts per cycle

@@ -161,7 +161,7 @@ def test_greedy_dflash_with_partial_acceptance(family: str) -> None:
     damp = {"o_proj", "down_proj"}  # keep the context path live but small
     draft.update(tree_map_with_path(lambda p, w: w * 0.3 if p.split(".")[-2] in damp else w, draft.parameters()))
     target = Target(model, dcfg.target_layer_ids)
-    decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=4)
+    decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=4, adaptive=False)
     out, _ = _run(decoder, 64)
     target.close()
     assert out == ref
@@ -175,7 +175,7 @@ def test_oracle_rejects_at_every_block_position(varied: Varied, block_size: int)
     target = Target(model)
     wrong_at = [*range(block_size - 1), None]
     drafter = OracleDrafter(ref, vocab_size=cfg["vocab_size"], wrong_at=wrong_at)
-    decoder = SpeculativeDecoder(target, drafter, block_size=block_size)
+    decoder = SpeculativeDecoder(target, drafter, block_size=block_size, adaptive=False)
     max_tokens = len(ref)
     out, steps = _run(decoder, max_tokens)
     assert out == ref
@@ -250,7 +250,7 @@ def test_cache_rewound_when_the_drafter_fails(varied: Varied) -> None:
             return super().propose(*args)
 
     target = RecordingTarget(model)
-    decoder = SpeculativeDecoder(target, Failing(ref, vocab_size=cfg["vocab_size"], wrong_at=[1]), block_size=4)
+    decoder = SpeculativeDecoder(target, Failing(ref, vocab_size=cfg["vocab_size"], wrong_at=[1]), block_size=4, adaptive=False)
     with pytest.raises(RuntimeError, match="drafter failed"):
         list(decoder.generate(PROMPT, GREEDY, 40, TokenRng(0)))
     # the failing launch follows a finished cycle: the cache holds exactly the verified tokens

@@ -1,0 +1,307 @@
+"""Decode speed, one process, interleaved: plain, mlx-lm, our speculative decoder, the reference.
+
+    python bench/bench.py --drafter oracle,ngram,dflash --out bench/out     # random DFlash draft
+    python bench/bench.py --drafter dflash --draft PATH --out bench/out     # a trained draft
+
+Greedy, EOS ignored, so every method writes exactly --max-tokens tokens per prompt (the same
+tokens: outputs are checked against plain decoding). Methods run round-robin per prompt, in a
+rotating order, after a short warm-up round; medians over prompts x rounds are reported.
+Rows: `plain` (PlainDecoder), `mlx_lm` (mlx_lm.stream_generate on the same model object),
+`spec-<drafter>` (adaptive verify width) and `spec-<drafter>-fixed` (full width every cycle),
+and `reference` (dflash==0.1.0 `dflash/model_mlx.py`, on its own copy of the target) when the
+DFlash drafter runs. JSON and a PNG chart go to --out. On Linux it re-execs with OpenBLAS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlx.core as mx
+
+from engine.blas import blas_status, maybe_reexec_with_openblas
+from engine.sampling import SamplingParams, TokenRng
+
+GREEDY = SamplingParams(temperature=0.0)
+PROMPTS = {
+    "code": "Write a Python function that merges two sorted lists into one sorted list, with a docstring.",
+    "code2": "Write a Python class for a stack with push, pop and peek methods, and explain each one.",
+    "chat": "Tell me a short story about a fox who visits a city for the first time.",
+    "chat2": "What are three benefits of regular exercise? Explain each briefly.",
+    "math": "A bakery sells muffins for $3 each and cookies for $1.50 each. Maya buys 4 muffins and "
+            "6 cookies. How much does she spend in total? Think step by step.",
+    "math2": "Tom has 48 marbles. He gives a quarter of them to his sister and then buys 15 more. How "
+             "many marbles does he have now? Think step by step.",
+}
+
+
+@dataclass
+class Run:
+    method: str
+    prompt: str
+    tokens: list[int]
+    ttft_s: float  # call to first token: prefill and first sample (and any lazy setup)
+    decode_s: float  # first token to last
+    cycles: int = 0
+    accepted: int = 0
+    split_ms: dict[str, float] = field(default_factory=dict)  # per-cycle medians: draft, verify, other
+
+    @property
+    def tps(self) -> float:
+        return (len(self.tokens) - 1) / max(self.decode_s, 1e-9)
+
+
+def timed(stream: Iterator[list[int]]) -> tuple[list[int], float, float]:
+    """Drain a stream of token lists: (tokens, ttft, decode seconds)."""
+    start = time.perf_counter()
+    tokens: list[int] = []
+    first = 0.0
+    for new in stream:
+        if new and not tokens:
+            first = time.perf_counter()
+        tokens += new
+    return tokens, first - start, time.perf_counter() - first
+
+
+def decoder_stream(decoder: Any, ids: list[int], n: int) -> Iterator[list[int]]:
+    return (step.tokens for step in decoder.generate(ids, GREEDY, n, TokenRng(0)))
+
+
+def split_ms(decoder: Any, ids: list[int], n: int) -> dict[str, float]:
+    """A run with a sync after the draft and after the verify (costs the overlap; not timed)."""
+    decoder.timing = "split"
+    try:
+        timed(decoder_stream(decoder, ids, n))
+    finally:
+        decoder.timing = None
+    timings = decoder.stats.timings
+    med = lambda xs: 1e3 * statistics.median(xs) if xs else float("nan")
+    return {
+        "draft": med([t.draft_s for t in timings]),
+        "verify": med([t.verify_s for t in timings]),
+        "other": med([t.cycle_s - t.draft_s - t.verify_s for t in timings]),
+    }
+
+
+class Bench:
+    """The methods under test, sharing one loaded target."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from engine.loader import load_model
+
+        self.args = args
+        self.loaded = load_model(args.model)
+        self.model = self.loaded.model
+        self.wrapper = self._no_eos_wrapper()
+        self.plain_out: dict[str, list[int]] = {}
+        self.measuring = False  # False in the warm-up round
+        self.methods: dict[str, Callable[[str, list[int]], Run]] = {"plain": self.plain, "mlx_lm": self.mlx_lm}
+        self.draft_dir: Path | None = None
+        for name in args.drafter.split(","):
+            self._add_speculative(name)
+        if self.draft_dir is not None:
+            self._add_reference()
+
+    def _no_eos_wrapper(self) -> Any:
+        from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+        wrapper = TokenizerWrapper(self.loaded.tokenizer.hf)
+        wrapper._eos_token_ids = set()  # every method writes exactly max_tokens
+        return wrapper
+
+    def plain(self, name: str, ids: list[int]) -> Run:
+        from engine.plain_decoder import PlainDecoder
+
+        tokens, ttft, dec = timed(decoder_stream(PlainDecoder(self.model), ids, self.args.max_tokens))
+        if len(tokens) > len(self.plain_out.get(name, [])):
+            self.plain_out[name] = tokens
+        return Run("plain", name, tokens, ttft, dec)
+
+    def mlx_lm(self, name: str, ids: list[int]) -> Run:
+        from mlx_lm import stream_generate
+
+        stream = ([r.token] for r in stream_generate(self.model, self.wrapper, ids, max_tokens=self.args.max_tokens))
+        return Run("mlx_lm", name, *timed(stream))
+
+    def _add_speculative(self, drafter: str) -> None:
+        from engine.drafters import DFlashDrafter, NgramDrafter, OracleDrafter
+        from engine.speculative import SpeculativeDecoder
+        from engine.target import Target
+
+        block = self.args.block_size
+        if drafter == "dflash":
+            draft = self._draft()
+            target = Target(self.model, draft.config.target_layer_ids)
+            make = lambda: DFlashDrafter(draft, target)
+        elif drafter in ("ngram", "oracle"):
+            target = Target(self.model)
+            vocab = self.loaded.tokenizer.vocab_size  # the oracle's continuation is set per prompt
+            make = NgramDrafter if drafter == "ngram" else lambda: OracleDrafter([], vocab_size=vocab)
+        else:
+            raise SystemExit(f"unknown --drafter {drafter!r}; use ngram, oracle or dflash")
+        for adaptive in (True, False):
+            decoder = SpeculativeDecoder(target, make(), block_size=block, adaptive=adaptive)
+            label = f"spec-{drafter}" + ("" if adaptive else "-fixed")
+            self.methods[label] = self._speculative_runner(label, decoder, drafter == "oracle")
+
+    def _speculative_runner(self, label: str, decoder: Any, oracle: bool) -> Callable[[str, list[int]], Run]:
+        from engine.drafters import OracleDrafter
+
+        splits: dict[str, dict[str, float]] = {}
+
+        def run(name: str, ids: list[int]) -> Run:
+            if oracle:  # the known continuation: plain decoding's output for this prompt
+                decoder.drafter = OracleDrafter(self.plain_out[name], vocab_size=self.loaded.tokenizer.vocab_size)
+            tokens, ttft, dec = timed(decoder_stream(decoder, ids, self.args.max_tokens))
+            stats = decoder.stats
+            if self.measuring and name not in splits and stats.cycles:
+                splits[name] = split_ms(decoder, ids, self.args.max_tokens)
+            return Run(label, name, tokens, ttft, dec, stats.cycles, stats.accepted, splits.get(name, {}))
+
+        return run
+
+    def _draft(self) -> Any:
+        from engine.draft import load_draft, save_draft
+
+        args = self.model.args
+        if self.args.draft:
+            self.draft_dir = Path(self.args.draft)
+        else:  # a random draft in the published layout, so the reference can load it too
+            from spec_cycle import random_draft
+
+            from engine.target import Target
+
+            self.draft_dir = Path(tempfile.mkdtemp(prefix="random-draft-"))
+            with Target(self.model) as bare:
+                save_draft(random_draft(bare, self.model, self.args.block_size), self.draft_dir, dtype=mx.float32)
+        return load_draft(self.draft_dir, target_hidden_size=args.hidden_size,
+                          target_vocab_size=args.vocab_size, target_num_layers=args.num_hidden_layers)
+
+    def _add_reference(self) -> None:
+        try:
+            import dflash.model_mlx as ref
+        except ImportError:
+            print("[bench] dflash==0.1.0 not installed: no reference row")
+            return
+        from engine.loader import load_model
+
+        ref.snapshot_download = lambda *a, **k: str(self.draft_dir)  # a local directory, no hub
+        ref_draft = ref.load_draft("local/draft")
+        ref_model = load_model(self.args.model).model  # its layer hooks stay off our model
+
+        def run(name: str, ids: list[int]) -> Run:
+            responses = ref.stream_generate(ref_model, ref_draft, self.wrapper, mx.array(ids),
+                                            block_size=self.args.block_size, max_tokens=self.args.max_tokens)
+            steps: list[list[int]] = []
+            tokens, ttft, dec = timed(steps.append(r.tokens) or r.tokens for r in responses)
+            cycles = [s for s in steps[1:] if s]
+            return Run("reference", name, tokens, ttft, dec, len(cycles), sum(len(s) - 1 for s in cycles))
+
+        self.methods["reference"] = run
+
+
+def summarize(runs: list[Run], plain_out: dict[str, list[int]]) -> list[dict[str, Any]]:
+    rows = []
+    for method in dict.fromkeys(r.method for r in runs):
+        mine = [r for r in runs if r.method == method]
+        cycles = sum(r.cycles for r in mine)
+        splits = [r.split_ms for r in mine if r.split_ms]
+        rows.append({
+            "method": method,
+            "tok_s": statistics.median(r.tps for r in mine),
+            "ttft_ms": 1e3 * statistics.median(r.ttft_s for r in mine),
+            "tau": (sum(r.accepted for r in mine) + cycles) / cycles if cycles else None,
+            **{f"{k}_ms": statistics.median(s[k] for s in splits) for k in ("draft", "verify", "other") if splits},
+            "same_as_plain": sum(r.tokens == plain_out[r.prompt] for r in mine) / len(mine),
+        })
+    base = {row["method"]: row["tok_s"] for row in rows}
+    for row in rows:
+        for ref in ("plain", "mlx_lm", "reference"):
+            if ref in base:
+                row[f"x_{ref}"] = row["tok_s"] / base[ref]
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    def fmt(v: Any, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    print(f"\n{'method':<20} {'tok/s':>6} {'x plain':>7} {'x mlx_lm':>8} {'x ref':>6} {'TTFT ms':>8} {'tau':>5} "
+          f"{'draft':>6} {'verify':>6} {'other':>6} {'same':>5}")
+    for r in rows:
+        print(f"{r['method']:<20} {r['tok_s']:6.2f} {fmt(r.get('x_plain'), '7.2f')} {fmt(r.get('x_mlx_lm'), '8.2f')} "
+              f"{fmt(r.get('x_reference'), '6.2f')} {r['ttft_ms']:8.0f} {fmt(r['tau'], '5.2f')} "
+              f"{fmt(r.get('draft_ms'), '6.1f')} {fmt(r.get('verify_ms'), '6.1f')} {fmt(r.get('other_ms'), '6.1f')} "
+              f"{r['same_as_plain']:5.2f}")
+
+
+def chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 2, 4))
+    bars = ax.bar([r["method"] for r in rows], [r["tok_s"] for r in rows], color="tab:blue")
+    for bar, r in zip(bars, rows, strict=True):
+        ax.annotate(f"{r['x_plain']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("decode tok/s (median)")
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="embedded", help="engine.loader spec")
+    parser.add_argument("--drafter", default="oracle,ngram,dflash", help="comma list of ngram, oracle, dflash")
+    parser.add_argument("--draft", default=None, help="DFlash draft directory (published layout); default: random")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--rounds", type=int, default=3, help="measured rounds after the warm-up round")
+    parser.add_argument("--prompts", default=",".join(PROMPTS), help=f"comma list of {', '.join(PROMPTS)}")
+    parser.add_argument("--out", type=Path, default=Path("bench/out"))
+    args = parser.parse_args()
+    maybe_reexec_with_openblas()
+    bench = Bench(args)
+    machine = f"MLX {mx.__version__} {mx.default_device()}, {blas_status()}"
+    print(f"[bench] {bench.loaded.description}; {machine}")
+    names = args.prompts.split(",")
+    ids = {n: bench.loaded.tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[n]}]) for n in names}
+    runs: list[Run] = []
+    max_tokens = args.max_tokens
+    methods = list(bench.methods)
+    for round_ in range(args.rounds + 1):
+        args.max_tokens = max_tokens if round_ else min(16, max_tokens)  # a short warm-up round
+        bench.measuring = round_ > 0
+        for i, name in enumerate(names):
+            order = methods[:1] + [methods[1:][(j + i + round_) % (len(methods) - 1)] for j in range(len(methods) - 1)]
+            for method in order:  # plain first: the oracle needs its output
+                run = bench.methods[method](name, ids[name])
+                if round_:
+                    runs.append(run)
+            print(f"[bench] round {round_} {name}: " + ", ".join(f"{r.method} {r.tps:.1f}" for r in runs[-len(order):]
+                                                              if round_), flush=True)
+    rows = summarize(runs, bench.plain_out)
+    print_table(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"machine": machine, "model": bench.loaded.description, "args": {k: str(v) for k, v in vars(args).items()}}
+    (args.out / "bench.json").write_text(json.dumps({**meta, "summary": rows, "runs": [asdict(r) for r in runs]}, indent=1))
+    chart(rows, args.out / "bench.png", f"{bench.loaded.description}, {args.max_tokens} tokens, greedy")
+    print(f"[bench] wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Adaptive verify width: how many draft tokens to verify next cycle (spec §5.1, §5.2).
+
+The drafter always proposes its full block; only the first `cap` proposals are verified.
+`cap` maximises expected committed tokens per second, priced from a measured cost curve
+(target forward seconds by rows) plus drafting and host overheads learned from live cycles.
+cap 0 is a plain decoding step with no draft forward at all, so a useless drafter costs
+nothing once the controller has settled; probe cycles at full width find it again when it
+turns useful. Verifying fewer drafts never changes outputs: acceptance stays exact.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CostCurve:
+    """Seconds of one target forward by rows: seconds[r - 1] for r = 1..len(seconds)."""
+
+    seconds: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.seconds or min(self.seconds) <= 0:
+            raise ValueError(f"a cost curve needs positive seconds for 1..R rows, got {self.seconds}")
+
+    def __call__(self, rows: int) -> float:
+        return self.seconds[min(rows, len(self.seconds)) - 1]
+
+    @classmethod
+    def linear(cls, base_s: float, per_row_s: float, max_rows: int) -> CostCurve:
+        return cls(tuple(base_s + per_row_s * r for r in range(1, max_rows + 1)))
+
+    @classmethod
+    def from_points(cls, points: dict[int, float], max_rows: int) -> CostCurve:
+        """Interpolate measured (rows -> seconds) linearly; made non-decreasing against noise."""
+        xs = sorted(points)
+        seconds, best = [], 0.0
+        for r in range(1, max_rows + 1):
+            hi = next((x for x in xs if x >= r), xs[-1])
+            lo = max((x for x in xs if x <= r), default=xs[0])
+            t = points[lo] if hi == lo else points[lo] + (points[hi] - points[lo]) * (r - lo) / (hi - lo)
+            best = max(best, t)
+            seconds.append(best)
+        return cls(tuple(seconds))
+
+    @classmethod
+    def measure(cls, forward: Callable[[int], None], max_rows: int, repeats: int = 3) -> CostCurve:
+        """Time `forward(rows)` (which must block until done) at powers of two up to max_rows."""
+        widths = sorted({min(2**i, max_rows) for i in range(max_rows.bit_length() + 1)})
+        forward(widths[-1])  # warm up kernels and allocations
+        points = {}
+        for rows in widths:
+            samples = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                forward(rows)
+                samples.append(time.perf_counter() - start)
+            points[rows] = min(samples)  # the least disturbed run on a shared CPU
+        return cls.from_points(points, max_rows)
+
+
+class VerifyWidth:
+    """Chooses the verify width from per-position acceptance EWMAs and a cost model.
+
+    p[i] estimates P(draft i accepted | drafts before it accepted); positions past the last
+    rejection are unobserved that cycle and keep their value. Expected tokens for cap c:
+    1 + sum_{i<c} prod_{j<=i} p[j]. Cost: curve(c + 1) + host, + draft when c > 0.
+    """
+
+    def __init__(
+        self,
+        max_drafts: int,
+        curve: CostCurve,
+        *,
+        alpha: float = 0.3,
+        prior: float = 1.0,
+        margin: float = 0.05,
+        probe_every: int = 8,
+        max_probe_every: int = 64,
+        overhead_alpha: float = 0.1,
+        learn_overheads: bool = True,
+    ) -> None:
+        if max_drafts < 1:
+            raise ValueError(f"max_drafts must be >= 1, got {max_drafts}")
+        self.max_drafts = max_drafts
+        self.curve = curve
+        self.alpha = alpha
+        self.margin = margin
+        self.overhead_alpha = overhead_alpha
+        self.learn_overheads = learn_overheads  # False: price cycles by the curve alone
+        self.accept = [prior] * max_drafts  # optimistic: a drafter starts at full width
+        self.draft_s = 0.0  # drafting + slicing cost of a cycle that verifies drafts
+        self.host_s = 0.0  # per-cycle cost outside the target forward (learned at width 0)
+        self.cap = max_drafts
+        self.base_probe_every = probe_every
+        self.max_probe_every = max_probe_every
+        self.probe_every = probe_every
+        self._since_probe = 0
+        self._probing = False
+        self._seen: set[str] = set()
+
+    def expected_tokens(self, cap: int) -> float:
+        total, run = 1.0, 1.0
+        for p in self.accept[:cap]:
+            run *= p
+            total += run
+        return total
+
+    def cost(self, cap: int) -> float:
+        return self.curve(cap + 1) + self.host_s + (self.draft_s if cap > 0 else 0.0)
+
+    def rate(self, cap: int) -> float:
+        """Expected committed tokens per second at this width."""
+        return self.expected_tokens(cap) / self.cost(cap)
+
+    def best(self) -> int:
+        rates = [self.rate(c) for c in range(self.max_drafts + 1)]
+        best = max(range(len(rates)), key=rates.__getitem__)
+        # hysteresis: leave the current width only for a clear gain
+        return best if rates[best] > rates[self.cap] * (1 + self.margin) else self.cap
+
+    def choose(self) -> int:
+        """The width for the next cycle: the best one, or a full-width probe when it is narrower."""
+        self.cap = self.best()
+        self._probing = False
+        if self.cap < self.max_drafts:
+            self._since_probe += 1
+            if self._since_probe >= self.probe_every:
+                self._since_probe = 0
+                self._probing = True
+                return self.max_drafts
+        else:
+            self._since_probe = 0
+        return self.cap
+
+    def update(self, verified: int, accepted: int, seconds: float | None = None) -> None:
+        """After a cycle: `verified` drafts went to the target, the first `accepted` were kept."""
+        for i in range(min(accepted + 1, verified)):
+            hit = 1.0 if i < accepted else 0.0
+            self.accept[i] += self.alpha * (hit - self.accept[i])
+        if seconds is not None and self.learn_overheads:
+            self._learn_overheads(verified, seconds)
+        if self._probing:
+            before = self.cap
+            found = self.best() != before
+            # back off while probes find nothing, so a useless drafter costs ever less
+            self.probe_every = self.base_probe_every if found else min(2 * self.probe_every, self.max_probe_every)
+
+    def _learn_overheads(self, verified: int, seconds: float) -> None:
+        residual = seconds - self.curve(verified + 1)
+        if verified == 0:
+            self.host_s = self._ewma(self.host_s, max(residual, 0.0), "host")
+        else:
+            self.draft_s = self._ewma(self.draft_s, max(residual - self.host_s, 0.0), "draft")
+
+    def _ewma(self, value: float, sample: float, name: str) -> float:
+        if name not in self._seen:  # the first sample replaces the unknown starting value
+            self._seen.add(name)
+            return sample
+        return value + self.overhead_alpha * (sample - value)
+
+    @property
+    def probing(self) -> bool:
+        return self._probing
+

@@ -1,0 +1,226 @@
+"""Adaptive verify width: the pure controller on synthetic streams, then wired into the decoder.
+
+Synthetic cost curves are shaped like the embedded SmolLM2-135M on this CPU (a 16-row verify
+about 1.7x a 1-row forward). Decoder tests inject such a curve so that the choice depends on
+acceptance only, not on how busy the test machine is.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from itertools import pairwise
+
+import pytest
+from tiny_models import (
+    build_draft,
+    build_target,
+    draft_config,
+    plain_greedy,
+    target_config,
+)
+
+from engine.drafters import DFlashDrafter, NgramDrafter, OracleDrafter
+from engine.sampling import SamplingParams, TokenRng
+from engine.speculative import SpeculativeDecoder
+from engine.target import Target
+from engine.verify_width import CostCurve, VerifyWidth
+
+BLOCK = 16
+CPU_CURVE = CostCurve.linear(0.070, 0.0035, BLOCK)  # 74 ms for 1 row, 126 ms for 16
+PROMPT = [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 3, 2, 3, 8, 4]
+GREEDY = SamplingParams(temperature=0.0)
+Rule = Callable[[int], int]  # verified drafts -> accepted drafts
+
+
+def _drive(controller: VerifyWidth, rules: list[Rule], seconds: Callable[[int], float] | None = None) -> list[int]:
+    widths = []
+    for rule in rules:
+        width = controller.choose()
+        widths.append(width)
+        controller.update(width, min(rule(width), width), None if seconds is None else seconds(width))
+    return widths
+
+
+def useless(width: int) -> int:
+    return 0
+
+
+def perfect(width: int) -> int:
+    return width
+
+
+# --- the pure controller -------------------------------------------------------------------
+
+
+def test_expected_tokens_is_one_plus_sum_of_prefix_products() -> None:
+    controller = VerifyWidth(3, CPU_CURVE)
+    controller.accept = [0.5, 0.5, 1.0]
+    assert [controller.expected_tokens(c) for c in range(4)] == [1.0, 1.5, 1.75, 2.0]
+
+
+def test_cost_curve_from_points_interpolates_and_never_decreases() -> None:
+    curve = CostCurve.from_points({1: 1.0, 4: 2.5, 8: 2.0}, 10)
+    assert curve.seconds[:4] == (1.0, 1.5, 2.0, 2.5)
+    assert all(b >= a for a, b in zip(curve.seconds, curve.seconds[1:]))
+    assert curve(10) == curve(8) == 2.5  # measured noise below 2.5 does not make 8 rows cheaper
+    calls: list[int] = []
+    measured = CostCurve.measure(calls.append, 16, repeats=2)
+    assert sorted(set(calls)) == [1, 2, 4, 8, 16] and len(measured.seconds) == 16
+
+
+def test_a_useless_drafter_falls_to_width_zero_quickly_and_probes_ever_less() -> None:
+    controller = VerifyWidth(BLOCK - 1, CPU_CURVE)
+    widths = _drive(controller, [useless] * 400)
+    assert widths[0] == BLOCK - 1
+    first_zero = widths.index(0)
+    assert first_zero <= 12, widths[:20]
+    probes = [i for i, w in enumerate(widths) if i > first_zero and w > 0]
+    assert all(widths[i] == BLOCK - 1 for i in probes)  # only full-width probes after settling
+    assert len(probes) <= 10 and controller.probe_every == controller.max_probe_every
+    # the probes' extra rows cost under 2% of plain decoding's time on this curve
+    extra = sum(CPU_CURVE(w + 1) - CPU_CURVE(1) for w in widths[first_zero:])
+    assert extra < 0.02 * CPU_CURVE(1) * len(widths[first_zero:])
+
+
+def test_a_perfect_drafter_keeps_full_width() -> None:
+    controller = VerifyWidth(BLOCK - 1, CPU_CURVE)
+    assert _drive(controller, [perfect] * 200) == [BLOCK - 1] * 200
+
+
+def test_probes_find_a_drafter_that_became_useful() -> None:
+    controller = VerifyWidth(BLOCK - 1, CPU_CURVE)
+    widths = _drive(controller, [useless] * 300 + [perfect] * 100)
+    assert widths[299] == 0 or widths[299] == BLOCK - 1  # settled at 0 (or probing)
+    back = next(i for i in range(300, 400) if widths[i] == BLOCK - 1)
+    assert back - 300 <= controller.max_probe_every
+    assert widths[back + 3 :] == [BLOCK - 1] * (400 - back - 3)  # stays once the probe paid off
+
+
+def test_flat_cost_keeps_full_width_even_at_low_acceptance() -> None:
+    controller = VerifyWidth(BLOCK - 1, CostCurve.linear(0.05, 0.0, BLOCK))
+    rng = random.Random(0)
+    widths = _drive(controller, [lambda w: 0 if rng.random() < 0.7 else w] * 200)
+    assert set(widths) == {BLOCK - 1}
+
+
+def test_steep_cost_and_geometric_acceptance_pick_the_analytic_best() -> None:
+    curve = CostCurve.linear(0.05, 0.02, BLOCK)  # each row costs 40% of a plain step
+    controller = VerifyWidth(BLOCK - 1, curve, margin=0.0)
+    controller.accept = [0.7] * (BLOCK - 1)
+
+    def rate(c: int) -> float:
+        return sum(0.7**i for i in range(c + 1)) / curve(c + 1)
+
+    want = max(range(BLOCK), key=rate)
+    assert 0 < want < BLOCK - 1
+    assert controller.best() == want
+
+
+def test_hysteresis_keeps_the_width_steady_near_a_tie() -> None:
+    controller = VerifyWidth(BLOCK - 1, CostCurve.linear(0.05, 0.02, BLOCK))
+    rng = random.Random(1)
+
+    def geometric(width: int) -> int:
+        return next((i for i in range(width) if rng.random() > 0.7), width)
+
+    widths = _drive(controller, [geometric] * 600)
+    settled = [w for w in widths[50:] if w != BLOCK - 1]  # probes excluded
+    changes = sum(a != b for a, b in pairwise(settled))
+    assert changes <= len(settled) // 5, (changes, len(settled))
+
+
+def test_drafting_cost_is_learned_from_cycle_times() -> None:
+    controller = VerifyWidth(BLOCK - 1, CPU_CURVE)
+    controller.accept = [0.5] * (BLOCK - 1)
+    assert controller.best() > 0
+    draft_cost = 0.15  # a draft forward twice the cost of a plain step
+
+    def seconds(width: int) -> float:
+        return CPU_CURVE(width + 1) + 0.002 + (draft_cost if width else 0.0)
+
+    widths = _drive(controller, [lambda w: min(w, 1)] * 60, seconds)  # exactly one accepted
+    assert abs(controller.draft_s - draft_cost) < 0.03
+    assert widths[-5:].count(0) >= 4  # 2 tokens for 2.7x the cost of 1 token: plain wins
+
+
+# --- wired into the decoder ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def varied() -> tuple[dict, object, list[int]]:
+    cfg = target_config("qwen3", tie_word_embeddings=False)
+    model = build_target(cfg, seed=1)
+    ref, gap = plain_greedy(model, PROMPT, 60)
+    assert gap > 1e-4
+    return cfg, model, ref
+
+
+def _decode(decoder: SpeculativeDecoder, max_tokens: int) -> list[int]:
+    return [t for s in decoder.generate(PROMPT, GREEDY, max_tokens, TokenRng(0)) for t in s.tokens]
+
+
+def test_greedy_dflash_with_adaptation_equals_plain(varied: tuple) -> None:
+    """A random draft is mostly rejected: width 0 cycles hold the taps, probes hand them over."""
+    cfg, model, ref = varied
+    dcfg = draft_config(cfg, block_size=8)
+    target = Target(model, dcfg.target_layer_ids)
+    curve = CostCurve.linear(0.010, 0.002, 8)
+    decoder = SpeculativeDecoder(target, DFlashDrafter(build_draft(dcfg, seed=2), target), block_size=8,
+                                 cost_curve=curve, learn_overheads=False)
+    out = _decode(decoder, 60)
+    target.close()
+    assert out == ref
+    widths = decoder.stats.widths
+    assert 0 in widths and widths.count(7) >= 2, widths  # both paths ran, probes included
+    assert decoder.stats.syncs == decoder.stats.cycles
+
+
+@pytest.mark.parametrize("wrong_at", [[None], [0, 3, None], [1, 1, 5]])
+def test_greedy_oracle_with_adaptation_equals_plain(varied: tuple, wrong_at: list) -> None:
+    cfg, model, ref = varied
+    drafter = OracleDrafter(ref, vocab_size=cfg["vocab_size"], wrong_at=wrong_at)
+    decoder = SpeculativeDecoder(Target(model), drafter, block_size=8,
+                                 cost_curve=CostCurve.linear(0.01, 0.002, 8), learn_overheads=False)
+    assert _decode(decoder, 60) == ref
+
+
+def test_ngram_on_non_repetitive_text_goes_to_width_zero() -> None:
+    """The real 135M target writing prose after unrelated notes: n-gram lookups that fire are
+    wrong (random tiny targets fall into loops, where n-grams are right)."""
+    from engine.loader import load_model
+    from engine.plain_decoder import PlainDecoder
+
+    loaded = load_model("embedded")
+    notes = ("Notes: the river of red sand, a lamp in the hall, and the old key under a stone. "
+             "In a box of tin, with a map and a coin, he kept the song of the north wind.")
+    prompt = loaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": notes + " Now tell me a short story about a fox who visits a city for the first time."}])
+    plain = [t for s in PlainDecoder(loaded.model).generate(prompt, GREEDY, 48, TokenRng(0)) for t in s.tokens]
+    decoder = SpeculativeDecoder(Target(loaded.model), NgramDrafter(max_ngram=3, min_ngram=1), block_size=BLOCK,
+                                 cost_curve=CPU_CURVE, learn_overheads=False)
+    steps = [s for s in decoder.generate(prompt, GREEDY, 48, TokenRng(0)) if s.tokens][1:]
+    assert [t for s in steps for t in s.tokens] == plain[1:]
+    widths = decoder.stats.widths
+    settled = widths.index(0)
+    assert sum(s.drafted > 0 for s in steps[:settled]) <= 12, widths  # ~10 wrong proposals suffice
+    shrink = len(widths) - BLOCK  # the last cycles' blocks shrink to reach max_tokens
+    assert all(w in (0, BLOCK - 1) for w in widths[settled:shrink]), widths  # 0, or a probe
+    assert widths[settled:].count(0) >= 0.8 * len(widths[settled:]), widths
+
+
+def test_perfect_oracle_stays_at_full_width_on_the_measured_curve(varied: tuple) -> None:
+    cfg, model, ref = varied
+    decoder = SpeculativeDecoder(Target(model), OracleDrafter(ref, vocab_size=cfg["vocab_size"]), block_size=8)
+    assert _decode(decoder, 57) == ref[:57]
+    assert decoder.cost_curve is not None and len(decoder.cost_curve.seconds) == 8  # measured lazily
+    assert decoder.stats.widths == [7] * decoder.stats.cycles
+    assert decoder.stats.acceptance_length == 8.0
+
+
+def test_fixed_width_when_adaptation_is_off(varied: tuple) -> None:
+    _, model, ref = varied
+    decoder = SpeculativeDecoder(Target(model), NgramDrafter(max_ngram=3, min_ngram=1), block_size=BLOCK,
+                                 adaptive=False)
+    assert _decode(decoder, 40) == ref[:40]
+    assert decoder.cost_curve is None and set(decoder.stats.widths[:-1]) == {BLOCK - 1}
