@@ -5,7 +5,10 @@ recurrent state; neither can be trimmed like a KV cache. While a short forward (
 block) runs, each GDN layer leaves a `StepRecord` on its `RecurrentCache`: the conv input
 and the arguments of its `gated_delta_update` call. Trimming n of the S rows re-runs the
 recurrence over the first S-n steps from the recorded initial state and cuts the conv
-window ending at that step, as REF-MLX does (bench/rollback_cost.py measures the cost).
+window ending at that step, as REF-MLX does. Why not dflash-mlx's innovation tape: on a
+0.8B-shaped target (CPU, bench/rollback_cost.py) this costs 1-10% of one verify (a = 0..B-2),
+a tape replay about half that, but the tape must come out of the verify's own recurrence
+(our kernel instead of mlx-lm's); a loop-free recompute matches the tape without that.
 
 mlx-lm's forward runs unchanged: the layer's and its conv's classes are swapped for
 recording subclasses (as target.py does for taps), and the model module's
