@@ -7,7 +7,6 @@ test_speculative.py does; cache comparisons are against a fresh plain run, token
 
 from __future__ import annotations
 
-import inspect
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,9 +73,8 @@ def _run(decoder: SpeculativeDecoder, max_tokens: int) -> tuple[list[int], list[
 
 def _full_width(target: Target, drafter: Any, block_size: int) -> SpeculativeDecoder:
     """A decoder that verifies the whole block every cycle, so its cycles line up with the
-    drafter's and the reference's (an adaptive verify width, where there is one, is off)."""
-    adaptive = "adaptive" in inspect.signature(SpeculativeDecoder).parameters
-    return SpeculativeDecoder(target, drafter, block_size=block_size, **({"adaptive": False} if adaptive else {}))
+    drafter's and the reference's."""
+    return SpeculativeDecoder(target, drafter, block_size=block_size, adaptive=False)
 
 
 def _caches_of(target: Target) -> list[list[Any]]:
