@@ -1,7 +1,7 @@
 """Decode speed, one process, interleaved: plain, mlx-lm, our speculative decoder, the reference.
 
-    python bench/bench.py --drafter oracle,ngram,dflash --out bench/out     # random DFlash draft
-    python bench/bench.py --drafter dflash --draft PATH --out bench/out     # a trained draft
+    python bench/bench.py --drafter oracle,ngram,dflash --out /tmp/dflash-bench   # random DFlash draft
+    python bench/bench.py --drafter dflash --draft PATH --out /tmp/dflash-bench   # a trained draft
 
 Greedy, EOS ignored, so every method writes exactly --max-tokens tokens per prompt (the same
 tokens: outputs are checked against plain decoding). Methods run round-robin per prompt, in a
@@ -272,7 +272,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds after the warm-up round")
     parser.add_argument("--prompts", default=",".join(PROMPTS), help=f"comma list of {', '.join(PROMPTS)}")
-    parser.add_argument("--out", type=Path, default=Path("bench/out"))
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "dflash-bench")
     args = parser.parse_args()
     maybe_reexec_with_openblas()
     bench = Bench(args)
