@@ -90,12 +90,13 @@ def load_draft_for(path: str, loaded: object, load_draft: object) -> object:
     from engine.loader import resolve_local_path
 
     local = resolve_local_path(path)
-    args = loaded.model.args
+    args = vars(loaded.model.args)
+    args = {**args, **(args.get("text_config") or {})}  # multimodal families (qwen3_5) nest the LM's dims
     return load_draft(
         local,
-        target_hidden_size=args.hidden_size,
-        target_vocab_size=args.vocab_size,
-        target_num_layers=args.num_hidden_layers,
+        target_hidden_size=args["hidden_size"],
+        target_vocab_size=args["vocab_size"],
+        target_num_layers=args["num_hidden_layers"],
     )
 
 

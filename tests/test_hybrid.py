@@ -275,3 +275,18 @@ def test_greedy_generation_matches_the_reference(reference_pair: tuple[Any, ...]
     assert [s.tokens for s in steps] == ref_steps  # the same acceptance decision in every cycle
     if mixed:
         assert decoder.stats.accept_counts[0] > 0 and decoder.stats.accepted > 0, decoder.stats.accept_counts
+
+
+def test_serving_loads_a_draft_for_a_nested_config_target(hybrid: Hybrid, tmp_path: Path) -> None:
+    """qwen3_5 keeps the LM's dims in text_config; the server must read them there."""
+    from types import SimpleNamespace
+
+    from engine.draft import DFlashDraft
+    from engine.serving_model import load_draft_for
+
+    cfg, model, _ = hybrid
+    dims = vars(model.args).get("text_config") or vars(model.args)
+    draft_cfg = draft_config(dims, target_layer_ids=(1, dims["num_hidden_layers"] - 1))
+    path = save_tiny_draft(build_draft(draft_cfg), tmp_path)
+    loaded = SimpleNamespace(model=model)
+    assert isinstance(load_draft_for(str(path), loaded, load_draft), DFlashDraft)
