@@ -93,6 +93,14 @@ def split_ms(decoder: Any, ids: list[int], n: int) -> dict[str, float]:
     }
 
 
+def cast_model(model: Any, dtype: str) -> Any:
+    """The target in `dtype` (weights already dequantized), or as loaded for "native"."""
+    if dtype != "native":
+        model.set_dtype(getattr(mx, dtype))
+        mx.eval(model.parameters())
+    return model
+
+
 class Bench:
     """The methods under test, sharing one loaded target."""
 
@@ -100,8 +108,8 @@ class Bench:
         from engine.loader import load_model
 
         self.args = args
-        self.loaded = load_model(args.model)
-        self.model = self.loaded.model
+        self.loaded = load_model(args.model, dequantize=True if args.target_dtype != "native" else None)
+        self.model = cast_model(self.loaded.model, args.target_dtype)
         self.wrapper = self._no_eos_wrapper()
         self.plain_out: dict[str, list[int]] = {}
         self.measuring = False  # False in the warm-up round
@@ -197,7 +205,8 @@ class Bench:
 
         ref.snapshot_download = lambda *a, **k: str(self.draft_dir)  # a local directory, no hub
         ref_draft = ref.load_draft("local/draft")
-        ref_model = load_model(self.args.model).model  # its layer hooks stay off our model
+        native = self.args.target_dtype == "native"  # its layer hooks stay off our model
+        ref_model = cast_model(load_model(self.args.model, dequantize=None if native else True).model, self.args.target_dtype)
 
         def run(name: str, ids: list[int]) -> Run:
             responses = ref.stream_generate(ref_model, ref_draft, self.wrapper, mx.array(ids),
@@ -269,6 +278,8 @@ def main() -> None:
     parser.add_argument("--drafter", default="oracle,ngram,dflash", help="comma list of ngram, oracle, dflash")
     parser.add_argument("--draft", default=None, help="DFlash draft directory (published layout); default: random")
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--target-dtype", choices=("native", "bfloat16", "float16", "float32"), default="native",
+                        help="cast the target after loading (native: as the server loads it)")
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds after the warm-up round")
     parser.add_argument("--prompts", default=",".join(PROMPTS), help=f"comma list of {', '.join(PROMPTS)}")

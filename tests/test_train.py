@@ -177,6 +177,19 @@ def test_generation_writes_shards_and_a_rerun_skips_them(tmp_path: Path, gguf_to
     assert len(shard_paths(tmp_path)) == 3
 
 
+def test_job_plan_alternates_modes_so_a_cut_run_holds_both(gguf_tokenizer: Tokenizer) -> None:
+    from engine.train.generator import plan_jobs
+
+    prompts = [Prompt(f"p{i}", f"Question number {i}" + " more" * (i % 5)) for i in range(40)]
+    config = GenerationConfig(mode="both", batch_size=2)  # windows of 8 jobs
+    jobs, too_long = plan_jobs(prompts, gguf_tokenizer, config, done=set())
+    assert too_long == 0 and len(jobs) == 80
+    assert [j.mode for j in jobs[:16]] == [0] * 8 + [1] * 8  # a run cut after two windows has both kinds
+    assert {(j.key, j.mode) for j in jobs} == {(p.key, m) for p in prompts for m in (0, 1)}
+    window = [len(j.prompt_ids) for j in jobs[:8]]
+    assert window == sorted(window)
+
+
 def test_wave_decoding_matches_one_sequence_at_a_time() -> None:
     """Left padding, the batched cache and compaction leave every row's greedy answer unchanged."""
     from tiny_models import plain_greedy

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -64,9 +65,10 @@ class Job(NamedTuple):
 def plan_jobs(
     prompts: Iterable[Prompt], tokenizer: Any, config: GenerationConfig, done: set[tuple[int, int]]
 ) -> tuple[list[Job], int]:
-    """Jobs still to run (greedy first, then sampled) and the number of prompts skipped as too long.
+    """Jobs still to run and the number of prompts skipped as too long.
 
-    Within each mode, windows of four waves are sorted by prompt length so waves pad little.
+    Within each mode, windows of four waves are sorted by prompt length so waves pad little; the
+    modes' windows alternate, so a run cut short by its time limit still holds both kinds.
     """
     jobs: list[Job] = []
     too_long = 0
@@ -79,12 +81,12 @@ def plan_jobs(
             too_long += 1
             continue
         jobs.extend(Job(ids, prompt.key, m) for m in modes)
-    ordered: list[Job] = []
     window = 4 * config.batch_size
+    per_mode = []
     for mode in range(len(MODES)):
         same = [j for j in jobs if j.mode == mode]
-        for start in range(0, len(same), window):
-            ordered.extend(sorted(same[start : start + window], key=lambda j: len(j.prompt_ids)))
+        per_mode.append([sorted(same[i : i + window], key=lambda j: len(j.prompt_ids)) for i in range(0, len(same), window)])
+    ordered = [job for windows in zip_longest(*per_mode, fillvalue=[]) for chunk in windows for job in chunk]
     return ordered, too_long
 
 
