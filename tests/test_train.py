@@ -177,6 +177,18 @@ def test_generation_writes_shards_and_a_rerun_skips_them(tmp_path: Path, gguf_to
     assert len(shard_paths(tmp_path)) == 3
 
 
+def test_lr_schedule_warms_up_decays_and_can_end_sooner() -> None:
+    from engine.train.trainer import LrSchedule
+
+    schedule = LrSchedule(TrainConfig(steps=1000, lr=1e-3, warmup=0.1, min_lr_ratio=0.1))
+    lr = lambda step: schedule(mx.array(step)).item()
+    assert lr(0) == pytest.approx(1e-5) and lr(100) == pytest.approx(1e-3)
+    assert lr(50) < lr(99) < lr(100) and lr(550) == pytest.approx(0.55e-3, rel=1e-3)
+    assert lr(1000) == pytest.approx(1e-4) and lr(5000) == pytest.approx(1e-4)
+    schedule.total = 400  # what a time limit does after timing the first steps
+    assert lr(250) == pytest.approx(0.55e-3, rel=1e-3) and lr(400) == pytest.approx(1e-4)
+
+
 def test_job_plan_alternates_modes_so_a_cut_run_holds_both(gguf_tokenizer: Tokenizer) -> None:
     from engine.train.generator import plan_jobs
 
@@ -263,6 +275,28 @@ def test_tiny_fit_lowers_the_loss_and_publishes(tiny: tuple[Target, object], tmp
     assert (tmp_path / "draft" / "config.json").exists() and (tmp_path / "curves.json").exists()
     published = json.loads((tmp_path / "draft" / "config.json").read_text())
     assert published["dflash_config"]["mask_token_id"] == trainer.draft.config.mask_token_id
+
+
+def test_time_limit_shortens_the_schedule_to_what_fits(
+    tiny: tuple[Target, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """50 timed steps at a fake 1 s each leave ~950 s of a 1000 s limit: the schedule ends near step 950."""
+    from engine.train import trainer as trainer_module
+
+    now = [0.0]
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: now[0])
+    trainer = make_trainer(tiny, tmp_path, steps=100_000, time_limit=1000.0)
+
+    def one_second_step(batch: object) -> dict:
+        now[0] += 1.0
+        trainer.step_count += 1
+        return {}
+
+    trainer.train_step = one_second_step
+    trainer._log = lambda *a: {"loss": 0, "acc": 0, "tau": 0, "lr": 0, "tokens_per_second": 0}
+    trainer.save_checkpoint = trainer.validate_and_publish = lambda: {}
+    result = trainer.fit()
+    assert 940 <= trainer.schedule.total <= 960 and result["steps"] == trainer.schedule.total
 
 
 def test_resume_from_checkpoint_is_identical(tiny: tuple[Target, object], tmp_path: Path) -> None:

@@ -163,10 +163,24 @@ def block_metrics(correct: mx.array, weights: mx.array) -> dict[str, mx.array]:
     return {"acc": acc, "tau": tau, "acc_by_position": per_position}
 
 
-def lr_schedule(config: TrainConfig) -> optim.Schedule:
-    warmup = max(1, int(config.warmup * config.steps))
-    decay = optim.cosine_decay(config.lr, max(1, config.steps - warmup), config.lr * config.min_lr_ratio)
-    return optim.join_schedules([optim.linear_schedule(config.lr * 1e-2, config.lr, warmup), decay], [warmup])
+class LrSchedule:
+    """Linear warm-up, then cosine decay to `min_lr_ratio` at step `total`.
+
+    `total` may shrink once training has timed a few steps, so a --time-limit run still ends its
+    decay inside the limit instead of being cut off at a high learning rate.
+    """
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.peak, self.floor = config.lr, config.lr * config.min_lr_ratio
+        self.warmup = max(1, int(config.warmup * config.steps))
+        self.total = config.steps
+
+    def __call__(self, step: mx.array) -> mx.array:
+        step = step.astype(mx.float32)
+        warm = self.peak * (1e-2 + (1 - 1e-2) * step / self.warmup)
+        progress = mx.clip((step - self.warmup) / max(1, self.total - self.warmup), 0.0, 1.0)
+        cosine = self.floor + (self.peak - self.floor) * 0.5 * (1 + mx.cos(math.pi * progress))
+        return mx.where(step < self.warmup, warm, cosine)
 
 
 class Trainer:
@@ -177,7 +191,8 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.dtype = config.compute_dtype()
         self.target.model.freeze()
-        self.optimizer = optim.AdamW(lr_schedule(config), betas=(0.9, 0.95), weight_decay=config.weight_decay)
+        self.schedule = LrSchedule(config)
+        self.optimizer = optim.AdamW(self.schedule, betas=(0.9, 0.95), weight_decay=config.weight_decay)
         self.optimizer.init(self.draft.trainable_parameters())
         self.step_count = 0
         self.best_val_tau = 0.0  # the published draft is the best one seen on validation
@@ -249,8 +264,9 @@ class Trainer:
     def fit(self, until: int | None = None) -> dict[str, Any]:
         """Train to `config.steps` (or step `until`, for a run cut short on purpose), then publish."""
         cfg = self.config
-        last = cfg.steps if until is None else min(until, cfg.steps)
+        last = self.schedule.total if until is None else min(until, self.schedule.total)
         start = time.perf_counter()
+        timed_from: tuple[int, float] | None = None
         stream = self.batches()
         for _ in range(self.step_count):
             next(stream)
@@ -269,6 +285,11 @@ class Trainer:
                 window.append(self.train_step(batch))
                 tokens += batch.num_tokens
                 bar.update(1)
+                if cfg.time_limit is not None and until is None:
+                    timed_from = timed_from or (self.step_count, time.perf_counter())  # skips the warm-up step
+                    if self.step_count - timed_from[0] == 50:
+                        last = self.fit_schedule_to_time(timed_from, cfg.time_limit - (time.perf_counter() - start))
+                        bar.total = last
                 if self.step_count % cfg.log_every == 0 or self.step_count == cfg.steps:
                     record = self._log(window, tokens, time.perf_counter() - window_start, epoch)
                     bar.set_postfix_str(
@@ -286,6 +307,16 @@ class Trainer:
         self.save_checkpoint()
         return {"steps": self.step_count, "stopped_by": stopped, "seconds": time.perf_counter() - start,
                 "best_val_tau": self.best_val_tau, **val}
+
+    def fit_schedule_to_time(self, timed_from: tuple[int, float], seconds_left: float) -> int:
+        """Shorten the schedule to the steps that fit in `seconds_left` (5% kept for validation)."""
+        per_step = (time.perf_counter() - timed_from[1]) / (self.step_count - timed_from[0])
+        fits = self.step_count + int(0.95 * seconds_left / per_step)
+        if fits < self.schedule.total:
+            print(f"fit: {per_step * 1e3:.0f} ms/step, so {fits} of {self.schedule.total} steps fit the time limit; "
+                  "the learning-rate schedule now ends there")
+            self.schedule.total = max(fits, self.step_count + 1)
+        return self.schedule.total
 
     def validate_and_publish(self) -> dict[str, float]:
         """Validate; publish the draft if it beats every earlier one (always, without validation data)."""
@@ -326,6 +357,7 @@ class Trainer:
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
         state = {
             "step": self.step_count,
+            "schedule_total": self.schedule.total,
             "best_val_tau": self.best_val_tau,
             "train_config": {**asdict(self.config), "modes": list(self.config.modes)},
             "draft_config": self.draft.config.to_dict(),
@@ -349,6 +381,7 @@ class Trainer:
         opt_state = tree_unflatten(list(mx.load(str(self.checkpoint_dir / "optimizer.safetensors")).items()))
         self.optimizer.state = opt_state
         self.step_count = int(state["step"])
+        self.schedule.total = int(state.get("schedule_total", self.schedule.total))
         self.best_val_tau = float(state.get("best_val_tau", 0.0))
         curves = self.out_dir / "curves.json"
         if curves.exists():
