@@ -12,6 +12,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import dequantize_model, get_total_parameters, infer_quant_config
 
+from engine.progress import progress_bar
 from engine.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
@@ -36,12 +37,20 @@ def read_gguf(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
 
 
 def load_gguf(path: Path, *, dequantize: bool) -> tuple[nn.Module, Tokenizer, dict]:
-    """Build an mlx-lm model and our Tokenizer from a GGUF file.
+    """Build an mlx-lm model and our Tokenizer from a GGUF file, weights loaded and evaluated.
 
     Returns (model, tokenizer, info) where info has architecture, context_length, quantization,
     num_parameters and name. `dequantize=True` gives plain float32 Linear/Embedding layers,
     the fast route on the CPU backend with a real BLAS.
     """
+    model, tokenizer, info = build_gguf(path)
+    materialize(model, dequantize=dequantize, desc=f"loading {path.name}")
+    info["quantization"] = f"GGUF {info['file_type']} as {describe_weights(model)}"
+    return model, tokenizer, info
+
+
+def build_gguf(path: Path) -> tuple[nn.Module, Tokenizer, dict]:
+    """The model with the file's weights assigned but not yet evaluated or dequantized (see materialize)."""
     weights, meta = read_gguf(path)
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -54,19 +63,36 @@ def load_gguf(path: Path, *, dequantize: bool) -> tuple[nn.Module, Tokenizer, di
     model = _build_model(arch, meta, weights)
     _quantize_like(model, weights)
     model.load_weights(list(weights.items()), strict=True)
-    if dequantize:
-        to_float32(model)
     model.eval()
-    mx.eval(model.parameters())
     info = {
         "architecture": arch,
         "context_length": int(meta.get(f"{arch}.context_length") or 4096),
         "file_type": _file_type(meta),
-        "quantization": f"GGUF {_file_type(meta)} as {describe_weights(model)}",
         "num_parameters": get_total_parameters(model),
         "name": meta.get("general.name"),
     }
     return model, tokenizer, info
+
+
+def materialize(model: nn.Module, *, dequantize: bool, desc: str) -> nn.Module:
+    """Evaluate the weights (and dequantize them to float32) one transformer layer at a time, in place.
+
+    Layer by layer so the progress bar counts real work, and so dequantizing never holds the whole
+    quantized and the whole float32 model at once (each layer's quantized weights go as it is done).
+    """
+    layers = list(getattr(model, "layers", None) or [])
+    with progress_bar(total=len(layers) or 1, desc=desc, unit="layer") as bar:
+        for layer in layers:
+            if dequantize:
+                to_float32(layer)
+            mx.eval(layer.parameters())
+            bar.update(1)
+        if dequantize:  # embeddings, final norm, head: the layers are float32 already
+            to_float32(model)
+        mx.eval(model.parameters())
+        if not layers:
+            bar.update(1)
+    return model
 
 
 def to_float32(model: nn.Module) -> nn.Module:

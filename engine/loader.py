@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,8 @@ import mlx.nn as nn
 from mlx_lm.utils import get_total_parameters
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
-from engine.gguf import describe_weights, load_gguf, to_float32
+from engine import progress
+from engine.gguf import build_gguf, describe_weights, materialize
 from engine.tokenizer import Tokenizer
 
 EMBEDDED_SPECS = ("smollm2", "embedded")
@@ -98,11 +101,10 @@ def _load_gguf_file(path: Path, model_id: str, dequantize: bool | None) -> Loade
     if path.suffix.lower() != ".gguf":
         raise ModelLoadError(f"{path}: not a .gguf file; pass a .gguf file or a model directory.")
     try:
-        model, tokenizer, info = load_gguf(path, dequantize=bool(dequantize))
+        model, tokenizer, info = build_gguf(path)
+        _materialize(model, model_id, info["num_parameters"], dequantize)
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise ModelLoadError(f"{path}: cannot load GGUF: {e}") from e
-    if dequantize is None:
-        _maybe_to_float32(model, info["num_parameters"])
     source = f"GGUF {info['file_type']}"
     return _loaded(model, tokenizer, model_id, path, info["architecture"], source, info["context_length"])
 
@@ -115,21 +117,18 @@ def _load_directory(path: Path, model_id: str, dequantize: bool | None) -> Loade
         tokenizer = Tokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise ModelLoadError(f"{path}: missing or unreadable tokenizer files (tokenizer.json ...): {e}") from e
-    try:
-        model, config = mlx_lm_load_model(path)
+    try:  # lazy: the weights are read layer by layer in _materialize, under the progress bar
+        model, config = mlx_lm_load_model(path, lazy=True)
+        _materialize(model, model_id, get_total_parameters(model), dequantize)
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise ModelLoadError(f"{path}: cannot load weights: {e}") from e
-    if dequantize:
-        to_float32(model)
-    elif dequantize is None:
-        _maybe_to_float32(model, get_total_parameters(model))
     context_length = int(_config_value(config, "max_position_embeddings") or DEFAULT_CONTEXT_LENGTH)
     return _loaded(model, tokenizer, model_id, path, config.get("model_type", "?"), "safetensors", context_length)
 
 
-def _maybe_to_float32(model: nn.Module, num_parameters: int) -> None:
-    if should_dequantize(num_parameters):
-        to_float32(model)
+def _materialize(model: nn.Module, model_id: str, num_parameters: int, dequantize: bool | None) -> None:
+    to_fp32 = should_dequantize(num_parameters) if dequantize is None else dequantize
+    materialize(model, dequantize=to_fp32, desc=f"loading {model_id}" + (" (to float32)" if to_fp32 else ""))
 
 
 def _loaded(
@@ -168,12 +167,30 @@ def _resolve_repo(repo_id: str) -> Path:
                 f"Download it where there is network (`hf download {repo_id}`) or pass a local path."
             ) from cached_miss
     try:
-        return Path(snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=_HF_PATTERNS))
+        with _hf_progress_bars(progress.enabled()):
+            return Path(snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=_HF_PATTERNS))
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(
             f"{repo_id}: not a local path, not in the Hugging Face cache ({cache_dir}), and the download failed ({e}). "
             f"Download it where there is network (`hf download {repo_id}`) or pass a local path."
         ) from e
+
+
+@contextlib.contextmanager
+def _hf_progress_bars(show: bool) -> Iterator[None]:
+    # huggingface_hub draws its own tqdm download bars whatever stderr is: silence them where ours
+    # are off (a log file, --no-progress), then restore them. HF_HUB_DISABLE_PROGRESS_BARS, if set, decides.
+    from huggingface_hub import constants
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if show or constants.HF_HUB_DISABLE_PROGRESS_BARS is not None or are_progress_bars_disabled():
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()
 
 
 def _hf_cache_dir() -> str:
