@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 
 import mlx.core as mx
 
+from engine import progress
 from engine.request import Request, RequestOutput
 from engine.scheduler import EngineBusy, Scheduler
 from engine.serving_model import ServingModel
@@ -68,7 +69,8 @@ class AsyncEngine:
 
     def _run(self) -> None:
         try:
-            self.model = self._load()
+            with progress.logging_redirected():  # a log line during loading must not land mid-bar
+                self.model = self._load()
             self.scheduler = Scheduler(
                 self.model.plain, self.model.speculative, self.model.tokenizer,
                 self.model.tokenizer.eos_token_ids, self._emit, max_waiting=self.max_waiting,
@@ -87,7 +89,8 @@ class AsyncEngine:
             self.error = EngineDead(f"engine thread died: {e!r}")
             self.scheduler.fail_all(self.error)
         finally:
-            mx.clear_streams() if hasattr(mx, "clear_streams") else None
+            if hasattr(mx, "clear_streams"):  # the thread's MLX streams go with it (older MLX lacks this)
+                mx.clear_streams()
 
     # --- requests ----------------------------------------------------------------------
     def _emit(self, request: Request, item: RequestOutput | BaseException | None) -> None:

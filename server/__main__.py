@@ -56,6 +56,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--config", type=Path, help="TOML config file (default: configs/default.toml)")
     p.add_argument("--max-waiting", type=int, help="queued requests before 503 (default 64)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                   help="progress bars on stderr while loading (default: only when stderr is a terminal)")
     return p.parse_args(argv)
 
 
@@ -99,6 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         sys.exit(f"dflash-server: {e}")
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from engine import progress
+
+    progress.configure(args.progress)
     from engine.async_engine import AsyncEngine
     from engine.serving_model import ServingModel
     from server.app import create_app
