@@ -62,6 +62,12 @@ def test_seed(client: OpenAI) -> None:
         client.chat.completions.create(**kw).choices[0].message.content
 
 
+def test_no_progress_bars_in_a_log_file(server: LiveServer) -> None:
+    logs = server.logs()  # stderr is a file here, not a terminal
+    assert "dflash-server ready on" in logs
+    assert "\r" not in logs and "layer/s" not in logs
+
+
 def test_raw_sse_framing(server: LiveServer) -> None:
     body = {"messages": HELLO, "stream": True, "max_tokens": 4, "temperature": 0}
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as r:
