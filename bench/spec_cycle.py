@@ -1,6 +1,6 @@
 """Speculative cycle benchmark: plain decoding vs the speculative decoder with several drafters.
 
-    python bench/spec_cycle.py [--model embedded] [--max-tokens 128] [--block-size 8]
+    python bench/spec_cycle.py [--model embedded] [--max-tokens 128] [--block-size 8] [--no-fuse]
 
 Prints, per drafter: mean acceptance length τ = (A + S) / S, decode tok/s (first token
 excluded), and the per-cycle time split. A pipelined run (the default: one sync per cycle,
@@ -29,6 +29,7 @@ from engine.blas import blas_status, maybe_reexec_with_openblas  # noqa: E402
 from engine.decoder import Decoder  # noqa: E402
 from engine.draft import DFlashDraft, DraftConfig, build_target_layer_ids  # noqa: E402
 from engine.drafters import DFlashDrafter, Drafter, NgramDrafter, OracleDrafter  # noqa: E402
+from engine.fused import fuse_projections  # noqa: E402
 from engine.sampling import SamplingParams, TokenRng  # noqa: E402
 from engine.speculative import SpeculativeDecoder  # noqa: E402
 from engine.target import Target  # noqa: E402
@@ -142,9 +143,12 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=8)
     parser.add_argument("--host-ms", type=float, default=2.0, help="simulated caller CPU work per step")
     parser.add_argument("--repeats", type=int, default=3, help="runs per setting; the fastest is kept")
+    parser.add_argument("--no-fuse", action="store_true", help="keep separate Q/K/V and gate/up matmuls")
     args = parser.parse_args()
     maybe_reexec_with_openblas()
     model, detok, prompt, description = load(args.model)
+    if not args.no_fuse:  # as the server does (EngineConfig.fuse_projections)
+        description += f", packed projections in {fuse_projections(model)} layers"
     print(f"[bench] {description}; MLX {mx.__version__} {mx.default_device()}, {blas_status()}")
     print(f"[bench] prompt {len(prompt)} tokens, "
           f"{args.max_tokens} new, block {args.block_size}, greedy, caller work {args.host_ms} ms/step")

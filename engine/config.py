@@ -39,6 +39,7 @@ class EngineConfig:
     default_max_tokens: int = 4096
     default_temperature: float = 1.0  # OpenAI's default when a request omits it
     context_length: int | None = None  # None: the model's own
+    fuse_projections: bool = True  # pack the target's Q/K/V and gate/up matmuls at load (engine/fused.py)
 
     def __post_init__(self) -> None:
         if self.block_size < 2:

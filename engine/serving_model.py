@@ -37,6 +37,11 @@ class ServingModel:
         if pair is not None:  # a known pair's name stands for its target (and its draft by default)
             config = replace(config, model=pair.target)
         loaded = load_model(config.model, dequantize=dequantize)
+        if config.fuse_projections:
+            from engine.fused import fuse_projections
+
+            # before the decoders are built: plain and speculative share the fused model
+            log.info("packed Q/K/V and gate/up projections in %d layers", fuse_projections(loaded.model))
         plain = PlainDecoder(loaded.model, prefill_chunk=config.prefill_chunk)
         speculative, drafter = build_speculative(loaded, config)
         return cls(

@@ -71,7 +71,7 @@ def _remove_tap(layer: nn.Module) -> None:
         del layer.__dict__["_dflash_tap"]
 
 
-def _inner_model(model: nn.Module) -> nn.Module:
+def inner_model(model: nn.Module) -> nn.Module:
     """The module holding `embed_tokens` and `layers` (llama, qwen2/3, gemma, … and VLM wrappers)."""
     for path in (("model",), ("language_model", "model"), ()):
         inner = model
@@ -90,7 +90,7 @@ class Target:
 
     def __init__(self, model: nn.Module, layer_ids: Sequence[int] = ()) -> None:
         self.model = model
-        inner = _inner_model(model)
+        inner = inner_model(model)
         self.layers: list[nn.Module] = inner.layers
         # Gated DeltaNet layers (qwen3_5, qwen3_next) roll back by recomputing accepted steps
         self._recurrent_ids = recurrent_layer_ids(self.layers)
