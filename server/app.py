@@ -225,7 +225,9 @@ class Routes:
         kwargs = dict(body.chat_template_kwargs or {})
         if body.uses_tools:
             if not supports_tools(self.chat_template):
-                raise OpenAIError(400, "this model's chat template does not support tools", param="tools")
+                raise OpenAIError(400, "this model's chat template does not support tools: send the request without "
+                                  "`tools` (or with tool_choice \"none\"), or start the server with a --chat-template "
+                                  "that renders them", param="tools")
             kwargs["tools"] = body.tools
         if body.continue_final_message:  # assistant prefill: the reply continues the last message
             kwargs["continue_final_message"] = True

@@ -190,6 +190,15 @@ def test_bad_completion_input_is_400(client: TestClient, body: dict) -> None:
     assert r.status_code == 400, r.text
 
 
+def test_tools_on_a_template_without_tools_say_what_to_do(client: TestClient) -> None:
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    r = client.post("/v1/chat/completions", json={"messages": MSG, "tools": tools})
+    assert r.status_code == 400 and 'tool_choice "none"' in r.json()["error"]["message"]
+    assert "--chat-template" in r.json()["error"]["message"]
+    r = client.post("/v1/chat/completions", json={"messages": MSG, "tools": tools, "tool_choice": "none", "max_tokens": 2})
+    assert r.status_code == 200, r.text  # the fix the message offers works
+
+
 def test_malformed_json_and_non_object(client: TestClient) -> None:
     r = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
