@@ -32,7 +32,7 @@ class EngineConfig:
     model: str = "embedded"  # embedded | path to .gguf | mlx-lm dir | HF repo id
     draft: str = "default"  # default (the draft shipped for the model) | none | path | HF repo id
     drafter: str = "dflash"  # dflash | ngram
-    block_size: int = 16
+    block_size: int | None = None  # None: the draft's own block size (16 for n-gram)
     dequantize: str = "auto"  # auto | yes | no: fp32 weights are faster on the CPU backend
     prefill_chunk: int = 512
     max_waiting: int = 64  # queued requests beyond this get 503 + Retry-After
@@ -42,7 +42,7 @@ class EngineConfig:
     fuse_projections: bool = True  # pack the target's Q/K/V and gate/up matmuls at load (engine/fused.py)
 
     def __post_init__(self) -> None:
-        if self.block_size < 2:
+        if self.block_size is not None and self.block_size < 2:
             raise ValueError(f"block_size must be >= 2, got {self.block_size}")
         if self.dequantize not in ("auto", "yes", "no"):
             raise ValueError(f"dequantize must be auto, yes or no, got {self.dequantize!r}")

@@ -14,7 +14,7 @@ from engine.pairs import default_draft_for, load_pairs
 from engine.plain_decoder import PlainDecoder
 
 log = logging.getLogger("dflash.model")
-
+NGRAM_BLOCK_SIZE = 16  # the n-gram drafter has no block size of its own
 
 
 @dataclass
@@ -78,7 +78,8 @@ def build_speculative(loaded: object, config: EngineConfig) -> tuple[Decoder | N
             raise ValueError("--drafter ngram takes no draft model; drop --draft")
         target = Target(loaded.model, layer_ids=())
         drafter = NgramDrafter()
-        return SpeculativeDecoder(target, drafter, block_size=config.block_size, prefill_chunk=config.prefill_chunk), "ngram"
+        block_size = config.block_size or NGRAM_BLOCK_SIZE
+        return SpeculativeDecoder(target, drafter, block_size=block_size, prefill_chunk=config.prefill_chunk), "ngram"
     path = resolve_draft(config.draft, config.model, loaded.model_id)
     if path is None:
         return None, "none"

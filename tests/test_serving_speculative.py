@@ -103,3 +103,19 @@ def test_oracle_on_the_embedded_model_rejects_at_every_position() -> None:
     assert decoder.stats.syncs == decoder.stats.cycles
     counts = decoder.stats.accept_counts  # histogram of accepted drafts per cycle
     assert len(counts) == block and all(c > 0 for c in counts), counts
+
+
+@pytest.mark.parametrize("block_size,expected", [(None, 6), (4, 4)], ids=["draft's own", "override"])
+def test_block_size_defaults_to_the_drafts_own(tmp_path: Path, block_size: int | None, expected: int) -> None:
+    from types import SimpleNamespace
+
+    from engine.serving_model import NGRAM_BLOCK_SIZE, build_speculative
+    from tests.tiny_models import build_target, target_config
+
+    target = target_config("llama")
+    path = save_tiny_draft(build_draft(draft_config(target, block_size=6)), tmp_path / "draft")
+    loaded = SimpleNamespace(model=build_target(target), model_id="tiny")
+    decoder, _ = build_speculative(loaded, EngineConfig(model="tiny", draft=str(path), block_size=block_size))
+    assert decoder.block_size == expected
+    ngram, _ = build_speculative(loaded, EngineConfig(drafter="ngram", draft="none", block_size=block_size))
+    assert ngram.block_size == (block_size or NGRAM_BLOCK_SIZE)
