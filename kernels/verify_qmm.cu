@@ -148,9 +148,11 @@ __device__ __forceinline__ void vqmm_store(__nv_bfloat16* p, float v) { *p = __f
           dst[u] = src[u];
         }
       } else {
+        uint4 zero;
+        zero.x = zero.y = zero.z = zero.w = 0u;
 #pragma unroll
         for (int u = 0; u < XU; ++u) {
-          dst[u] = make_uint4(0u, 0u, 0u, 0u);
+          dst[u] = zero;
         }
       }
     }

@@ -196,7 +196,6 @@ inline uint16_t to_bf16(float f) { unsigned u = float_bits(f); u += 0x7fffu + ((
 
 SHIM_CUDA = SHIM_COMMON + r"""
 struct uint4 { unsigned int x, y, z, w; };
-inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
 struct float2 { float x, y; };
 struct __nv_bfloat16 { uint16_t b; };
 struct __half { uint16_t b; };
