@@ -30,7 +30,6 @@ from engine.verify_width import CostCurve, VerifyWidth
 
 PREFILL_CHUNK = 512
 TIMING_MODES = (None, "overlap", "split")
-_NO_DRAFTS = mx.zeros((0,), dtype=mx.int32)  # a width-0 cycle verifies the anchor alone
 
 
 def accept_draft(
@@ -164,6 +163,11 @@ class SpeculativeDecoder:
         self._width: VerifyWidth | None = None
         self._held: tuple[list[int], list[mx.array]] = ([], [])  # drafter input of width-0 cycles
 
+    @property
+    def verify_width(self) -> VerifyWidth | None:
+        """The adaptive width controller, made on the first request and kept across requests."""
+        return self._width
+
     def supports(self, params: SamplingParams) -> str | None:
         if params.has_processors:
             return (
@@ -191,7 +195,10 @@ class SpeculativeDecoder:
         try:
             first, first_logprobs, prompt_taps = yield from self._prefill(prompt_ids, cache, params, rng)
             self.drafter.begin(prompt_ids, prompt_taps)
-            self._width = self._make_width(cache, prompt_ids[-1]) if self.adaptive else None
+            if self.adaptive and self._width is None:
+                # one controller for the decoder's life: what it learned about the drafter and the
+                # costs carries over, so a useless drafter stays cheap from a request's first cycle
+                self._width = self._make_width(cache, prompt_ids[-1])
             self._held = ([], [])
             self._sync_end = time.perf_counter()
             num_committed = len(prompt_ids)  # rows in the target cache
@@ -312,7 +319,8 @@ class SpeculativeDecoder:
             held_tokens.extend(new_tokens)
             if new_taps is not None:
                 held_taps.append(new_taps)
-            return _NO_DRAFTS, None
+            # made here, not at import: a lazy module-level array belongs to the importing thread's stream
+            return mx.zeros((0,), dtype=mx.int32), None
         if held_tokens:
             new_tokens = held_tokens + new_tokens
             if new_taps is not None:

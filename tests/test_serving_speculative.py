@@ -66,8 +66,10 @@ def test_greedy_speculative_equals_plain(engine: dict, plain: list, random_draft
     for (text, usage), (plain_text, _) in zip(outs, plain):
         assert text == plain_text
         spec = usage["speculative"]
-        assert spec["decoder"] != "plain" and spec["verify_steps"] > 0
+        assert spec["decoder"] != "plain"
         assert usage["completion_tokens_details"]["accepted_prediction_tokens"] == spec["accepted_tokens"]
+    # the width controller outlives a request: after a useless draft it may verify none in a short one
+    assert outs[0][1]["speculative"]["verify_steps"] > 0
 
 
 def test_penalties_fall_back_to_plain_and_say_so(random_draft: Path) -> None:

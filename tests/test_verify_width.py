@@ -8,9 +8,11 @@ acceptance only, not on how busy the test machine is.
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Callable
 from itertools import pairwise
 
+import mlx.core as mx
 import pytest
 from tiny_models import (
     build_draft,
@@ -224,3 +226,43 @@ def test_fixed_width_when_adaptation_is_off(varied: tuple) -> None:
                                  adaptive=False)
     assert _decode(decoder, 40) == ref[:40]
     assert decoder.cost_curve is None and set(decoder.stats.widths[:-1]) == {BLOCK - 1}
+
+
+def test_the_controller_carries_over_to_the_next_request(varied: tuple) -> None:
+    """A useless drafter: the second request starts where the first settled, at width 0."""
+    cfg, model, ref = varied
+    drafter = OracleDrafter(ref, vocab_size=cfg["vocab_size"], wrong_at=[0])  # every first draft wrong
+    decoder = SpeculativeDecoder(Target(model), drafter, block_size=BLOCK, cost_curve=CPU_CURVE, learn_overheads=False)
+    assert _decode(decoder, 48) == ref[:48]
+    first = decoder.stats
+    controller = decoder.verify_width
+    assert first.widths[0] == BLOCK - 1 and 0 in first.widths
+    assert _decode(decoder, 48) == ref[:48]
+    second = decoder.stats
+    assert decoder.verify_width is controller
+    assert second.widths[0] == 0 and second.drafted < first.drafted / 2, (first.widths, second.widths)
+
+
+def test_width_zero_cycles_run_on_another_thread(varied: tuple) -> None:
+    """MLX streams are per thread (the server decodes on its own): no array may be made at import."""
+    cfg, model, ref = varied
+    drafter = OracleDrafter(ref, vocab_size=cfg["vocab_size"], wrong_at=[0])
+    decoder = SpeculativeDecoder(Target(model), drafter, block_size=BLOCK, cost_curve=CPU_CURVE, learn_overheads=False)
+    result: list[object] = []
+    thread = threading.Thread(target=lambda: result.append(_catch(lambda: _decode(decoder, 40))))
+    thread.start()
+    thread.join()
+    assert result == [ref[:40]] and 0 in decoder.stats.widths
+    # an import-time array made lazily on the main thread fails there only if nothing evaluated it first
+    import engine.drafters
+    import engine.speculative
+
+    for module in (engine.speculative, engine.drafters):
+        assert not [name for name, value in vars(module).items() if isinstance(value, mx.array)]
+
+
+def _catch(run: Callable[[], object]) -> object:
+    try:
+        return run()
+    except Exception as e:  # noqa: BLE001 - the main thread asserts on it
+        return e
