@@ -40,8 +40,14 @@ class Drafter(Protocol):
         num_tokens: int,
         params: SamplingParams,
         rng: TokenRng,
+        *,
+        keep: int | None = None,
     ) -> Proposal:
-        """new_tokens: emitted since the last call, new_tokens[-1] pending; taps: (1, n, T*H)."""
+        """new_tokens: emitted since the last call, new_tokens[-1] pending; taps: (1, n, T*H).
+
+        keep: only the first `keep` proposals will be verified (None: all); a drafter may skip
+        the work for the rest, but proposes as if asked for num_tokens.
+        """
         ...
 
     def end(self) -> None:
@@ -82,6 +88,8 @@ class DFlashDrafter:
         num_tokens: int,
         params: SamplingParams,
         rng: TokenRng,
+        *,
+        keep: int | None = None,
     ) -> Proposal:
         assert self._cache is not None, "begin() first"
         if taps is not None:
@@ -92,8 +100,12 @@ class DFlashDrafter:
         anchor_position = self._cache[0].offset + context.shape[1]
         ids = mx.array([[new_tokens[-1]] + [self.draft.config.mask_token_id] * num_tokens], dtype=mx.int32)
         noise = self.draft.noise_embedding(ids, self.target.embed)  # (1, k+1, H)
-        hidden = self.draft(noise, context, cache=self._cache, q_offset=anchor_position)
-        logits = self.draft.logits(hidden[0, 1:], self.target.lm_head)  # (k, V); row 0 is the anchor
+        hidden = self.draft(noise, context, cache=self._cache, q_offset=anchor_position)  # (1, k+1, H)
+        # the block keeps its trained width; the LM head (a V-wide matmul per row) runs on kept rows only
+        kept = num_tokens if keep is None else min(keep, num_tokens)
+        if kept == 0:  # the forward above still feeds the new context rows to the draft cache
+            return Proposal(mx.zeros((0,), dtype=mx.int32), None)
+        logits = self.draft.logits(hidden[0, 1 : kept + 1], self.target.lm_head)  # (kept, V); row 0 is the anchor
         if params.is_greedy:
             return Proposal(mx.argmax(logits, axis=-1).astype(mx.int32), None)
         logprobs = filter_logprobs(logits, params)  # (k, V)
@@ -139,6 +151,8 @@ class NgramDrafter:
         num_tokens: int,
         params: SamplingParams,
         rng: TokenRng,
+        *,
+        keep: int | None = None,
     ) -> Proposal:
         self._extend(new_tokens)
         history = self._history
@@ -185,6 +199,8 @@ class OracleDrafter:
         num_tokens: int,
         params: SamplingParams,
         rng: TokenRng,
+        *,
+        keep: int | None = None,
     ) -> Proposal:
         self._num_output += len(new_tokens)
         tokens = self.continuation[self._num_output : self._num_output + num_tokens]

@@ -326,7 +326,7 @@ class SpeculativeDecoder:
             if new_taps is not None:
                 new_taps = mx.concatenate([*held_taps, new_taps], axis=1)  # (1, n, T*H)
             self._held = ([], [])
-        proposal = self.drafter.propose(new_tokens, new_taps, num_drafts, params, rng)
+        proposal = self.drafter.propose(new_tokens, new_taps, num_drafts, params, rng, keep=width)
         drafts = proposal.tokens[:width]  # (k,)
         mx.async_eval(drafts)  # the device drafts while the verify graph is built
         logprobs = None if proposal.draft_logprobs is None else proposal.draft_logprobs[:width]

@@ -244,10 +244,10 @@ def test_chunked_prefill_yields_empty_steps_and_can_be_cancelled(varied: Varied)
 def test_cache_rewound_when_the_drafter_fails(varied: Varied) -> None:
     cfg, model, ref = varied
     class Failing(OracleDrafter):
-        def propose(self, *args: Any) -> Proposal:
+        def propose(self, *args: Any, **kwargs: Any) -> Proposal:
             if self._cycle == 3:
                 raise RuntimeError("drafter failed")
-            return super().propose(*args)
+            return super().propose(*args, **kwargs)
 
     target = RecordingTarget(model)
     decoder = SpeculativeDecoder(target, Failing(ref, vocab_size=cfg["vocab_size"], wrong_at=[1]), block_size=4, adaptive=False)
@@ -392,3 +392,20 @@ def test_target_refuses_untrimmable_caches() -> None:
     with pytest.raises(ValueError, match="hybrid/recurrent"):
         Target(model)
 
+
+def test_dflash_keep_computes_only_the_verified_proposals(varied: Varied) -> None:
+    """keep < num_tokens: the same block forward, the LM head on the kept rows only."""
+    cfg, model, _ = varied
+    dcfg = draft_config(cfg, block_size=8)
+    target = Target(model, dcfg.target_layer_ids)
+    draft = build_draft(dcfg, seed=2)
+    _, taps = target(mx.array([PROMPT]), None, taps=True)
+    proposals = []
+    for keep in (None, 3, 0):
+        drafter = DFlashDrafter(draft, target)
+        drafter.begin(PROMPT, taps)
+        proposals.append(drafter.propose([PROMPT[-1]], None, 7, GREEDY, TokenRng(0), keep=keep).tokens)
+    target.close()
+    full, three, none = proposals
+    assert full.shape == (7,) and three.shape == (3,) and none.shape == (0,)
+    assert three.tolist() == full[:3].tolist()
