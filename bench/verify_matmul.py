@@ -28,12 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import verify_matmul as vm  # noqa: E402
 
-# (input dims K, output dims N) of each distinct projection; the last is the (tied) lm_head.
+# (input dims K, output dims N) of each distinct projection, the (tied) lm_head, and the packed
+# Q/K/V and gate/up projections engine/fused.py makes at load.
 LAYERS: dict[str, dict[str, tuple[int, int]]] = {
     "135m": {"q/o": (576, 576), "k/v": (576, 192), "gate/up": (576, 1536), "down": (1536, 576),
-             "lm_head": (576, 49152)},
+             "lm_head": (576, 49152), "qkv fused": (576, 960), "gate_up fused": (576, 3072)},
     "8b": {"q/o": (4096, 4096), "k/v": (4096, 1024), "gate/up": (4096, 12288), "down": (12288, 4096),
-           "lm_head": (4096, 151936)},
+           "lm_head": (4096, 151936), "qkv fused": (4096, 6144), "gate_up fused": (4096, 24576)},
 }
 MODELS: dict[str, dict[str, Any]] = {
     "135m": {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536,
