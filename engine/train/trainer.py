@@ -267,6 +267,7 @@ class Trainer:
         last = self.schedule.total if until is None else min(until, self.schedule.total)
         start = time.perf_counter()
         timed_from: tuple[int, float] | None = None
+        first_timed = 0
         stream = self.batches()
         for _ in range(self.step_count):
             next(stream)
@@ -286,10 +287,14 @@ class Trainer:
                 tokens += batch.num_tokens
                 bar.update(1)
                 if cfg.time_limit is not None and until is None:
-                    timed_from = timed_from or (self.step_count, time.perf_counter())  # skips the warm-up step
-                    if self.step_count - timed_from[0] == 50:
+                    first_timed = first_timed or self.step_count  # skips the warm-up step
+                    timed_from = timed_from or (self.step_count, time.perf_counter())
+                    # early steps compile kernels for new shapes (MLX CUDA JITs them): estimate again, from
+                    # the latest window only
+                    if self.step_count - first_timed in (50, 300, 1000):
                         last = self.fit_schedule_to_time(timed_from, cfg.time_limit - (time.perf_counter() - start))
                         bar.total = last
+                        timed_from = (self.step_count, time.perf_counter())
                 if self.step_count % cfg.log_every == 0 or self.step_count == cfg.steps:
                     record = self._log(window, tokens, time.perf_counter() - window_start, epoch)
                     bar.set_postfix_str(
@@ -309,11 +314,11 @@ class Trainer:
                 "best_val_tau": self.best_val_tau, **val}
 
     def fit_schedule_to_time(self, timed_from: tuple[int, float], seconds_left: float) -> int:
-        """Shorten the schedule to the steps that fit in `seconds_left` (5% kept for validation)."""
+        """End the schedule at the steps that fit in `seconds_left` (5% kept for validation), never past --steps."""
         per_step = (time.perf_counter() - timed_from[1]) / (self.step_count - timed_from[0])
-        fits = self.step_count + int(0.95 * seconds_left / per_step)
-        if fits < self.schedule.total:
-            print(f"fit: {per_step * 1e3:.0f} ms/step, so {fits} of {self.schedule.total} steps fit the time limit; "
+        fits = min(self.config.steps, self.step_count + int(0.95 * seconds_left / per_step))
+        if fits != self.schedule.total:
+            print(f"fit: {per_step * 1e3:.0f} ms/step, so {fits} of {self.config.steps} steps fit the time limit; "
                   "the learning-rate schedule now ends there")
             self.schedule.total = max(fits, self.step_count + 1)
         return self.schedule.total
