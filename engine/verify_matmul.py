@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +29,12 @@ from mlx.utils import tree_map_with_path
 
 log = logging.getLogger("dflash.verify_matmul")
 
-KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
+# kernels/ in a checkout, else the copy a wheel install puts under share/ (never an importable package)
+KERNELS_DIR = next(
+    (d for d in (Path(__file__).resolve().parent.parent / "kernels", Path(sys.prefix) / "share" / "dflash-server" / "kernels")
+     if (d / "verify_qmm.cu").is_file()),
+    Path(__file__).resolve().parent.parent / "kernels",
+)
 ENABLE_ENV = "DFLASH_VERIFY_KERNEL"  # "0", "off", "false" or "no" turns the kernels off
 MIN_ROWS, MAX_ROWS = 2, 32
 BUCKETS = (4, 8, 16, 32)  # accumulator rows compiled per kernel; M=1 decode never uses a kernel
