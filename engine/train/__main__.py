@@ -12,11 +12,17 @@ from typing import Any
 LAYOUT = """\
 Everything lives under one --out DIR, and every phase resumes from what is already there:
   DIR/prompts/{train,chat,code,math}.jsonl.gz  prompt sets (chat = held-out ShareGPT)
+  DIR/prompts/counts.json                      prompts per split, and train's sources
   DIR/data/shard-NNNNN.npz, manifest.json      generated sequences (re-runs skip finished prompts)
   DIR/checkpoint/                              float32 draft + AdamW state + step (fit resumes here)
   DIR/draft/                                   the trained draft, published layout, bf16
   DIR/curves.json, curves.png                  training curves
   DIR/eval.json                                acceptance per domain and block position
+
+train = ShareGPT + synthetic math word problems (--synthetic-math, default 6000) + synthetic coding
+tasks (--synthetic-code, default 3000), the synthetic ones shuffled (--seed) into train's front so
+that they make 40% of its first ~22k prompts: a time-limited generate covers every kind. They never
+come near an eval prompt (HumanEval, our math problems); the chat/code/math splits are unchanged.
 
 Typical run (prompts where the packages are installed; the rest on a GPU, each < 9 min on an H200):
   python -m engine.train prompts  --out runs/smollm2
@@ -51,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-chars", type=int, default=3000, help="drop longer prompts")
     p.add_argument("--all-turns", action="store_true",
                    help="also train on later user turns, asked standalone (52k prompts instead of 14k)")
+    p.add_argument("--synthetic-math", type=int, default=6000, metavar="N",
+                   help="templated grade-school word problems added to train (0: none)")
+    p.add_argument("--synthetic-code", type=int, default=3000, metavar="N",
+                   help="templated 'write/complete this Python function' tasks added to train, never HumanEval's (0: none)")
+    p.add_argument("--seed", type=int, default=0, help="draws the synthetic prompts and shuffles them into train")
     p.set_defaults(func=cmd_prompts)
 
     p = sub.add_parser("generate", help="the target answers the training prompts (batched, resumable)", formatter_class=fmt)
@@ -142,7 +153,8 @@ def cmd_prompts(args: argparse.Namespace) -> int:
 
     counts = build_prompts(args.out / "prompts", sharegpt=args.sharegpt,
                            heldout_permille=args.heldout_permille, max_chars=args.max_chars,
-                           all_turns=args.all_turns)
+                           all_turns=args.all_turns, synthetic_math_n=args.synthetic_math,
+                           synthetic_code_n=args.synthetic_code, seed=args.seed)
     print("prompts: " + ", ".join(f"{split} {n}" for split, n in counts.items()) + f" -> {args.out / 'prompts'}")
     return 0
 

