@@ -317,8 +317,11 @@ def test_eval_counts_cycles_through_the_speculative_decoder(gguf_tokenizer: Toke
     config = target_config("llama", vocab_size=gguf_tokenizer.vocab_size)
     draft = build_draft(draft_config(config, block_size=4))
     target = Target(build_target(config), draft.config.target_layer_ids)
-    decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=4)
     prompts = {"chat": [Prompt("a", "Hello there"), Prompt("b", "Write a haiku.")], "math": [Prompt("c", "1+1?")]}
+    adaptive = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=4)
+    with pytest.raises(ValueError, match="fixed verify width"):  # its width would cap the acceptance
+        evaluate_domains(adaptive, gguf_tokenizer, prompts, max_tokens=12)
+    decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=4, adaptive=False)
     assert [d for d, _ in interleave(prompts)] == ["chat", "math", "chat"]
     result, math_result = evaluate_domains(decoder, gguf_tokenizer, prompts, max_tokens=12)
     assert result.prompts == 2 and math_result.prompts == 1 and result.cycles >= 1

@@ -271,7 +271,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     draft = load_draft(draft_dir, target_hidden_size=model_args.hidden_size,
                        target_vocab_size=model_args.vocab_size, target_num_layers=model_args.num_hidden_layers)
     target = Target(loaded.model, draft.config.target_layer_ids)
-    decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=args.block_size)
+    # every cycle verifies the whole block: acceptance is a property of the draft, not of the
+    # adaptive width, which would cap it by this device's cost curve
+    decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=args.block_size, adaptive=False)
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
     start = time.perf_counter()
     prompts = {d: eval_prompts(args.out, d, args.limit) for d in domains}

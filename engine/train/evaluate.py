@@ -94,6 +94,8 @@ def evaluate_domains(
     *,
     time_limit: float | None = None,
 ) -> list[DomainResult]:
+    if getattr(decoder, "adaptive", False):
+        raise ValueError("acceptance is measured at a fixed verify width: build the decoder with adaptive=False")
     results = {domain: DomainResult(domain) for domain in prompts}
     order = interleave(prompts)
     start = time.perf_counter()
