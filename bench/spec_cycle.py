@@ -107,14 +107,18 @@ def median_ms(values: list[float]) -> float:
 
 
 def best_of(repeats: int, make: Callable[[], Decoder], prompt: list[int], args: Any,
-            detok: Callable | None) -> tuple[Decoder, list[int], float]:
-    """The fastest of `repeats` runs: on a shared machine the minimum time is the stable estimate."""
-    best: tuple[Decoder, list[int], float] | None = None
-    for _ in range(repeats):
-        decoder = make()
+            detok: Callable | None) -> tuple[Any, list[int], float]:
+    """(stats, tokens, tok/s) of the fastest of `repeats` runs: on a shared machine the minimum
+    time is the stable estimate. One decoder serves every run, as in the server (its verify-width
+    controller carries over), unless --fresh asks for a new one per run."""
+    best: tuple[Any, list[int], float] | None = None
+    decoder = make()
+    for i in range(repeats):
+        if args.fresh and i:
+            decoder = make()
         tokens, tps = run(decoder, prompt, args.max_tokens, detok, args.host_ms)
         if best is None or tps > best[2]:
-            best = (decoder, tokens, tps)
+            best = (getattr(decoder, "stats", None), tokens, tps)  # a run replaces decoder.stats
     assert best is not None
     return best
 
@@ -124,14 +128,14 @@ def measure(name: str, make: Callable[[str | None], SpeculativeDecoder], prompt:
     run(make(None), prompt, 8, None)  # warm up kernels
     piped, tokens, tps = best_of(args.repeats, lambda: make("overlap"), prompt, args, detok)
     split, _, _ = best_of(args.repeats, lambda: make("split"), prompt, args, detok)
-    row = {"name": name, "tau": piped.stats.acceptance_length, "tps": tps, "cycles": piped.stats.cycles,
+    row = {"name": name, "tau": piped.acceptance_length, "tps": tps, "cycles": piped.cycles,
            "lossless": tokens == plain_tokens[: len(tokens)]}
     for field in ("launch", "host", "wait", "cycle"):
-        row[field] = median_ms([getattr(t, f"{field}_s") for t in piped.stats.timings])
+        row[field] = median_ms([getattr(t, f"{field}_s") for t in piped.timings])
     for field in ("draft", "verify"):
-        row[f"split_{field}"] = median_ms([getattr(t, f"{field}_s") for t in split.stats.timings])
+        row[f"split_{field}"] = median_ms([getattr(t, f"{field}_s") for t in split.timings])
     # the caller's work was hidden when the sync still had device work to wait for afterwards
-    row["hidden"] = median_ms([t.host_s if t.wait_s > 1e-4 else 0.0 for t in piped.stats.timings])
+    row["hidden"] = median_ms([t.host_s if t.wait_s > 1e-4 else 0.0 for t in piped.timings])
     row["tail"] = row["host"] + row["wait"]
     return row
 
@@ -144,6 +148,8 @@ def main() -> None:
     parser.add_argument("--host-ms", type=float, default=2.0, help="simulated caller CPU work per step")
     parser.add_argument("--repeats", type=int, default=3, help="runs per setting; the fastest is kept")
     parser.add_argument("--no-fuse", action="store_true", help="keep separate Q/K/V and gate/up matmuls")
+    parser.add_argument("--fresh", action="store_true",
+                        help="a new decoder per run: the verify-width controller relearns every request")
     args = parser.parse_args()
     maybe_reexec_with_openblas()
     model, detok, prompt, description = load(args.model)

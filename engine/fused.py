@@ -1,7 +1,7 @@
 """Packed projections: a target's Q/K/V and gate/up matmuls fused into one each, at load time.
 
-Small models are launch-bound (GPUs) or per-op bound (CPU): one (H -> q+k+v) matmul does the
-work of three with one dispatch and one read of the activations. Fusion is a class swap, as
+Small models are launch-bound on GPUs: one (H -> q+k+v) matmul does the work of three with one
+dispatch and one read of the activations (on the CPU it saves a few percent). Fusion is a class swap, as
 Target's taps are: a recognised attention or MLP module keeps its other children (norms, rope,
 o_proj, down_proj) and gets a subclass whose `__call__` runs the packed projection and splits
 it. Only module classes whose forward we have read are fused (exact type match); anything
@@ -21,6 +21,8 @@ from mlx_lm.models import llama, qwen2, qwen3, qwen3_next
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import scaled_dot_product_attention
 
+from engine.target import inner_model
+
 # forwards read: q/k/v of the same x, optional per-head q_norm/k_norm, rope at cache.offset, sdpa, o_proj
 _ATTENTION_CLASSES: tuple[type, ...] = (llama.Attention, qwen2.Attention, qwen3.Attention)
 # forwards read: down_proj(swiglu(gate_proj(x), up_proj(x)))
@@ -32,15 +34,14 @@ def fuse_projections(model: nn.Module) -> int:
     """Fuse Q/K/V and gate/up of every recognised decoder layer of `model`, in place.
 
     Returns how many decoder layers had at least one module fused. Call it before any
-    `mx.compile` of the model; calling it twice fuses nothing new.
+    `mx.compile` of the model and before layer swaps such as engine/verify_matmul.apply (it
+    packs plain nn.Linear / nn.QuantizedLinear only); calling it twice fuses nothing new.
     """
-    from engine.target import inner_model
-
     fused_layers = 0
     for layer in inner_model(model).layers:
         attn = _fuse_attention(getattr(layer, "self_attn", None))
         mlp = _fuse_mlp(getattr(layer, "mlp", None))
-        fused_layers += attn or mlp
+        fused_layers += int(attn or mlp)
     return fused_layers
 
 
@@ -91,14 +92,15 @@ def concat_linears(parts: Sequence[nn.Module]) -> nn.Linear | nn.QuantizedLinear
         same_arrays = sorted(k for k, v in p.items() if isinstance(v, mx.array)) == names
         if not same_arrays or any(p[n].dtype != first[n].dtype or p[n].shape[1:] != first[n].shape[1:] for n in names):
             return None
-        if kind is nn.QuantizedLinear and (p.group_size, p.bits, p.mode) != (first.group_size, first.bits, first.mode):
+        if kind is nn.QuantizedLinear and _quant(p) != _quant(first):
             return None
     out_dims = sum(_out_dims(p) for p in parts)
     if kind is nn.Linear:
         packed: nn.Module = nn.Linear(first.weight.shape[1], out_dims, bias="bias" in first)
     else:
         in_dims = first.weight.shape[1] * 32 // first.bits
-        packed = nn.QuantizedLinear(in_dims, out_dims, "bias" in first, first.group_size, first.bits, mode=first.mode)
+        group_size, bits, mode = _quant(first)
+        packed = nn.QuantizedLinear(in_dims, out_dims, "bias" in first, group_size, bits, mode=mode)
     # the random init above stays an unevaluated graph: every array is replaced here
     packed.update({n: mx.concatenate([p[n] for p in parts], axis=0) for n in names})  # (sum out, ...)
     if kind is nn.QuantizedLinear and "biases" not in names:
@@ -107,6 +109,10 @@ def concat_linears(parts: Sequence[nn.Module]) -> nn.Linear | nn.QuantizedLinear
         packed.freeze()
     mx.eval(packed.parameters())  # free the parts' memory now rather than at the first forward
     return packed
+
+
+def _quant(linear: nn.QuantizedLinear) -> tuple[int, int, str]:
+    return linear.group_size, linear.bits, getattr(linear, "mode", "affine")
 
 
 def _out_dims(linear: nn.Module) -> int:
