@@ -20,6 +20,8 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.models.qwen3 import MLP
 from mlx_lm.models.rope_utils import initialize_rope
 
+from engine.gguf import materialize  # one per-layer loading bar for targets and drafts
+
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 _MISSING = object()
@@ -390,8 +392,7 @@ def load_draft(
     _check_keys(weights, draft)
     draft.load_weights(list(weights.items()))
     draft.eval()
-    mx.eval(draft.parameters())
-    return draft
+    return materialize(draft, dequantize=False, desc=f"loading draft {Path(path).name}")
 
 
 def _check_against_target(config: DraftConfig, hidden: int, vocab: int, num_layers: int) -> None:

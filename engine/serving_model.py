@@ -42,6 +42,10 @@ class ServingModel:
 
             # before the decoders are built: plain and speculative share the fused model
             log.info("packed Q/K/V and gate/up projections in %d layers", fuse_projections(loaded.model))
+        from engine.verify_matmul import apply as use_verify_kernels, default_verify_matmul
+
+        if default_verify_matmul().kernel is not None:  # a GPU backend; the CPU keeps MLX's own matmul
+            use_verify_kernels(loaded.model)  # after fusing, so the packed layers are the ones swapped
         plain = PlainDecoder(loaded.model, prefill_chunk=config.prefill_chunk)
         speculative, drafter = build_speculative(loaded, config)
         return cls(

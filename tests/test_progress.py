@@ -55,6 +55,17 @@ def test_forced_bar_counts_the_embedded_models_layers(capsys: pytest.CaptureFixt
     assert out == ""  # bars never touch stdout
 
 
+def test_the_shipped_draft_loads_under_its_own_bar(capsys: pytest.CaptureFixture) -> None:
+    from engine.draft import load_draft
+
+    progress.configure(True)
+    draft = load_draft(Path(__file__).resolve().parents[1] / "engine" / "drafts" / "smollm2-135m-instruct-dflash",
+                       target_hidden_size=576, target_vocab_size=49152, target_num_layers=30)
+    final = capsys.readouterr().err.split("\r")[-1]
+    layers = draft.config.num_hidden_layers
+    assert final.startswith("loading draft smollm2-135m-instruct-dflash: 100%") and f" {layers}/{layers} " in final
+
+
 def test_directory_bar_counts_its_layers(tmp_path: Path, gguf_tokenizer: object, capsys: pytest.CaptureFixture) -> None:
     save_tiny_dir(tmp_path / "tiny", gguf_tokenizer)
     capsys.readouterr()
