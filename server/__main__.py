@@ -34,7 +34,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     model.add_argument("--draft", help="DFlash draft: a directory or repo id in the published layout; 'none' to disable")
     model.add_argument("--no-draft", action="store_true", help="plain decoding (same as --draft none)")
     model.add_argument("--drafter", choices=["dflash", "ngram"], help="dflash (default) or ngram prompt lookup")
-    model.add_argument("--block-size", type=int, help="tokens per draft block (default 16)")
+    model.add_argument("--block-size", type=int,
+                       help="tokens per draft block (default: the DFlash draft's own; 16 for n-gram)")
+    model.add_argument("--no-fuse-projections", dest="fuse_projections", action="store_false", default=None,
+                       help="keep Q/K/V and gate/up as separate matmuls (packed at load by default)")
     model.add_argument("--dequantize", choices=["auto", "yes", "no"], help="fp32 weights (auto: on the CPU backend)")
     model.add_argument("--served-model-name", help="the model id clients see in /v1/models")
     model.add_argument("--chat-template", metavar="FILE_OR_STRING",
@@ -73,6 +76,7 @@ def build_config(args: argparse.Namespace) -> "ServerConfig":
     draft = "none" if args.no_draft else args.draft
     return config.override(
         model=args.model, draft=draft, drafter=args.drafter, block_size=args.block_size,
+        fuse_projections=args.fuse_projections,
         dequantize=args.dequantize, served_model_name=args.served_model_name,
         chat_template=args.chat_template, reasoning=args.reasoning, host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get("DFLASH_API_KEY") or None, max_waiting=args.max_waiting,

@@ -37,6 +37,8 @@ def test_cli_overrides_file(tmp_path: Path) -> None:
     assert (config.host, config.port, config.engine.block_size, config.engine.draft) == ("0.0.0.0", 9000, 8, "none")
     config = build_config(parse_args(["--config", str(path), "--draft", "/x", "--block-size", "4"]))
     assert (config.engine.draft, config.engine.block_size) == ("/x", 4)
+    assert config.engine.fuse_projections  # not given: the file's (default) value stands
+    assert not build_config(parse_args(["--config", str(path), "--no-fuse-projections"])).engine.fuse_projections
 
 
 def test_known_pairs() -> None:
