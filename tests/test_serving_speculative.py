@@ -38,10 +38,10 @@ def serve(**engine: object) -> TestClient:
     return TestClient(create_app(config, async_engine), base_url="http://localhost")  # Host allowlist
 
 
-def greedy_outputs(client: TestClient) -> list[tuple[str, dict]]:
+def greedy_outputs(client: TestClient, prompts: list[str] = PROMPTS, max_tokens: int = MAX_TOKENS) -> list[tuple[str, dict]]:
     outs = []
-    for prompt in PROMPTS:
-        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_TOKENS, "temperature": 0}
+    for prompt in prompts:
+        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0}
         r = client.post("/v1/chat/completions", json=body).json()
         outs.append((r["choices"][0]["message"]["content"], r["usage"]))
     return outs

@@ -5,14 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-from fastapi.testclient import TestClient
-
-from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig, ServerConfig
 from engine.pairs import default_draft_for
-from engine.serving_model import ServingModel
-from server.app import create_app
+from tests.test_serving_speculative import greedy_outputs, serve
 
 SHIPPED = Path(__file__).resolve().parents[1] / "engine" / "drafts" / "smollm2-135m-instruct-dflash"
 PROMPTS = [
@@ -21,21 +15,6 @@ PROMPTS = [
     "A shop sells pens at 3 dollars each. Sara buys 4 pens and pays with a 20 dollar bill. How much change does she get?",
 ]
 MAX_TOKENS = 64
-
-
-def serve(**engine: object) -> TestClient:
-    config = ServerConfig(engine=EngineConfig(**engine))
-    async_engine = AsyncEngine(lambda: ServingModel.load(config.engine), max_waiting=4)
-    return TestClient(create_app(config, async_engine), base_url="http://localhost")
-
-
-def answers(client: TestClient) -> list[tuple[str, dict]]:
-    outs = []
-    for prompt in PROMPTS:
-        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_TOKENS, "temperature": 0}
-        r = client.post("/v1/chat/completions", json=body).json()
-        outs.append((r["choices"][0]["message"]["content"], r["usage"]))
-    return outs
 
 
 def test_the_draft_ships_in_the_published_layout_and_small() -> None:
@@ -48,11 +27,11 @@ def test_the_draft_ships_in_the_published_layout_and_small() -> None:
 
 def test_default_server_uses_the_trained_draft_and_matches_plain() -> None:
     with serve(draft="none") as client:
-        plain = answers(client)
+        plain = greedy_outputs(client, PROMPTS, MAX_TOKENS)
     with serve() as client:  # no flags: the shipped draft
         health = client.get("/health").json()
         assert health["drafter"].startswith("dflash") and SHIPPED.name in json.dumps(health)
-        spec = answers(client)
+        spec = greedy_outputs(client, PROMPTS, MAX_TOKENS)
     assert [text for text, _ in spec] == [text for text, _ in plain]
     steps = sum(u["speculative"]["verify_steps"] for _, u in spec)
     accepted = sum(u["speculative"]["accepted_tokens"] for _, u in spec)
