@@ -299,6 +299,26 @@ def test_time_limit_shortens_the_schedule_to_what_fits(
     assert 900 <= trainer.schedule.total <= 960 and result["steps"] == trainer.schedule.total
 
 
+def test_train_and_validation_modes_are_chosen_separately(tiny: tuple[Target, object], tmp_path: Path) -> None:
+    """Fits on greedy-only and sampled-only data compare on the same validation sequences, per mode."""
+    target, reference = tiny
+    samples = [s._replace(mode=i % 2) for i, s in enumerate(periodic_samples(400))]
+    data = TokenDataset(samples, max_len=64)
+
+    def trainer(modes: tuple[str, ...], val_modes: tuple[str, ...]) -> Trainer:
+        config = TrainConfig(steps=2, batch_tokens=640, blocks_per_seq=6, val_permille=300, val_batches=2,
+                             modes=modes, val_modes=val_modes)
+        return Trainer(target, build_draft(reference.config), data, config, tmp_path)
+
+    sampled_only = trainer(("sampled",), ("greedy", "sampled"))
+    assert set(data.modes[sampled_only.train_idx]) == {1} and set(data.modes[sampled_only.val_idx]) == {0, 1}
+    val = sampled_only.evaluate()
+    assert {"val_tau_greedy", "val_tau_sampled"} <= set(val) and all(1 <= val[k] <= 16 for k in val if "tau" in k)
+    greedy_val = trainer(("greedy", "sampled"), ("greedy",))
+    assert set(data.modes[greedy_val.val_idx]) == {0} and len(greedy_val.train_idx) > len(sampled_only.train_idx)
+    assert "val_tau_sampled" not in greedy_val.evaluate()
+
+
 def test_resume_from_checkpoint_is_identical(tiny: tuple[Target, object], tmp_path: Path) -> None:
     straight = make_trainer(tiny, tmp_path / "a", steps=6)
     straight.fit()

@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                      help="compute dtype (auto: bfloat16 on a GPU, float32 on the CPU); weights stay float32")
     opt.add_argument("--modes", default="greedy,sampled", help="which generated sequences to train on")
+    opt.add_argument("--val-modes", default="greedy,sampled",
+                     help="which to validate on (validation also reports tau per mode); keep it fixed when comparing --modes")
     opt.add_argument("--seed", type=int, default=0)
     run = p.add_argument_group("bookkeeping")
     run.add_argument("--val-permille", type=int, default=10, help="sequences held back for validation")
@@ -217,11 +219,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
     config = TrainConfig(
         steps=args.steps, batch_tokens=args.batch_tokens, max_len=args.max_len, blocks_per_seq=args.blocks_per_seq,
         gamma=args.gamma, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-        dtype=args.dtype, seed=args.seed, modes=tuple(args.modes.split(",")), val_permille=args.val_permille,
+        dtype=args.dtype, seed=args.seed, modes=tuple(args.modes.split(",")),
+        val_modes=tuple(args.val_modes.split(",")), val_permille=args.val_permille,
         log_every=args.log_every, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
         time_limit=args.time_limit,
     )
-    data = TokenDataset.from_dir(args.out / "data", max_len=config.max_len, modes=config.modes)
+    data = TokenDataset.from_dir(args.out / "data", max_len=config.max_len,
+                                 modes=tuple(dict.fromkeys(config.modes + config.val_modes)))
     loaded = load_target(args)
     draft_config = build_draft_config(args, loaded)
     mx.random.seed(config.seed)

@@ -43,7 +43,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     dtype: str = "auto"  # auto: bfloat16 compute on a GPU, float32 on the CPU
     seed: int = 0
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] = MODES  # which generated sequences to train on
+    val_modes: tuple[str, ...] = MODES  # which to validate on: fits on different modes compare on the same ones
     val_permille: int = 10
     val_batches: int = 8
     log_every: int = 10
@@ -53,7 +54,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modes", tuple(self.modes))
-        if unknown := set(self.modes) - set(MODES):
+        object.__setattr__(self, "val_modes", tuple(self.val_modes))
+        if unknown := (set(self.modes) | set(self.val_modes)) - set(MODES):
             raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
@@ -197,7 +199,9 @@ class Trainer:
         self.step_count = 0
         self.best_val_tau = 0.0  # the published draft is the best one seen on validation
         self.history: list[dict[str, Any]] = []
-        self.train_idx, self.val_idx = data.split(config.val_permille)
+        train_idx, val_idx = data.split(config.val_permille)
+        self.train_idx = train_idx[np.isin(data.modes[train_idx], [MODES.index(m) for m in config.modes])]
+        self.val_idx = val_idx[np.isin(data.modes[val_idx], [MODES.index(m) for m in config.val_modes])]
         if len(self.train_idx) == 0:
             raise ValueError("no training sequences (all went to validation); lower --val-permille")
 
@@ -236,6 +240,7 @@ class Trainer:
         rng = np.random.default_rng([self.config.seed, 1])
         batches = self.data.epoch_batches(self.val_idx, self.config.batch_tokens, rng)[: self.config.val_batches]
         totals = {"val_loss": 0.0, "val_acc": 0.0, "val_tau": 0.0}
+        runs = np.zeros((len(MODES), 2))  # per mode: leading correct drafts, full blocks
         master = self.draft.trainable_parameters()
         self.draft.update(tree_map(lambda p: p.astype(self.dtype), master))
         try:
@@ -246,8 +251,15 @@ class Trainer:
                 m = block_metrics(correct, weights)
                 for key, value in (("val_loss", loss), ("val_acc", m["acc"]), ("val_tau", m["tau"])):
                     totals[key] += value.item() / len(batches)
+                full = np.array((weights > 0).all(axis=-1))  # (b, N)
+                leading = np.array(mx.cumprod(correct.astype(mx.int32), axis=-1).sum(axis=-1))  # (b, N)
+                for mode in np.unique(self.data.modes[idx]):
+                    rows = self.data.modes[idx] == mode
+                    runs[mode] += ((leading[rows] * full[rows]).sum(), full[rows].sum())
         finally:
             self.draft.update(master)
+        # τ per kind of sequence: greedy decoding meets greedy-like text, sampled decoding sampled text
+        totals.update({f"val_tau_{MODES[m]}": 1 + r / n for m, (r, n) in enumerate(runs) if n > 0})
         return totals
 
     # ---- data order -----------------------------------------------------------------------
