@@ -40,16 +40,9 @@ from engine.train.prompts import (
     sharegpt_splits,
     write_prompts,
 )
-from engine.train.trainer import (
-    TrainConfig,
-    Trainer,
-    block_attention_mask,
-    block_targets,
-    choose_mask_token,
-    draft_config_for,
-    draft_hidden,
-    loss_weights,
-)
+from engine.train.draft_shape import choose_mask_token, draft_config_for
+from engine.train.objective import block_attention_mask, block_targets, draft_hidden, loss_weights
+from engine.train.trainer import TrainConfig, Trainer
 
 VOCAB = 96
 

@@ -188,7 +188,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def build_draft_config(args: argparse.Namespace, loaded: Any) -> Any:
     from engine.draft import DraftConfig
     from engine.target import Target
-    from engine.train.trainer import choose_mask_token, draft_config_for
+    from engine.train.draft_shape import choose_mask_token, draft_config_for
 
     state_file = args.out / "checkpoint" / "state.json"
     if state_file.exists():
@@ -214,7 +214,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from engine.draft import DFlashDraft
     from engine.target import Target
     from engine.train.dataset import TokenDataset
-    from engine.train.trainer import TrainConfig, Trainer, count_parameters
+    from engine.train.draft_shape import count_parameters
+    from engine.train.trainer import TrainConfig, Trainer
 
     config = TrainConfig(
         steps=args.steps, batch_tokens=args.batch_tokens, max_len=args.max_len, blocks_per_seq=args.blocks_per_seq,

@@ -1,8 +1,7 @@
-"""DFlash draft training against a frozen target (spec §3): blocks, mask, loss, optimizer, checkpoints.
+"""DFlash draft training against a frozen target (spec §3): the step, schedule, checkpoints, curves.
 
 Each step: the target runs once over a batch of generated sequences and its tapped hidden states
-become the draft's context; N random anchors per sequence each open a block
-[anchor token, MASK × (B−1)], and all blocks train in parallel under one attention mask.
+become the draft's context; the blocks and the loss are objective.py's.
 """
 
 from __future__ import annotations
@@ -15,18 +14,23 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from engine.draft import DFlashDraft, DraftConfig, save_draft
+from engine.draft import DFlashDraft, save_draft
 from engine.target import Target
 from engine.train import progress_bar
 from engine.train.dataset import MODES, BlockBatch, TokenDataset
+from engine.train.objective import (
+    BlockTargets,
+    block_metrics,
+    block_targets,
+    dflash_loss,
+)
 
 
 @dataclass(frozen=True)
@@ -71,98 +75,6 @@ class TrainConfig:
         if self.dtype == "auto":
             return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
         return getattr(mx, self.dtype)
-
-
-def loss_weights(block_size: int, gamma: float) -> mx.array:
-    """(B,) w_0 = 0 (the anchor is given), w_k = exp(−(k−1)/γ) for k ≥ 1 (paper Eq. 4)."""
-    k = mx.arange(block_size, dtype=mx.float32)
-    return mx.where(k == 0, 0.0, mx.exp(-(k - 1) / gamma))
-
-
-def block_attention_mask(anchors: mx.array, seq_len: int, block_size: int) -> mx.array:
-    """(b, N) anchors -> (b, 1, N*B, S + N*B) bool: which keys each block row may attend to.
-
-    Keys are [context rows 0..S−1 | all blocks]. A block sees context strictly before its anchor
-    (the anchor's own hidden state does not exist yet at inference) and its own block in both
-    directions, never another block.
-    """
-    b, n = anchors.shape
-    rows = n * block_size
-    row_anchor = mx.repeat(anchors, block_size, axis=1)  # (b, N*B)
-    sees_context = mx.arange(seq_len)[None, None, :] < row_anchor[:, :, None]  # (b, N*B, S)
-    block_id = mx.arange(rows) // block_size
-    own_block = mx.broadcast_to(block_id[:, None] == block_id[None, :], (b, rows, rows))
-    return mx.concatenate([sees_context, own_block], axis=-1)[:, None]
-
-
-class BlockTargets(NamedTuple):
-    """Device-side inputs and labels for one batch of blocks (N*B rows per sequence)."""
-
-    noise_ids: mx.array  # (b, N*B) [anchor token, MASK × (B−1)] per block
-    positions: mx.array  # (b, N*B) absolute position of each row
-    labels: mx.array  # (b, N*B) row k of a block predicts the token at anchor + k
-    weights: mx.array  # (b, N*B) decay × in-bounds × valid block; 0 on row 0
-    mask: mx.array  # (b, 1, N*B, S + N*B)
-
-
-def block_targets(batch: BlockBatch, block_size: int, mask_token_id: int, gamma: float) -> BlockTargets:
-    tokens = mx.array(batch.tokens)  # (b, S)
-    b, seq_len = tokens.shape
-    anchors = mx.array(batch.anchors)  # (b, N)
-    offsets = mx.arange(block_size)
-    positions = anchors[:, :, None] + offsets  # (b, N, B)
-    in_bounds = positions < mx.array(batch.lengths)[:, None, None]
-    flat = positions.reshape(b, -1)
-    labels = mx.take_along_axis(tokens, mx.minimum(flat, seq_len - 1), axis=1)  # (b, N*B)
-    is_anchor = mx.broadcast_to(offsets == 0, positions.shape).reshape(b, -1)
-    noise_ids = mx.where(is_anchor, labels, mask_token_id)
-    valid = mx.array(batch.block_valid)[:, :, None]
-    weights = loss_weights(block_size, gamma) * in_bounds * valid  # (b, N, B)
-    mask = block_attention_mask(anchors, seq_len, block_size)
-    return BlockTargets(noise_ids, flat, labels, weights.reshape(b, -1).astype(mx.float32), mask)
-
-
-def draft_hidden(draft: DFlashDraft, noise: mx.array, context: mx.array, positions: mx.array, mask: mx.array) -> mx.array:
-    """The draft over every sequence's blocks; vmap gives each sequence its own row positions."""
-
-    def one(n: mx.array, c: mx.array, p: mx.array, m: mx.array) -> mx.array:
-        return draft(n[None], c[None], q_offset=p, mask=m[None])[0]
-
-    return mx.vmap(one)(noise, context, positions, mask)  # (b, N*B, H)
-
-
-def dflash_loss(
-    draft: DFlashDraft, target: Target, taps: mx.array, blocks: BlockTargets
-) -> tuple[mx.array, mx.array, mx.array]:
-    """Weighted CE over block rows 1..B−1; also returns correctness (b, N, B−1) and its weights."""
-    b = taps.shape[0]
-    bs = draft.config.block_size
-    context = draft.project_context(taps)  # (b, S, H)
-    noise = draft.noise_embedding(blocks.noise_ids, target.embed).astype(context.dtype)  # (b, N*B, H)
-    hidden = draft_hidden(draft, noise, context, blocks.positions, blocks.mask)
-    hidden = hidden.reshape(b, -1, bs, hidden.shape[-1])[:, :, 1:]  # row 0 has no loss: skip its logits
-    labels = blocks.labels.reshape(b, -1, bs)[:, :, 1:]  # (b, N, B−1)
-    weights = blocks.weights.reshape(b, -1, bs)[:, :, 1:]
-    logits = draft.logits(hidden, target.lm_head)  # (b, N, B−1, V) float32
-    ce = nn.losses.cross_entropy(logits, labels)  # (b, N, B−1)
-    loss = (ce * weights).sum() / mx.maximum(weights.sum(), 1e-6)
-    correct = mx.argmax(logits, axis=-1) == labels
-    return loss, correct, weights
-
-
-def block_metrics(correct: mx.array, weights: mx.array) -> dict[str, mx.array]:
-    """Top-1 accuracy per position and the teacher-forced acceptance length τ.
-
-    τ = 1 + leading correct drafts, over blocks whose labels are all in bounds; with greedy data
-    this is exactly what greedy speculative decoding would accept on these contexts.
-    """
-    seen = weights > 0  # (b, N, B−1)
-    per_position = (correct & seen).sum(axis=(0, 1)) / mx.maximum(seen.sum(axis=(0, 1)), 1)
-    full = seen.all(axis=-1)  # (b, N)
-    run = mx.cumprod(correct.astype(mx.int32), axis=-1).sum(axis=-1)  # (b, N)
-    tau = 1 + (run * full).sum() / mx.maximum(full.sum(), 1)
-    acc = (correct & seen).sum() / mx.maximum(seen.sum(), 1)
-    return {"acc": acc, "tau": tau, "acc_by_position": per_position}
 
 
 class LrSchedule:
@@ -443,68 +355,3 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
-
-
-def draft_config_for(
-    target: Target,
-    model_args: Any,
-    *,
-    mask_token_id: int,
-    num_layers: int = 3,
-    num_taps: int | None = None,
-    tap_layer_ids: tuple[int, ...] | None = None,
-    intermediate_size: int | None = None,
-    block_size: int = 16,
-    max_position_embeddings: int = 8192,
-) -> DraftConfig:
-    """A draft shaped like one target layer (heads, head_dim, MLP width), `num_layers` deep.
-
-    Taps default to the spec formula with one tap per draft layer (§1.3).
-    """
-    from engine.draft import build_target_layer_ids
-
-    hidden = int(model_args.hidden_size)
-    heads = int(model_args.num_attention_heads)
-    taps = tap_layer_ids or build_target_layer_ids(target.num_layers, num_taps or num_layers)
-    return DraftConfig(
-        hidden_size=hidden,
-        num_hidden_layers=num_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=int(getattr(model_args, "num_key_value_heads", None) or heads),
-        head_dim=int(getattr(model_args, "head_dim", None) or hidden // heads),
-        intermediate_size=int(intermediate_size or model_args.intermediate_size),
-        num_target_layers=target.num_layers,
-        target_layer_ids=tuple(taps),
-        mask_token_id=mask_token_id,
-        block_size=block_size,
-        rms_norm_eps=float(getattr(model_args, "rms_norm_eps", 1e-6)),
-        rope_theta=float(getattr(model_args, "rope_theta", 10000.0)),
-        max_position_embeddings=max_position_embeddings,
-        vocab_size=target.vocab_size,
-    )
-
-
-def choose_mask_token(tokenizer: Any, vocab_size: int) -> int:
-    """A dedicated mask token if the vocabulary has one, else the last unused special token.
-
-    SmolLM2 has no mask token; its specials are StarCoder-era markers (<jupyter_*>, <gh_stars>,
-    <empty_output>, ...) that chat never produces, so the highest one (<empty_output>, 16) is free.
-    """
-    hf = getattr(tokenizer, "hf", None)
-    vocab = hf.get_vocab() if hf is not None else {}
-    for name in ("<|MASK|>", "<|mask|>", "<mask>", "[MASK]"):
-        if name in vocab and vocab[name] < vocab_size:
-            return int(vocab[name])
-    busy = set(tokenizer.eos_token_ids) | {getattr(tokenizer, "bos_token_id", None)}
-    probe = tokenizer.apply_chat_template(
-        [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], add_generation_prompt=True
-    )
-    busy |= set(probe)
-    free = sorted(i for i in tokenizer.special_token_ids if i not in busy and i < vocab_size)
-    if not free:
-        raise ValueError("no unused special token to serve as the mask token; pass --mask-token-id")
-    return free[-1]
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(v.size for _, v in tree_flatten(module.parameters()))
