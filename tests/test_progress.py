@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 from live_server import LiveServer
 
@@ -63,7 +64,9 @@ def test_the_shipped_draft_loads_under_its_own_bar(capsys: pytest.CaptureFixture
                        target_hidden_size=576, target_vocab_size=49152, target_num_layers=30)
     final = capsys.readouterr().err.split("\r")[-1]
     layers = draft.config.num_hidden_layers
-    assert final.startswith("loading draft smollm2-135m-instruct-dflash: 100%") and f" {layers}/{layers} " in final
+    assert final.startswith("loading draft smollm2-135m-instruct-dflash (to float32): 100%")
+    assert f" {layers}/{layers} " in final
+    assert draft.layers[0].mlp.gate_proj.weight.dtype == mx.float32  # the CPU backend runs it in float32
 
 
 def test_directory_bar_counts_its_layers(tmp_path: Path, gguf_tokenizer: object, capsys: pytest.CaptureFixture) -> None:
