@@ -1,4 +1,4 @@
-"""`python -m engine.train {prompts,generate,fit,eval}`: train a DFlash draft for any mlx-lm target."""
+"""`python -m engine.train {all,prompts,generate,fit,eval}`: train a DFlash draft for any mlx-lm target."""
 
 from __future__ import annotations
 
@@ -24,7 +24,10 @@ tasks (--synthetic-code, default 3000), the synthetic ones shuffled (--seed) int
 that they make 40% of its first ~22k prompts: a time-limited generate covers every kind. They never
 come near an eval prompt (HumanEval, our math problems); the chat/code/math splits are unchanged.
 
-Typical run (prompts where the packages are installed; the rest on a GPU, each < 9 min on an H200):
+One command runs every phase, splitting a time budget between them (resumable: run it again to go on):
+  python -m engine.train all --out runs/smollm2 --model embedded --time-budget 1500
+
+Or phase by phase (prompts where the packages are installed; the rest on a GPU, each < 9 min on an H200):
   python -m engine.train prompts  --out runs/smollm2
   python -m engine.train generate --out runs/smollm2 --mode both --batch-size 1024 --max-new-tokens 384 --time-limit 400
   python -m engine.train fit      --out runs/smollm2 --steps 6500 --time-limit 500
@@ -47,8 +50,25 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m engine.train", description="Train a DFlash draft for an mlx-lm target model.",
         epilog=LAYOUT, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{prompts,generate,fit,eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{all,prompts,generate,fit,eval}")
     fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = sub.add_parser("all", help="every phase in turn under one time budget (prompts only if missing)",
+                       formatter_class=fmt)
+    p.add_argument("--out", type=Path, required=True, help="output directory (everything goes under it)")
+    add_model_args(p)
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds for generate + fit + eval together; none: every prompt, every step")
+    p.add_argument("--shares", default="0.45,0.45,0.10", help="generate,fit,eval shares of the budget")
+    p.add_argument("--mode", choices=("greedy", "sampled", "mixed", "both"), default="mixed")
+    p.add_argument("--max-new-tokens", type=int, default=384)
+    p.add_argument("--batch-size", type=int, default=256, help="generation wave size (1024 suits an H200)")
+    p.add_argument("--steps", type=int, default=8000, help="fit steps (fewer when the budget ends sooner)")
+    p.add_argument("--layers", type=int, default=3, help="draft decoder layers (one target tap each)")
+    p.add_argument("--batch-tokens", type=int, default=16384, help="padded target tokens per fit step")
+    p.add_argument("--eval-limit", type=int, default=48, help="prompts per eval domain")
+    p.add_argument("--eval-max-tokens", type=int, default=256, help="new tokens per eval prompt")
+    p.set_defaults(func=cmd_all)
 
     p = sub.add_parser("prompts", help="build prompt sets: ShareGPT train/held-out, HumanEval, math", formatter_class=fmt)
     p.add_argument("--out", type=Path, required=True, help="output directory (writes DIR/prompts/)")
@@ -148,6 +168,35 @@ def load_target(args: argparse.Namespace) -> Any:
         mx.eval(loaded.model.parameters())
     print(f"target: {loaded.description}" + ("" if dtype == "native" else f", run in {dtype}"))
     return loaded
+
+
+def all_phases(args: argparse.Namespace) -> list[list[str]]:
+    """The argument lists of the phases `all` runs, with the budget split by --shares."""
+    shares = [float(x) for x in args.shares.split(",")]
+    if len(shares) != 3 or min(shares) < 0 or sum(shares) <= 0:
+        raise SystemExit(f"--shares needs three non-negative numbers, got {args.shares!r}")
+    limits = [[] if args.time_budget is None else ["--time-limit", f"{args.time_budget * x / sum(shares):.0f}"]
+              for x in shares]
+    common = ["--out", str(args.out), "--model", args.model, "--dequantize", args.dequantize,
+              "--target-dtype", args.target_dtype]
+    phases = [] if (args.out / "prompts" / "train.jsonl.gz").exists() else [["prompts", "--out", str(args.out), "--all-turns"]]
+    return [*phases,
+            ["generate", *common, "--mode", args.mode, "--max-new-tokens", str(args.max_new_tokens),
+             "--batch-size", str(args.batch_size), *limits[0]],
+            ["fit", *common, "--steps", str(args.steps), "--layers", str(args.layers),
+             "--batch-tokens", str(args.batch_tokens), *limits[1]],
+            ["eval", *common, "--limit", str(args.eval_limit), "--max-tokens", str(args.eval_max_tokens), *limits[2]]]
+
+
+def cmd_all(args: argparse.Namespace) -> int:
+    parser = build_parser()
+    for argv in all_phases(args):
+        print(f"== python -m engine.train {' '.join(argv)}", flush=True)
+        phase = parser.parse_args(argv)
+        if code := int(phase.func(phase)):
+            return code
+    print(f"draft -> {args.out / 'draft'}; serve it with: dflash-server --model {args.model} --draft {args.out / 'draft'}")
+    return 0
 
 
 def cmd_prompts(args: argparse.Namespace) -> int:
