@@ -97,7 +97,8 @@ def block_metrics(correct: mx.array, weights: mx.array) -> dict[str, mx.array]:
     """Top-1 accuracy per position and the teacher-forced acceptance length τ.
 
     τ = 1 + leading correct drafts, over blocks whose labels are all in bounds; with greedy data
-    this is exactly what greedy speculative decoding would accept on these contexts.
+    this is exactly what greedy speculative decoding would accept on these contexts. Also each
+    block's leading correct drafts ("run") and whether it counts ("full"), both (b, N).
     """
     seen = weights > 0  # (b, N, B−1)
     per_position = (correct & seen).sum(axis=(0, 1)) / mx.maximum(seen.sum(axis=(0, 1)), 1)
@@ -105,4 +106,4 @@ def block_metrics(correct: mx.array, weights: mx.array) -> dict[str, mx.array]:
     run = mx.cumprod(correct.astype(mx.int32), axis=-1).sum(axis=-1)  # (b, N)
     tau = 1 + (run * full).sum() / mx.maximum(full.sum(), 1)
     acc = (correct & seen).sum() / mx.maximum(seen.sum(), 1)
-    return {"acc": acc, "tau": tau, "acc_by_position": per_position}
+    return {"acc": acc, "tau": tau, "acc_by_position": per_position, "run": run, "full": full}

@@ -163,8 +163,7 @@ class Trainer:
                 m = block_metrics(correct, weights)
                 for key, value in (("val_loss", loss), ("val_acc", m["acc"]), ("val_tau", m["tau"])):
                     totals[key] += value.item() / len(batches)
-                full = np.array((weights > 0).all(axis=-1))  # (b, N)
-                leading = np.array(mx.cumprod(correct.astype(mx.int32), axis=-1).sum(axis=-1))  # (b, N)
+                full, leading = np.array(m["full"]), np.array(m["run"])  # (b, N)
                 for mode in np.unique(self.data.modes[idx]):
                     rows = self.data.modes[idx] == mode
                     runs[mode] += ((leading[rows] * full[rows]).sum(), full[rows].sum())
