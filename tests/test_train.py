@@ -298,10 +298,13 @@ def test_train_and_validation_modes_are_chosen_separately(tiny: tuple[Target, ob
     samples = [s._replace(mode=i % 2) for i, s in enumerate(periodic_samples(400))]
     data = TokenDataset(samples, max_len=64)
 
-    def trainer(modes: tuple[str, ...], val_modes: tuple[str, ...]) -> Trainer:
+    def trainer(modes: tuple[str, ...], val_modes: tuple[str, ...], max_train_sequences: int = 0) -> Trainer:
         config = TrainConfig(steps=2, batch_tokens=640, blocks_per_seq=6, val_permille=300, val_batches=2,
-                             modes=modes, val_modes=val_modes)
+                             modes=modes, val_modes=val_modes, max_train_sequences=max_train_sequences)
         return Trainer(target, build_draft(reference.config), data, config, tmp_path)
+
+    def trainer_with(modes: tuple[str, ...], max_train_sequences: int) -> Trainer:
+        return trainer(modes, ("greedy", "sampled"), max_train_sequences)
 
     sampled_only = trainer(("sampled",), ("greedy", "sampled"))
     assert set(data.modes[sampled_only.train_idx]) == {1} and set(data.modes[sampled_only.val_idx]) == {0, 1}
@@ -310,6 +313,12 @@ def test_train_and_validation_modes_are_chosen_separately(tiny: tuple[Target, ob
     greedy_val = trainer(("greedy", "sampled"), ("greedy",))
     assert set(data.modes[greedy_val.val_idx]) == {0} and len(greedy_val.train_idx) > len(sampled_only.train_idx)
     assert "val_tau_sampled" not in greedy_val.evaluate()
+    equal = [trainer_with(m, 40) for m in (("greedy",), ("sampled",), ("greedy", "sampled"))]
+    assert [len(t.train_idx) for t in equal] == [40, 40, 40]
+    assert set(data.modes[equal[0].train_idx]) == {0} and set(data.modes[equal[2].train_idx]) == {0, 1}
+    assert all(np.array_equal(t.val_idx, equal[0].val_idx) for t in equal)  # one validation set for all three
+    with pytest.raises(ValueError, match="max_train_sequences"):
+        TrainConfig(max_train_sequences=-1)
 
 
 def test_resume_from_checkpoint_is_identical(tiny: tuple[Target, object], tmp_path: Path) -> None:

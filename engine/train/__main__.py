@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--modes", default="greedy,sampled", help="which generated sequences to train on")
     opt.add_argument("--val-modes", default="greedy,sampled",
                      help="which to validate on (validation also reports tau per mode); keep it fixed when comparing --modes")
+    opt.add_argument("--max-train-sequences", type=int, default=0,
+                     help="train on a seeded random subset of this many sequences (0: all); equal data across --modes")
     opt.add_argument("--seed", type=int, default=0)
     run = p.add_argument_group("bookkeeping")
     run.add_argument("--val-permille", type=int, default=10, help="sequences held back for validation")
@@ -270,8 +272,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         steps=args.steps, batch_tokens=args.batch_tokens, max_len=args.max_len, blocks_per_seq=args.blocks_per_seq,
         gamma=args.gamma, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         dtype=args.dtype, seed=args.seed, modes=tuple(args.modes.split(",")),
-        val_modes=tuple(args.val_modes.split(",")), val_permille=args.val_permille,
-        log_every=args.log_every, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+        val_modes=tuple(args.val_modes.split(",")), max_train_sequences=args.max_train_sequences,
+        val_permille=args.val_permille, log_every=args.log_every, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
         time_limit=args.time_limit,
     )
     data = TokenDataset.from_dir(args.out / "data", max_len=config.max_len,

@@ -49,6 +49,7 @@ class TrainConfig:
     seed: int = 0
     modes: tuple[str, ...] = MODES  # which generated sequences to train on
     val_modes: tuple[str, ...] = MODES  # which to validate on: fits on different modes compare on the same ones
+    max_train_sequences: int = 0  # 0: all; else a seeded random subset, so fits on different modes see equal data
     val_permille: int = 10
     val_batches: int = 8
     log_every: int = 10
@@ -61,6 +62,8 @@ class TrainConfig:
         object.__setattr__(self, "val_modes", tuple(self.val_modes))
         if unknown := (set(self.modes) | set(self.val_modes)) - set(MODES):
             raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+        if self.max_train_sequences < 0:
+            raise ValueError(f"max_train_sequences must be >= 0, got {self.max_train_sequences}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 
@@ -113,6 +116,9 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         train_idx, val_idx = data.split(config.val_permille)
         self.train_idx = train_idx[np.isin(data.modes[train_idx], [MODES.index(m) for m in config.modes])]
+        if 0 < config.max_train_sequences < len(self.train_idx):
+            picked = np.random.default_rng(config.seed).choice(len(self.train_idx), config.max_train_sequences, replace=False)
+            self.train_idx = self.train_idx[np.sort(picked)]
         self.val_idx = val_idx[np.isin(data.modes[val_idx], [MODES.index(m) for m in config.val_modes])]
         if len(self.train_idx) == 0:
             raise ValueError("no training sequences (all went to validation); lower --val-permille")
