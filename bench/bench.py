@@ -9,7 +9,9 @@ rotating order, after a short warm-up round; medians over prompts x rounds are r
 Rows: `plain` (PlainDecoder), `mlx_lm` (mlx_lm.stream_generate on the same model object),
 `spec-<drafter>` (adaptive verify width) and `spec-<drafter>-fixed` (full width every cycle),
 and `reference` (dflash==0.1.0 `dflash/model_mlx.py`, on its own copy of the target) when the
-DFlash drafter runs. JSON and a PNG chart go to --out. On Linux it re-execs with OpenBLAS.
+DFlash drafter runs. The target is prepared as the server prepares it (packed projections unless
+--no-fuse; verify-width kernels on a GPU), shared by every row but the reference, which runs its
+own copy as dflash==0.1.0 loads it. JSON and a PNG chart go to --out. On Linux it re-execs with OpenBLAS.
 """
 
 from __future__ import annotations
@@ -101,6 +103,17 @@ def cast_model(model: Any, dtype: str) -> Any:
     return model
 
 
+def prepare_as_server(model: Any, *, fuse: bool) -> str:
+    """What ServingModel does after loading: packed projections, verify-width kernels on a GPU."""
+    from engine.fused import fuse_projections
+    from engine.verify_matmul import apply as use_verify_kernels, default_verify_matmul
+
+    notes = [f"packed projections in {fuse_projections(model)} layers" if fuse else "unfused projections"]
+    if default_verify_matmul().kernel is not None:
+        notes.append(f"verify kernels considered for {use_verify_kernels(model)} quantized layers")
+    return ", ".join(notes)
+
+
 class Bench:
     """The methods under test, sharing one loaded target."""
 
@@ -110,6 +123,7 @@ class Bench:
         self.args = args
         self.loaded = load_model(args.model, dequantize=True if args.target_dtype != "native" else None)
         self.model = cast_model(self.loaded.model, args.target_dtype)
+        self.prepared = prepare_as_server(self.model, fuse=not args.no_fuse)
         self.wrapper = self._no_eos_wrapper()
         self.plain_out: dict[str, list[int]] = {}
         self.measuring = False  # False in the warm-up round
@@ -280,15 +294,22 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--target-dtype", choices=("native", "bfloat16", "float16", "float32"), default="native",
                         help="cast the target after loading (native: as the server loads it)")
+    parser.add_argument("--no-fuse", action="store_true", help="keep separate Q/K/V and gate/up matmuls")
+    parser.add_argument("--attention", choices=("auto", "fused", "unfused"), default=None,
+                        help="block attention path (engine/attention.py; default: DFLASH_ATTENTION or auto)")
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds after the warm-up round")
     parser.add_argument("--prompts", default=",".join(PROMPTS), help=f"comma list of {', '.join(PROMPTS)}")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "dflash-bench")
     args = parser.parse_args()
     maybe_reexec_with_openblas()
+    from engine import attention
+
+    attention.set_mode(args.attention)
     bench = Bench(args)
     machine = f"MLX {mx.__version__} {mx.default_device()}, {blas_status()}"
-    print(f"[bench] {bench.loaded.description}; {machine}")
+    print(f"[bench] {bench.loaded.description}, {args.target_dtype}, {bench.prepared}, "
+          f"attention {attention.mode()}; {machine}")
     names = args.prompts.split(",")
     ids = {n: bench.loaded.tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[n]}]) for n in names}
     runs: list[Run] = []
@@ -308,7 +329,7 @@ def main() -> None:
     rows = summarize(runs, bench.plain_out)
     print_table(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": machine, "model": bench.loaded.description, "args": {k: str(v) for k, v in vars(args).items()}}
+    meta = {"machine": machine, "model": bench.loaded.description, "prepared": bench.prepared, "args": {k: str(v) for k, v in vars(args).items()}}
     (args.out / "bench.json").write_text(json.dumps({**meta, "summary": rows, "runs": [asdict(r) for r in runs]}, indent=1))
     chart(rows, args.out / "bench.png", f"{bench.loaded.description}, {args.max_tokens} tokens, greedy")
     print(f"[bench] wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")

@@ -20,6 +20,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.models.qwen3 import MLP
 from mlx_lm.models.rope_utils import initialize_rope
 
+from engine.attention import block_attention
 from engine.gguf import materialize  # one per-layer loading bar for targets and drafts
 
 FULL_ATTENTION = "full_attention"
@@ -247,7 +248,7 @@ class DraftAttention(nn.Module):
         keys = mx.concatenate([ctx_keys, block_keys], axis=2)  # (b, n_kv_heads, S+L, head_dim)
         values = mx.concatenate([ctx_values, block_values], axis=2)
         structure = self._structural_mask(_as_array(q_positions, L), _as_array(ctx_positions, ctx_len))
-        out = mx.fast.scaled_dot_product_attention(
+        out = block_attention(
             queries, keys, values, scale=self.scale, mask=_merge_masks(structure, mask)
         )  # (b, n_heads, L, head_dim)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, L, -1))

@@ -21,6 +21,7 @@ from mlx_lm.models import llama, qwen2, qwen3, qwen3_next
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import scaled_dot_product_attention
 
+from engine.attention import block_attention
 from engine.target import inner_model
 
 # forwards read: q/k/v of the same x, optional per-head q_norm/k_norm, rope at cache.offset, sdpa, o_proj
@@ -143,7 +144,10 @@ def _fused_attention_call(
         keys, values = cache.update_and_fetch(keys, values)
     else:
         queries, keys = self.rope(queries), self.rope(keys)
-    output = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=self.scale, mask=mask)
+    if hasattr(cache, "bits"):  # a quantized KV cache: mlx-lm's quantized attention
+        output = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=self.scale, mask=mask)
+    else:
+        output = block_attention(queries, keys, values, scale=self.scale, mask=mask)
     return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))  # (B, L, H)
 
 

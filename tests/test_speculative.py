@@ -24,8 +24,10 @@ from tiny_models import (
     target_config,
 )
 
+from engine import attention
 from engine.decoder import DecodeStep
 from engine.drafters import DFlashDrafter, NgramDrafter, OracleDrafter, Proposal
+from engine.fused import fuse_projections
 from engine.sampling import SamplingParams, TokenRng, filter_logprobs, token_logprobs
 from engine.speculative import SpeculativeDecoder, accept_draft
 from engine.target import Target
@@ -146,6 +148,28 @@ def test_greedy_dflash_equals_plain(varied: Varied, block_size: int, max_tokens:
     target.close()
     assert out == ref[:max_tokens]
     assert all(s.drafted <= block_size - 1 for s in steps)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_greedy_dflash_with_explicit_block_attention_equals_plain(family: str) -> None:
+    """The CUDA path: packed projections and engine/attention.py's explicit attention for the verify
+    and draft blocks, forced on here; greedy output stays plain decoding's."""
+    cfg = target_config(family, tie_word_embeddings=False)
+    model = build_target(cfg, seed=1)
+    ref, gap = plain_greedy(model, PROMPT, 40)
+    assert gap > MIN_GAP
+    fuse_projections(model)
+    dcfg = draft_config(cfg, block_size=8)
+    target = Target(model, dcfg.target_layer_ids)
+    attention.set_mode("unfused")
+    try:
+        decoder = SpeculativeDecoder(target, DFlashDrafter(build_draft(dcfg, seed=2), target), block_size=8,
+                                     adaptive=False)
+        out, _ = _run(decoder, 40)
+    finally:
+        attention.set_mode(None)
+        target.close()
+    assert out == ref
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

@@ -1,0 +1,96 @@
+"""Attention of a query block (a verify block or a draft block) over a growing context.
+
+Speculative decoding attends with 2..64 query rows over a key length that changes every cycle.
+mx.fast.scaled_dot_product_attention is the right call on the CPU and Metal. On MLX's CUDA
+backend a multi-row query may go to a kernel planned per exact (query, key) shape, so a key
+length never seen before can cost a plan each cycle; the explicit composition below (two matmuls
+and a float32 softmax) has no per-shape setup. `DFLASH_ATTENTION` picks: auto (explicit on CUDA
+for query blocks, fused elsewhere), fused, or unfused.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import mlx.core as mx
+
+Mode = Literal["auto", "fused", "unfused"]
+MODES: tuple[str, ...] = ("auto", "fused", "unfused")
+ENV = "DFLASH_ATTENTION"
+MAX_BLOCK_ROWS = 64  # query rows that count as a verify/draft block; prefill chunks stay fused
+
+_mode: Mode | None = None
+_unfused_backend: bool | None = None
+
+
+def set_mode(mode: str | None) -> None:
+    """Choose the attention path for this process (None: read DFLASH_ATTENTION again)."""
+    global _mode
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"attention mode must be one of {MODES}, got {mode!r}")
+    _mode = mode  # type: ignore[assignment]
+
+
+def mode() -> Mode:
+    if _mode is None:
+        set_mode(os.environ.get(ENV, "auto").strip().lower() or "auto")
+    assert _mode is not None
+    return _mode
+
+
+def _on_cuda() -> bool:
+    global _unfused_backend
+    if _unfused_backend is None:
+        _unfused_backend = mx.default_device() == mx.gpu and hasattr(mx, "cuda") and mx.cuda.is_available()
+    return _unfused_backend
+
+
+def use_unfused(query_rows: int) -> bool:
+    chosen = mode()
+    if chosen == "auto":
+        return 1 < query_rows <= MAX_BLOCK_ROWS and _on_cuda()
+    return chosen == "unfused" and query_rows > 1
+
+
+def block_attention(
+    queries: mx.array, keys: mx.array, values: mx.array, *, scale: float, mask: mx.array | str | None
+) -> mx.array:
+    """softmax(scale · q kᵀ + mask) v with mx.fast's conventions (GQA, "causal", bool or additive masks)."""
+    if use_unfused(queries.shape[2]):
+        return unfused_attention(queries, keys, values, scale=scale, mask=mask)
+    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+
+
+def unfused_attention(
+    queries: mx.array, keys: mx.array, values: mx.array, *, scale: float, mask: mx.array | str | None
+) -> mx.array:
+    """The same product as mx.fast.scaled_dot_product_attention, as plain ops (no per-shape plans)."""
+    b, heads, rows, dim = queries.shape  # (B, H, L, D)
+    kv_heads, length = keys.shape[1], keys.shape[2]  # keys, values: (B, Hkv, S, D)
+    group = heads // kv_heads
+    q = (queries * scale).reshape(b, kv_heads, group, rows, dim)  # (B, Hkv, G, L, D)
+    scores = q @ keys[:, :, None].swapaxes(-1, -2)  # (B, Hkv, G, L, S)
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"unknown attention mask {mask!r}")
+        # the block's rows are the last `rows` positions of the key sequence
+        mask = mx.arange(length)[None] <= mx.arange(length - rows, length)[:, None]  # (L, S)
+    if mask is not None:
+        mask = _split_heads(mask, heads, kv_heads)
+        if mask.dtype == mx.bool_:
+            scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
+        else:
+            scores = scores + mask
+    weights = mx.softmax(scores, axis=-1, precise=True)
+    out = weights @ values[:, :, None]  # (B, Hkv, G, L, D)
+    return out.reshape(b, heads, rows, dim)
+
+
+def _split_heads(mask: mx.array, heads: int, kv_heads: int) -> mx.array:
+    """A mask broadcastable to (B, H, L, S) made broadcastable to (B, Hkv, G, L, S)."""
+    if mask.ndim < 3:
+        return mask
+    lead, h = mask.shape[:-3], mask.shape[-3]
+    split = (kv_heads, heads // kv_heads) if h == heads else (1, 1)
+    return mask.reshape(*lead, *split, *mask.shape[-2:])
