@@ -17,7 +17,8 @@ def _qkv(rows: int, length: int, heads: int = 9, kv_heads: int = 3, dim: int = 6
     return q, k, v
 
 
-@pytest.mark.parametrize("mask_kind", ["none", "causal", "bool", "additive", "bool_per_head"])
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "bool", "additive", "bool_per_head", "bool_shared_head",
+                                       "additive_key_row"])
 @pytest.mark.parametrize("rows,length", [(1, 7), (4, 4), (16, 37), (16, 300)])
 def test_unfused_equals_fast(mask_kind: str, rows: int, length: int) -> None:
     q, k, v = _qkv(rows, length)
@@ -35,6 +36,12 @@ def test_unfused_equals_fast(mask_kind: str, rows: int, length: int) -> None:
         keep = rng.random((2, 9, rows, length)) < 0.5
         keep[..., -1] = True
         mask = mx.array(keep)
+    elif mask_kind == "bool_shared_head":  # (B, 1, L, S)
+        keep = rng.random((2, 1, rows, length)) < 0.6
+        keep[..., 0] = True
+        mask = mx.array(keep)
+    elif mask_kind == "additive_key_row":  # (1, S): one bias per key, every row
+        mask = mx.array(rng.normal(size=(1, length)).astype(np.float32))
     expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
     got = attention.unfused_attention(q, k, v, scale=0.125, mask=mask)
     np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-4, atol=1e-5)
