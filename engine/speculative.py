@@ -241,7 +241,10 @@ class SpeculativeDecoder:
                 self.target.trim(cache, rows)
 
             self.cost_curve = CostCurve.measure(forward, self.block_size)
-        return VerifyWidth(self.block_size - 1, self.cost_curve, learn_overheads=self.learn_overheads)
+        row_cost = getattr(self.drafter, "kept_row_seconds", None)
+        draft_row_s = row_cost(self.block_size - 1) if row_cost is not None and self.learn_overheads else 0.0
+        return VerifyWidth(self.block_size - 1, self.cost_curve, learn_overheads=self.learn_overheads,
+                           draft_row_s=draft_row_s)
 
     def _prefill(
         self, prompt_ids: list[int], cache: list[Any], params: SamplingParams, rng: TokenRng

@@ -66,7 +66,8 @@ class VerifyWidth:
 
     p[i] estimates P(draft i accepted | drafts before it accepted); positions past the last
     rejection are unobserved that cycle and keep their value. Expected tokens for cap c:
-    1 + sum_{i<c} prod_{j<=i} p[j]. Cost: curve(c + 1) + host, + draft when c > 0.
+    1 + sum_{i<c} prod_{j<=i} p[j]. Cost: curve(c + 1) + host, + draft + c * draft_row when c > 0
+    (the draft's LM head runs on the verified rows only, so a narrow cycle drafts cheaper).
     """
 
     def __init__(
@@ -81,6 +82,7 @@ class VerifyWidth:
         max_probe_every: int = 64,
         overhead_alpha: float = 0.1,
         learn_overheads: bool = True,
+        draft_row_s: float = 0.0,
     ) -> None:
         if max_drafts < 1:
             raise ValueError(f"max_drafts must be >= 1, got {max_drafts}")
@@ -91,7 +93,8 @@ class VerifyWidth:
         self.overhead_alpha = overhead_alpha
         self.learn_overheads = learn_overheads  # False: price cycles by the curve alone
         self.accept = [prior] * max_drafts  # optimistic: a drafter starts at full width
-        self.draft_s = 0.0  # drafting + slicing cost of a cycle that verifies drafts
+        self.draft_s = 0.0  # drafting + slicing cost of a cycle that verifies drafts, its fixed part
+        self.draft_row_s = max(draft_row_s, 0.0)  # what each verified draft adds to it (measured, not learned)
         self.host_s = 0.0  # per-cycle cost outside the target forward (learned at width 0)
         self.cap = max_drafts
         self.base_probe_every = probe_every
@@ -109,7 +112,7 @@ class VerifyWidth:
         return total
 
     def cost(self, cap: int) -> float:
-        return self.curve(cap + 1) + self.host_s + (self.draft_s if cap > 0 else 0.0)
+        return self.curve(cap + 1) + self.host_s + (self.draft_s + self.draft_row_s * cap if cap > 0 else 0.0)
 
     def rate(self, cap: int) -> float:
         """Expected committed tokens per second at this width."""
@@ -153,7 +156,8 @@ class VerifyWidth:
         if verified == 0:
             self.host_s = self._ewma(self.host_s, max(residual, 0.0), "host")
         else:
-            self.draft_s = self._ewma(self.draft_s, max(residual - self.host_s, 0.0), "draft")
+            fixed = residual - self.host_s - self.draft_row_s * verified
+            self.draft_s = self._ewma(self.draft_s, max(fixed, 0.0), "draft")
 
     def _ewma(self, value: float, sample: float, name: str) -> float:
         if name not in self._seen:  # the first sample replaces the unknown starting value

@@ -146,6 +146,26 @@ def test_drafting_cost_is_learned_from_cycle_times() -> None:
     assert widths[-5:].count(0) >= 4  # 2 tokens for 2.7x the cost of 1 token: plain wins
 
 
+def test_a_per_row_draft_cost_prices_narrow_cycles_cheaper() -> None:
+    """The draft's LM head runs on verified rows only: with its per-row cost known, the fixed part is
+    learned from full-width cycles and a narrow cycle is priced at what it costs."""
+    fixed, per_row = 0.025, 0.001  # the CPU's fp32 draft: ~25 ms, plus ~1 ms per verified row
+
+    def seconds(width: int) -> float:
+        return CPU_CURVE(width + 1) + (fixed + per_row * width if width else 0.0)
+
+    flat = VerifyWidth(BLOCK - 1, CPU_CURVE)
+    priced = VerifyWidth(BLOCK - 1, CPU_CURVE, draft_row_s=per_row)
+    for controller in (flat, priced):
+        controller.update(BLOCK - 1, 2, seconds(BLOCK - 1))  # a full-width probe
+    assert abs(priced.draft_s - fixed) < 1e-9 and abs(flat.draft_s - (fixed + per_row * (BLOCK - 1))) < 1e-9
+    for c in (1, 2, 4):
+        assert abs(priced.cost(c) - seconds(c)) < 1e-9 and flat.cost(c) > seconds(c)
+    assert priced.cost(BLOCK - 1) == flat.cost(BLOCK - 1)
+    with pytest.raises(ValueError):
+        VerifyWidth(0, CPU_CURVE, draft_row_s=per_row)
+
+
 # --- wired into the decoder ----------------------------------------------------------------
 
 
@@ -176,6 +196,19 @@ def test_greedy_dflash_with_adaptation_equals_plain(varied: tuple) -> None:
     widths = decoder.stats.widths
     assert 0 in widths and widths.count(7) >= 2, widths  # both paths ran, probes included
     assert decoder.stats.syncs == decoder.stats.cycles
+
+
+def test_the_decoder_prices_the_drafts_rows_it_measured(varied: tuple) -> None:
+    cfg, model, ref = varied
+    dcfg = draft_config(cfg, block_size=8)
+    target = Target(model, dcfg.target_layer_ids)
+    drafter = DFlashDrafter(build_draft(dcfg, seed=2), target)
+    assert drafter.kept_row_seconds(1) == 0.0 and drafter.kept_row_seconds(7) >= 0.0
+    decoder = SpeculativeDecoder(target, drafter, block_size=8, cost_curve=CostCurve.linear(0.010, 0.002, 8))
+    out = _decode(decoder, 30)
+    target.close()
+    assert out == ref[:30]
+    assert decoder.verify_width is not None and decoder.verify_width.draft_row_s >= 0.0
 
 
 @pytest.mark.parametrize("wrong_at", [[None], [0, 3, None], [1, 1, 5]])
