@@ -97,6 +97,7 @@ class CycleTiming(NamedTuple):
 class SpecStats:
     cycles: int = 0
     syncs: int = 0  # host syncs inside the cycle loop (one per cycle unless timing="split")
+    chained: int = 0  # width-0 cycles launched before the previous cycle's sync (see _chain)
     drafted: int = 0
     accepted: int = 0
     accept_counts: list[int] = field(default_factory=list)  # histogram of a, as gpt-fast
@@ -144,6 +145,7 @@ class SpeculativeDecoder:
         adaptive: bool = True,
         cost_curve: CostCurve | None = None,
         learn_overheads: bool = True,
+        chain_plain_steps: bool = True,
     ) -> None:
         if block_size < 2:
             raise ValueError(f"block_size must be >= 2 (the anchor plus at least one draft), got {block_size}")
@@ -157,6 +159,9 @@ class SpeculativeDecoder:
         self.adaptive = adaptive
         self.cost_curve = cost_curve  # target seconds by rows; measured once, on first use
         self.learn_overheads = learn_overheads  # draft/host seconds from live cycle times
+        # width-0 cycles queue the next one before their sync, as plain decoding does (hybrid targets
+        # roll back by replaying the last verify only, so they keep one cycle in flight)
+        self.chain_plain_steps = chain_plain_steps and not target.has_recurrent_layers
         self.name = f"speculative-{drafter.name}"
         self.stats = SpecStats()
         self._sync_end = 0.0  # perf_counter() at the last sync's return
@@ -191,7 +196,7 @@ class SpeculativeDecoder:
             return
         self.stats = SpecStats()
         cache = self.target.make_cache()
-        launched: _Cycle | None = None
+        launched: list[_Cycle] = []  # in flight, oldest first; two only while width-0 cycles chain
         try:
             first, first_logprobs, prompt_taps = yield from self._prefill(prompt_ids, cache, params, rng)
             self.drafter.begin(prompt_ids, prompt_taps)
@@ -204,20 +209,24 @@ class SpeculativeDecoder:
             num_committed = len(prompt_ids)  # rows in the target cache
             num_emitted = 1
             if max_tokens > 1:
-                launched = self._launch([first], None, max_tokens - 1, cache, params, rng)
+                launched.append(self._launch([first], None, max_tokens - 1, cache, params, rng))
             yield DecodeStep([first], first_logprobs)
-            while launched is not None:
-                cycle, launched = launched, None
+            while launched:
+                cycle = launched.pop(0)
+                if not launched:
+                    self._chain(cycle, launched, max_tokens - num_emitted - 1, cache, params, rng)
                 accepted, tokens, logprobs = self._finish(cycle, cache)
                 num_committed += accepted + 1  # the anchor and the accepted drafts
-                assert self.target.cache_length(cache) == num_committed, (
-                    f"target cache holds {self.target.cache_length(cache)} rows, {num_committed} committed"
+                in_flight = sum(c.block for c in launched)
+                assert self.target.cache_length(cache) == num_committed + in_flight, (
+                    f"target cache holds {self.target.cache_length(cache)} rows, {num_committed} committed "
+                    f"and {in_flight} in flight"
                 )
                 tokens = tokens[: max_tokens - num_emitted]  # the block was sized to reach max_tokens
                 num_emitted += len(tokens)
-                if num_emitted < max_tokens:
+                if num_emitted < max_tokens and not launched:
                     new_taps = None if cycle.taps is None else cycle.taps[:, : accepted + 1]
-                    launched = self._launch(tokens, new_taps, max_tokens - num_emitted, cache, params, rng)
+                    launched.append(self._launch(tokens, new_taps, max_tokens - num_emitted, cache, params, rng))
                 shown = min(accepted, len(tokens))
                 yield DecodeStep(
                     tokens,
@@ -227,10 +236,29 @@ class SpeculativeDecoder:
                     accepted_positions=tuple(range(shown)),
                 )
         finally:
-            if launched is not None:  # closed early: drop the verify rows nobody will accept
-                self.target.trim(cache, launched.block)
+            for pending in launched:  # closed early: drop the verify rows nobody will accept
+                self.target.trim(cache, pending.block)
             self.drafter.end()
             self._held = ([], [])
+
+    def _chain(
+        self, cycle: _Cycle, launched: list[_Cycle], remaining: int, cache: list[Any], params: SamplingParams,
+        rng: TokenRng,
+    ) -> None:
+        """Before `cycle`'s sync, launch the next cycle too if neither verifies drafts.
+
+        A width-0 cycle commits exactly its one token, so the next one can start from that token
+        still on the device, as plain decoding's next forward does: the device never waits for the
+        host's bookkeeping and graph building between the two.
+        """
+        if not self.chain_plain_steps or self._width is None or self.timing == "split":
+            return
+        if cycle.block != 1 or remaining < 1 or self._width.peek() != 0:
+            return
+        width = self._width.choose()  # 0, as peeked; the state moves as a normal launch moves it
+        taps = None if cycle.taps is None else cycle.taps[:, :1]
+        launched.append(self._launch([cycle.tokens[:1]], taps, remaining, cache, params, rng, width=width))
+        self.stats.chained += 1
 
     def _make_width(self, cache: list[Any], token: int) -> VerifyWidth:
         if self.cost_curve is None:
@@ -275,21 +303,28 @@ class SpeculativeDecoder:
 
     def _launch(
         self,
-        new_tokens: list[int],
+        new_tokens: list[int | mx.array],
         new_taps: mx.array | None,
         remaining: int,
         cache: list[Any],
         params: SamplingParams,
         rng: TokenRng,
+        width: int | None = None,
     ) -> _Cycle:
-        """Build and start one cycle; the block shrinks so it cannot overshoot max_tokens."""
+        """Build and start one cycle; the block shrinks so it cannot overshoot max_tokens.
+
+        `new_tokens` are ints, except a chained cycle's anchor: a (1,) array not yet synced.
+        """
         block = min(self.block_size, remaining + 1)
-        width = block - 1 if self._width is None else min(self._width.choose(), block - 1)
+        if width is None:
+            width = block - 1 if self._width is None else self._width.choose()
+        width = min(width, block - 1)
         clock = time.perf_counter()
         drafts, draft_logprobs = self._draft(new_tokens, new_taps, block - 1, width, params, rng)  # (k,)
         draft_s = self._split_sync(drafts, clock)
         clock = time.perf_counter()
-        anchor = mx.array([new_tokens[-1]], dtype=mx.int32)
+        last = new_tokens[-1]
+        anchor = last if isinstance(last, mx.array) else mx.array([last], dtype=mx.int32)  # (1,)
         verify_ids = mx.concatenate([anchor, drafts]) if drafts.size else anchor  # (k+1,)
         logits, taps = self.target(verify_ids[None], cache, taps=self.drafter.needs_taps)
         logits = logits[0]  # (k+1, V)
@@ -306,7 +341,7 @@ class SpeculativeDecoder:
 
     def _draft(
         self,
-        new_tokens: list[int],
+        new_tokens: list[int | mx.array],
         new_taps: mx.array | None,
         num_drafts: int,
         width: int,
@@ -325,7 +360,8 @@ class SpeculativeDecoder:
             # made here, not at import: a lazy module-level array belongs to the importing thread's stream
             return mx.zeros((0,), dtype=mx.int32), None
         if held_tokens:
-            new_tokens = held_tokens + new_tokens
+            # a chained cycle's anchor was held as an array; it was synced with its cycle since
+            new_tokens = [t if isinstance(t, int) else int(t.item()) for t in held_tokens + new_tokens]
             if new_taps is not None:
                 new_taps = mx.concatenate([*held_taps, new_taps], axis=1)  # (1, n, T*H)
             self._held = ([], [])

@@ -114,6 +114,10 @@ class Target:
         install_recorders(self.layers, self._recurrent_ids)
 
     @property
+    def has_recurrent_layers(self) -> bool:
+        return bool(self._recurrent_ids)
+
+    @property
     def num_layers(self) -> int:
         return len(self.layers)
 

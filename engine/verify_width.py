@@ -118,11 +118,27 @@ class VerifyWidth:
         """Expected committed tokens per second at this width."""
         return self.expected_tokens(cap) / self.cost(cap)
 
+    def rates(self) -> list[float]:
+        """rate(c) for every cap c = 0..max_drafts, in one pass (this runs every cycle)."""
+        rates, total, run = [1.0 / self.cost(0)], 1.0, 1.0
+        for cap, p in enumerate(self.accept, 1):
+            run *= p
+            total += run
+            rates.append(total / self.cost(cap))
+        return rates
+
     def best(self) -> int:
-        rates = [self.rate(c) for c in range(self.max_drafts + 1)]
+        rates = self.rates()
         best = max(range(len(rates)), key=rates.__getitem__)
         # hysteresis: leave the current width only for a clear gain
         return best if rates[best] > rates[self.cap] * (1 + self.margin) else self.cap
+
+    def peek(self) -> int:
+        """What choose() would return now, without moving the probe counter."""
+        cap = self.best()
+        if cap < self.max_drafts and self._since_probe + 1 >= self.probe_every:
+            return self.max_drafts
+        return cap
 
     def choose(self) -> int:
         """The width for the next cycle: the best one, or a full-width probe when it is narrower."""

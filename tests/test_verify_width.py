@@ -146,6 +146,13 @@ def test_drafting_cost_is_learned_from_cycle_times() -> None:
     assert widths[-5:].count(0) >= 4  # 2 tokens for 2.7x the cost of 1 token: plain wins
 
 
+def test_rates_in_one_pass_equal_rate_per_cap() -> None:
+    controller = VerifyWidth(BLOCK - 1, CPU_CURVE, draft_row_s=0.001)
+    controller.accept = [0.9, 0.7, 0.5] + [0.3] * (BLOCK - 4)
+    controller.draft_s, controller.host_s = 0.02, 0.003
+    assert controller.rates() == pytest.approx([controller.rate(c) for c in range(BLOCK)], rel=1e-12)
+
+
 def test_a_per_row_draft_cost_prices_narrow_cycles_cheaper() -> None:
     """The draft's LM head runs on verified rows only: with its per-row cost known, the fixed part is
     learned from full-width cycles and a narrow cycle is priced at what it costs."""
@@ -242,6 +249,48 @@ def test_ngram_on_non_repetitive_text_goes_to_width_zero() -> None:
     shrink = len(widths) - BLOCK  # the last cycles' blocks shrink to reach max_tokens
     assert all(w in (0, BLOCK - 1) for w in widths[settled:shrink]), widths  # 0, or a probe
     assert widths[settled:].count(0) >= 0.8 * len(widths[settled:]), widths
+
+
+@pytest.mark.parametrize("params", [GREEDY, SamplingParams(temperature=0.9, top_p=0.9)], ids=["greedy", "sampled"])
+def test_width_zero_cycles_chain_like_plain_decoding(varied: tuple, params: SamplingParams) -> None:
+    """Settled at width 0, the next cycle is launched before the current one's sync; the tokens are
+    the same as without chaining (sampled too: the random keys are drawn in the same order)."""
+    cfg, model, ref = varied
+    outputs, chained = [], []
+    for chain in (True, False):
+        target = Target(model)
+        drafter = OracleDrafter(ref, vocab_size=cfg["vocab_size"], wrong_at=[0])  # always wrong
+        decoder = SpeculativeDecoder(target, drafter, block_size=BLOCK, cost_curve=CPU_CURVE,
+                                     learn_overheads=False, chain_plain_steps=chain)
+        outputs.append([t for s in decoder.generate(PROMPT, params, 60, TokenRng(3)) for t in s.tokens])
+        chained.append(decoder.stats.chained)
+        assert decoder.stats.syncs == decoder.stats.cycles
+        target.close()
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 60
+    if params.is_greedy:
+        assert outputs[0] == ref
+    assert chained[0] >= 20 and chained[1] == 0, chained
+
+
+def test_closing_while_two_cycles_are_in_flight_rolls_both_back(varied: tuple) -> None:
+    cfg, model, ref = varied
+    caches: list = []
+
+    class Recording(Target):
+        def make_cache(self) -> list:
+            caches.append(super().make_cache())
+            return caches[-1]
+
+    target = Recording(model)
+    decoder = SpeculativeDecoder(target, OracleDrafter(ref, vocab_size=cfg["vocab_size"], wrong_at=[0]),
+                                 block_size=BLOCK, cost_curve=CPU_CURVE, learn_overheads=False)
+    for num_steps in (5, 20, 31):
+        gen = decoder.generate(PROMPT, GREEDY, 60, TokenRng(0))
+        emitted = sum(len(next(gen).tokens) for _ in range(num_steps))
+        gen.close()
+        assert target.cache_length(caches[-1]) == len(PROMPT) + emitted - 1
+    assert decoder.stats.chained > 0
+    target.close()
 
 
 def test_perfect_oracle_stays_at_full_width_on_the_measured_curve(varied: tuple) -> None:
