@@ -2,10 +2,11 @@
 
 Speculative decoding attends with 2..64 query rows over a key length that changes every cycle.
 mx.fast.scaled_dot_product_attention is the right call on the CPU and Metal. On MLX's CUDA
-backend a multi-row query may go to a kernel planned per exact (query, key) shape, so a key
-length never seen before can cost a plan each cycle; the explicit composition below (two matmuls
-and a float32 softmax) has no per-shape setup. `DFLASH_ATTENTION` picks: auto (explicit on CUDA
-for query blocks, fused elsewhere), fused, or unfused.
+backend a multi-row query goes to a kernel planned per exact (query, key) shape: on an H200 (MLX
+0.32.4) a 16-row SmolLM2-135M forward took 47 ms at a key length never seen before and 5.3 ms at a
+repeated one, and the draft's forward 42 ms (bench/attention_shapes.py). The explicit composition
+below (two matmuls and a float32 softmax) has no per-shape setup: 10.6 ms and 1.8 ms in that run.
+`DFLASH_ATTENTION` picks: auto (explicit on CUDA for query blocks, fused elsewhere), fused, or unfused.
 """
 
 from __future__ import annotations
