@@ -208,9 +208,11 @@ class SpeculativeDecoder:
             self._sync_end = time.perf_counter()
             num_committed = len(prompt_ids)  # rows in the target cache
             num_emitted = 1
+            # the first token goes out before the first cycle is built: on the CPU backend async_eval
+            # runs most of a launched graph before returning, which would add a cycle to the TTFT
+            yield DecodeStep([first], first_logprobs)
             if max_tokens > 1:
                 launched.append(self._launch([first], None, max_tokens - 1, cache, params, rng))
-            yield DecodeStep([first], first_logprobs)
             while launched:
                 cycle = launched.pop(0)
                 if not launched:
