@@ -145,7 +145,7 @@ class SpeculativeDecoder:
         adaptive: bool = True,
         cost_curve: CostCurve | None = None,
         learn_overheads: bool = True,
-        chain_plain_steps: bool = True,
+        chain_plain_steps: bool | None = None,
     ) -> None:
         if block_size < 2:
             raise ValueError(f"block_size must be >= 2 (the anchor plus at least one draft), got {block_size}")
@@ -160,7 +160,11 @@ class SpeculativeDecoder:
         self.cost_curve = cost_curve  # target seconds by rows; measured once, on first use
         self.learn_overheads = learn_overheads  # draft/host seconds from live cycle times
         # width-0 cycles queue the next one before their sync, as plain decoding does (hybrid targets
-        # roll back by replaying the last verify only, so they keep one cycle in flight)
+        # roll back by replaying the last verify only, so they keep one cycle in flight). Default: on
+        # GPUs only. The CPU backend's async_eval runs the queued graph before returning, so a chained
+        # cycle's sync-to-sync time would hold two forwards, which the width controller would learn.
+        if chain_plain_steps is None:
+            chain_plain_steps = mx.default_device() == mx.gpu
         self.chain_plain_steps = chain_plain_steps and not target.has_recurrent_layers
         self.name = f"speculative-{drafter.name}"
         self.stats = SpecStats()
