@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from live_server import free_port
 
 pytestmark = [
     pytest.mark.openwebui,
@@ -32,12 +32,6 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 # Legacy (prompt-based) function calling: native mode sends built-in `tools` on every chat, and
 # this model's template has no tool support (the server answers 400). max_tokens keeps CPU runs short.
 MODEL_PARAMS = {"function_calling": "legacy", "max_tokens": 96}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(url: str, seconds: float, proc: subprocess.Popen) -> None:
