@@ -33,6 +33,7 @@ import mlx.core as mx
 
 from engine.blas import blas_status, maybe_reexec_with_openblas
 from engine.sampling import SamplingParams, TokenRng
+from engine.serving_model import prepare_model
 
 GREEDY = SamplingParams(temperature=0.0)
 PROMPTS = {
@@ -103,17 +104,6 @@ def cast_model(model: Any, dtype: str) -> Any:
     return model
 
 
-def prepare_as_server(model: Any, *, fuse: bool) -> str:
-    """What ServingModel does after loading: packed projections, verify-width kernels on a GPU."""
-    from engine.fused import fuse_projections
-    from engine.verify_matmul import apply as use_verify_kernels, default_verify_matmul
-
-    notes = [f"packed projections in {fuse_projections(model)} layers" if fuse else "unfused projections"]
-    if default_verify_matmul().kernel is not None:
-        notes.append(f"verify kernels considered for {use_verify_kernels(model)} quantized layers")
-    return ", ".join(notes)
-
-
 class Bench:
     """The methods under test, sharing one loaded target."""
 
@@ -123,7 +113,7 @@ class Bench:
         self.args = args
         self.loaded = load_model(args.model, dequantize=True if args.target_dtype != "native" else None)
         self.model = cast_model(self.loaded.model, args.target_dtype)
-        self.prepared = prepare_as_server(self.model, fuse=not args.no_fuse)
+        self.prepared = prepare_model(self.model, fuse=not args.no_fuse)  # as ServingModel.load does
         self.wrapper = self._no_eos_wrapper()
         self.plain_out: dict[str, list[int]] = {}
         self.measuring = False  # False in the warm-up round

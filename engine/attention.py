@@ -23,7 +23,7 @@ ENV = "DFLASH_ATTENTION"
 MAX_BLOCK_ROWS = 64  # query rows that count as a verify/draft block; prefill chunks stay fused
 
 _mode: Mode | None = None
-_unfused_backend: bool | None = None
+_cuda: bool | None = None  # MLX's default device is a CUDA GPU (read once)
 
 
 def set_mode(mode: str | None) -> None:
@@ -42,10 +42,10 @@ def mode() -> Mode:
 
 
 def _on_cuda() -> bool:
-    global _unfused_backend
-    if _unfused_backend is None:
-        _unfused_backend = mx.default_device() == mx.gpu and hasattr(mx, "cuda") and mx.cuda.is_available()
-    return _unfused_backend
+    global _cuda
+    if _cuda is None:
+        _cuda = mx.default_device() == mx.gpu and hasattr(mx, "cuda") and mx.cuda.is_available()
+    return _cuda
 
 
 def use_unfused(query_rows: int) -> bool:

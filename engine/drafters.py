@@ -10,8 +10,6 @@ Proposals must not force a host sync: the decoder syncs once per cycle.
 
 from __future__ import annotations
 
-import time
-
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
@@ -20,6 +18,7 @@ import mlx.core as mx
 from engine.draft import DFlashDraft
 from engine.sampling import SamplingParams, TokenRng, filter_logprobs
 from engine.target import Target
+from engine.verify_width import CostCurve
 
 
 class Proposal(NamedTuple):
@@ -117,24 +116,20 @@ class DFlashDrafter:
     def end(self) -> None:
         self._cache, self._unseen = None, []
 
-    def kept_row_seconds(self, max_rows: int, repeats: int = 3) -> float:
+    def kept_row_seconds(self, max_rows: int) -> float:
         """What each verified proposal adds to a draft forward: its LM-head row (V wide) and argmax.
 
-        Timed once on zeros (the cost does not depend on the values), fastest of `repeats`.
+        Timed once on zeros (the cost does not depend on the values), as the target's cost curve is.
         """
         if max_rows < 2:
             return 0.0
         hidden = mx.zeros((max_rows, self.draft.config.hidden_size), dtype=self.draft.norm.weight.dtype)
 
-        def run(rows: int) -> float:
-            start = time.perf_counter()
+        def lm_head_rows(rows: int) -> None:
             mx.eval(mx.argmax(self.draft.logits(hidden[:rows], self.target.lm_head), axis=-1))
-            return time.perf_counter() - start
 
-        run(max_rows)  # warm up
-        one = min(run(1) for _ in range(repeats))
-        full = min(run(max_rows) for _ in range(repeats))
-        return max(full - one, 0.0) / (max_rows - 1)
+        curve = CostCurve.measure(lm_head_rows, max_rows)
+        return max(curve(max_rows) - curve(1), 0.0) / (max_rows - 1)
 
 
 class NgramDrafter:

@@ -37,15 +37,8 @@ class ServingModel:
         if pair is not None:  # a known pair's name stands for its target (and its draft by default)
             config = replace(config, model=pair.target)
         loaded = load_model(config.model, dequantize=dequantize)
-        if config.fuse_projections:
-            from engine.fused import fuse_projections
-
-            # before the decoders are built: plain and speculative share the fused model
-            log.info("packed Q/K/V and gate/up projections in %d layers", fuse_projections(loaded.model))
-        from engine.verify_matmul import apply as use_verify_kernels, default_verify_matmul
-
-        if default_verify_matmul().kernel is not None:  # a GPU backend; the CPU keeps MLX's own matmul
-            use_verify_kernels(loaded.model)  # after fusing, so the packed layers are the ones swapped
+        # before the decoders are built: plain and speculative share the prepared model
+        log.info("target: %s", prepare_model(loaded.model, fuse=config.fuse_projections))
         plain = PlainDecoder(loaded.model, prefill_chunk=config.prefill_chunk)
         speculative, drafter = build_speculative(loaded, config)
         return cls(
@@ -58,6 +51,18 @@ class ServingModel:
             backend=describe_backend(),
             description=loaded.description,
         )
+
+
+def prepare_model(model: object, *, fuse: bool) -> str:
+    """Packed Q/K/V and gate/up projections, then verify-width kernels on a GPU; says what was done."""
+    from engine.fused import fuse_projections
+    from engine.verify_matmul import apply as use_verify_kernels, default_verify_matmul
+
+    notes = [f"packed projections in {fuse_projections(model)} layers" if fuse else "unfused projections"]
+    if default_verify_matmul().kernel is not None:  # a GPU backend; the CPU keeps MLX's own matmul
+        # after fusing, so the packed layers are the ones swapped
+        notes.append(f"verify kernels considered for {use_verify_kernels(model)} quantized layers")
+    return ", ".join(notes)
 
 
 def resolve_draft(spec: str, target: str, model_id: str) -> str | None:

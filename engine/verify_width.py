@@ -136,23 +136,25 @@ class VerifyWidth:
     def peek(self) -> int:
         """What choose() would return now, without moving the probe counter."""
         cap = self.best()
-        if cap < self.max_drafts and self._since_probe + 1 >= self.probe_every:
-            return self.max_drafts
-        return cap
+        return self.max_drafts if self._probe_due(cap) else cap
 
     def choose(self) -> int:
         """The width for the next cycle: the best one, or a full-width probe when it is narrower."""
         self.cap = self.best()
         self._probing = False
         if self.cap < self.max_drafts:
-            self._since_probe += 1
-            if self._since_probe >= self.probe_every:
+            if self._probe_due(self.cap):
                 self._since_probe = 0
                 self._probing = True
                 return self.max_drafts
+            self._since_probe += 1
         else:
             self._since_probe = 0
         return self.cap
+
+    def _probe_due(self, cap: int) -> bool:
+        """Whether the next narrower-than-full cycle is the one that probes the full width."""
+        return cap < self.max_drafts and self._since_probe + 1 >= self.probe_every
 
     def update(self, verified: int, accepted: int, seconds: float | None = None) -> None:
         """After a cycle: `verified` drafts went to the target, the first `accepted` were kept."""
