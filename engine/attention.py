@@ -1,12 +1,15 @@
 """Attention of a query block (a verify block or a draft block) over a growing context.
 
 Speculative decoding attends with 2..64 query rows over a key length that changes every cycle.
-mx.fast.scaled_dot_product_attention is the right call on the CPU and Metal. On MLX's CUDA
+mx.fast.scaled_dot_product_attention is the right call on Metal. On MLX's CUDA
 backend a multi-row query goes to a kernel planned per exact (query, key) shape: on an H200 (MLX
 0.32.4) a 16-row SmolLM2-135M forward took 47 ms at a key length never seen before and 5.3 ms at a
 repeated one, and the draft's forward 42 ms (bench/attention_shapes.py). The explicit composition
 below (two matmuls and a float32 softmax) has no per-shape setup: 10.6 ms and 1.8 ms in that run.
-`DFLASH_ATTENTION` picks: auto (explicit on CUDA for query blocks, fused elsewhere), fused, or unfused.
+On the CPU the explicit composition's softmax uses engine/fast_exp.py (MLX's CPU exp is scalar): a
+16-row verify 172 -> 155 ms, decode rows unchanged (68 ms), so the CPU takes it for 1..64 rows.
+`DFLASH_ATTENTION` picks: auto (explicit on CUDA for query blocks and on the CPU for up to 64 rows,
+fused elsewhere), fused, or unfused.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import threading
 from typing import Literal
 
 import mlx.core as mx
+
+from engine import fast_exp
 
 Mode = Literal["auto", "fused", "unfused"]
 MODES: tuple[str, ...] = ("auto", "fused", "unfused")
@@ -51,6 +56,8 @@ def _on_cuda() -> bool:
 def use_unfused(query_rows: int) -> bool:
     chosen = mode()
     if chosen == "auto":
+        if fast_exp.enabled():  # the CPU: decode and verify rows alike get the polynomial exp
+            return query_rows <= MAX_BLOCK_ROWS
         return 1 < query_rows <= MAX_BLOCK_ROWS and _on_cuda()
     return chosen == "unfused" and query_rows > 1
 
@@ -80,7 +87,7 @@ def unfused_attention(
             scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
         else:
             scores = scores + mask
-    weights = mx.softmax(scores, axis=-1, precise=True)
+    weights = fast_exp.softmax(scores, axis=-1)  # float32 softmax (mx.softmax(precise=True) off the CPU)
     return (weights @ values).reshape(b, heads, rows, dim)  # (B, H, L, D)
 
 

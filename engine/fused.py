@@ -18,9 +18,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import llama, qwen2, qwen3, qwen3_next
-from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import scaled_dot_product_attention
 
+from engine import fast_exp
 from engine.attention import block_attention
 from engine.target import inner_model
 
@@ -153,4 +153,4 @@ def _fused_attention_call(
 
 def _fused_mlp_call(self: nn.Module, x: mx.array) -> mx.array:
     gate, up = mx.split(self.gate_up_proj(x), [self._gate_up_split], axis=-1)  # 2x (..., I)
-    return self.down_proj(swiglu(gate, up))
+    return self.down_proj(fast_exp.swiglu(gate, up))
