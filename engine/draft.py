@@ -17,11 +17,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache
-from mlx_lm.models.qwen3 import MLP
 from mlx_lm.models.rope_utils import initialize_rope
 
+from engine import fast_exp
 from engine.attention import block_attention
 from engine.gguf import materialize  # one per-layer loading bar for targets and drafts
+from engine.transposed import transpose_linears, untransposed_parameters
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
@@ -267,6 +268,19 @@ class DraftAttention(nn.Module):
         return mx.concatenate([ctx_ok, block_ok], axis=1)
 
 
+class MLP(nn.Module):
+    """mlx-lm's qwen3 MLP (same parameter names) with engine/fast_exp's SwiGLU on the CPU."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(fast_exp.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
 class DraftLayer(nn.Module):
     def __init__(self, config: DraftConfig, layer_idx: int) -> None:
         super().__init__()
@@ -396,7 +410,10 @@ def load_draft(
     # float32 on the CPU backend, as the target: its bf16 matmuls skip BLAS (one draft MLP over a
     # 16-row block took 16.9 ms in bf16, 2.3 ms in float32 with OpenBLAS)
     on_cpu = mx.default_device() == mx.cpu
-    return materialize(draft, dequantize=on_cpu, desc=f"loading draft {Path(path).name}" + (" (to float32)" if on_cpu else ""))
+    draft = materialize(draft, dequantize=on_cpu, desc=f"loading draft {Path(path).name}" + (" (to float32)" if on_cpu else ""))
+    if on_cpu:  # and stored transposed, as the target's (engine/transposed.py); this copy is for inference
+        transpose_linears(draft)
+    return draft
 
 
 def _check_against_target(config: DraftConfig, hidden: int, vocab: int, num_layers: int) -> None:
@@ -438,7 +455,7 @@ def save_draft(draft: DFlashDraft, path: str | Path, dtype: mx.Dtype = mx.bfloat
     path.mkdir(parents=True, exist_ok=True)
     weights = {
         k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
-        for k, v in tree_flatten(draft.parameters())
+        for k, v in untransposed_parameters(draft)  # a draft loaded on the CPU stores its matrices transposed
     }
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})
     config = draft.config.to_dict()

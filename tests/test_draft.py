@@ -24,6 +24,7 @@ from engine.draft import (
     load_draft,
     save_draft,
 )
+from engine.transposed import untransposed_parameters
 
 TARGET = target_config("qwen3")
 TARGET_SIZES = {"target_hidden_size": 64, "target_vocab_size": 96, "target_num_layers": 4}
@@ -89,12 +90,16 @@ def test_save_and_load_use_the_published_keys(tmp_path: Path) -> None:
     save_tiny_draft(draft, tmp_path)
     assert set(mx.load(str(tmp_path / "model.safetensors"))) == _published_keys(2)
     loaded = load_draft(tmp_path, **TARGET_SIZES)
-    for (k, a), (_, b) in zip(tree_flatten(draft.parameters()), tree_flatten(loaded.parameters()), strict=True):
+    # on the CPU the loaded copy stores its matrices transposed (engine/transposed.py)
+    for (k, a), (_, b) in zip(tree_flatten(draft.parameters()), untransposed_parameters(loaded), strict=True):
         assert mx.array_equal(a, b), k
     save_draft(draft, tmp_path / "bf16")  # default dtype: what z-lab publishes
     assert mx.load(str(tmp_path / "bf16" / "model.safetensors"))["fc.weight"].dtype == mx.bfloat16
     on_cpu = mx.default_device() == mx.cpu  # where bf16 matmuls skip BLAS, drafts run in float32
-    assert load_draft(tmp_path / "bf16", **TARGET_SIZES).fc.weight.dtype == (mx.float32 if on_cpu else mx.bfloat16)
+    reloaded = dict(untransposed_parameters(load_draft(tmp_path / "bf16", **TARGET_SIZES)))
+    assert reloaded["fc.weight"].dtype == (mx.float32 if on_cpu else mx.bfloat16)
+    save_draft(loaded, tmp_path / "again", dtype=mx.float32)  # a loaded (transposed) draft saves as published
+    assert set(mx.load(str(tmp_path / "again" / "model.safetensors"))) == _published_keys(2)
 
 
 def _corrupt(path: Path, what: str) -> dict[str, int]:
