@@ -124,7 +124,12 @@ def test_a_kernel_that_fails_numerics_is_rejected() -> None:
 
 
 def test_a_slower_kernel_is_rejected() -> None:
-    verify = vm.VerifyMatmul(backend="cuda", kernel=FakeKernel("slow"), enabled=True)  # real timer
+    def timer(fn: object) -> float:
+        # the kernel is timed for real; the reference's timings are injected so that there is
+        # something to win on any device (on an H200 16 rows of SPEC cost what 1 row does)
+        return {"bucket_reference": 1.0, "one_row_reference": 0.3}.get(fn.__name__) or vm.time_ms(fn)
+
+    verify = vm.VerifyMatmul(backend="cuda", kernel=FakeKernel("slow"), enabled=True, timer=timer)
     decision = verify.decide(SPEC, 16)
     assert decision.tiling is None and decision.reason == "kernel not faster"
     assert decision.kernel_ms > decision.reference_ms
