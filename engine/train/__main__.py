@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--split", default="train", help="which prompt split to answer")
     p.add_argument("--limit", type=int, default=0, help="answer only the first N prompts (0: all)")
+    p.add_argument("--skip", type=int, default=0,
+                   help="start after the first N prompts (answered in an earlier run whose data is elsewhere)")
     p.add_argument("--mode", choices=("greedy", "sampled", "mixed", "both"), default="greedy",
                    help="decoding: mixed = one answer each, sampled with --sample-fraction; both = two answers each")
     p.add_argument("--temperature", type=float, default=0.8)
@@ -223,6 +225,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         time_limit=args.time_limit,
     )
     prompts = read_prompts(args.out / "prompts", args.split)
+    prompts = prompts[args.skip :]
     prompts = prompts[: args.limit] if args.limit else prompts
     loaded = load_target(args)
     meta = {"model_id": loaded.model_id, "split": args.split, "vocab_size": loaded.tokenizer.vocab_size}
