@@ -2,9 +2,10 @@
 # natively and only Open WebUI in Docker (README, "Open WebUI").
 FROM python:3.11-slim
 
-# OpenBLAS: the mlx-cpu wheel's reference BLAS is ~30x slower at fp32 matmuls; the server preloads this one.
+# The mlx-cpu wheel's reference BLAS is ~30x slower at fp32 matmuls; the server preloads a fast one:
+# MKL (the mkl wheel, x86-64; its GNU threading layer needs libgomp1), else OpenBLAS.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libopenblas0-pthread \
+    && apt-get install -y --no-install-recommends libopenblas0-pthread libgomp1 \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app

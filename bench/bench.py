@@ -11,7 +11,7 @@ Rows: `plain` (PlainDecoder), `mlx_lm` (mlx_lm.stream_generate on the same model
 and `reference` (dflash==0.1.0 `dflash/model_mlx.py`, on its own copy of the target) when the
 DFlash drafter runs. The target is prepared as the server prepares it (packed projections unless
 --no-fuse; verify-width kernels on a GPU), shared by every row but the reference, which runs its
-own copy as dflash==0.1.0 loads it. JSON and a PNG chart go to --out. On Linux it re-execs with OpenBLAS.
+own copy as dflash==0.1.0 loads it. JSON and a PNG chart go to --out. On Linux it re-execs with MKL or OpenBLAS.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlx.core as mx
 
-from engine.blas import blas_status, maybe_reexec_with_openblas
+from engine.blas import blas_status, maybe_reexec_with_blas
 from engine.sampling import SamplingParams, TokenRng
 from engine.serving_model import prepare_model
 
@@ -140,7 +140,14 @@ class Bench:
         return Run("plain", name, tokens, ttft, dec)
 
     def mlx_lm(self, name: str, ids: list[int]) -> Run:
+        import mlx_lm.generate
         from mlx_lm import stream_generate
+
+        if mx.default_device() == mx.cpu:
+            # mlx-lm decodes on a stream of its own: on the CPU that is a second worker thread, whose
+            # own OpenMP team then slowed every method here by ~25% under MKL (2 cores). Alone in a
+            # process it is the only stream computing, as it is on the default stream here.
+            mlx_lm.generate.generation_stream = mx.default_stream(mx.cpu)
 
         stream = ([r.token] for r in stream_generate(self.model, self.wrapper, ids, max_tokens=self.args.max_tokens))
         return Run("mlx_lm", name, *timed(stream))
@@ -292,7 +299,7 @@ def main() -> None:
     parser.add_argument("--prompts", default=",".join(PROMPTS), help=f"comma list of {', '.join(PROMPTS)}")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "dflash-bench")
     args = parser.parse_args()
-    maybe_reexec_with_openblas()
+    maybe_reexec_with_blas()
     from engine import attention
 
     attention.set_mode(args.attention)

@@ -10,7 +10,7 @@ config. Per prompt, in a rotating order each round: `engine` (in-process), `http
 SSE, completion tokens from stream_options.include_usage) and `http-nonstream`. Greedy; the API has
 no ignore_eos, so answers end at EOS or --max-tokens and every method counts the same tokens
 (checked). Reports tok/s, TTFT, the http/engine ratios (target >= 0.95), per-delta server-side costs
-measured in-process, and the load average; JSON goes to --out. On Linux it re-execs with OpenBLAS
+measured in-process, and the load average; JSON goes to --out. On Linux it re-execs with MKL or OpenBLAS
 (the server subprocess inherits the preload).
 """
 
@@ -39,7 +39,7 @@ import mlx.core as mx
 # bench/bench.py's prompts: this directory is sys.path[0] when run as a script
 from bench import PROMPTS
 from load_test import free_port
-from engine.blas import blas_status, maybe_reexec_with_openblas
+from engine.blas import blas_status, maybe_reexec_with_blas
 from engine.sampling import SamplingParams, TokenRng
 
 GREEDY = SamplingParams(temperature=0.0)  # what the server builds for {"temperature": 0}
@@ -359,7 +359,7 @@ def print_summary(summary: dict[str, Any], load: list[float]) -> None:
 
 def main() -> None:
     if sys.argv[1:2] == ["--serve-tiny"]:  # this script as the --tiny server process
-        maybe_reexec_with_openblas()
+        maybe_reexec_with_blas()
         return serve_tiny(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-draft", action="store_true", help="plain decoding (the server's --no-draft)")
@@ -372,7 +372,7 @@ def main() -> None:
     parser.add_argument("--prompts", default="code,chat,math", help=f"comma list of {', '.join(PROMPTS)}")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "dflash-http-overhead")
     args = parser.parse_args()
-    maybe_reexec_with_openblas()
+    maybe_reexec_with_blas()
     args.out.mkdir(parents=True, exist_ok=True)
     server_argv = ["--port", str(free_port()), *(["--no-draft"] if args.no_draft else []), *args.server_args.split()]
     name = "tiny" if args.tiny else "nodraft" if args.no_draft else "dflash"

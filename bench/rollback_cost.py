@@ -11,7 +11,7 @@ replays (dflash-mlx, spec §2.4) from a tape computed outside the timing, per st
 matmul); the tape itself would have to come out of the verify forward's recurrence, whose
 cost is not counted. And a loop-free recompute that needs no tape (the innovations solve a
 small triangular system). Each alternative is checked against the shipped recompute first.
-Runs on whatever device MLX defaults to (CPU here, with OpenBLAS as the server; Metal or CUDA elsewhere).
+Runs on whatever device MLX defaults to (CPU here, with MKL or OpenBLAS as the server; Metal or CUDA elsewhere).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from mlx.utils import tree_map_with_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.blas import blas_status, maybe_reexec_with_openblas  # noqa: E402
+from engine.blas import blas_status, maybe_reexec_with_blas  # noqa: E402
 from engine.recurrent_rollback import RecurrentCache, StepRecord  # noqa: E402
 from engine.target import Target  # noqa: E402
 
@@ -230,7 +230,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="default: float32 on the CPU, bfloat16 on a GPU")
     args = parser.parse_args()
-    maybe_reexec_with_openblas()  # as the server runs on Linux CPUs; a no-op elsewhere
+    maybe_reexec_with_blas()  # as the server runs on Linux CPUs; a no-op elsewhere
     print(f"[bench] MLX {mx.__version__} {mx.default_device()}, {blas_status()}")
     dtype = getattr(mx, args.dtype or ("float32" if mx.default_device() == mx.cpu else "bfloat16"))
     for shape in args.shapes:

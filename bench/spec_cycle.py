@@ -7,7 +7,7 @@ excluded), and the per-cycle time split. A pipelined run (the default: one sync 
 the next cycle launched before the step is yielded) gives launch / host (the caller) / wait;
 a second run that syncs after the draft and after the verify gives the draft / verify split.
 The caller's work in a cycle was hidden when the sync still had to wait after it.
-On Linux the process re-execs with OpenBLAS preloaded, as the server does.
+On Linux the process re-execs with MKL or OpenBLAS preloaded, as the server does.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import mlx.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.blas import blas_status, maybe_reexec_with_openblas  # noqa: E402
+from engine.blas import blas_status, maybe_reexec_with_blas  # noqa: E402
 from engine.decoder import Decoder  # noqa: E402
 from engine.draft import DFlashDraft, DraftConfig, build_target_layer_ids  # noqa: E402
 from engine.drafters import DFlashDrafter, Drafter, NgramDrafter, OracleDrafter  # noqa: E402
@@ -151,7 +151,7 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true",
                         help="a new decoder per run: the verify-width controller relearns every request")
     args = parser.parse_args()
-    maybe_reexec_with_openblas()
+    maybe_reexec_with_blas()
     model, detok, prompt, description = load(args.model)
     if not args.no_fuse:  # as the server does (EngineConfig.fuse_projections)
         description += f", packed projections in {fuse_projections(model)} layers"

@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None) -> None:
 
         print(describe_pairs())
         return
-    from engine.blas import maybe_reexec_with_openblas
+    from engine.blas import maybe_reexec_with_blas
 
-    maybe_reexec_with_openblas(["-m", "server", *argv])
+    maybe_reexec_with_blas(["-m", "server", *argv])
     try:
         config = build_config(args)
         from server.chat_template import load_chat_template

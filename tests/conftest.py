@@ -9,17 +9,17 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from engine.blas import find_openblas, maybe_reexec_with_openblas, openblas_reexec_env
+from engine.blas import blas_reexec_env, find_blas, maybe_reexec_with_blas
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Run the suite with OpenBLAS preloaded, as the server runs (a no-op where it is not wanted)."""
-    if openblas_reexec_env(os.environ, find_openblas(), on_cpu=mx.default_device() == mx.cpu) is None:
+    """Run the suite with MKL or OpenBLAS preloaded, as the server runs (a no-op where it is not wanted)."""
+    if blas_reexec_env(os.environ, find_blas(), on_cpu=mx.default_device() == mx.cpu) is None:
         return
     capture = config.pluginmanager.getplugin("capturemanager")
     if capture is not None:
         capture.stop_global_capturing()  # give the re-exec'd run the real stdout/stderr
-    maybe_reexec_with_openblas()
+    maybe_reexec_with_blas()
 
 from engine.gguf import read_gguf
 from engine.plain_decoder import PlainDecoder

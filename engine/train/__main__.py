@@ -348,9 +348,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
-        from engine.blas import maybe_reexec_with_openblas
+        from engine.blas import maybe_reexec_with_blas
 
-        maybe_reexec_with_openblas()  # may replace the process; no-op on a GPU
+        maybe_reexec_with_blas()  # may replace the process; no-op on a GPU
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 
