@@ -104,6 +104,20 @@ def cast_model(model: Any, dtype: str) -> Any:
     return model
 
 
+def one_cpu_stream() -> Any:
+    """The stream mlx_lm's loop and the reference decode on: on the CPU, the default one.
+
+    Each CPU stream is a worker thread, and under MKL each thread that calls BLAS gets its own OpenMP
+    team: once a second stream had decoded, every method here ran ~30% slower (2 cores, 24 -> 17
+    tok/s plain). A method alone in a process has one stream computing, as every method has here.
+    """
+    import mlx_lm.generate
+
+    if mx.default_device() == mx.cpu:
+        mlx_lm.generate.generation_stream = mx.default_stream(mx.cpu)
+    return mlx_lm.generate.generation_stream
+
+
 class Bench:
     """The methods under test, sharing one loaded target."""
 
@@ -111,6 +125,7 @@ class Bench:
         from engine.loader import load_model
 
         self.args = args
+        self.stream = one_cpu_stream()
         self.loaded = load_model(args.model, dequantize=True if args.target_dtype != "native" else None)
         self.model = cast_model(self.loaded.model, args.target_dtype)
         self.prepared = prepare_model(self.model, fuse=not args.no_fuse)  # as ServingModel.load does
@@ -140,16 +155,10 @@ class Bench:
         return Run("plain", name, tokens, ttft, dec)
 
     def mlx_lm(self, name: str, ids: list[int]) -> Run:
-        import mlx_lm.generate
         from mlx_lm import stream_generate
 
-        if mx.default_device() == mx.cpu:
-            # mlx-lm decodes on a stream of its own: on the CPU that is a second worker thread, whose
-            # own OpenMP team then slowed every method here by ~25% under MKL (2 cores). Alone in a
-            # process it is the only stream computing, as it is on the default stream here.
-            mlx_lm.generate.generation_stream = mx.default_stream(mx.cpu)
-
-        stream = ([r.token] for r in stream_generate(self.model, self.wrapper, ids, max_tokens=self.args.max_tokens))
+        stream = ([r.token] for r in stream_generate(self.model, self.wrapper, ids, max_tokens=self.args.max_tokens,
+                                                     stream=self.stream))
         return Run("mlx_lm", name, *timed(stream))
 
     def _add_speculative(self, drafter: str) -> None:
@@ -215,6 +224,7 @@ class Bench:
         from engine.loader import load_model
 
         ref.snapshot_download = lambda *a, **k: str(self.draft_dir)  # a local directory, no hub
+        ref.generation_stream = self.stream  # it imported mlx-lm's by name (see one_cpu_stream)
         ref_draft = ref.load_draft("local/draft")
         native = self.args.target_dtype == "native"  # its layer hooks stay off our model
         ref_model = cast_model(load_model(self.args.model, dequantize=None if native else True).model, self.args.target_dtype)
