@@ -93,6 +93,7 @@ class VerifyWidth:
         self.overhead_alpha = overhead_alpha
         self.learn_overheads = learn_overheads  # False: price cycles by the curve alone
         self.accept = [prior] * max_drafts  # optimistic: a drafter starts at full width
+        self.seen = [0] * max_drafts  # cycles that observed each position (it was verified, all before accepted)
         self.draft_s = 0.0  # drafting + slicing cost of a cycle that verifies drafts, its fixed part
         self.draft_row_s = max(draft_row_s, 0.0)  # what each verified draft adds to it (measured, not learned)
         self.host_s = 0.0  # per-cycle cost outside the target forward (learned at width 0)
@@ -104,9 +105,21 @@ class VerifyWidth:
         self._probing = False
         self._seen: set[str] = set()
 
+    def estimates(self) -> list[float]:
+        """accept[], except that a position never observed is trusted no more than the one before it.
+
+        Positions past the usual rejection point are never verified-and-reached, so their optimistic
+        prior would stay 1.0: on the CPU that priced a full block (88 ms) near a 3-draft cycle (63 ms).
+        """
+        out, last = [], 1.0
+        for p, n in zip(self.accept, self.seen):
+            last = p if n else min(p, last)
+            out.append(last)
+        return out
+
     def expected_tokens(self, cap: int) -> float:
         total, run = 1.0, 1.0
-        for p in self.accept[:cap]:
+        for p in self.estimates()[:cap]:
             run *= p
             total += run
         return total
@@ -121,7 +134,7 @@ class VerifyWidth:
     def rates(self) -> list[float]:
         """rate(c) for every cap c = 0..max_drafts, in one pass (this runs every cycle)."""
         rates, total, run = [1.0 / self.cost(0)], 1.0, 1.0
-        for cap, p in enumerate(self.accept, 1):
+        for cap, p in enumerate(self.estimates(), 1):
             run *= p
             total += run
             rates.append(total / self.cost(cap))
@@ -130,8 +143,10 @@ class VerifyWidth:
     def best(self) -> int:
         rates = self.rates()
         best = max(range(len(rates)), key=rates.__getitem__)
-        # hysteresis: leave the current width only for a clear gain
-        return best if rates[best] > rates[self.cap] * (1 + self.margin) else self.cap
+        # hysteresis: leave the current width only for a clear gain, but never hold one that plain steps beat
+        if rates[best] > rates[self.cap] * (1 + self.margin):
+            return best
+        return 0 if self.cap > 0 and rates[0] >= rates[self.cap] else self.cap
 
     def peek(self) -> int:
         """What choose() would return now, without moving the probe counter."""
@@ -161,6 +176,7 @@ class VerifyWidth:
         for i in range(min(accepted + 1, verified)):
             hit = 1.0 if i < accepted else 0.0
             self.accept[i] += self.alpha * (hit - self.accept[i])
+            self.seen[i] += 1
         if seconds is not None and self.learn_overheads:
             self._learn_overheads(verified, seconds)
         if self._probing:

@@ -58,7 +58,10 @@ def perfect(width: int) -> int:
 def test_expected_tokens_is_one_plus_sum_of_prefix_products() -> None:
     controller = VerifyWidth(3, CPU_CURVE)
     controller.accept = [0.5, 0.5, 1.0]
+    controller.seen = [1, 1, 1]
     assert [controller.expected_tokens(c) for c in range(4)] == [1.0, 1.5, 1.75, 2.0]
+    controller.seen = [1, 1, 0]  # never observed: trusted no more than the position before it
+    assert [controller.expected_tokens(c) for c in range(4)] == [1.0, 1.5, 1.75, 1.875]
 
 
 def test_cost_curve_from_points_interpolates_and_never_decreases() -> None:
@@ -352,3 +355,25 @@ def _catch(run: Callable[[], object]) -> object:
         return run()
     except Exception as e:  # noqa: BLE001 - the main thread asserts on it
         return e
+
+
+def test_never_observed_positions_do_not_pull_toward_the_full_block() -> None:
+    # a trace of the shipped draft on this CPU (math prompt): estimates after ~50 cycles, positions 7+
+    # never reached, and the measured MKL cost curve; their prior of 1.0 made the full block look best
+    curve = CostCurve.from_points({1: 0.0504, 2: 0.0504, 4: 0.0525, 8: 0.075, 16: 0.0884}, BLOCK)
+    controller = VerifyWidth(BLOCK - 1, curve, margin=0.0, draft_row_s=0.00036)
+    controller.draft_s, controller.host_s = 0.016, 0.0032
+    controller.accept = [0.84, 0.76, 0.58, 0.75, 0.69, 0.7] + [1.0] * (BLOCK - 7)
+    controller.seen = [50, 40, 30, 20, 10, 5] + [0] * (BLOCK - 7)
+    assert controller.estimates()[6:] == [0.7] * (BLOCK - 7)
+    assert controller.best() <= 6
+    controller.seen = [1] * (BLOCK - 1)  # as if the 1.0s had been observed
+    assert controller.best() == BLOCK - 1
+
+
+def test_a_width_that_plain_steps_beat_is_not_held_by_hysteresis() -> None:
+    controller = VerifyWidth(BLOCK - 1, CPU_CURVE)  # free drafts: width 1 and plain nearly tie
+    controller.cap = 1
+    controller.accept[0], controller.seen[0] = 0.01, 10
+    assert controller.rates()[0] >= controller.rates()[1]
+    assert controller.best() == 0
