@@ -2,8 +2,9 @@
 
 On Linux MLX's CPU `exp` runs one scalar call per element: ~18 ns, so in a 16-row SmolLM2 verify
 the SwiGLU and the attention softmax cost ~45 of 183 ms (2 cores, MLX 0.32.4). The same
-exp as a range reduction plus a degree-7 polynomial, compiled by mx.compile into one loop, runs
-~4x faster and is more accurate (max relative error 8e-8 vs mx.exp's 4e-6 over [-87, 88]).
+exp as a range reduction plus a degree-7 polynomial, compiled by mx.compile, runs 2-4x faster
+(24K elements: 444 -> 100 us) and is more accurate (max relative error 8e-8 vs mx.exp's 4e-6
+over [-87, 88]).
 GPUs keep MLX's own ops: there exp is not the cost. `DFLASH_FAST_EXP=0` switches this off.
 """
 
