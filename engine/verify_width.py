@@ -103,7 +103,7 @@ class VerifyWidth:
         self.probe_every = probe_every
         self._since_probe = 0
         self._probing = False
-        self._seen: set[str] = set()
+        self._learned: set[str] = set()  # overheads that have had their first sample
 
     def estimates(self) -> list[float]:
         """accept[], except that a position never observed is trusted no more than the one before it.
@@ -117,12 +117,17 @@ class VerifyWidth:
             out.append(last)
         return out
 
-    def expected_tokens(self, cap: int) -> float:
-        total, run = 1.0, 1.0
-        for p in self.estimates()[:cap]:
+    def _expected(self) -> list[float]:
+        """expected_tokens(c) for every cap c = 0..max_drafts, in one pass (this runs every cycle)."""
+        totals, total, run = [1.0], 1.0, 1.0
+        for p in self.estimates():
             run *= p
             total += run
-        return total
+            totals.append(total)
+        return totals
+
+    def expected_tokens(self, cap: int) -> float:
+        return self._expected()[cap]
 
     def cost(self, cap: int) -> float:
         return self.curve(cap + 1) + self.host_s + (self.draft_s + self.draft_row_s * cap if cap > 0 else 0.0)
@@ -132,13 +137,8 @@ class VerifyWidth:
         return self.expected_tokens(cap) / self.cost(cap)
 
     def rates(self) -> list[float]:
-        """rate(c) for every cap c = 0..max_drafts, in one pass (this runs every cycle)."""
-        rates, total, run = [1.0 / self.cost(0)], 1.0, 1.0
-        for cap, p in enumerate(self.estimates(), 1):
-            run *= p
-            total += run
-            rates.append(total / self.cost(cap))
-        return rates
+        """rate(c) for every cap c = 0..max_drafts."""
+        return [tokens / self.cost(cap) for cap, tokens in enumerate(self._expected())]
 
     def best(self) -> int:
         rates = self.rates()
@@ -194,8 +194,8 @@ class VerifyWidth:
             self.draft_s = self._ewma(self.draft_s, max(fixed, 0.0), "draft")
 
     def _ewma(self, value: float, sample: float, name: str) -> float:
-        if name not in self._seen:  # the first sample replaces the unknown starting value
-            self._seen.add(name)
+        if name not in self._learned:  # the first sample replaces the unknown starting value
+            self._learned.add(name)
             return sample
         return value + self.overhead_alpha * (sample - value)
 
