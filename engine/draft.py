@@ -22,6 +22,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 from engine import fast_exp
 from engine.attention import block_attention
 from engine.gguf import materialize  # one per-layer loading bar for targets and drafts
+from engine.rope_table import use_table_rope
 from engine.transposed import transpose_linears, untransposed_parameters
 
 FULL_ATTENTION = "full_attention"
@@ -411,8 +412,9 @@ def load_draft(
     # 16-row block took 16.9 ms in bf16, 2.3 ms in float32 with OpenBLAS)
     on_cpu = mx.default_device() == mx.cpu
     draft = materialize(draft, dequantize=on_cpu, desc=f"loading draft {Path(path).name}" + (" (to float32)" if on_cpu else ""))
-    if on_cpu:  # and stored transposed, as the target's (engine/transposed.py); this copy is for inference
+    if on_cpu:  # stored transposed and with table RoPE, as the target (engine/transposed.py, rope_table.py)
         transpose_linears(draft)
+        use_table_rope(draft)
     return draft
 
 

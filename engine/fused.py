@@ -130,20 +130,20 @@ def _fused_attention_call(
     self: nn.Module, x: mx.array, mask: mx.array | str | None = None, cache: Any | None = None
 ) -> mx.array:
     B, L, _ = x.shape
-    queries, keys, values = mx.split(self.qkv_proj(x), [self._q_end, self._k_end], axis=-1)  # (B, L, nh*d), 2x (B, L, nkv*d)
-    queries = queries.reshape(B, L, self.n_heads, -1)
-    keys = keys.reshape(B, L, self.n_kv_heads, -1)
+    qkv = self.qkv_proj(x)  # (B, L, (nh + 2 nkv) * d)
+    values = qkv[..., self._k_end :].reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, nkv, L, d)
+    offset = 0 if cache is None else cache.offset
     if "q_norm" in self:  # qwen3: per-head RMSNorm before rope
-        queries, keys = self.q_norm(queries), self.k_norm(keys)
-    queries = queries.transpose(0, 2, 1, 3)  # (B, nh, L, d)
-    keys = keys.transpose(0, 2, 1, 3)  # (B, nkv, L, d)
-    values = values.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        queries, keys = mx.split(qkv[..., : self._k_end], [self._q_end], axis=-1)
+        queries = self.q_norm(queries.reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)  # (B, nh, L, d)
+        keys = self.k_norm(keys.reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)  # (B, nkv, L, d)
+        queries, keys = self.rope(queries, offset=offset), self.rope(keys, offset=offset)
+    else:  # one rope call for the query and key heads together (per-head, so exactly the same)
+        heads = qkv[..., : self._k_end].reshape(B, L, self.n_heads + self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        heads = self.rope(heads, offset=offset)  # (B, nh + nkv, L, d)
+        queries, keys = heads[:, : self.n_heads], heads[:, self.n_heads :]
     if cache is not None:
-        queries = self.rope(queries, offset=cache.offset)
-        keys = self.rope(keys, offset=cache.offset)
         keys, values = cache.update_and_fetch(keys, values)
-    else:
-        queries, keys = self.rope(queries), self.rope(keys)
     if hasattr(cache, "bits"):  # a quantized KV cache: mlx-lm's quantized attention
         output = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=self.scale, mask=mask)
     else:

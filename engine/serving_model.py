@@ -55,14 +55,16 @@ class ServingModel:
 
 def prepare_model(model: object, *, fuse: bool) -> str:
     """Packed Q/K/V and gate/up projections, then verify-width kernels on a GPU or transposed float
-    weights on the CPU; says what was done."""
+    weights and table RoPE on the CPU; says what was done."""
     from engine.fused import fuse_projections
+    from engine.rope_table import use_table_rope
     from engine.transposed import transpose_linears
     from engine.verify_matmul import apply as use_verify_kernels, default_verify_matmul
 
     notes = [f"packed projections in {fuse_projections(model)} layers" if fuse else "unfused projections"]
     if mx.default_device() == mx.cpu:  # after fusing: the packed layers are the ones transposed
         notes.append(f"{transpose_linears(model)} float32 matrices stored transposed")
+        notes.append(f"{use_table_rope(model)} RoPE modules read a cos/sin table")
     if default_verify_matmul().kernel is not None:  # a GPU backend; the CPU keeps MLX's own matmul
         # after fusing, so the packed layers are the ones swapped
         notes.append(f"verify kernels considered for {use_verify_kernels(model)} quantized layers")

@@ -5,15 +5,22 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import make_prompt_cache
-from tiny_models import build_draft, build_target, draft_config, target_config
+from tiny_models import (
+    assert_same_cached_logits,
+    build_draft,
+    build_target,
+    draft_config,
+    speculative_greedy,
+    target_config,
+)
 
-from engine.drafters import DFlashDrafter
 from engine.fused import fuse_projections
-from engine.sampling import SamplingParams, TokenRng
-from engine.speculative import SpeculativeDecoder
-from engine.target import Target
-from engine.transposed import TransposedEmbedding, TransposedLinear, transpose_linears, untransposed_parameters
+from engine.transposed import (
+    TransposedEmbedding,
+    TransposedLinear,
+    transpose_linears,
+    untransposed_parameters,
+)
 
 PROMPT = [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 3, 2, 3, 8, 4]
 
@@ -32,11 +39,7 @@ def test_logits_equal_through_the_cache() -> None:
     assert isinstance(swapped.model.layers[0].mlp.gate_up_proj, TransposedLinear)
     after = dict(untransposed_parameters(swapped))
     assert after.keys() == before.keys() and all(mx.array_equal(after[k], before[k]) for k in before)
-    caches = [make_prompt_cache(plain), make_prompt_cache(swapped)]
-    ids = mx.array([PROMPT])
-    for chunk in (ids, ids[:, :1], ids[:, 2:6]):  # a prompt, a decode row, a verify block
-        want, got = plain(chunk, cache=caches[0]), swapped(chunk, cache=caches[1])
-        assert mx.allclose(want, got, atol=1e-5, rtol=1e-5).item(), mx.abs(want - got).max().item()
+    assert_same_cached_logits(plain, swapped, PROMPT)
     assert transpose_linears(swapped) == 0  # idempotent
 
 
@@ -58,13 +61,7 @@ def test_greedy_speculative_decoding_still_equals_plain() -> None:
     plain, swapped = _pair("qwen3")
     transpose_linears(swapped)
     draft = build_draft(draft_config(target_config("qwen3")), seed=3)  # shared, transposed as load_draft does
-    outputs = []
-    for model in (plain, swapped):
-        if model is swapped:
-            transpose_linears(draft)
-        target = Target(model, draft.config.target_layer_ids)
-        decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=draft.config.block_size)
-        steps = decoder.generate(PROMPT, SamplingParams(temperature=0.0), 24, TokenRng(0))
-        outputs.append([t for step in steps for t in step.tokens])
-        target.close()
-    assert outputs[0] == outputs[1] and len(outputs[0]) == 24
+    want = speculative_greedy(plain, draft, PROMPT, 24)
+    transpose_linears(draft)
+    got = speculative_greedy(swapped, draft, PROMPT, 24)
+    assert got == want and len(want) == 24

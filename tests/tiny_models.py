@@ -115,3 +115,28 @@ def plain_greedy(model: nn.Module, prompt: list[int], max_tokens: int) -> tuple[
         if len(tokens) == max_tokens:
             return tokens, min_gap
         logits = model(mx.array([[tokens[-1]]]), cache=cache)[0, -1]
+
+
+def assert_same_cached_logits(want_model: nn.Module, got_model: nn.Module, prompt: list[int], tol: float = 1e-5) -> None:
+    """The two models' logits agree through their caches for a prompt, a decode row and a verify block."""
+    caches = [make_prompt_cache(want_model), make_prompt_cache(got_model)]
+    ids = mx.array([prompt])
+    for chunk in (ids, ids[:, :1], ids[:, 2:6]):
+        want, got = want_model(chunk, cache=caches[0]), got_model(chunk, cache=caches[1])
+        assert mx.allclose(want, got, atol=tol, rtol=tol).item(), mx.abs(want - got).max().item()
+
+
+def speculative_greedy(model: nn.Module, draft: DFlashDraft, prompt: list[int], max_tokens: int) -> list[int]:
+    """Greedy tokens of our SpeculativeDecoder with a DFlash draft over `model`."""
+    from engine.drafters import DFlashDrafter
+    from engine.sampling import SamplingParams, TokenRng
+    from engine.speculative import SpeculativeDecoder
+    from engine.target import Target
+
+    target = Target(model, draft.config.target_layer_ids)
+    try:
+        decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=draft.config.block_size)
+        steps = decoder.generate(prompt, SamplingParams(temperature=0.0), max_tokens, TokenRng(0))
+        return [t for step in steps for t in step.tokens]
+    finally:
+        target.close()
