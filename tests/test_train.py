@@ -28,8 +28,22 @@ from engine.train.dataset import (
     sample_anchors,
     shard_paths,
 )
-from engine.train.evaluate import DomainResult, evaluate_domains, format_table, interleave
+from engine.train.draft_shape import choose_mask_token, draft_config_for
+from engine.train.evaluate import (
+    DomainResult,
+    evaluate_domains,
+    format_table,
+    interleave,
+)
 from engine.train.generator import GenerationConfig, generate_responses
+from engine.train.objective import (
+    anchor_runs,
+    block_attention_mask,
+    block_targets,
+    draft_hidden,
+    loss_weights,
+    walk,
+)
 from engine.train.prompts import (
     Prompt,
     clean,
@@ -40,9 +54,8 @@ from engine.train.prompts import (
     sharegpt_splits,
     write_prompts,
 )
-from engine.train.draft_shape import choose_mask_token, draft_config_for
-from engine.train.objective import block_attention_mask, block_targets, draft_hidden, loss_weights
 from engine.train.trainer import TrainConfig, Trainer
+from tests.conftest import embedded_gguf_path
 
 VOCAB = 96
 
@@ -312,7 +325,11 @@ def test_train_and_validation_modes_are_chosen_separately(tiny: tuple[Target, ob
     assert {"val_tau_greedy", "val_tau_sampled"} <= set(val) and all(1 <= val[k] <= 16 for k in val if "tau" in k)
     greedy_val = trainer(("greedy", "sampled"), ("greedy",))
     assert set(data.modes[greedy_val.val_idx]) == {0} and len(greedy_val.train_idx) > len(sampled_only.train_idx)
-    assert "val_tau_sampled" not in greedy_val.evaluate()
+    greedy_scores = greedy_val.evaluate()
+    assert "val_tau_sampled" not in greedy_scores
+    assert 1 <= greedy_scores["val_walk_tau"] <= reference.config.block_size  # walked along greedy sequences
+    no_walk = TrainConfig(steps=2, batch_tokens=640, blocks_per_seq=6, val_permille=300, val_batches=2, val_walk_sequences=0)
+    assert "val_walk_tau" not in Trainer(target, build_draft(reference.config), data, no_walk, tmp_path).evaluate()
     equal = [trainer_with(m, 40) for m in (("greedy",), ("sampled",), ("greedy", "sampled"))]
     assert [len(t.train_idx) for t in equal] == [40, 40, 40]
     assert set(data.modes[equal[0].train_idx]) == {0} and set(data.modes[equal[2].train_idx]) == {0, 1}
@@ -398,3 +415,39 @@ def test_training_blocks_match_what_the_drafter_proposes(tiny: tuple[Target, obj
         proposal = drafter.propose([int(tokens[0, p])], None, bs - 1, SamplingParams(temperature=0.0), TokenRng(0))
         assert np.array(proposal.tokens).tolist() == train_logits[j].argmax(-1).tolist()
         drafter.end()
+
+
+def test_walk_visits_the_anchors_decoding_visits() -> None:
+    """Anchor 10 accepts 2 (next anchor 13), 13 accepts 0 (14), 14 accepts 5 (20); 20 is the last token."""
+    runs = np.array([2, 9, 9, 0, 5, 9, 9, 9, 9, 9])  # anchors 10..19 of a 21-token sequence
+    assert walk(runs, 10, 21) == (3, 7)
+    assert walk(runs, 10, 17) == (3, 4)  # the third cycle can accept only the 2 tokens left (15, 16)
+    assert walk(np.zeros(5, dtype=int), 3, 9) == (5, 0)  # a useless draft: one token per cycle
+
+
+def test_walked_tau_is_what_live_decoding_gets() -> None:
+    """Live greedy decoding with the shipped draft accepts what walk() predicts from teacher-forced blocks."""
+    from engine.draft import load_draft
+    from engine.loader import load_model
+    from engine.sampling import SamplingParams, TokenRng
+    from engine.serving_model import prepare_model
+
+    loaded = load_model(str(embedded_gguf_path()), dequantize=True)
+    prepare_model(loaded.model, fuse=True)
+    args = loaded.model.args
+    draft = load_draft(Path(__file__).parents[1] / "engine/drafts/smollm2-135m-instruct-dflash", target_hidden_size=args.hidden_size,
+                       target_vocab_size=args.vocab_size, target_num_layers=args.num_hidden_layers)
+    target = Target(loaded.model, draft.config.target_layer_ids)
+    decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=16, adaptive=False)
+    prompt = loaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Write a Python function that merges two sorted lists into one sorted list."}],
+        add_generation_prompt=True)
+    steps = list(decoder.generate(prompt, SamplingParams(temperature=0.0), 96, TokenRng(0)))
+    tokens = np.array(prompt + [t for step in steps for t in step.tokens])
+    live = (sum(1 for s in steps if s.drafted), sum(s.accepted for s in steps))
+    _, taps = target(mx.array(tokens[None]), None, taps=True)
+    walked = walk(anchor_runs(draft, target, taps, tokens, len(prompt)), len(prompt), len(tokens))
+    target.close()
+    assert live[1] > live[0]  # the trained draft accepts more than one token per cycle here
+    # only the last cycle may differ: near max_tokens the decoder drafts a shorter block
+    assert abs(walked[0] - live[0]) <= 1 and abs(walked[1] - live[1]) <= 15, (walked, live)

@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--seed", type=int, default=0)
     run = p.add_argument_group("bookkeeping")
     run.add_argument("--val-permille", type=int, default=10, help="sequences held back for validation")
+    run.add_argument("--val-walk-sequences", type=int, default=24,
+                     help="greedy validation sequences decoded along their path (val_walk_tau, which picks the "
+                          "published draft; 0: random-anchor τ picks it)")
     run.add_argument("--log-every", type=int, default=10)
     run.add_argument("--eval-every", type=int, default=250)
     run.add_argument("--checkpoint-every", type=int, default=250)
@@ -276,7 +279,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         gamma=args.gamma, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         dtype=args.dtype, seed=args.seed, modes=tuple(args.modes.split(",")),
         val_modes=tuple(args.val_modes.split(",")), max_train_sequences=args.max_train_sequences,
-        val_permille=args.val_permille, log_every=args.log_every, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+        val_permille=args.val_permille, val_walk_sequences=args.val_walk_sequences, log_every=args.log_every, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
         time_limit=args.time_limit,
     )
     data = TokenDataset.from_dir(args.out / "data", max_len=config.max_len,

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from engine.draft import DFlashDraft
 from engine.target import Target
@@ -107,3 +108,38 @@ def block_metrics(correct: mx.array, weights: mx.array) -> dict[str, mx.array]:
     tau = 1 + (run * full).sum() / mx.maximum(full.sum(), 1)
     acc = (correct & seen).sum() / mx.maximum(seen.sum(), 1)
     return {"acc": acc, "tau": tau, "acc_by_position": per_position, "run": run, "full": full}
+
+
+def anchor_runs(draft: DFlashDraft, target: Target, taps: mx.array, tokens: np.ndarray, first: int, chunk: int = 128) -> np.ndarray:
+    """Leading correct greedy drafts of the block anchored at each position first..L−2 of one sequence.
+
+    taps: (1, L, T*H) the target's tapped states over `tokens` (L,). Blocks are teacher-forced, so
+    greedy decoding that follows `tokens` would accept exactly these; walk() turns them into its τ.
+    """
+    length = len(tokens)
+    runs: list[np.ndarray] = []
+    for start in range(first, length - 1, chunk):
+        anchors = np.arange(start, min(start + chunk, length - 1), dtype=np.int32)[None]  # (1, n)
+        batch = BlockBatch(tokens[None].astype(np.int32), np.array([length], dtype=np.int32),
+                           np.array([first], dtype=np.int32), anchors, np.ones(anchors.shape, dtype=bool))
+        blocks = block_targets(batch, draft.config.block_size, draft.config.mask_token_id, gamma=1.0)
+        _, correct, weights = dflash_loss(draft, target, taps, blocks)
+        leading = mx.cumprod((correct & (weights > 0)).astype(mx.int32), axis=-1).sum(axis=-1)  # (1, n)
+        runs.append(np.array(leading[0]))
+    return np.concatenate(runs) if runs else np.zeros((0,), dtype=np.int32)
+
+
+def walk(runs: np.ndarray, first: int, length: int) -> tuple[int, int]:
+    """(verify cycles, accepted drafts) of greedy speculative decoding along a sequence of `length`
+    tokens whose first generated token sits at `first`; the anchor at position i accepts runs[i − first].
+
+    Random anchors (block_metrics' τ) weigh easy and hard stretches alike; decoding crosses easy ones
+    in a few long cycles and spends most cycles on hard ones, so this τ is the one decoding gets.
+    """
+    cycles = accepted = 0
+    anchor = first
+    while anchor < length - 1:
+        run = min(int(runs[anchor - first]), length - 1 - anchor)
+        cycles, accepted = cycles + 1, accepted + run
+        anchor += run + 1
+    return cycles, accepted

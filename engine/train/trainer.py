@@ -27,9 +27,11 @@ from engine.train import progress_bar
 from engine.train.dataset import MODES, BlockBatch, TokenDataset
 from engine.train.objective import (
     BlockTargets,
+    anchor_runs,
     block_metrics,
     block_targets,
     dflash_loss,
+    walk,
 )
 
 
@@ -52,6 +54,7 @@ class TrainConfig:
     max_train_sequences: int = 0  # 0: all; else a seeded random subset, so fits on different modes see equal data
     val_permille: int = 10
     val_batches: int = 8
+    val_walk_sequences: int = 24  # greedy validation sequences decoded by walk(): the τ decoding gets; 0: none
     log_every: int = 10
     eval_every: int = 250
     checkpoint_every: int = 250
@@ -113,6 +116,7 @@ class Trainer:
         self.optimizer.init(self.draft.trainable_parameters())
         self.step_count = 0
         self.best_val_tau = 0.0  # the published draft is the best one seen on validation
+        self.best_val_metric = "val_tau"  # which τ best_val_tau is (a resumed run may switch to the walked one)
         self.history: list[dict[str, Any]] = []
         train_idx, val_idx = data.split(config.val_permille)
         self.train_idx = train_idx[np.isin(data.modes[train_idx], [MODES.index(m) for m in config.modes])]
@@ -173,11 +177,26 @@ class Trainer:
                 for mode in np.unique(self.data.modes[idx]):
                     rows = self.data.modes[idx] == mode
                     runs[mode] += ((leading[rows] * full[rows]).sum(), full[rows].sum())
+            walked = self.walk_tau()
         finally:
             self.draft.update(master)
         # τ per kind of sequence: greedy decoding meets greedy-like text, sampled decoding sampled text
         totals.update({f"val_tau_{MODES[m]}": 1 + r / n for m, (r, n) in enumerate(runs) if n > 0})
+        if walked is not None:
+            totals["val_walk_tau"] = walked
         return totals
+
+    def walk_tau(self) -> float | None:
+        """τ of greedy decoding along the first greedy validation sequences (objective.walk), or None."""
+        greedy = self.val_idx[self.data.modes[self.val_idx] == MODES.index("greedy")][: self.config.val_walk_sequences]
+        cycles = accepted = 0
+        for i in greedy:
+            tokens, first = self.data.sequence(i), int(self.data.response_start[i])
+            _, taps = self.target(mx.array(tokens[None]), None, taps=True)
+            runs = anchor_runs(self.draft, self.target, mx.stop_gradient(taps).astype(self.dtype), tokens, first)
+            c, a = walk(runs, first, len(tokens))
+            cycles, accepted = cycles + c, accepted + a
+        return (cycles + accepted) / cycles if cycles else None
 
     # ---- data order -----------------------------------------------------------------------
     def batches(self) -> Iterator[tuple[int, np.ndarray]]:
@@ -255,7 +274,11 @@ class Trainer:
     def validate_and_publish(self) -> dict[str, float]:
         """Validate; publish the draft if it beats every earlier one (always, without validation data)."""
         val = self.evaluate()
-        tau = val.get("val_tau", math.inf)
+        # the walked τ is what decoding gets; random anchors overstate it (and rank drafts less well)
+        metric = "val_walk_tau" if "val_walk_tau" in val else "val_tau"
+        if metric != self.best_val_metric:  # a best value of the other τ is no bar for this one
+            self.best_val_tau, self.best_val_metric = 0.0, metric
+        tau = val.get(metric, math.inf)
         if tau > self.best_val_tau or not (self.out_dir / "draft" / "config.json").exists():
             self.best_val_tau = max(self.best_val_tau, tau) if val else 0.0
             self.publish()
@@ -293,6 +316,7 @@ class Trainer:
             "step": self.step_count,
             "schedule_total": self.schedule.total,
             "best_val_tau": self.best_val_tau,
+            "best_val_metric": self.best_val_metric,
             "train_config": {**asdict(self.config), "modes": list(self.config.modes)},
             "draft_config": self.draft.config.to_dict(),
         }
@@ -317,6 +341,7 @@ class Trainer:
         self.step_count = int(state["step"])
         self.schedule.total = int(state.get("schedule_total", self.schedule.total))
         self.best_val_tau = float(state.get("best_val_tau", 0.0))
+        self.best_val_metric = str(state.get("best_val_metric", "val_tau"))
         curves = self.out_dir / "curves.json"
         if curves.exists():
             self.history = [r for r in json.loads(curves.read_text()) if r["step"] <= self.step_count]
@@ -353,6 +378,9 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
         val = [(r["step"], r[f"val_{key}"]) for r in history if f"val_{key}" in r]
         if val:
             ax.plot(*zip(*val), "o-", label="validation")
+        walked = [(r["step"], r["val_walk_tau"]) for r in history if key == "tau" and "val_walk_tau" in r]
+        if walked:
+            ax.plot(*zip(*walked), "s-", label="validation, decoding's path (walk)")
         ax.set_xlabel("step")
         ax.set_title({"loss": "weighted CE loss", "acc": "top-1 accuracy", "tau": "teacher-forced τ"}[key])
         ax.grid(alpha=0.3)
