@@ -154,11 +154,9 @@ class VerifyWidth:
         """What a probe from width `cap` verifies: 2·cap + 1, at least PROBE_MIN and the best drafting width.
 
         Narrow probes cost a fraction of a full block and observe the positions that decide whether
-        drafting pays; when those hold up, best() widens step by step. Replayed over the bench prompts'
-        teacher-forced runs with this CPU's measured costs (3 prompts / 6 prompts / a useless drafter /
-        one right 30% of the time), full-block probes gave 1.00 / 1.04 / 0.965 / 0.956x plain, these
-        1.20 / 1.13 / 0.974 / 0.975x; with H200-like costs 1.14 / 1.15 / 0.927 / 0.921x and 1.14 / 1.21 /
-        0.930 / 0.930x.
+        drafting pays; when those hold up, best() widens step by step. bench/width_replay.py over the
+        six bench prompts with this CPU's measured costs: full-block probes gave 0.999x plain (a useless
+        drafter 0.956x), these 1.110x (0.963x); with H200-like costs 1.165x (0.926x) and 1.316x (0.930x).
         """
         rates = self.rates()
         drafting = max(range(1, len(rates)), key=rates.__getitem__)

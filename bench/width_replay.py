@@ -1,0 +1,193 @@
+"""Replay the adaptive verify width over teacher-forced draft runs, priced by measured costs.
+
+Greedy output does not depend on the verify width, so each prompt's answer is fixed, and so is
+what a block anchored at each of its positions would accept (engine/train/objective.anchor_runs).
+A cycle of width c at anchor a then accepts min(run[a], c) and costs forward(c + 1) + host (+ the
+draft's fixed and per-row cost when c > 0). Replaying engine/verify_width.VerifyWidth over that,
+request after request as the bench sends them, compares controller policies in seconds and without
+timing noise; bench/bench.py measures the real thing.
+
+    python bench/width_replay.py --draft engine/drafts/smollm2-135m-instruct-dflash
+    python bench/width_replay.py --draft DIR --costs 1:4.5,2:4.7,4:5.0,8:5.5,16:7.0 --draft-ms 1.8 --row-ms 0.02 --host-ms 0.3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlx.core as mx
+
+from bench import (  # bench/bench.py: this script's folder is on sys.path
+    GREEDY,
+    PROMPTS,
+    cast_model,
+)
+from engine.blas import maybe_reexec_with_blas
+from engine.sampling import TokenRng
+from engine.verify_width import CostCurve, VerifyWidth
+
+
+class Costs:
+    """Seconds of one cycle by verified drafts, and of a plain decoding step."""
+
+    def __init__(self, curve: CostCurve, draft_s: float, row_s: float, host_s: float) -> None:
+        self.curve, self.draft_s, self.row_s, self.host_s = curve, draft_s, row_s, host_s
+
+    def cycle(self, drafts: int) -> float:
+        return self.curve(drafts + 1) + self.host_s + (self.draft_s + self.row_s * drafts if drafts else 0.0)
+
+    def plain(self) -> float:
+        return self.curve(1)
+
+    def describe(self) -> str:
+        rows = ", ".join(f"{r}: {self.curve(r) * 1e3:.1f}" for r in (1, 2, 4, 8, 16) if r <= len(self.curve.seconds))
+        return (f"forward ms by rows {{{rows}}}, draft {self.draft_s * 1e3:.1f} ms + {self.row_s * 1e3:.2f} ms a row, "
+                f"host {self.host_s * 1e3:.1f} ms")
+
+
+def replay(controller: VerifyWidth | None, runs: list[int], length: int, first: int, costs: Costs,
+           block_size: int, fixed: int | None = None) -> float:
+    """Decode tok/s of one request (first token to last, as bench.py counts) under `controller` or a fixed width."""
+    anchor, emitted, seconds = first, 1, 0.0
+    total = length - first
+    while emitted < total:
+        remaining = total - emitted
+        width = fixed if controller is None else controller.choose()
+        drafts = min(width, remaining, block_size - 1)
+        accepted = min(runs[anchor - first], drafts)
+        cost = costs.cycle(drafts)
+        if controller is not None:
+            controller.update(drafts, accepted, cost)
+        emitted += min(accepted + 1, remaining)
+        anchor += accepted + 1
+        seconds += cost
+    return (total - 1) / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="embedded", help="engine.loader spec")
+    parser.add_argument("--draft", type=Path, required=True, help="DFlash draft directory (published layout)")
+    parser.add_argument("--target-dtype", choices=("native", "bfloat16", "float16", "float32"), default="native")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=2, help="measured rounds after a warm-up round, as bench.py")
+    parser.add_argument("--prompts", default=",".join(PROMPTS))
+    parser.add_argument("--costs", default=None, help="forward ms by rows, e.g. 1:34.6,16:82.3 (default: measured here)")
+    parser.add_argument("--draft-ms", type=float, default=None, help="draft forward ms at one kept row (default: measured)")
+    parser.add_argument("--row-ms", type=float, default=None, help="draft ms per further kept row (default: measured)")
+    parser.add_argument("--host-ms", type=float, default=1.0, help="host ms per cycle")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    maybe_reexec_with_blas()  # may replace the process; no-op on a GPU
+
+    from engine.draft import load_draft
+    from engine.drafters import DFlashDrafter
+    from engine.loader import load_model
+    from engine.plain_decoder import PlainDecoder
+    from engine.serving_model import prepare_model
+    from engine.target import Target
+    from engine.train.objective import anchor_runs
+
+    loaded = load_model(args.model, dequantize=True if args.target_dtype != "native" else None)
+    model = cast_model(loaded.model, args.target_dtype)
+    print(f"[replay] {loaded.description}; {prepare_model(model, fuse=True)}", flush=True)
+    margs = model.args
+    draft = load_draft(args.draft, target_hidden_size=margs.hidden_size, target_vocab_size=margs.vocab_size,
+                       target_num_layers=margs.num_hidden_layers)
+    block = draft.config.block_size
+    target = Target(model, draft.config.target_layer_ids)
+    drafter = DFlashDrafter(draft, target)
+
+    names = [p.strip() for p in args.prompts.split(",") if p.strip()]
+    answers: dict[str, dict] = {}
+    for name in names:
+        ids = loaded.tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[name]}])
+        out = [t for s in PlainDecoder(model).generate(ids, GREEDY, args.max_tokens, TokenRng(0)) for t in s.tokens]
+        seq = np.array(ids + out)
+        _, taps = target(mx.array(seq[None]), None, taps=True)
+        runs = anchor_runs(draft, target, taps, seq, len(ids))
+        answers[name] = {"first": len(ids), "length": len(seq), "runs": runs.tolist()}
+        print(f"[replay] {name}: {len(out)} tokens, mean teacher-forced run {runs.mean():.2f}", flush=True)
+
+    costs = measure_costs(args, target, drafter, block, answers, loaded.tokenizer)
+    print(f"[replay] costs: {costs.describe()}")
+    rng = np.random.default_rng(0)
+    first, length = 64, 64 + args.max_tokens
+    synthetic = {
+        "useless": [0] * args.max_tokens,  # a drafter that is never right
+        "weak": [int(np.argmin(rng.random(block) < 0.3)) for _ in range(args.max_tokens)],  # right 30% a position
+    }
+    plain = 1 / costs.plain()
+    results: dict[str, dict] = {"costs": costs.describe(), "fixed": {}, "adaptive": {}}
+    print(f"\n{'fixed width':<12}" + "".join(f"{n:>8}" for n in names))
+    for width in (1, 2, 3, 4, 6, 8, block - 1):
+        ratios = [replay(None, a["runs"], a["length"], a["first"], costs, block, fixed=width) / plain for a in answers.values()]
+        results["fixed"][width] = dict(zip(names, ratios))
+        print(f"{width:<12}" + "".join(f"{r:>8.2f}" for r in ratios))
+    scenarios = {"bench order": names, "useless": ["useless"], "weak": ["weak"]}
+    print(f"\n{'adaptive':<12}{'mean':>7}{'median':>8}  per request (x plain, warm-up round excluded)")
+    for label, order in scenarios.items():
+        controller = VerifyWidth(block - 1, costs.curve, draft_row_s=costs.row_s)
+        measured = []
+        for rnd in range(args.rounds + 1):
+            for name in order:
+                spec = answers.get(name) or {"runs": synthetic[name], "length": length, "first": first}
+                rate = replay(controller, spec["runs"], spec["length"], spec["first"], costs, block) / plain
+                if rnd:
+                    measured.append((name, rate))
+        ratios = [r for _, r in measured]
+        results["adaptive"][label] = {"mean": statistics.fmean(ratios), "median": statistics.median(ratios), "requests": measured}
+        print(f"{label:<12}{statistics.fmean(ratios):>7.3f}{statistics.median(ratios):>8.3f}  "
+              + " ".join(f"{n}:{r:.2f}" for n, r in measured))
+    if args.out:
+        args.out.write_text(json.dumps({**results, "answers": answers}, indent=1))
+
+
+def measure_costs(args: argparse.Namespace, target: object, drafter: object, block: int, answers: dict,
+                  tokenizer: object) -> Costs:
+    """The target's forward by rows at a 300-token context and the draft's cost, unless given."""
+    if args.costs:
+        points = {int(r): float(ms) / 1e3 for r, ms in (p.split(":") for p in args.costs.split(","))}
+        curve = CostCurve.from_points(points, block)
+    else:
+        cache = target.make_cache()
+        mx.eval(target(mx.array([[100 + i % 4000 for i in range(300)]], dtype=mx.int32), cache, taps=True))
+
+        def forward(rows: int) -> None:
+            mx.eval(target(mx.full((1, rows), 5, dtype=mx.int32), cache, taps=True))
+            target.trim(cache, rows)
+
+        curve = CostCurve.measure(forward, block, repeats=5)
+    if args.draft_ms is not None and args.row_ms is not None:
+        return Costs(curve, args.draft_ms / 1e3, args.row_ms / 1e3, args.host_ms / 1e3)
+    ids = list(range(100, 400))
+    _, taps = target(mx.array([ids], dtype=mx.int32), None, taps=True)
+
+    def draft_seconds(keep: int) -> float:
+        best = float("inf")
+        for _ in range(5):
+            drafter.begin(ids, taps)
+            start = time.perf_counter()
+            mx.eval(drafter.propose([ids[-1]], None, block - 1, GREEDY, TokenRng(0), keep=keep).tokens)
+            best = min(best, time.perf_counter() - start)
+            drafter.end()
+        return best
+
+    one, full = draft_seconds(1), draft_seconds(block - 1)
+    row = max(full - one, 0.0) / (block - 2)
+    draft_s = args.draft_ms / 1e3 if args.draft_ms is not None else one - row
+    row_s = args.row_ms / 1e3 if args.row_ms is not None else row
+    return Costs(curve, draft_s, row_s, args.host_ms / 1e3)
+
+
+if __name__ == "__main__":
+    main()
