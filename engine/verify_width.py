@@ -155,8 +155,8 @@ class VerifyWidth:
 
         Narrow probes cost a fraction of a full block and observe the positions that decide whether
         drafting pays; when those hold up, best() widens step by step. bench/width_replay.py over the
-        six bench prompts with this CPU's measured costs: full-block probes gave 0.999x plain (a useless
-        drafter 0.956x), these 1.110x (0.963x); with H200-like costs 1.165x (0.926x) and 1.316x (0.930x).
+        six bench prompts with this CPU's measured costs: full-block probes gave 1.062x plain (a useless
+        drafter 0.953x), these 1.149x (0.963x); with H200-like costs 1.165x (0.926x) and 1.316x (0.930x).
         """
         rates = self.rates()
         drafting = max(range(1, len(rates)), key=rates.__getitem__)
