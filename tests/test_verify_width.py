@@ -385,3 +385,37 @@ def test_a_width_that_plain_steps_beat_is_not_held_by_hysteresis() -> None:
     controller.accept[0], controller.seen[0] = 0.01, 10
     assert controller.rates()[0] >= controller.rates()[1]
     assert controller.best() == 0
+
+
+def test_chained_cycles_teach_the_controller_one_forward_each(varied: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake clock that ticks once per launched cycle, as the CPU backend's async_eval computes a
+    launched graph before returning: a chain's first window holds two launches and its last none;
+    the controller must learn overheads from one-launch windows only."""
+    from engine import speculative
+
+    cfg, model, ref = varied
+    now = [0.0]
+    monkeypatch.setattr(speculative.time, "perf_counter", lambda: now[0])
+    launch = SpeculativeDecoder._launch
+
+    def ticking_launch(self: SpeculativeDecoder, *args: object, **kwargs: object) -> object:
+        now[0] += 1.0
+        return launch(self, *args, **kwargs)
+
+    monkeypatch.setattr(SpeculativeDecoder, "_launch", ticking_launch)
+    decoder = SpeculativeDecoder(Target(model), OracleDrafter(ref, vocab_size=cfg["vocab_size"], wrong_at=[0]),
+                                 block_size=BLOCK, cost_curve=CPU_CURVE, chain_plain_steps=True)
+    samples: list[float | None] = []
+    assert _decode(decoder, 8) == ref[:8]  # makes the controller
+    update = decoder.verify_width.update
+
+    def recording_update(verified: int, accepted: int, seconds: float | None = None) -> None:
+        samples.append(seconds)
+        update(verified, accepted, seconds)
+
+    decoder.verify_width.update = recording_update
+    assert _decode(decoder, 60) == ref[:60]
+    assert decoder.stats.chained >= 20
+    learned = [s for s in samples if s is not None]
+    assert learned and set(learned) == {1.0}, samples  # never 2.0 (a chain's start) or 0.0 (its end)
+    assert None in samples
