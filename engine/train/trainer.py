@@ -128,9 +128,9 @@ class Trainer:
             raise ValueError("no training sequences (all went to validation); lower --val-permille")
 
     # ---- one step -------------------------------------------------------------------------
-    def taps(self, batch: BlockBatch) -> mx.array:
-        """(b, S, T*H) tapped target states; logits are never evaluated, so never computed."""
-        _, taps = self.target(mx.array(batch.tokens), None, taps=True)
+    def taps(self, tokens: np.ndarray) -> mx.array:
+        """(b, S) tokens -> (b, S, T*H) tapped target states; logits are never evaluated, so never computed."""
+        _, taps = self.target(mx.array(tokens), None, taps=True)
         return mx.stop_gradient(taps).astype(self.dtype)
 
     def _loss_and_grad(self, taps: mx.array, blocks: BlockTargets) -> tuple[Any, dict]:
@@ -147,7 +147,7 @@ class Trainer:
     def train_step(self, batch: BlockBatch) -> dict[str, mx.array]:
         cfg = self.config
         blocks = block_targets(batch, self.draft.config.block_size, self.draft.config.mask_token_id, cfg.gamma)
-        (loss, correct, weights), grads = self._loss_and_grad(self.taps(batch), blocks)
+        (loss, correct, weights), grads = self._loss_and_grad(self.taps(batch.tokens), blocks)
         grads, grad_norm = optim.clip_grad_norm(grads, cfg.grad_clip)
         self.optimizer.update(self.draft, grads)
         metrics = {"loss": loss, "grad_norm": grad_norm, **block_metrics(correct, weights)}
@@ -169,7 +169,7 @@ class Trainer:
             for idx in batches:
                 batch = self.data.block_batch(idx, self.config.blocks_per_seq, rng)
                 blocks = block_targets(batch, self.draft.config.block_size, self.draft.config.mask_token_id, self.config.gamma)
-                loss, correct, weights = dflash_loss(self.draft, self.target, self.taps(batch), blocks)
+                loss, correct, weights = dflash_loss(self.draft, self.target, self.taps(batch.tokens), blocks)
                 m = block_metrics(correct, weights)
                 for key, value in (("val_loss", loss), ("val_acc", m["acc"]), ("val_tau", m["tau"])):
                     totals[key] += value.item() / len(batches)
@@ -192,8 +192,7 @@ class Trainer:
         cycles = accepted = 0
         for i in greedy:
             tokens, first = self.data.sequence(i), int(self.data.response_start[i])
-            _, taps = self.target(mx.array(tokens[None]), None, taps=True)
-            runs = anchor_runs(self.draft, self.target, mx.stop_gradient(taps).astype(self.dtype), tokens, first)
+            runs = anchor_runs(self.draft, self.target, self.taps(tokens[None]), tokens, first)
             c, a = walk(runs, first, len(tokens))
             cycles, accepted = cycles + c, accepted + a
         return (cycles + accepted) / cycles if cycles else None
