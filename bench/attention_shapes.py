@@ -5,7 +5,8 @@
 A speculative cycle runs the target on a 16-row block and the draft on its block, and the key
 length grows by the accepted count every cycle. Where a backend plans its attention kernel per
 exact shape, every cycle pays a new plan. For each attention path (mx.fast fused; the explicit
-composition in engine/attention.py; fused with the keys padded to a multiple of --pad) this
+composition in engine/attention.py; fused with the keys padded to a multiple of --pad; auto, which on
+CUDA takes engine/attention_kernel.py's kernel where its runtime check passes) this
 times, on a random SmolLM2-135M-shaped target with packed projections and a 3-layer draft:
   verify_fresh   16-row target forward, then keep 3 rows (the next forward sees a new key length)
   verify_same    16-row target forward, then keep none (the same key length every time)
@@ -31,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spec_cycle import random_draft  # noqa: E402
 
-from engine import attention, draft as draft_module, fused  # noqa: E402
+from engine import attention, attention_kernel, fused  # noqa: E402
+from engine import draft as draft_module  # noqa: E402
 from engine.draft import build_target_layer_ids  # noqa: E402
 from engine.drafters import DFlashDrafter  # noqa: E402
 from engine.sampling import SamplingParams, TokenRng  # noqa: E402
@@ -144,6 +146,7 @@ def main() -> None:
     paths: dict[str, Callable[[], None]] = {
         "fused": lambda: attention.set_mode("fused"),
         "unfused": lambda: attention.set_mode("unfused"),
+        "auto": lambda: attention.set_mode("auto"),
         f"padded{args.pad}": lambda: setattr(fused, "block_attention", padded_attention(args.pad))
         or setattr(draft_module, "block_attention", padded_attention(args.pad)),
     }
@@ -157,6 +160,14 @@ def main() -> None:
         print(f"{name:<10} " + "  ".join(f"{k} {v['median_ms']:.2f} (max {v['max_ms']:.1f})" for k, v in rows.items()),
               flush=True)
     fused.block_attention = draft_module.block_attention = original
+    report["kernel_decisions"] = {
+        f"{spec.dtype} D={spec.head_dim} heads {spec.heads}/{spec.kv_heads} {'causal' if spec.causal else 'full'}":
+        {"warps": d.warps, "kernel_ms": d.kernel_ms, "explicit_ms": d.reference_ms, "max_rel_error": d.max_rel_error,
+         "reason": d.reason}
+        for spec, d in attention_kernel.default_kernel().decisions.items()
+    }
+    for name, d in report["kernel_decisions"].items():
+        print(f"[attention] kernel decision {name}: {d}")
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
 

@@ -5,11 +5,12 @@ mx.fast.scaled_dot_product_attention is the right call on Metal. On MLX's CUDA
 backend a multi-row query goes to a kernel planned per exact (query, key) shape: on an H200 (MLX
 0.32.4) a 16-row SmolLM2-135M forward took 47 ms at a key length never seen before and 5.3 ms at a
 repeated one, and the draft's forward 42 ms (bench/attention_shapes.py). The explicit composition
-below (two matmuls and a float32 softmax) has no per-shape setup: 10.6 ms and 1.8 ms in that run.
+below (two matmuls and a float32 softmax) has no per-shape setup: 10.6 ms and 1.8 ms in that run;
+engine/attention_kernel.py does the same in one CUDA kernel launch per layer where its runtime check passes.
 On the CPU the explicit composition's softmax uses engine/fast_exp.py (MLX's CPU exp is scalar): a
 16-row verify 172 -> 155 ms, decode rows unchanged (68 ms), so the CPU takes it for 1..64 rows.
-`DFLASH_ATTENTION` picks: auto (explicit on CUDA for query blocks and on the CPU for up to 64 rows,
-fused elsewhere), fused, or unfused.
+`DFLASH_ATTENTION` picks: auto (the kernel, else explicit, on CUDA for query blocks; explicit on the
+CPU for up to 64 rows; fused elsewhere), fused, or unfused (explicit, never the kernel).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Literal
 
 import mlx.core as mx
 
-from engine import fast_exp
+from engine import attention_kernel, fast_exp
 
 Mode = Literal["auto", "fused", "unfused"]
 MODES: tuple[str, ...] = ("auto", "fused", "unfused")
@@ -67,6 +68,10 @@ def block_attention(
 ) -> mx.array:
     """softmax(scale · q kᵀ + mask) v with mx.fast's conventions (GQA, "causal", bool or additive masks)."""
     if use_unfused(queries.shape[2]):
+        if mode() == "auto" and _on_cuda():
+            kernel = attention_kernel.default_kernel()
+            if (warps := kernel.warps_for(queries, keys, mask)) is not None:
+                return kernel(queries, keys, values, scale, mask == "causal", warps)
         return unfused_attention(queries, keys, values, scale=scale, mask=mask)
     return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
 

@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from simt_shim import C_TYPES, SHIM_CUDA, SHIM_METAL, round_to, stored_to_float
 
 from engine import verify_matmul as vm
 
@@ -199,80 +200,6 @@ def test_kernel_sources_exist_and_split() -> None:
 
 # ---------------------------------------------------------------- kernel source on a CPU SIMT shim
 
-SHIM_COMMON = r"""
-#include <barrier>
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <cstring>
-#include <fstream>
-#include <thread>
-#include <vector>
-static std::barrier<>* g_barrier;
-static float g_lanes[1024];
-static thread_local unsigned g_tid;
-inline void block_sync() { g_barrier->arrive_and_wait(); }
-inline float lane_xor(float v, int off) {
-  g_lanes[g_tid] = v; block_sync();
-  float r = g_lanes[(g_tid & ~31u) | ((g_tid & 31u) ^ off)]; block_sync(); return r;
-}
-inline float bits_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
-inline unsigned float_bits(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
-inline uint16_t to_bf16(float f) { unsigned u = float_bits(f); u += 0x7fffu + ((u >> 16) & 1u); return u >> 16; }
-"""
-
-SHIM_CUDA = SHIM_COMMON + r"""
-struct uint4 { unsigned int x, y, z, w; };
-struct float2 { float x, y; };
-struct __nv_bfloat16 { uint16_t b; };
-struct __half { uint16_t b; };
-struct __half2 { __half x, y; };
-struct Dim3 { unsigned x = 0, y = 0, z = 0; };
-static thread_local Dim3 threadIdx, blockIdx;
-static Dim3 blockDim;
-#define __device__
-#define __forceinline__ inline
-#define __shared__ static
-inline void __syncthreads() { block_sync(); }
-inline float __shfl_xor_sync(unsigned, float v, int off) { return lane_xor(v, off); }
-inline float __uint_as_float(unsigned u) { return bits_float(u); }
-inline float __half2float(__half h) { _Float16 v; memcpy(&v, &h.b, 2); return (float)v; }
-inline __half __float2half(float f) { _Float16 v = (_Float16)f; __half h; memcpy(&h.b, &v, 2); return h; }
-inline float2 __half22float2(__half2 h) { return {__half2float(h.x), __half2float(h.y)}; }
-inline float __bfloat162float(__nv_bfloat16 v) { return bits_float((unsigned)v.b << 16); }
-inline __nv_bfloat16 __float2bfloat16(float f) { return {to_bf16(f)}; }
-#define SET_THREAD(t, b) (threadIdx.x = (t), blockIdx.x = (b))
-"""
-
-SHIM_METAL = SHIM_COMMON + r"""
-typedef unsigned int uint;
-struct Uint3 { unsigned x = 0, y = 0, z = 0; };
-static thread_local Uint3 threadgroup_position_in_grid;
-static thread_local unsigned thread_index_in_simdgroup, simdgroup_index_in_threadgroup,
-    thread_index_in_threadgroup;
-#define device
-#define threadgroup static
-namespace metal {
-enum class mem_flags { mem_threadgroup };
-inline void threadgroup_barrier(mem_flags) { block_sync(); }
-inline float fma(float a, float b, float c) { return std::fma(a, b, c); }
-inline float simd_sum(float v) {
-  g_lanes[g_tid] = v; block_sync();
-  float s = 0; for (unsigned l = 0; l < 32; ++l) s += g_lanes[(g_tid & ~31u) | l];
-  block_sync(); return s;
-}
-}
-struct bfloat16_t {
-  uint16_t b;
-  bfloat16_t() = default;
-  bfloat16_t(float f) : b(to_bf16(f)) {}
-  operator float() const { return bits_float((unsigned)b << 16); }
-};
-typedef _Float16 float16_t;
-#define SET_THREAD(t, b) (thread_index_in_threadgroup = (t), thread_index_in_simdgroup = (t) % 32, \
-    simdgroup_index_in_threadgroup = (t) / 32, threadgroup_position_in_grid.x = (b))
-"""
-
 MAIN = r"""
 template <typename V> std::vector<V> read_all(const char* path, size_t n) {
   std::vector<V> v(n); std::ifstream f(path, std::ios::binary);
@@ -287,7 +214,7 @@ int main(int argc, char** argv) {
   auto b = read_all<ST>(argv[7], (size_t)N * (K / GS_));
   std::vector<OT> y((size_t)M * N);
   const int threads = THREADS_, blocks = (N + COLUMNS_ - 1) / COLUMNS_;
-  std::barrier<> bar(threads); g_barrier = &bar;
+  setup_barriers(threads);
   BLOCKDIM_;
   std::vector<std::thread> pool;
   for (int t = 0; t < threads; ++t) pool.emplace_back([&, t] {
@@ -302,30 +229,6 @@ int main(int argc, char** argv) {
   std::ofstream(argv[8], std::ios::binary).write(reinterpret_cast<char*>(y.data()), y.size() * sizeof(OT));
 }
 """
-
-C_TYPES = {  # dtype -> (CUDA type, Metal type, numpy storage)
-    "float32": ("float", "float", np.float32),
-    "float16": ("__half", "float16_t", np.float16),
-    "bfloat16": ("__nv_bfloat16", "bfloat16_t", np.uint16),
-}
-
-
-def round_to(values: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """(raw storage, float64 value) of `values` rounded to `dtype` (bf16 round-to-nearest-even)."""
-    v = values.astype(np.float32)
-    if dtype == "bfloat16":
-        u = v.view(np.uint32).astype(np.uint64)
-        raw = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-        return raw, (raw.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    raw = v.astype(C_TYPES[dtype][2])
-    return raw, raw.astype(np.float64)
-
-
-def stored_to_float(raw: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":
-        return (raw.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    return raw.astype(np.float64)
-
 
 def run_on_shim(backend: str, tmp: Path, m: int, k: int, n: int, bits: int, gs: int, x_dtype: str,
                 s_dtype: str, o_dtype: str, bucket: int, tiling: vm.Tiling) -> tuple[np.ndarray, np.ndarray]:
