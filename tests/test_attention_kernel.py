@@ -251,8 +251,8 @@ CUDA = ak.detect_backend() == "cuda"
 
 
 @pytest.mark.skipif(not CUDA, reason="needs MLX's CUDA backend")
-@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
-@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (32, 8, 128)])
+@pytest.mark.parametrize("heads,kv_heads,dim,dtype", [(9, 3, 64, mx.bfloat16), (9, 3, 64, mx.float16),
+                                                    (9, 3, 64, mx.float32), (32, 8, 128, mx.bfloat16)])
 def test_device_kernel_numerics(heads: int, kv_heads: int, dim: int, dtype: mx.Dtype) -> None:
     kernel = ak.BlockAttentionKernel()
     assert kernel.kernel is not None
