@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from engine.kernel_choice import pick_fastest
 from engine.verify_matmul import detect_backend, read_kernel_source, time_ms
 
 log = logging.getLogger("dflash.attention_kernel")
@@ -27,10 +28,9 @@ HEAD_DIMS = (64, 128)
 FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 # Warps per block tried, fastest correct kept; each lane holds a query row of D floats, so D=128
 # stays at <= 256 threads (255 registers a thread).
-WARPS: dict[int, tuple[int, ...]] = {64: (4, 8, 16), 128: (4, 8)}
+WARPS: dict[int, tuple[int, ...]] = {64: (4, 8), 128: (4, 8)}
 # max|kernel - float32 reference| / max|reference|: float32 accumulation, one rounding at the end
-TOLERANCE = {mx.float32: 1e-4, mx.float16: 2e-3, mx.bfloat16: 1.2e-2}
-SPEEDUP_MARGIN = 0.97  # the kernel must beat the explicit composition by 3% (timing noise)
+TOLERANCE = {mx.float32: 2e-3, mx.float16: 2e-3, mx.bfloat16: 1.2e-2}  # float32: the reference is TF32 on CUDA
 CHECK_SHAPES = ((16, 300), (3, 37), (64, 64), (2, 1000))  # (query rows, keys): tails, L = S, long rows
 TIMING_SHAPE = (16, 512)
 
@@ -145,26 +145,12 @@ class BlockAttentionKernel:
         q, k, v = random_block(spec, *TIMING_SHAPE)
         scale = spec.head_dim**-0.5
         ref_ms = self.timer(lambda: reference(q, k, v, scale, spec.causal))
-        best = Decision(None, float("inf"), ref_ms, float("nan"), "no warp count passed numerics")
-        for warps in WARPS[spec.head_dim]:
-            try:
-                error = self.max_rel_error(spec, warps)
-                if not error <= TOLERANCE[spec.dtype]:  # also catches NaN
-                    log.warning("block attention kernel (%d warps) failed numerics for %s: rel err %.3g",
-                                warps, spec, error)
-                    continue
-                ms = self.timer(lambda w=warps: self.kernel(q, k, v, scale, spec.causal, w))
-            except Exception as e:  # a compile or launch failure rejects the variant, not the server
-                log.warning("block attention kernel (%d warps) failed for %s: %s", warps, spec, e)
-                continue
-            if ms < best.kernel_ms:
-                best = Decision(warps, ms, ref_ms, error, "")
-        if best.warps is None:
-            return best
-        if best.kernel_ms >= ref_ms * SPEEDUP_MARGIN:
-            return Decision(None, best.kernel_ms, ref_ms, best.max_rel_error, "kernel not faster")
-        return Decision(best.warps, best.kernel_ms, ref_ms, best.max_rel_error,
-                        f"{ref_ms / best.kernel_ms:.2f}x faster with {best.warps} warps")
+        pick = pick_fastest(
+            WARPS[spec.head_dim], tolerance=TOLERANCE[spec.dtype], reference_ms=ref_ms, noun="warp count",
+            describe=lambda w: f"{w} warps", what=f"block attention {spec}",
+            max_rel_error=lambda w: self.max_rel_error(spec, w),
+            time_ms=lambda w: self.timer(lambda: self.kernel(q, k, v, scale, spec.causal, w)))
+        return Decision(pick.variant, pick.kernel_ms, ref_ms, pick.max_rel_error, pick.reason)
 
     def max_rel_error(self, spec: AttentionSpec, warps: int) -> float:
         """Worst max|kernel - float32 reference| / max|reference| over CHECK_SHAPES, strided keys included."""

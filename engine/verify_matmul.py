@@ -27,6 +27,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
+from engine.kernel_choice import SPEEDUP_MARGIN, pick_fastest
+
 log = logging.getLogger("dflash.verify_matmul")
 
 # kernels/ in a checkout, else the copy a wheel install puts under share/ (never an importable package)
@@ -44,7 +46,6 @@ FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 # Tolerance on max|y - ref| / max|ref| against a float32 reference: the kernels accumulate in
 # float32 and round once, so the error is about half an ulp of the output dtype.
 TOLERANCE = {mx.float32: 1e-4, mx.float16: 2e-3, mx.bfloat16: 1.2e-2}
-SPEEDUP_MARGIN = 0.97  # a kernel must beat the reference by 3% to be used (timing noise)
 # A kernel reads each weight once, as the 1-row product does, so it can win at most the reference's
 # cost of the extra rows. Below this many ms (or the margin above) nothing is compiled: NVRTC takes
 # seconds per variant, and on the H200 SmolLM2's layers cost 7-12 us at 1 to 32 rows alike.
@@ -285,26 +286,12 @@ class VerifyMatmul:
         if ref_ms - one_ms < max(MIN_HEADROOM_MS, (1 - SPEEDUP_MARGIN) * ref_ms):
             return Decision(None, float("nan"), ref_ms, float("nan"),
                             f"nothing to win: {bucket} rows cost {ref_ms:.4f} ms, 1 row {one_ms:.4f} ms")
-        best = Decision(None, float("inf"), ref_ms, float("nan"), "no tiling passed numerics")
-        for tiling in TILINGS[bucket]:
-            try:
-                error = self.max_rel_error(spec, bucket, tiling, w, scales, biases)
-                if not error <= TOLERANCE[spec.x_dtype]:  # also catches NaN
-                    log.warning("verify kernel %s failed numerics for %s rows<=%d: rel err %.3g",
-                                tiling, spec, bucket, error)
-                    continue
-                ms = self.timer(lambda t=tiling: self.kernel(ref_x, w, scales, biases, spec, bucket, t))
-            except Exception as e:  # a compile or launch failure rejects the tiling, not the server
-                log.warning("verify kernel %s failed for %s: %s", tiling, spec, e)
-                continue
-            if ms < best.kernel_ms:
-                best = Decision(tiling, ms, ref_ms, error, "")
-        if best.tiling is None:
-            return best
-        if best.kernel_ms >= ref_ms * SPEEDUP_MARGIN:
-            return Decision(None, best.kernel_ms, ref_ms, best.max_rel_error, "kernel not faster")
-        return Decision(best.tiling, best.kernel_ms, ref_ms, best.max_rel_error,
-                        f"{ref_ms / best.kernel_ms:.2f}x faster with {best.tiling}")
+        pick = pick_fastest(
+            TILINGS[bucket], tolerance=TOLERANCE[spec.x_dtype], reference_ms=ref_ms, noun="tiling",
+            what=f"{spec} rows<={bucket}",
+            max_rel_error=lambda t: self.max_rel_error(spec, bucket, t, w, scales, biases),
+            time_ms=lambda t: self.timer(lambda: self.kernel(ref_x, w, scales, biases, spec, bucket, t)))
+        return Decision(pick.variant, pick.kernel_ms, ref_ms, pick.max_rel_error, pick.reason)
 
     def max_rel_error(self, spec: QuantSpec, bucket: int, tiling: Tiling, w: mx.array,
                       scales: mx.array, biases: mx.array) -> float:

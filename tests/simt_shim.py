@@ -59,6 +59,7 @@ inline float __shfl_xor_sync(unsigned, float v, int off) { return lane_xor(v, of
 inline float __shfl_sync(unsigned, float v, int src) { return lane_read(v, src); }
 using std::min;
 inline float __uint_as_float(unsigned u) { return bits_float(u); }
+inline float __int_as_float(unsigned u) { return bits_float(u); }
 inline float __half2float(__half h) { _Float16 v; memcpy(&v, &h.b, 2); return (float)v; }
 inline __half __float2half(float f) { _Float16 v = (_Float16)f; __half h; memcpy(&h.b, &v, 2); return h; }
 inline float2 __half22float2(__half2 h) { return {__half2float(h.x), __half2float(h.y)}; }

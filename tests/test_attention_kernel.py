@@ -151,13 +151,20 @@ def exact_kernel(queries: mx.array, keys: mx.array, values: mx.array, scale: flo
 
 
 def decider(kernel: object, kernel_ms: float, reference_ms: float) -> ak.BlockAttentionKernel:
-    timings = {"kernel": kernel_ms, "reference": reference_ms}
+    """A BlockAttentionKernel on a pretend CUDA device whose timer reads `kernel_ms` for timings that
+    ran the kernel and `reference_ms` for the others."""
+    ran = [False]
 
-    def timer(fn: object) -> float:  # _check times kernels through `lambda w=warps: ...`
-        return timings["kernel" if fn.__defaults__ else "reference"]  # type: ignore[attr-defined]
+    def tracked(*args: object) -> mx.array:
+        ran[0] = True
+        return kernel(*args)  # type: ignore[operator]
 
-    return ak.BlockAttentionKernel(kernel=kernel, reference=lambda q, k, v, s, c: ak.float32_reference(q, k, v, s, c),
-                                   backend="cuda", timer=timer)
+    def timer(fn: object) -> float:
+        ran[0] = False
+        mx.eval(fn())  # type: ignore[operator]
+        return kernel_ms if ran[0] else reference_ms
+
+    return ak.BlockAttentionKernel(kernel=tracked, reference=ak.float32_reference, backend="cuda", timer=timer)
 
 
 def test_a_correct_faster_kernel_is_used_and_the_choice_cached() -> None:
@@ -276,7 +283,7 @@ def test_device_greedy_dflash_through_the_kernel_equals_plain(family: str, monke
     fuse_projections(model)
     dcfg = draft_config(cfg, block_size=8, head_dim=64)
     target = Target(model, dcfg.target_layer_ids)
-    kernel = ak.BlockAttentionKernel(timer=lambda fn: 0.5 if fn.__defaults__ else 2.0)  # type: ignore[attr-defined]
+    kernel = decider(ak.make_cuda_kernel(), kernel_ms=0.5, reference_ms=2.0)
     monkeypatch.setattr(ak, "_DEFAULT", kernel)
     attention.set_mode("auto")
     try:

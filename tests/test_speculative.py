@@ -29,6 +29,7 @@ from engine.decoder import DecodeStep
 from engine.drafters import DFlashDrafter, NgramDrafter, OracleDrafter, Proposal
 from engine.fused import fuse_projections
 from engine.sampling import SamplingParams, TokenRng, filter_logprobs, token_logprobs
+from engine.serving_model import warm_up
 from engine.speculative import SpeculativeDecoder, accept_draft
 from engine.target import Target
 
@@ -433,3 +434,19 @@ def test_dflash_keep_computes_only_the_verified_proposals(varied: Varied) -> Non
     full, three, none = proposals
     assert full.shape == (7,) and three.shape == (3,) and none.shape == (0,)
     assert three.tolist() == full[:3].tolist()
+
+
+def test_warm_up_measures_the_cost_curve_and_leaves_the_decoder_usable() -> None:
+    """serving_model.warm_up (run at load on CUDA) moves the cost-curve measurement out of the first request."""
+    cfg = target_config("llama", tie_word_embeddings=False)
+    model = build_target(cfg, seed=1)
+    ref, _ = plain_greedy(model, PROMPT, 12)
+    dcfg = draft_config(cfg, block_size=8)
+    target = Target(model, dcfg.target_layer_ids)
+    decoder = SpeculativeDecoder(target, DFlashDrafter(build_draft(dcfg, seed=2), target), block_size=8)
+    assert decoder.cost_curve is None
+    warm_up(decoder)
+    assert decoder.cost_curve is not None
+    out, _ = _run(decoder, 12)
+    target.close()
+    assert out == ref
