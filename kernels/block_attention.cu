@@ -23,6 +23,8 @@
 // signature, the body inside it.
 
 //@header
+#define BATTN_NEG_INF __int_as_float(0xff800000u)
+
 __device__ __forceinline__ float2 battn_f2(float x, float y) {
   float2 r;
   r.x = x;
@@ -78,7 +80,7 @@ __device__ __forceinline__ void battn_store(__nv_bfloat16* p, float v) { *p = __
   const T* kb = k + b * k_strides[0] + kvh * k_strides[1];
   const T* vb = v + b * v_strides[0] + kvh * v_strides[1] + lane * VPT * v_strides[3];
 
-  float m = -inf;  // running max of this warp's scores (log2 units)
+  float m = BATTN_NEG_INF;  // running max of this warp's scores (log2 units)
   float l = 0.0f;  // running sum of exp2(score - m)
   float o[VPT];
 #pragma unroll
@@ -87,7 +89,7 @@ __device__ __forceinline__ void battn_store(__nv_bfloat16* p, float v) { *p = __
   }
   for (int base = warp * 32; base < limit; base += WARPS * 32) {
     const int j = base + lane;
-    float s = -inf;
+    float s = BATTN_NEG_INF;
     if (j < limit) {
       const T* kj = kb + j * k_strides[2];
       float acc = 0.0f;
@@ -105,7 +107,7 @@ __device__ __forceinline__ void battn_store(__nv_bfloat16* p, float v) { *p = __
     }
     const float m_new = fmaxf(m, chunk_max);  // finite: key `base` < limit is in every chunk
     const float p = exp2f(s - m_new);         // 0 for lanes past the limit
-    const float rescale = exp2f(m - m_new);   // 0 on the first chunk (m = -inf)
+    const float rescale = exp2f(m - m_new);   // 0 on the first chunk (m = BATTN_NEG_INF)
     float p_sum = p;
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
@@ -144,7 +146,7 @@ __device__ __forceinline__ void battn_store(__nv_bfloat16* p, float v) { *p = __
   }
   __syncthreads();
   for (int d = threadIdx.x; d < D; d += WARPS * 32) {
-    float top = -inf;
+    float top = BATTN_NEG_INF;
     for (int w = 0; w < WARPS; ++w) {
       top = fmaxf(top, warp_m[w]);
     }
