@@ -335,16 +335,19 @@ class SpeculativeDecoder:
         verify_ids = mx.concatenate([anchor, drafts]) if drafts.size else anchor  # (k+1,)
         logits, taps = self.target(verify_ids[None], cache, taps=self.drafter.needs_taps)
         logits = logits[0]  # (k+1, V)
-        key = None if params.is_greedy else rng.next_key()
-        num_accepted, next_token = accept_draft(drafts, logits, draft_logprobs, params, key)
-        padded = mx.concatenate([drafts, next_token[None]])  # (k+1,)
-        tokens = mx.where(mx.arange(padded.shape[0]) == num_accepted, next_token, padded)
+        if drafts.size:
+            key = None if params.is_greedy else rng.next_key()
+            num_accepted, next_token = accept_draft(drafts, logits, draft_logprobs, params, key)
+            padded = mx.concatenate([drafts, next_token[None]])  # (k+1,)
+            tokens = mx.where(mx.arange(padded.shape[0]) == num_accepted, next_token, padded)
+        else:  # a plain step has nothing to accept: one sample, not the acceptance graph's dozen ops (GPU launches)
+            num_accepted, tokens = mx.array(0, dtype=mx.int32), sample(logits, params, rng).astype(mx.int32)  # (1,)
         logprobs = self._logprobs(logits, tokens, params)
         pending = [num_accepted, tokens, *(logprobs or ()), *([] if taps is None else [taps])]
         mx.async_eval(*pending)
         verify_s = self._split_sync(pending, clock)
         launched_at = time.perf_counter() if self.timing else 0.0
-        return _Cycle(padded.shape[0], width, num_accepted, tokens, taps, logprobs, draft_s, verify_s, launched_at)
+        return _Cycle(tokens.shape[0], width, num_accepted, tokens, taps, logprobs, draft_s, verify_s, launched_at)
 
     def _draft(
         self,
