@@ -160,12 +160,7 @@ def main() -> None:
         print(f"{name:<10} " + "  ".join(f"{k} {v['median_ms']:.2f} (max {v['max_ms']:.1f})" for k, v in rows.items()),
               flush=True)
     fused.block_attention = draft_module.block_attention = original
-    report["kernel_decisions"] = {
-        f"{spec.dtype} D={spec.head_dim} heads {spec.heads}/{spec.kv_heads} {'causal' if spec.causal else 'full'}":
-        {"warps": d.warps, "kernel_ms": d.kernel_ms, "explicit_ms": d.reference_ms, "max_rel_error": d.max_rel_error,
-         "reason": d.reason}
-        for spec, d in attention_kernel.default_kernel().decisions.items()
-    }
+    report["kernel_decisions"] = attention_kernel.default_kernel().summary()
     for name, d in report["kernel_decisions"].items():
         print(f"[attention] kernel decision {name}: {d}")
     if args.out:

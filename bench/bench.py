@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlx.core as mx
 
+from engine.attention_kernel import default_kernel as default_attention_kernel
 from engine.blas import blas_status, maybe_reexec_with_blas
 from engine.sampling import SamplingParams, TokenRng
 from engine.serving_model import prepare_model
@@ -334,7 +335,10 @@ def main() -> None:
     rows = summarize(runs, bench.plain_out)
     print_table(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": machine, "model": bench.loaded.description, "prepared": bench.prepared, "args": {k: str(v) for k, v in vars(args).items()}}
+    meta = {"machine": machine, "model": bench.loaded.description, "prepared": bench.prepared, "args": {k: str(v) for k, v in vars(args).items()},
+            "attention_kernel": default_attention_kernel().summary()}
+    for name, decision in meta["attention_kernel"].items():
+        print(f"[bench] attention kernel, {name}: {decision['reason'] or 'explicit'}")
     (args.out / "bench.json").write_text(json.dumps({**meta, "summary": rows, "runs": [asdict(r) for r in runs]}, indent=1))
     chart(rows, args.out / "bench.png", f"{bench.loaded.description}, {args.max_tokens} tokens, greedy")
     print(f"[bench] wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")

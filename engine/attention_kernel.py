@@ -139,6 +139,12 @@ class BlockAttentionKernel:
                      decision.reason, decision.kernel_ms, decision.reference_ms, decision.max_rel_error)
         return self.decisions[spec]
 
+    def summary(self) -> dict[str, dict[str, object]]:
+        """The decisions made so far, by a readable name (for benchmark reports)."""
+        return {f"{spec.dtype} D={spec.head_dim} heads {spec.heads}/{spec.kv_heads} {'causal' if spec.causal else 'full'}":
+                {"warps": d.warps, "kernel_ms": d.kernel_ms, "explicit_ms": d.reference_ms,
+                 "max_rel_error": d.max_rel_error, "reason": d.reason} for spec, d in self.decisions.items()}
+
     def _check(self, spec: AttentionSpec) -> Decision:
         assert self.kernel is not None
         reference = self.reference or _explicit

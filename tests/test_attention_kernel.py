@@ -180,6 +180,9 @@ def test_a_correct_faster_kernel_is_used_and_the_choice_cached() -> None:
     assert "4.00x faster" in decision.reason
     n = len(calls)
     assert d.decide(SPEC) is decision and len(calls) == n  # cached: no second check
+    assert d.summary() == {"mlx.core.float32 D=64 heads 4/2 causal": {
+        "warps": decision.warps, "kernel_ms": 0.5, "explicit_ms": 2.0, "max_rel_error": decision.max_rel_error,
+        "reason": decision.reason}}
 
 
 def test_a_kernel_that_fails_numerics_is_rejected() -> None:
