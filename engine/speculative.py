@@ -169,6 +169,7 @@ class SpeculativeDecoder:
         self.name = f"speculative-{drafter.name}"
         self.stats = SpecStats()
         self._sync_end = 0.0  # perf_counter() at the last sync's return
+        self._drafted_last = False  # the last finished cycle verified drafts (its draft had no held context)
         self._width: VerifyWidth | None = None
         self._held: tuple[list[int], list[mx.array]] = ([], [])  # drafter input of width-0 cycles
 
@@ -209,6 +210,7 @@ class SpeculativeDecoder:
                 # costs carries over, so a useless drafter stays cheap from a request's first cycle
                 self._width = self._make_width(cache, prompt_ids[-1])
             self._held = ([], [])
+            self._drafted_last = False
             self._sync_end = time.perf_counter()
             num_committed = len(prompt_ids)  # rows in the target cache
             num_emitted = 1
@@ -408,7 +410,10 @@ class SpeculativeDecoder:
             )
         if self._width is not None:
             one_forward = (not cycle.chained) != chained_next
-            self._width.update(cycle.block - 1, accepted, now - self._sync_end if one_forward else None)
+            # the first drafting cycle after plain steps (or the prompt) also drafts the context they held
+            steady = cycle.block == 1 or self._drafted_last
+            self._width.update(cycle.block - 1, accepted, now - self._sync_end if one_forward and steady else None)
+        self._drafted_last = cycle.block > 1
         self._sync_end = now
         self.stats.record(cycle.block - 1, accepted)
         self.stats.widths.append(cycle.width)

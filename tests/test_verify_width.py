@@ -419,3 +419,40 @@ def test_chained_cycles_teach_the_controller_one_forward_each(varied: tuple, mon
     learned = [s for s in samples if s is not None]
     assert learned and set(learned) == {1.0}, samples  # never 2.0 (a chain's start) or 0.0 (its end)
     assert None in samples
+
+
+def _recorded_updates(decoder: SpeculativeDecoder, max_tokens: int, ref: list[int]) -> list[tuple[int, float | None]]:
+    """(drafts verified, seconds taught) of every cycle of one request, after a first one made the controller."""
+    assert _decode(decoder, 8) == ref[:8]
+    calls: list[tuple[int, float | None]] = []
+    update = decoder.verify_width.update
+
+    def recording_update(verified: int, accepted: int, seconds: float | None = None) -> None:
+        calls.append((verified, seconds))
+        update(verified, accepted, seconds)
+
+    decoder.verify_width.update = recording_update
+    assert _decode(decoder, max_tokens) == ref[:max_tokens]
+    return calls
+
+
+def test_a_drafting_cycle_after_plain_steps_teaches_no_draft_cost(varied: tuple) -> None:
+    """Its draft also reads the context the plain steps held (or the prompt): on the CPU the controller
+    had learned 18 ms for a 12 ms draft from such probes, and stayed on plain steps where drafting paid."""
+    cfg, model, ref = varied
+    useless = OracleDrafter(ref, vocab_size=cfg["vocab_size"], wrong_at=[0])
+    decoder = SpeculativeDecoder(Target(model), useless, block_size=BLOCK, cost_curve=CPU_CURVE)
+    calls = _recorded_updates(decoder, 40, ref)
+    probes = [s for (verified, s), (before, _) in zip(calls[1:], calls[:-1]) if verified and not before]
+    assert probes and all(s is None for s in probes), calls
+    assert calls[0][0] == 0 or calls[0][1] is None  # the request's first cycle drafts after the prompt
+    assert any(s is not None for verified, s in calls if not verified)  # plain steps still teach host cost
+
+
+def test_consecutive_drafting_cycles_teach_the_draft_cost(varied: tuple) -> None:
+    cfg, model, ref = varied
+    decoder = SpeculativeDecoder(Target(model), OracleDrafter(ref, vocab_size=cfg["vocab_size"]), block_size=BLOCK,
+                                 cost_curve=CPU_CURVE)
+    calls = _recorded_updates(decoder, 40, ref)
+    assert all(verified for verified, _ in calls)
+    assert calls[0][1] is None and all(s is not None for _, s in calls[1:]), calls
