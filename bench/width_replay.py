@@ -19,6 +19,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -73,14 +74,34 @@ def replay(controller: VerifyWidth | None, runs: list[int], length: int, first: 
     return (total - 1) / seconds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_draft_args(parser: argparse.ArgumentParser, rounds_help: str, prompts: str) -> None:
+    """The target, the draft and the prompts: what width_replay.py and width_trace.py both take."""
     parser.add_argument("--model", default="embedded", help="engine.loader spec")
     parser.add_argument("--draft", type=Path, required=True, help="DFlash draft directory (published layout)")
     parser.add_argument("--target-dtype", choices=("native", "bfloat16", "float16", "float32"), default="native")
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=2, help="measured rounds after a warm-up round, as bench.py")
-    parser.add_argument("--prompts", default=",".join(PROMPTS))
+    parser.add_argument("--rounds", type=int, default=2, help=rounds_help)
+    parser.add_argument("--prompts", default=prompts, help=f"comma list of {', '.join(PROMPTS)}")
+
+
+def load_target_and_draft(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
+    """(loaded, the target prepared as the server prepares it, the draft, what preparing did)."""
+    from engine.draft import load_draft
+    from engine.loader import load_model
+    from engine.serving_model import prepare_model
+
+    loaded = load_model(args.model, dequantize=True if args.target_dtype != "native" else None)
+    model = cast_model(loaded.model, args.target_dtype)
+    prepared = prepare_model(model, fuse=True)
+    margs = model.args
+    draft = load_draft(args.draft, target_hidden_size=margs.hidden_size, target_vocab_size=margs.vocab_size,
+                       target_num_layers=margs.num_hidden_layers)
+    return loaded, model, draft, prepared
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_draft_args(parser, "measured rounds after a warm-up round, as bench.py", ",".join(PROMPTS))
     parser.add_argument("--costs", default=None, help="forward ms by rows, e.g. 1:34.6,16:82.3 (default: measured here)")
     parser.add_argument("--draft-ms", type=float, default=None, help="draft forward ms at one kept row (default: measured)")
     parser.add_argument("--row-ms", type=float, default=None, help="draft ms per further kept row (default: measured)")
@@ -91,20 +112,13 @@ def main() -> None:
     args = parser.parse_args()
     maybe_reexec_with_blas()  # may replace the process; no-op on a GPU
 
-    from engine.draft import load_draft
     from engine.drafters import DFlashDrafter
-    from engine.loader import load_model
     from engine.plain_decoder import PlainDecoder
-    from engine.serving_model import prepare_model
     from engine.target import Target
     from engine.train.objective import anchor_runs
 
-    loaded = load_model(args.model, dequantize=True if args.target_dtype != "native" else None)
-    model = cast_model(loaded.model, args.target_dtype)
-    print(f"[replay] {loaded.description}; {prepare_model(model, fuse=True)}", flush=True)
-    margs = model.args
-    draft = load_draft(args.draft, target_hidden_size=margs.hidden_size, target_vocab_size=margs.vocab_size,
-                       target_num_layers=margs.num_hidden_layers)
+    loaded, model, draft, prepared = load_target_and_draft(args)
+    print(f"[replay] {loaded.description}; {prepared}", flush=True)
     block = draft.config.block_size
     target = Target(model, draft.config.target_layer_ids)
     drafter = DFlashDrafter(draft, target)

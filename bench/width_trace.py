@@ -1,0 +1,90 @@
+"""Trace the adaptive verify width live: one speculative decoder over prompts in sequence, as a server sees them.
+
+    python bench/width_trace.py --draft engine/drafts/smollm2-135m-instruct-dflash [--prompts chat,math,chat2,code]
+    python bench/width_trace.py --draft DIR --target-dtype bfloat16 --rounds 2      # on a GPU
+
+For every request: plain decoding's tok/s on the same prompt (run just before), the speculative
+decoder's, their ratio, τ, the widths chosen cycle by cycle (0-f, hex), and how many width-0
+cycles were chained. At the end, what the controller learned: per-position acceptance, the
+overheads it prices cycles with (draft fixed + per row, host) and the cost curve. bench/bench.py
+gives the medians; this shows why a request ran as it did (bench/width_replay.py models it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from width_replay import add_draft_args, load_target_and_draft
+
+from bench import (  # bench/bench.py: this script's folder is on sys.path
+    PROMPTS,
+    decoder_stream,
+    timed,
+)
+from engine.blas import maybe_reexec_with_blas
+
+HEX = "0123456789abcdefghijklmnopqrstuv"  # widths up to 31
+
+
+def controller_state(decoder: Any) -> dict[str, Any]:
+    width = decoder.verify_width
+    if width is None:
+        return {}
+    return {"accept": [round(p, 3) for p in width.accept], "seen": list(width.seen),
+            "estimates": [round(p, 3) for p in width.estimates()], "draft_ms": width.draft_s * 1e3,
+            "draft_row_ms": width.draft_row_s * 1e3, "host_ms": width.host_s * 1e3,
+            "curve_ms": [round(s * 1e3, 2) for s in width.curve.seconds], "probe_every": width.probe_every}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_draft_args(parser, "passes over the prompts, one decoder throughout", "chat,math,chat2,code")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=None, help="write the trace as JSON here")
+    args = parser.parse_args()
+    maybe_reexec_with_blas()
+
+    from engine.drafters import DFlashDrafter
+    from engine.plain_decoder import PlainDecoder
+    from engine.speculative import SpeculativeDecoder
+    from engine.target import Target
+
+    loaded, model, draft, prepared = load_target_and_draft(args)
+    print(f"[trace] {loaded.description}, {args.target_dtype}, {prepared}", flush=True)
+    target = Target(model, draft.config.target_layer_ids)
+    spec = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=args.block_size)
+    plain = PlainDecoder(model)
+    records = []
+    for round_ in range(args.rounds):
+        for name in args.prompts.split(","):
+            ids = list(loaded.tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[name]}]))
+            plain_tokens, _, plain_s = timed(decoder_stream(plain, ids, args.max_tokens))
+            tokens, _, spec_s = timed(decoder_stream(spec, ids, args.max_tokens))
+            plain_tps, spec_tps = (len(plain_tokens) - 1) / plain_s, (len(tokens) - 1) / spec_s
+            widths = spec.stats.widths
+            record = {"round": round_, "prompt": name, "plain_tps": plain_tps, "spec_tps": spec_tps,
+                      "ratio": spec_tps / plain_tps, "tau": spec.stats.acceptance_length, "cycles": spec.stats.cycles,
+                      "chained": spec.stats.chained, "widths": widths, "same": tokens == plain_tokens}
+            records.append(record)
+            hist = dict(sorted(collections.Counter(widths).items()))
+            print(f"r{round_} {name:6} plain {plain_tps:6.1f} spec {spec_tps:6.1f} ({record['ratio']:.2f}x) "
+                  f"tau {record['tau']:.2f} cycles {record['cycles']} chained {record['chained']} widths {hist}"
+                  f"{'' if record['same'] else ' (output differs from plain)'}", flush=True)
+            print("   " + "".join(HEX[w] for w in widths), flush=True)
+    state = controller_state(spec)
+    print("[trace] controller: " + json.dumps(state), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "requests": records,
+                                        "controller": state}, indent=1))
+    target.close()
+
+
+if __name__ == "__main__":
+    main()
