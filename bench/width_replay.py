@@ -3,7 +3,7 @@
 Greedy output does not depend on the verify width, so each prompt's answer is fixed, and so is
 what a block anchored at each of its positions would accept (engine/train/objective.anchor_runs).
 A cycle of width c at anchor a then accepts min(run[a], c) and costs forward(c + 1) + host (+ the
-draft's fixed and per-row cost when c > 0). Replaying engine/verify_width.VerifyWidth over that,
+draft's fixed and per-row cost when c > 0); a width-0 cycle after another costs a plain step (chained). Replaying engine/verify_width.VerifyWidth over that,
 request after request as the bench sends them, compares controller policies in seconds and without
 timing noise; bench/bench.py measures the real thing.
 
@@ -60,17 +60,22 @@ def replay(controller: VerifyWidth | None, runs: list[int], length: int, first: 
     """Decode tok/s of one request (first token to last, as bench.py counts) under `controller` or a fixed width."""
     anchor, emitted, seconds = first, 1, 0.0
     total = length - first
+    previous: int | None = None  # drafts of the request's previous cycle
     while emitted < total:
         remaining = total - emitted
         width = fixed if controller is None else controller.choose()
         drafts = min(width, remaining, block_size - 1)
         accepted = min(runs[anchor - first], drafts)
-        cost = costs.cycle(drafts)
+        # a width-0 cycle after another is launched before that one's sync, as plain decoding's next step is:
+        # its host work overlaps the device's (SpeculativeDecoder._chain)
+        cost = costs.plain() if drafts == 0 and previous == 0 else costs.cycle(drafts)
         if controller is not None:
-            controller.update(drafts, accepted, cost)
+            # as SpeculativeDecoder._finish: a drafting cycle after plain steps or the prompt teaches no overheads
+            controller.update(drafts, accepted, cost if drafts == 0 or previous else None)
         emitted += min(accepted + 1, remaining)
         anchor += accepted + 1
         seconds += cost
+        previous = drafts
     return (total - 1) / seconds
 
 
