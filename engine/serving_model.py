@@ -65,6 +65,8 @@ def warm_up(decoder: Decoder) -> None:
     start = time.perf_counter()
     for _ in decoder.generate([1, 2, 3, 4, 5, 6, 7, 8], SamplingParams(temperature=0.0), 4, TokenRng(0)):
         pass
+    if hasattr(decoder, "forget_acceptance"):  # what the dummy prompt's drafts taught is not the drafter's rate
+        decoder.forget_acceptance()
     log.info("speculative decoder warmed up in %.1f s", time.perf_counter() - start)
 
 

@@ -178,6 +178,10 @@ class SpeculativeDecoder:
         """The adaptive width controller, made on the first request and kept across requests."""
         return self._width
 
+    def forget_acceptance(self) -> None:
+        """Start the width controller afresh at the next request; the measured cost curve is kept."""
+        self._width = None
+
     def supports(self, params: SamplingParams) -> str | None:
         if params.has_processors:
             return (
