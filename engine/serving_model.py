@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
@@ -14,6 +15,9 @@ from engine.config import EngineConfig
 from engine.decoder import Decoder
 from engine.pairs import default_draft_for, load_pairs
 from engine.plain_decoder import PlainDecoder
+
+if TYPE_CHECKING:
+    from engine.speculative import SpeculativeDecoder
 
 log = logging.getLogger("dflash.model")
 NGRAM_BLOCK_SIZE = 16  # the n-gram drafter has no block size of its own
@@ -57,7 +61,7 @@ class ServingModel:
         )
 
 
-def warm_up(decoder: Decoder) -> None:
+def warm_up(decoder: SpeculativeDecoder) -> None:
     """A few greedy tokens at load: on CUDA the block-attention kernel is compiled (NVRTC) and checked,
     and the verify cost curve measured, here rather than inside the first request's TTFT."""
     from engine.sampling import SamplingParams, TokenRng
@@ -65,8 +69,7 @@ def warm_up(decoder: Decoder) -> None:
     start = time.perf_counter()
     for _ in decoder.generate([1, 2, 3, 4, 5, 6, 7, 8], SamplingParams(temperature=0.0), 4, TokenRng(0)):
         pass
-    if hasattr(decoder, "forget_acceptance"):  # what the dummy prompt's drafts taught is not the drafter's rate
-        decoder.forget_acceptance()
+    decoder.forget_acceptance()  # what the dummy prompt's drafts taught is not the drafter's rate
     log.info("speculative decoder warmed up in %.1f s", time.perf_counter() - start)
 
 
@@ -100,7 +103,7 @@ def resolve_draft(spec: str, target: str, model_id: str) -> str | None:
     return spec
 
 
-def build_speculative(loaded: object, config: EngineConfig) -> tuple[Decoder | None, str]:
+def build_speculative(loaded: object, config: EngineConfig) -> tuple[SpeculativeDecoder | None, str]:
     from engine.drafters import DFlashDrafter, NgramDrafter
     from engine.speculative import SpeculativeDecoder
     from engine.target import Target
