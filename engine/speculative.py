@@ -213,6 +213,8 @@ class SpeculativeDecoder:
                 # one controller for the decoder's life: what it learned about the drafter and the
                 # costs carries over, so a useless drafter stays cheap from a request's first cycle
                 self._width = self._make_width(cache, prompt_ids[-1])
+            elif self._width is not None:
+                self._width.new_request()
             self._held = ([], [])
             self._drafted_last = False
             self._sync_end = time.perf_counter()

@@ -92,6 +92,20 @@ def test_a_useless_drafter_falls_to_width_zero_quickly_and_probes_ever_less() ->
     assert extra < 0.01 * CPU_CURVE(1) * len(widths[first_zero:])
 
 
+def test_a_new_request_probes_first_and_keeps_what_was_learned() -> None:
+    controller = VerifyWidth(BLOCK - 1, CPU_CURVE)
+    _drive(controller, [useless] * 400)  # settled at width 0, probes backed off to the maximum
+    learned = list(controller.accept)
+    controller.new_request()
+    assert controller.choose() == PROBE_MIN and controller.probing
+    controller.update(PROBE_MIN, 0)
+    assert controller.accept[1:] == learned[1:] and controller.probe_every == controller.max_probe_every
+    assert _drive(controller, [useless] * 20) == [0] * 20  # back to plain steps, backoff unchanged
+    fresh = VerifyWidth(BLOCK - 1, CPU_CURVE)
+    fresh.new_request()  # at full width there is nothing to probe
+    assert fresh.choose() == BLOCK - 1 and not fresh.probing
+
+
 def test_a_perfect_drafter_keeps_full_width() -> None:
     controller = VerifyWidth(BLOCK - 1, CPU_CURVE)
     assert _drive(controller, [perfect] * 200) == [BLOCK - 1] * 200
@@ -337,7 +351,9 @@ def test_the_controller_carries_over_to_the_next_request(varied: tuple) -> None:
     assert _decode(decoder, 48) == ref[:48]
     second = decoder.stats
     assert decoder.verify_width is controller
-    assert second.widths[0] == 0 and second.drafted < first.drafted / 2, (first.widths, second.widths)
+    # one narrow probe (a new request is new content), then plain steps as the first request settled
+    assert second.widths[0] == PROBE_MIN and second.widths[1] == 0, second.widths
+    assert second.drafted < first.drafted / 2, (first.widths, second.widths)
 
 
 def test_width_zero_cycles_run_on_another_thread(varied: tuple) -> None:
