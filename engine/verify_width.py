@@ -81,7 +81,7 @@ class VerifyWidth:
         prior: float = 1.0,
         margin: float = 0.05,
         probe_every: int = 8,
-        max_probe_every: int = 64,
+        max_probe_every: int = 128,
         overhead_alpha: float = 0.1,
         learn_overheads: bool = True,
         draft_row_s: float = 0.0,
