@@ -21,7 +21,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +31,15 @@ from mlx.utils import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import (  # bench/bench.py: this script's folder is on sys.path
+    GREEDY,
+    decoder_stream,
+    timed,
+)
 from engine.blas import maybe_reexec_with_blas
 from engine.drafters import DFlashDrafter, OracleDrafter, Proposal
 from engine.sampling import SamplingParams, TokenRng
 
-GREEDY = SamplingParams(temperature=0.0)
 SHAPES: dict[str, dict[str, Any]] = {
     # Qwen3-8B: 36 layers, 4096 wide, 32 query / 8 KV heads of 128, MLP 12288, untied head
     "qwen3-8b": {"hidden_size": 4096, "num_hidden_layers": 36, "intermediate_size": 12288,
@@ -110,15 +114,10 @@ def median_ms(fn: Callable[[], None], repeats: int) -> float:
     return statistics.median(samples) * 1e3
 
 
-def decode_tps(stream: Any) -> tuple[list[int], float]:
+def decode_tps(stream: Iterator[list[int]]) -> tuple[list[int], float]:
     """Tokens and tok/s after the first token, as bench.py counts."""
-    tokens: list[int] = []
-    first_at = 0.0
-    for piece in stream:
-        tokens.extend(piece)
-        if len(tokens) == len(piece):
-            first_at = time.perf_counter()
-    return tokens, (len(tokens) - 1) / max(time.perf_counter() - first_at, 1e-9)
+    tokens, _, decode_s = timed(stream)
+    return tokens, (len(tokens) - 1) / max(decode_s, 1e-9)
 
 
 def main() -> None:
@@ -196,14 +195,14 @@ def main() -> None:
 
     for round_ in range(args.rounds + 1):
         measured = {"mlx_lm": decode_tps(mlx_lm_stream()),
-                    "plain": decode_tps(s.tokens for s in plain.generate(prompt, GREEDY, args.max_tokens, TokenRng(0)))}
+                    "plain": decode_tps(decoder_stream(plain, prompt, args.max_tokens))}
         for wrong in settings:
             for adaptive in (True, False):
                 oracle = OracleDrafter(continuation, vocab_size=target.vocab_size, wrong_at=[wrong])
                 spec = SpeculativeDecoder(target, CostedOracle(DFlashDrafter(draft, target), oracle), block_size=16,
                                           adaptive=adaptive)
                 name = f"spec wrong@{wrong} {'adaptive' if adaptive else 'full'}"
-                measured[name] = decode_tps(s.tokens for s in spec.generate(prompt, GREEDY, args.max_tokens, TokenRng(0)))
+                measured[name] = decode_tps(decoder_stream(spec, prompt, args.max_tokens))
                 taus[name] = spec.stats.acceptance_length
         for name, (tokens, tps) in measured.items():
             # in bf16 a near tie can flip between kernels (1-row vs block, mlx-lm's attention vs ours)
