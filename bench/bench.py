@@ -275,7 +275,11 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the plot is optional: pip install -e '.[bench]'
+        print(f"matplotlib is not installed (pip install -e '.[bench]'): {path.name} skipped", file=sys.stderr)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
