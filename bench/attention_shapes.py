@@ -5,8 +5,8 @@
 A speculative cycle runs the target on a 16-row block and the draft on its block, and the key
 length grows by the accepted count every cycle. Where a backend plans its attention kernel per
 exact shape, every cycle pays a new plan. For each attention path (mx.fast fused; the explicit
-composition in engine/attention.py; fused with the keys padded to a multiple of --pad; auto, which on
-CUDA takes engine/attention_kernel.py's kernel where its runtime check passes) this
+composition in engine/model/attention.py; fused with the keys padded to a multiple of --pad; auto, which on
+CUDA takes engine/backend/attention_kernel.py's kernel where its runtime check passes) this
 times, on a random SmolLM2-135M-shaped target with packed projections and a 3-layer draft:
   verify_fresh   16-row target forward, then keep 3 rows (the next forward sees a new key length)
   verify_same    16-row target forward, then keep none (the same key length every time)
@@ -32,12 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spec_cycle import random_draft  # noqa: E402
 
-from engine import attention, attention_kernel, fused  # noqa: E402
-from engine import draft as draft_module  # noqa: E402
-from engine.draft import build_target_layer_ids  # noqa: E402
-from engine.drafters import DFlashDrafter  # noqa: E402
-from engine.sampling import SamplingParams, TokenRng  # noqa: E402
-from engine.target import Target  # noqa: E402
+from engine.backend import attention_kernel
+from engine.decode.drafters import DFlashDrafter  # noqa: E402
+from engine.decode.sampling import SamplingParams, TokenRng  # noqa: E402
+from engine.model import (
+    attention,
+    fused,  # noqa: E402
+)
+from engine.model import draft as draft_module  # noqa: E402
+from engine.model.draft import build_target_layer_ids  # noqa: E402
+from engine.model.target import Target  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0)
 

@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlx.core as mx
 
-from engine.attention_kernel import default_kernel as default_attention_kernel
-from engine.blas import blas_status, maybe_reexec_with_blas
-from engine.sampling import SamplingParams, TokenRng
-from engine.serving_model import prepare_model
+from engine.backend.attention_kernel import default_kernel as default_attention_kernel
+from engine.backend.blas import blas_status, maybe_reexec_with_blas
+from engine.decode.sampling import SamplingParams, TokenRng
+from engine.runtime.serving_model import prepare_model
 
 GREEDY = SamplingParams(temperature=0.0)
 PROMPTS = {
@@ -112,7 +112,9 @@ def one_cpu_stream() -> Any:
     team: once a second stream had decoded, every method here ran ~30% slower (2 cores, 24 -> 17
     tok/s plain). A method alone in a process has one stream computing, as every method has here.
     """
-    from mlx_lm.generate import generation_stream  # (the package's `generate` attribute is the function)
+    from mlx_lm.generate import (
+        generation_stream,  # (the package's `generate` attribute is the function)
+    )
 
     return mx.default_stream(mx.cpu) if mx.default_device() == mx.cpu else generation_stream
 
@@ -121,7 +123,7 @@ class Bench:
     """The methods under test, sharing one loaded target."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from engine.loader import load_model
+        from engine.model.loader import load_model
 
         self.args = args
         self.stream = one_cpu_stream()
@@ -146,7 +148,7 @@ class Bench:
         return wrapper
 
     def plain(self, name: str, ids: list[int]) -> Run:
-        from engine.plain_decoder import PlainDecoder
+        from engine.decode.plain_decoder import PlainDecoder
 
         tokens, ttft, dec = timed(decoder_stream(PlainDecoder(self.model), ids, self.args.max_tokens))
         if len(tokens) > len(self.plain_out.get(name, [])):
@@ -161,9 +163,9 @@ class Bench:
         return Run("mlx_lm", name, *timed(stream))
 
     def _add_speculative(self, drafter: str) -> None:
-        from engine.drafters import DFlashDrafter, NgramDrafter, OracleDrafter
-        from engine.speculative import SpeculativeDecoder
-        from engine.target import Target
+        from engine.decode.drafters import DFlashDrafter, NgramDrafter, OracleDrafter
+        from engine.decode.speculative import SpeculativeDecoder
+        from engine.model.target import Target
 
         block = self.args.block_size
         if drafter == "dflash":
@@ -182,7 +184,7 @@ class Bench:
             self.methods[label] = self._speculative_runner(label, decoder, drafter == "oracle")
 
     def _speculative_runner(self, label: str, decoder: Any, oracle: bool) -> Callable[[str, list[int]], Run]:
-        from engine.drafters import OracleDrafter
+        from engine.decode.drafters import OracleDrafter
 
         splits: dict[str, dict[str, float]] = {}
 
@@ -198,7 +200,7 @@ class Bench:
         return run
 
     def _draft(self) -> Any:
-        from engine.draft import load_draft, save_draft
+        from engine.model.draft import load_draft, save_draft
 
         args = self.model.args
         if self.args.draft:
@@ -206,7 +208,7 @@ class Bench:
         else:  # a random draft in the published layout, so the reference can load it too
             from spec_cycle import random_draft
 
-            from engine.target import Target
+            from engine.model.target import Target
 
             self.draft_dir = Path(tempfile.mkdtemp(prefix="random-draft-"))
             with Target(self.model) as bare:
@@ -220,7 +222,7 @@ class Bench:
         except ImportError:
             print("[bench] dflash==0.1.0 not installed: no reference row")
             return
-        from engine.loader import load_model
+        from engine.model.loader import load_model
 
         ref.snapshot_download = lambda *a, **k: str(self.draft_dir)  # a local directory, no hub
         ref.generation_stream = self.stream  # it imports mlx-lm's by name (see one_cpu_stream)
@@ -298,7 +300,7 @@ def chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="embedded", help="engine.loader spec")
+    parser.add_argument("--model", default="embedded", help="engine.model.loader spec")
     parser.add_argument("--drafter", default="oracle,ngram,dflash", help="comma list of ngram, oracle, dflash")
     parser.add_argument("--draft", default=None, help="DFlash draft directory (published layout); default: random")
     parser.add_argument("--block-size", type=int, default=16)
@@ -306,14 +308,14 @@ def main() -> None:
                         help="cast the target after loading (native: as the server loads it)")
     parser.add_argument("--no-fuse", action="store_true", help="keep separate Q/K/V and gate/up matmuls")
     parser.add_argument("--attention", choices=("auto", "fused", "unfused"), default=None,
-                        help="block attention path (engine/attention.py; default: DFLASH_ATTENTION or auto)")
+                        help="block attention path (engine/model/attention.py; default: DFLASH_ATTENTION or auto)")
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds after the warm-up round")
     parser.add_argument("--prompts", default=",".join(PROMPTS), help=f"comma list of {', '.join(PROMPTS)}")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "dflash-bench")
     args = parser.parse_args()
     maybe_reexec_with_blas()
-    from engine import attention
+    from engine.model import attention
 
     attention.set_mode(args.attention)
     bench = Bench(args)

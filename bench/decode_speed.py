@@ -1,5 +1,5 @@
 """Plain greedy decode speed of the embedded model: quantized vs float32, unfused vs packed
-projections (engine/fused.py), our PlainDecoder vs mlx_lm's generate_step loop.
+projections (engine/model/fused.py), our PlainDecoder vs mlx_lm's generate_step loop.
 
     python bench/decode_speed.py                      # whatever BLAS is loaded now
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 python bench/decode_speed.py
@@ -23,11 +23,11 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx_lm.generate import generate_step  # noqa: E402
 
-from engine.blas import blas_status  # noqa: E402
-from engine.fused import fuse_projections  # noqa: E402
-from engine.loader import load_model  # noqa: E402
-from engine.plain_decoder import PlainDecoder  # noqa: E402
-from engine.sampling import SamplingParams, TokenRng  # noqa: E402
+from engine.backend.blas import blas_status  # noqa: E402
+from engine.decode.plain_decoder import PlainDecoder  # noqa: E402
+from engine.decode.sampling import SamplingParams, TokenRng  # noqa: E402
+from engine.model.fused import fuse_projections  # noqa: E402
+from engine.model.loader import load_model  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}]
 GREEDY = SamplingParams(temperature=0.0)

@@ -35,12 +35,12 @@ sys.path.insert(0, str(REPO))
 
 import httpx
 import mlx.core as mx
+from load_test import free_port
 
 # bench/bench.py's prompts: this directory is sys.path[0] when run as a script
 from bench import PROMPTS
-from load_test import free_port
-from engine.blas import blas_status, maybe_reexec_with_blas
-from engine.sampling import SamplingParams, TokenRng
+from engine.backend.blas import blas_status, maybe_reexec_with_blas
+from engine.decode.sampling import SamplingParams, TokenRng
 
 GREEDY = SamplingParams(temperature=0.0)  # what the server builds for {"temperature": 0}
 METHODS = ("engine", "http-stream", "http-nonstream")
@@ -72,7 +72,7 @@ class Run:
 
 def load_serving(server_argv: list[str], tiny: bool) -> Any:
     """The ServingModel `python -m server <server_argv>` builds, or the tiny random one (--tiny)."""
-    from engine.serving_model import ServingModel
+    from engine.runtime.serving_model import ServingModel
     from server.__main__ import build_config, parse_args
 
     return tiny_serving() if tiny else ServingModel.load(build_config(parse_args(server_argv)).engine)
@@ -83,11 +83,11 @@ def tiny_serving() -> Any:
     free, so what is left of a request's time is the server's own per-delta work."""
     from mlx_lm.models.llama import Model, ModelArgs
 
-    from engine.gguf import read_gguf
-    from engine.loader import embedded_model_path
-    from engine.plain_decoder import PlainDecoder
-    from engine.serving_model import ServingModel
-    from engine.tokenizer import Tokenizer
+    from engine.decode.plain_decoder import PlainDecoder
+    from engine.model.gguf import read_gguf
+    from engine.model.loader import embedded_model_path
+    from engine.model.tokenizer import Tokenizer
+    from engine.runtime.serving_model import ServingModel
 
     tokenizer = Tokenizer.from_gguf_metadata(read_gguf(embedded_model_path())[1])
     mx.random.seed(0)  # the same weights in this process and in the server's
@@ -102,7 +102,7 @@ def tiny_serving() -> Any:
 
 def serve_tiny(server_argv: list[str]) -> None:
     """The server process for --tiny: the real app and engine over tiny_serving()."""
-    from engine.async_engine import AsyncEngine
+    from engine.runtime.async_engine import AsyncEngine
     from server.__main__ import build_config, parse_args
     from server.app import create_app
     from server.graceful_server import serve
@@ -256,7 +256,7 @@ def delta_costs_us(engine: Engine, steps: list[list[int]], repeats: int = 20) ->
     """Host work the server adds per delta (one decode step), timed in-process on real steps (µs)."""
     from sse_starlette.event import ServerSentEvent
 
-    from engine.detokenizer import Detokenizer
+    from engine.runtime.detokenizer import Detokenizer
     from server.chat_output import ChatOutput
     from server.responses import Envelope
 

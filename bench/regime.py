@@ -36,9 +36,9 @@ from bench import (  # bench/bench.py: this script's folder is on sys.path
     decoder_stream,
     timed,
 )
-from engine.blas import maybe_reexec_with_blas
-from engine.drafters import DFlashDrafter, OracleDrafter, Proposal
-from engine.sampling import SamplingParams, TokenRng
+from engine.backend.blas import maybe_reexec_with_blas
+from engine.decode.drafters import DFlashDrafter, OracleDrafter, Proposal
+from engine.decode.sampling import SamplingParams, TokenRng
 
 SHAPES: dict[str, dict[str, Any]] = {
     # Qwen3-8B: 36 layers, 4096 wide, 32 query / 8 KV heads of 128, MLP 12288, untied head
@@ -89,7 +89,7 @@ def build_target(shape: str, bits: int | None, dtype: mx.Dtype) -> nn.Module:
 
 
 def build_draft(target: Any, layers: int, dtype: mx.Dtype) -> Any:
-    from engine.draft import DFlashDraft, DraftConfig, build_target_layer_ids
+    from engine.model.draft import DFlashDraft, DraftConfig, build_target_layer_ids
 
     a = target.model.args
     config = DraftConfig(
@@ -135,10 +135,10 @@ def main() -> None:
 
     from mlx_lm.generate import generate_step
 
-    from engine.plain_decoder import PlainDecoder
-    from engine.serving_model import prepare_model
-    from engine.speculative import SpeculativeDecoder
-    from engine.target import Target
+    from engine.decode.plain_decoder import PlainDecoder
+    from engine.decode.speculative import SpeculativeDecoder
+    from engine.model.target import Target
+    from engine.runtime.serving_model import prepare_model
 
     on_cpu = mx.default_device() == mx.cpu
     dtype = mx.float32 if on_cpu else mx.bfloat16

@@ -30,9 +30,9 @@ from mlx.utils import tree_map_with_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.blas import blas_status, maybe_reexec_with_blas  # noqa: E402
-from engine.recurrent_rollback import RecurrentCache, StepRecord  # noqa: E402
-from engine.target import Target  # noqa: E402
+from engine.backend.blas import blas_status, maybe_reexec_with_blas  # noqa: E402
+from engine.model.recurrent_rollback import RecurrentCache, StepRecord  # noqa: E402
+from engine.model.target import Target  # noqa: E402
 
 # Dims of the published Qwen3.5 text configs as we recall them (random weights; unverified
 # against the hub here); "tiny" is the test model's shape.

@@ -25,14 +25,14 @@ import mlx.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.blas import blas_status, maybe_reexec_with_blas  # noqa: E402
-from engine.decoder import Decoder  # noqa: E402
-from engine.draft import DFlashDraft, DraftConfig, build_target_layer_ids  # noqa: E402
-from engine.drafters import DFlashDrafter, Drafter, NgramDrafter, OracleDrafter  # noqa: E402
-from engine.fused import fuse_projections  # noqa: E402
-from engine.sampling import SamplingParams, TokenRng  # noqa: E402
-from engine.speculative import SpeculativeDecoder  # noqa: E402
-from engine.target import Target  # noqa: E402
+from engine.backend.blas import blas_status, maybe_reexec_with_blas  # noqa: E402
+from engine.decode.decoder import Decoder  # noqa: E402
+from engine.decode.drafters import DFlashDrafter, Drafter, NgramDrafter, OracleDrafter  # noqa: E402
+from engine.decode.sampling import SamplingParams, TokenRng  # noqa: E402
+from engine.decode.speculative import SpeculativeDecoder  # noqa: E402
+from engine.model.draft import DFlashDraft, DraftConfig, build_target_layer_ids  # noqa: E402
+from engine.model.fused import fuse_projections  # noqa: E402
+from engine.model.target import Target  # noqa: E402
 
 PROMPT = (
     "Write a Python function that returns the n-th Fibonacci number, then a second function "
@@ -44,7 +44,7 @@ GREEDY = SamplingParams(temperature=0.0)
 def load(spec: str) -> tuple[nn.Module, Callable[[list[int]], str] | None, list[int], str]:
     """(model, detokenize, prompt ids, description); a random SmolLM2-135M-shaped llama if no loader."""
     try:
-        from engine.loader import load_model
+        from engine.model.loader import load_model
 
         loaded = load_model(spec)
         ids = loaded.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}])
@@ -142,7 +142,7 @@ def measure(name: str, make: Callable[[str | None], SpeculativeDecoder], prompt:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="embedded", help="engine.loader spec, e.g. embedded")
+    parser.add_argument("--model", default="embedded", help="engine.model.loader spec, e.g. embedded")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--block-size", type=int, default=8)
     parser.add_argument("--host-ms", type=float, default=2.0, help="simulated caller CPU work per step")
@@ -158,7 +158,7 @@ def main() -> None:
     print(f"[bench] {description}; MLX {mx.__version__} {mx.default_device()}, {blas_status()}")
     print(f"[bench] prompt {len(prompt)} tokens, "
           f"{args.max_tokens} new, block {args.block_size}, greedy, caller work {args.host_ms} ms/step")
-    from engine.plain_decoder import PlainDecoder
+    from engine.decode.plain_decoder import PlainDecoder
 
     run(PlainDecoder(model), prompt, 8, None)
     _, plain_tokens, plain_tps = best_of(args.repeats, lambda: PlainDecoder(model), prompt, args, detok)

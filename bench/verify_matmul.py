@@ -5,7 +5,7 @@
 For SmolLM2-135M and Qwen3-8B layer shapes (4-bit, group 64, bfloat16 activations, random
 weights), prints per (shape, rows): mx.quantized_matmul ms, each kernel tiling's ms and max
 relative error against a float32 dequantize+matmul, and whether the runtime check
-(engine/verify_matmul.py) accepted the kernel for that row bucket. Then whole-model forward
+(engine/backend/verify_matmul.py) accepted the kernel for that row bucket. Then whole-model forward
 times of random 4-bit models of both shapes at 1 and 16 rows, without and with
 verify_matmul.apply. Runs on whatever device MLX defaults to; on the CPU there is no kernel and
 only the reference columns are filled. Writes everything to --out as JSON.
@@ -26,10 +26,10 @@ import mlx.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import verify_matmul as vm  # noqa: E402
+from engine.backend import verify_matmul as vm  # noqa: E402
 
 # (input dims K, output dims N) of each distinct projection, the (tied) lm_head, and the packed
-# Q/K/V and gate/up projections engine/fused.py makes at load.
+# Q/K/V and gate/up projections engine/model/fused.py makes at load.
 LAYERS: dict[str, dict[str, tuple[int, int]]] = {
     "135m": {"q/o": (576, 576), "k/v": (576, 192), "gate/up": (576, 1536), "down": (1536, 576),
              "lm_head": (576, 49152), "qkv fused": (576, 960), "gate_up fused": (576, 3072)},

@@ -33,9 +33,9 @@ from bench import (  # bench/bench.py: this script's folder is on sys.path
     PROMPTS,
     cast_model,
 )
-from engine.blas import maybe_reexec_with_blas
-from engine.sampling import TokenRng
-from engine.verify_width import CostCurve, VerifyWidth
+from engine.backend.blas import maybe_reexec_with_blas
+from engine.decode.sampling import TokenRng
+from engine.decode.verify_width import CostCurve, VerifyWidth
 
 
 class Costs:
@@ -82,7 +82,7 @@ def replay(controller: VerifyWidth | None, runs: list[int], length: int, first: 
 
 def add_draft_args(parser: argparse.ArgumentParser, rounds_help: str, prompts: str) -> None:
     """The target, the draft and the prompts: what width_replay.py and width_trace.py both take."""
-    parser.add_argument("--model", default="embedded", help="engine.loader spec")
+    parser.add_argument("--model", default="embedded", help="engine.model.loader spec")
     parser.add_argument("--draft", type=Path, required=True, help="DFlash draft directory (published layout)")
     parser.add_argument("--target-dtype", choices=("native", "bfloat16", "float16", "float32"), default="native")
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -92,9 +92,9 @@ def add_draft_args(parser: argparse.ArgumentParser, rounds_help: str, prompts: s
 
 def load_target_and_draft(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
     """(loaded, the target prepared as the server prepares it, the draft, what preparing did)."""
-    from engine.draft import load_draft
-    from engine.loader import load_model
-    from engine.serving_model import prepare_model
+    from engine.model.draft import load_draft
+    from engine.model.loader import load_model
+    from engine.runtime.serving_model import prepare_model
 
     loaded = load_model(args.model, dequantize=True if args.target_dtype != "native" else None)
     model = cast_model(loaded.model, args.target_dtype)
@@ -118,9 +118,9 @@ def main() -> None:
     args = parser.parse_args()
     maybe_reexec_with_blas()  # may replace the process; no-op on a GPU
 
-    from engine.drafters import DFlashDrafter
-    from engine.plain_decoder import PlainDecoder
-    from engine.target import Target
+    from engine.decode.drafters import DFlashDrafter
+    from engine.decode.plain_decoder import PlainDecoder
+    from engine.model.target import Target
     from engine.train.objective import anchor_runs
 
     loaded, model, draft, prepared = load_target_and_draft(args)

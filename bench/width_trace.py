@@ -28,7 +28,7 @@ from bench import (  # bench/bench.py: this script's folder is on sys.path
     decoder_stream,
     timed,
 )
-from engine.blas import maybe_reexec_with_blas
+from engine.backend.blas import maybe_reexec_with_blas
 
 HEX = "0123456789abcdefghijklmnopqrstuv"  # widths up to 31
 
@@ -51,10 +51,10 @@ def main() -> None:
     args = parser.parse_args()
     maybe_reexec_with_blas()
 
-    from engine.drafters import DFlashDrafter
-    from engine.plain_decoder import PlainDecoder
-    from engine.speculative import SpeculativeDecoder
-    from engine.target import Target
+    from engine.decode.drafters import DFlashDrafter
+    from engine.decode.plain_decoder import PlainDecoder
+    from engine.decode.speculative import SpeculativeDecoder
+    from engine.model.target import Target
 
     loaded, model, draft, prepared = load_target_and_draft(args)
     print(f"[trace] {loaded.description}, {args.target_dtype}, {prepared}", flush=True)

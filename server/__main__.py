@@ -69,7 +69,7 @@ def comma_list(text: str) -> tuple[str, ...]:
 
 
 def build_config(args: argparse.Namespace) -> "ServerConfig":
-    from engine.config import ServerConfig, default_config_path
+    from engine.runtime.config import ServerConfig, default_config_path
 
     path = args.config or default_config_path()
     config = ServerConfig.from_file(path) if path else ServerConfig()
@@ -90,11 +90,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)  # --help before any re-exec or heavy import
     if args.list_configs:
-        from engine.pairs import describe_pairs
+        from engine.runtime.pairs import describe_pairs
 
         print(describe_pairs())
         return
-    from engine.blas import maybe_reexec_with_blas
+    from engine.backend.blas import maybe_reexec_with_blas
 
     maybe_reexec_with_blas(["-m", "server", *argv])
     try:
@@ -105,11 +105,11 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         sys.exit(f"dflash-server: {e}")
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from engine import progress
+    from engine.model import progress
 
     progress.configure(args.progress)
-    from engine.async_engine import AsyncEngine
-    from engine.serving_model import ServingModel
+    from engine.runtime.async_engine import AsyncEngine
+    from engine.runtime.serving_model import ServingModel
     from server.app import create_app
     from server.graceful_server import serve
 

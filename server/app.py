@@ -16,20 +16,27 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 
-from engine.async_engine import AsyncEngine, EngineDead
-from engine.config import ServerConfig
-from engine.request import Request as EngineRequest
-from engine.request import FinishReason, RequestOutput
-from engine.sampling import SamplingParams
-from engine.scheduler import EngineBusy
-from server.drain import Drain, DrainMiddleware
+from engine.decode.sampling import SamplingParams
+from engine.runtime.async_engine import AsyncEngine, EngineDead
+from engine.runtime.config import ServerConfig
+from engine.runtime.request import FinishReason, RequestOutput
+from engine.runtime.request import Request as EngineRequest
+from engine.runtime.scheduler import EngineBusy
 from server.chat_output import ChatOutput
 from server.chat_template import load_chat_template, supports_tools, thinks
+from server.drain import Drain, DrainMiddleware
 from server.errors import OpenAIError, error_body, install_error_handlers
 from server.metrics import Metrics, MetricsMiddleware
 from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware, HostMiddleware
 from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
-from server.responses import Envelope, TokenText, chat_logprobs, finish_value, text_logprobs, usage_dict
+from server.responses import (
+    Envelope,
+    TokenText,
+    chat_logprobs,
+    finish_value,
+    text_logprobs,
+    usage_dict,
+)
 
 log = logging.getLogger("dflash.server")
 T = TypeVar("T")

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 
-from engine.async_engine import AsyncEngine
+from engine.runtime.async_engine import AsyncEngine
 from server.middleware import ASGIApp, Receive, Scope, Send, send_error
 
 log = logging.getLogger("dflash.server")

@@ -8,7 +8,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from engine.config import ServerConfig
+from engine.runtime.config import ServerConfig
 from server.access_log import redact_access_log
 from server.drain import Drain
 

@@ -11,13 +11,18 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
-from engine.histogram import Histogram
+from engine.runtime.histogram import Histogram
 
 if TYPE_CHECKING:
-    from engine.async_engine import AsyncEngine
-    from engine.scheduler import SchedulerStats
+    from engine.runtime.async_engine import AsyncEngine
+    from engine.runtime.scheduler import SchedulerStats
     from server.middleware import ASGIApp, Receive, Scope, Send
 
 PREFIX = "dflash:"

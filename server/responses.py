@@ -7,8 +7,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.request import FinishReason, Usage
-from engine.sampling import TokenLogprob
+from engine.decode.sampling import TokenLogprob
+from engine.runtime.request import FinishReason, Usage
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from engine.blas import blas_reexec_env, find_blas, maybe_reexec_with_blas
+from engine.backend.blas import blas_reexec_env, find_blas, maybe_reexec_with_blas
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -21,10 +21,10 @@ def pytest_configure(config: pytest.Config) -> None:
         capture.stop_global_capturing()  # give the re-exec'd run the real stdout/stderr
     maybe_reexec_with_blas()
 
-from engine.gguf import read_gguf
-from engine.plain_decoder import PlainDecoder
-from engine.serving_model import ServingModel
-from engine.tokenizer import Tokenizer
+from engine.decode.plain_decoder import PlainDecoder
+from engine.model.gguf import read_gguf
+from engine.model.tokenizer import Tokenizer
+from engine.runtime.serving_model import ServingModel
 
 
 def embedded_gguf_path() -> Path:

@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model
 
-from engine.draft import DFlashDraft, DraftConfig, save_draft
+from engine.model.draft import DFlashDraft, DraftConfig, save_draft
 
 
 def target_config(family: str = "qwen3", **overrides: Any) -> dict[str, Any]:
@@ -128,10 +128,10 @@ def assert_same_cached_logits(want_model: nn.Module, got_model: nn.Module, promp
 
 def speculative_greedy(model: nn.Module, draft: DFlashDraft, prompt: list[int], max_tokens: int) -> list[int]:
     """Greedy tokens of our SpeculativeDecoder with a DFlash draft over `model`."""
-    from engine.drafters import DFlashDrafter
-    from engine.sampling import SamplingParams, TokenRng
-    from engine.speculative import SpeculativeDecoder
-    from engine.target import Target
+    from engine.decode.drafters import DFlashDrafter
+    from engine.decode.sampling import SamplingParams, TokenRng
+    from engine.decode.speculative import SpeculativeDecoder
+    from engine.model.target import Target
 
     target = Target(model, draft.config.target_layer_ids)
     try:

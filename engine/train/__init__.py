@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine import progress
+from engine.model import progress
 
 
 def progress_bar(*, total: int | None, desc: str, unit: str, initial: int = 0) -> Any:

@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 def load_target(args: argparse.Namespace) -> Any:
     import mlx.core as mx
 
-    from engine.loader import load_model
+    from engine.model.loader import load_model
 
     dtype = args.target_dtype
     if dtype == "auto":
@@ -243,8 +243,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def build_draft_config(args: argparse.Namespace, loaded: Any) -> Any:
-    from engine.draft import DraftConfig
-    from engine.target import Target
+    from engine.model.draft import DraftConfig
+    from engine.model.target import Target
     from engine.train.draft_shape import choose_mask_token, draft_config_for
 
     state_file = args.out / "checkpoint" / "state.json"
@@ -268,8 +268,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     import mlx.core as mx
     from mlx.utils import tree_map
 
-    from engine.draft import DFlashDraft
-    from engine.target import Target
+    from engine.model.draft import DFlashDraft
+    from engine.model.target import Target
     from engine.train.dataset import TokenDataset
     from engine.train.draft_shape import count_parameters
     from engine.train.trainer import TrainConfig, Trainer
@@ -308,7 +308,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def eval_prompts(out: Path, domain: str, limit: int) -> list[Any]:
-    from engine.train.prompts import humaneval_prompts, math_prompts, read_prompts, split_path
+    from engine.train.prompts import (
+        humaneval_prompts,
+        math_prompts,
+        read_prompts,
+        split_path,
+    )
 
     prompts_dir = out / "prompts"
     if split_path(prompts_dir, domain).exists():
@@ -321,10 +326,10 @@ def eval_prompts(out: Path, domain: str, limit: int) -> list[Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from engine.draft import load_draft
-    from engine.drafters import DFlashDrafter
-    from engine.speculative import SpeculativeDecoder
-    from engine.target import Target
+    from engine.decode.drafters import DFlashDrafter
+    from engine.decode.speculative import SpeculativeDecoder
+    from engine.model.draft import load_draft
+    from engine.model.target import Target
     from engine.train.evaluate import evaluate_domains, format_table, write_results
 
     draft_dir = args.draft or args.out / "draft"
@@ -351,7 +356,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
-        from engine.blas import maybe_reexec_with_blas
+        from engine.backend.blas import maybe_reexec_with_blas
 
         maybe_reexec_with_blas()  # may replace the process; no-op on a GPU
     args = build_parser().parse_args(argv)

@@ -7,8 +7,8 @@ from typing import Any
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from engine.draft import DraftConfig
-from engine.target import Target
+from engine.model.draft import DraftConfig
+from engine.model.target import Target
 
 
 def draft_config_for(
@@ -27,7 +27,7 @@ def draft_config_for(
 
     Taps default to the spec formula with one tap per draft layer (§1.3).
     """
-    from engine.draft import build_target_layer_ids
+    from engine.model.draft import build_target_layer_ids
 
     hidden = int(model_args.hidden_size)
     heads = int(model_args.num_attention_heads)

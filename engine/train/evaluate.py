@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.decoder import Decoder
-from engine.sampling import SamplingParams, TokenRng
+from engine.decode.decoder import Decoder
+from engine.decode.sampling import SamplingParams, TokenRng
 from engine.train import progress_bar
 from engine.train.prompts import Prompt
 

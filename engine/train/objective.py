@@ -12,8 +12,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from engine.draft import DFlashDraft
-from engine.target import Target
+from engine.model.draft import DFlashDraft
+from engine.model.target import Target
 from engine.train.dataset import BlockBatch
 
 

@@ -21,8 +21,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from engine.draft import DFlashDraft, save_draft
-from engine.target import Target
+from engine.model.draft import DFlashDraft, save_draft
+from engine.model.target import Target
 from engine.train import progress_bar
 from engine.train.dataset import MODES, BlockBatch, TokenDataset
 from engine.train.objective import (

@@ -1,0 +1,200 @@
+"""Block attention as one CUDA kernel per layer (kernels/block_attention.cu), chosen at runtime.
+
+On MLX's CUDA backend a 2..64-row query block otherwise takes engine/model/attention.py's explicit
+composition: on an H200 (MLX 0.32.4) a 16-row SmolLM2-135M forward costs 10.6 ms with it against
+5.3 ms for mx.fast's fused attention at a key length seen before (and 47 ms at a new one, which
+every speculative cycle meets). The kernel takes any key length and strided K/V (a cache's prefix)
+without a per-shape plan. Whether it runs is decided per (device, dtype, head dim, heads, KV heads,
+causal) at first use: numerics against the float32 explicit composition, then speed against the
+explicit composition at a 16-row block over 512 keys; a kernel that is wrong or slower is never used.
+Only "causal" and no mask are covered; array masks (training, sliding windows) stay explicit.
+DFLASH_ATTENTION=unfused or fused turns the kernel off (engine/model/attention.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from engine.backend.kernel_choice import pick_fastest
+from engine.backend.unfused_attention import unfused_attention
+from engine.backend.verify_matmul import detect_backend, read_kernel_source, time_ms
+
+log = logging.getLogger("dflash.attention_kernel")
+
+HEAD_DIMS = (64, 128)
+FLOATS = (mx.float32, mx.float16, mx.bfloat16)
+# Warps per block tried, fastest correct kept; each lane holds a query row of D floats, so D=128
+# stays at <= 256 threads (255 registers a thread).
+WARPS: dict[int, tuple[int, ...]] = {64: (4, 8), 128: (4, 8)}
+# max|kernel - float32 reference| / max|reference|: float32 accumulation, one rounding at the end
+TOLERANCE = {mx.float32: 2e-3, mx.float16: 2e-3, mx.bfloat16: 1.2e-2}  # float32: the reference is TF32 on CUDA
+CHECK_SHAPES = ((16, 300), (3, 37), (64, 64), (2, 1000))  # (query rows, keys): tails, L = S, long rows
+TIMING_SHAPE = (16, 512)
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What a kernel decision depends on besides the device."""
+
+    dtype: mx.Dtype
+    head_dim: int
+    heads: int
+    kv_heads: int
+    causal: bool
+
+
+@dataclass(frozen=True)
+class Decision:
+    warps: int | None  # None: use the explicit composition
+    kernel_ms: float
+    reference_ms: float
+    max_rel_error: float
+    reason: str
+
+
+Kernel = Callable[[mx.array, mx.array, mx.array, float, bool, int], mx.array]
+Reference = Callable[[mx.array, mx.array, mx.array, float, bool], mx.array]
+
+
+def make_cuda_kernel() -> Kernel:
+    """The launcher for kernels/block_attention.cu: (q, k, v, scale, causal, warps) -> (B, H, L, D)."""
+    header, body = read_kernel_source("block_attention.cu")
+    kernel = mx.fast.cuda_kernel(name="dflash_block_attention", input_names=["q", "k", "v", "scale"],
+                                 output_names=["out"], source=body, header=header,
+                                 ensure_row_contiguous=False)  # strides are read; a cache prefix is not copied
+
+    def launch(queries: mx.array, keys: mx.array, values: mx.array, scale: float, causal: bool,
+               warps: int) -> mx.array:
+        b, heads, rows, dim = queries.shape
+        # Every template value is in the kernel's name, which is what MLX caches compiled code by.
+        template = [("T", queries.dtype), ("D", dim), ("CAUSAL", causal), ("WARPS", warps)]
+        (out,) = kernel(inputs=[queries, keys, values, mx.array([scale], dtype=mx.float32)], template=template,
+                        grid=(heads * warps * 32, rows, b), threadgroup=(warps * 32, 1, 1),
+                        output_shapes=[(b, rows, heads, dim)], output_dtypes=[queries.dtype])
+        return out.transpose(0, 2, 1, 3)  # (B, H, L, D), a view: the caller's transpose back is free
+
+    return launch
+
+
+def float32_reference(queries: mx.array, keys: mx.array, values: mx.array, scale: float, causal: bool) -> mx.array:
+    """softmax(scale q kᵀ) v in float32, causal over the context's last L positions: the oracle."""
+    q, k, v = (x.astype(mx.float32) for x in (queries, keys, values))
+    group = q.shape[1] // k.shape[1]
+    k, v = mx.repeat(k, group, axis=1), mx.repeat(v, group, axis=1)  # (B, H, S, D)
+    scores = (q * scale) @ k.swapaxes(-1, -2)  # (B, H, L, S)
+    if causal:
+        rows, length = q.shape[2], k.shape[2]
+        keep = mx.arange(length)[None] <= mx.arange(length - rows, length)[:, None]  # (L, S)
+        scores = mx.where(keep, scores, -mx.inf)
+    return mx.softmax(scores, axis=-1) @ v
+
+
+class BlockAttentionKernel:
+    """Attention of a 2..64-row block through the CUDA kernel where the runtime checks allow it."""
+
+    def __init__(self, kernel: Kernel | None = None, reference: Reference | None = None,
+                 backend: str | None = None, timer: Callable[[Callable[[], mx.array]], float] = time_ms) -> None:
+        self.backend = backend or detect_backend()
+        if kernel is None and self.backend == "cuda":
+            kernel = make_cuda_kernel()
+        self.kernel = kernel if self.backend == "cuda" else None
+        self.reference = reference
+        self.timer = timer
+        self.device_name = str(mx.device_info().get("device_name", self.backend))
+        self.decisions: dict[AttentionSpec, Decision] = {}
+
+    def spec_for(self, queries: mx.array, keys: mx.array, mask: mx.array | str | None) -> AttentionSpec | None:
+        """The kernel's view of a call, or None where the kernel does not cover it."""
+        if self.kernel is None or not (mask is None or isinstance(mask, str) and mask == "causal"):
+            return None
+        b, heads, rows, dim = queries.shape
+        kv_heads, length = keys.shape[1], keys.shape[2]
+        if dim not in HEAD_DIMS or queries.dtype not in FLOATS or keys.dtype != queries.dtype:
+            return None
+        if heads % kv_heads or (mask == "causal" and length < rows):
+            return None
+        return AttentionSpec(queries.dtype, dim, heads, kv_heads, mask == "causal")
+
+    def warps_for(self, queries: mx.array, keys: mx.array, mask: mx.array | str | None) -> int | None:
+        """Warps per block for this call, or None for the explicit composition."""
+        spec = self.spec_for(queries, keys, mask)
+        return None if spec is None else self.decide(spec).warps
+
+    def __call__(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float, causal: bool,
+                 warps: int) -> mx.array:
+        assert self.kernel is not None
+        return self.kernel(queries, keys, values, scale, causal, warps)
+
+    def decide(self, spec: AttentionSpec) -> Decision:
+        """The cached choice for `spec` on this device; checked and logged on first use."""
+        if spec not in self.decisions:
+            decision = self._check(spec)
+            self.decisions[spec] = decision
+            log.info("block attention on %s, %s D=%d heads %d/%d %s: %s (%s; kernel %.3f ms, explicit %.3f ms, "
+                     "max rel err %.2g)", self.device_name, spec.dtype, spec.head_dim, spec.heads, spec.kv_heads,
+                     "causal" if spec.causal else "full", "kernel" if decision.warps else "explicit",
+                     decision.reason, decision.kernel_ms, decision.reference_ms, decision.max_rel_error)
+        return self.decisions[spec]
+
+    def summary(self) -> dict[str, dict[str, object]]:
+        """The decisions made so far, by a readable name (for benchmark reports)."""
+        return {f"{spec.dtype} D={spec.head_dim} heads {spec.heads}/{spec.kv_heads} {'causal' if spec.causal else 'full'}":
+                {"warps": d.warps, "kernel_ms": d.kernel_ms, "explicit_ms": d.reference_ms,
+                 "max_rel_error": d.max_rel_error, "reason": d.reason} for spec, d in self.decisions.items()}
+
+    def _check(self, spec: AttentionSpec) -> Decision:
+        assert self.kernel is not None
+        reference = self.reference or _explicit
+        q, k, v = random_block(spec, *TIMING_SHAPE)
+        scale = spec.head_dim**-0.5
+        ref_ms = self.timer(lambda: reference(q, k, v, scale, spec.causal))
+        pick = pick_fastest(
+            WARPS[spec.head_dim], tolerance=TOLERANCE[spec.dtype], reference_ms=ref_ms, noun="warp count",
+            describe=lambda w: f"{w} warps", what=f"block attention {spec}",
+            max_rel_error=lambda w: self.max_rel_error(spec, w),
+            time_ms=lambda w: self.timer(lambda: self.kernel(q, k, v, scale, spec.causal, w)))
+        return Decision(pick.variant, pick.kernel_ms, ref_ms, pick.max_rel_error, pick.reason)
+
+    def max_rel_error(self, spec: AttentionSpec, warps: int) -> float:
+        """Worst max|kernel - float32 reference| / max|reference| over CHECK_SHAPES, strided keys included."""
+        assert self.kernel is not None
+        errors = []
+        for rows, length in CHECK_SHAPES:
+            q, k, v = random_block(spec, rows, length, spare=7)
+            scale = spec.head_dim**-0.5
+            got = self.kernel(q, k, v, scale, spec.causal, warps).astype(mx.float32)
+            ref = float32_reference(q, k, v, scale, spec.causal)
+            errors.append(mx.max(mx.abs(got - ref)) / mx.maximum(mx.max(mx.abs(ref)), 1e-6))
+        values = [e.item() for e in errors]
+        return float("nan") if any(x != x for x in values) else max(values)
+
+
+def _explicit(queries: mx.array, keys: mx.array, values: mx.array, scale: float, causal: bool) -> mx.array:
+    return unfused_attention(queries, keys, values, scale=scale, mask="causal" if causal else None)
+
+
+def random_block(spec: AttentionSpec, rows: int, length: int, spare: int = 0,
+                 seed: int = 0) -> tuple[mx.array, mx.array, mx.array]:
+    """Random q (1, H, L, D) and k, v (1, Hkv, S, D); with `spare`, k and v are prefixes of longer
+    buffers (strided views, as a KV cache hands them out)."""
+    kq, kk, kv = mx.random.split(mx.random.key(seed + rows * 7919 + length), 3)
+    q = mx.random.normal((1, spec.heads, rows, spec.head_dim), key=kq).astype(spec.dtype)
+    k = mx.random.normal((1, spec.kv_heads, length + spare, spec.head_dim), key=kk).astype(spec.dtype)
+    v = mx.random.normal((1, spec.kv_heads, length + spare, spec.head_dim), key=kv).astype(spec.dtype)
+    mx.eval(q, k, v)
+    return q, k[:, :, :length], v[:, :, :length]
+
+
+_DEFAULT: BlockAttentionKernel | None = None
+
+
+def default_kernel() -> BlockAttentionKernel:
+    """The process-wide instance (built at first use, for the default device; MLX thread only)."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = BlockAttentionKernel()
+    return _DEFAULT

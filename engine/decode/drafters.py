@@ -1,0 +1,230 @@
+"""Drafters: what proposes the tokens a speculative cycle verifies.
+
+A drafter sees the sequence grow one call at a time. Each `propose` gets the tokens emitted
+since the previous call (the last of them is the pending token, not yet in the target cache)
+and, when `needs_taps`, the target taps of the positions that entered the cache since then.
+It returns k <= num_tokens proposals, lazily, and the distribution they were sampled from
+(None when the proposal is deterministic: p is then one-hot and rejection sampling stays exact).
+Proposals must not force a host sync: the decoder syncs once per cycle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
+
+import mlx.core as mx
+
+from engine.decode.sampling import SamplingParams, TokenRng, filter_logprobs
+from engine.decode.verify_width import CostCurve
+from engine.model.draft import DFlashDraft
+from engine.model.target import Target
+
+
+class Proposal(NamedTuple):
+    tokens: mx.array  # (k,) int32, k <= num_tokens; the length must be known without a sync
+    draft_logprobs: mx.array | None  # (k, V) what tokens were sampled from; None: deterministic
+
+
+class Drafter(Protocol):
+    name: str
+    needs_taps: bool  # False lets the decoder skip computing target taps
+
+    def begin(self, prompt_ids: list[int], prompt_taps: mx.array | None) -> None:
+        """Reset for a new request. prompt_taps: (1, P, T*H) when needs_taps, else None."""
+        ...
+
+    def propose(
+        self,
+        new_tokens: list[int],
+        taps: mx.array | None,
+        num_tokens: int,
+        params: SamplingParams,
+        rng: TokenRng,
+        *,
+        keep: int | None = None,
+    ) -> Proposal:
+        """new_tokens: emitted since the last call, new_tokens[-1] pending; taps: (1, n, T*H).
+
+        keep: only the first `keep` proposals will be verified (None: all); a drafter may skip
+        the work for the rest, but proposes as if asked for num_tokens.
+        """
+        ...
+
+    def end(self) -> None:
+        """Drop per-request state (caches)."""
+        ...
+
+
+def _deterministic(tokens: list[int]) -> Proposal:
+    return Proposal(mx.array(tokens, dtype=mx.int32), None)
+
+
+class DFlashDrafter:
+    """One draft forward per cycle over [pending, MASK × k] (spec §2.1 step 2)."""
+
+    name = "dflash"
+    needs_taps = True
+
+    def __init__(self, draft: DFlashDraft, target: Target) -> None:
+        if target.layer_ids != draft.config.target_layer_ids:
+            raise ValueError(
+                f"target taps {target.layer_ids} != draft target_layer_ids "
+                f"{draft.config.target_layer_ids}; build Target(model, draft.config.target_layer_ids)"
+            )
+        self.draft = draft
+        self.target = target
+        self._cache: list | None = None
+        self._unseen: list[mx.array] = []  # taps the draft cache has not ingested yet
+
+    def begin(self, prompt_ids: list[int], prompt_taps: mx.array | None) -> None:
+        assert prompt_taps is not None, "DFlashDrafter needs the prompt taps"
+        self._cache = self.draft.make_cache()
+        self._unseen = [prompt_taps]
+
+    def propose(
+        self,
+        new_tokens: list[int],
+        taps: mx.array | None,
+        num_tokens: int,
+        params: SamplingParams,
+        rng: TokenRng,
+        *,
+        keep: int | None = None,
+    ) -> Proposal:
+        assert self._cache is not None, "begin() first"
+        if taps is not None:
+            self._unseen.append(taps)
+        unseen = self._unseen[0] if len(self._unseen) == 1 else mx.concatenate(self._unseen, axis=1)
+        self._unseen = []
+        context = self.draft.project_context(unseen)  # (1, n, H)
+        anchor_position = self._cache[0].offset + context.shape[1]
+        ids = mx.array([[new_tokens[-1]] + [self.draft.config.mask_token_id] * num_tokens], dtype=mx.int32)
+        noise = self.draft.noise_embedding(ids, self.target.embed)  # (1, k+1, H)
+        hidden = self.draft(noise, context, cache=self._cache, q_offset=anchor_position)  # (1, k+1, H)
+        # the block keeps its trained width; the LM head (a V-wide matmul per row) runs on kept rows only
+        kept = num_tokens if keep is None else min(keep, num_tokens)
+        if kept == 0:  # the forward above still feeds the new context rows to the draft cache
+            return Proposal(mx.zeros((0,), dtype=mx.int32), None)
+        logits = self.draft.logits(hidden[0, 1 : kept + 1], self.target.lm_head)  # (kept, V); row 0 is the anchor
+        if params.is_greedy:
+            return Proposal(mx.argmax(logits, axis=-1).astype(mx.int32), None)
+        logprobs = filter_logprobs(logits, params)  # (k, V)
+        tokens = mx.random.categorical(logprobs, axis=-1, key=rng.next_key())
+        return Proposal(tokens.astype(mx.int32), logprobs)
+
+    def end(self) -> None:
+        self._cache, self._unseen = None, []
+
+    def kept_row_seconds(self, max_rows: int) -> float:
+        """What each verified proposal adds to a draft forward: its LM-head row (V wide) and argmax.
+
+        Timed once on zeros (the cost does not depend on the values), as the target's cost curve is.
+        """
+        if max_rows < 2:
+            return 0.0
+        hidden = mx.zeros((max_rows, self.draft.config.hidden_size), dtype=self.draft.norm.weight.dtype)
+
+        def lm_head_rows(rows: int) -> None:
+            mx.eval(mx.argmax(self.draft.logits(hidden[:rows], self.target.lm_head), axis=-1))
+
+        curve = CostCurve.measure(lm_head_rows, max_rows)
+        return max(curve(max_rows) - curve(1), 0.0) / (max_rows - 1)
+
+
+class NgramDrafter:
+    """Prompt lookup: continue the latest earlier occurrence of the sequence's last n tokens."""
+
+    name = "ngram"
+    needs_taps = False
+
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 2) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.sizes = range(max_ngram, min_ngram - 1, -1)  # longest match first
+        self._history: list[int] = []
+        self._index: dict[int, dict[tuple[int, ...], int]] = {}
+
+    def begin(self, prompt_ids: list[int], prompt_taps: mx.array | None) -> None:
+        self._history = []
+        self._index = {n: {} for n in self.sizes}
+        self._extend(prompt_ids)
+
+    def _extend(self, tokens: list[int]) -> None:
+        # an n-gram is indexed once the token after it is known: the index maps it to that position
+        history = self._history
+        for token in tokens:
+            end = len(history)
+            for n in self.sizes:
+                if end >= n:
+                    self._index[n][tuple(history[end - n : end])] = end
+            history.append(token)
+
+    def propose(
+        self,
+        new_tokens: list[int],
+        taps: mx.array | None,
+        num_tokens: int,
+        params: SamplingParams,
+        rng: TokenRng,
+        *,
+        keep: int | None = None,
+    ) -> Proposal:
+        self._extend(new_tokens)
+        history = self._history
+        for n in self.sizes:
+            start = self._index[n].get(tuple(history[-n:]))
+            if start is not None:
+                # copy with overlap (as LZ77): a match near the end continues the period
+                tokens = history[start : start + num_tokens]
+                while len(tokens) < num_tokens:
+                    tokens.append(tokens[len(tokens) - (len(history) - start)])
+                return _deterministic(tokens)
+        return _deterministic([])
+
+    def end(self) -> None:
+        self._history, self._index = [], {}
+
+
+class OracleDrafter:
+    """For tests and benchmarks: proposes a known continuation (e.g. the target's greedy output).
+
+    `wrong_at[c % len(wrong_at)]` is the draft index corrupted in cycle c (None: none), so
+    partial acceptance and rollback happen at chosen block positions, deterministically.
+    """
+
+    name = "oracle"
+    needs_taps = False
+
+    def __init__(self, continuation: Sequence[int], *, vocab_size: int, wrong_at: Sequence[int | None] = (None,)) -> None:
+        if not wrong_at:
+            raise ValueError("wrong_at needs at least one entry (None: propose the continuation as is)")
+        self.continuation = list(continuation)
+        self.vocab_size = vocab_size
+        self.wrong_at = tuple(wrong_at)
+        self._num_output = 0
+        self._cycle = 0
+
+    def begin(self, prompt_ids: list[int], prompt_taps: mx.array | None) -> None:
+        self._num_output, self._cycle = 0, 0
+
+    def propose(
+        self,
+        new_tokens: list[int],
+        taps: mx.array | None,
+        num_tokens: int,
+        params: SamplingParams,
+        rng: TokenRng,
+        *,
+        keep: int | None = None,
+    ) -> Proposal:
+        self._num_output += len(new_tokens)
+        tokens = self.continuation[self._num_output : self._num_output + num_tokens]
+        wrong = self.wrong_at[self._cycle % len(self.wrong_at)]
+        self._cycle += 1
+        if wrong is not None and wrong < len(tokens):
+            tokens[wrong] = (tokens[wrong] + 1) % self.vocab_size
+        return _deterministic(tokens)
+
+    def end(self) -> None:
+        pass

@@ -1,0 +1,455 @@
+"""The speculative cycle (spec §2.1): draft → one verify forward → accept → commit and trim.
+
+One host sync per cycle. After it, the next cycle (draft, verify, acceptance) is built from
+lazy results and launched with `mx.async_eval` before the current DecodeStep is yielded, so
+the caller's detokenizing and stop checks overlap with device work.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import mlx.core as mx
+
+from engine.decode.decoder import DecodeStep
+from engine.decode.drafters import Drafter
+from engine.decode.sampling import (
+    SamplingParams,
+    TokenLogprob,
+    TokenRng,
+    filter_logprobs,
+    sample,
+    to_token_logprobs,
+    token_logprobs,
+)
+from engine.decode.verify_width import CostCurve, VerifyWidth
+from engine.model.target import Target
+
+PREFILL_CHUNK = 512
+TIMING_MODES = (None, "overlap", "split")
+
+
+def accept_draft(
+    draft_tokens: mx.array,
+    target_logits: mx.array,
+    draft_logprobs: mx.array | None,
+    params: SamplingParams,
+    key: mx.array | None = None,
+) -> tuple[mx.array, mx.array]:
+    """Decide, lazily, how much of a draft block to keep (the one acceptance function).
+
+    Names follow gpt-fast: p = draft probabilities, q = target probabilities (spec §2.1 names
+    them the other way round). Both go through `filter_logprobs`, so sampling stays exact for
+    the temperature/top-k/top-p/min-p-truncated target distribution.
+
+    draft_tokens: (..., k). target_logits: (..., k+1, V); row i scores the token after draft i
+    (row 0 follows the anchor). draft_logprobs: (..., k, V), what each draft was sampled from,
+    or None for a deterministic proposal (p one-hot). Greedy params: longest prefix equal to the
+    target argmax. Returns (num_accepted a (...), next_token (...)): the committed tokens are
+    draft_tokens[..., :a] then next_token (the correction at the first rejection, or the bonus).
+    """
+    k = draft_tokens.shape[-1]
+    if params.is_greedy:
+        target_tokens = mx.argmax(target_logits, axis=-1).astype(mx.int32)  # (..., k+1)
+        matches = (draft_tokens == target_tokens[..., :k]).astype(mx.int32)
+        num_accepted = mx.cumprod(matches, axis=-1).sum(axis=-1)
+        return num_accepted, mx.take_along_axis(target_tokens, num_accepted[..., None], axis=-1)[..., 0]
+    assert key is not None, "sampling needs a random key"
+    q = mx.exp(filter_logprobs(target_logits, params))  # (..., k+1, V)
+    if draft_logprobs is None:
+        p = (draft_tokens[..., None] == mx.arange(q.shape[-1])).astype(mx.float32)  # (..., k, V)
+    else:
+        p = mx.exp(draft_logprobs.astype(mx.float32))
+    p_draft = mx.take_along_axis(p, draft_tokens[..., None], axis=-1)[..., 0]  # (..., k)
+    q_draft = mx.take_along_axis(q[..., :k, :], draft_tokens[..., None], axis=-1)[..., 0]
+    accept_key, resample_key = mx.random.split(key)
+    # q: target prob, p: draft prob
+    # q >= p: always accept draft token
+    # q < p: q/p prob to accept draft token
+    accepted = mx.random.uniform(shape=p_draft.shape, key=accept_key) * p_draft < q_draft
+    num_accepted = mx.cumprod(accepted.astype(mx.int32), axis=-1).sum(axis=-1)
+    # at the first rejection sample norm(max(q - p, 0)); row k has no draft (p = 0): the bonus
+    p = mx.concatenate([p, mx.zeros((*p.shape[:-2], 1, p.shape[-1]))], axis=-2)  # (..., k+1, V)
+    row = num_accepted[..., None, None]
+    q_row = mx.take_along_axis(q, row, axis=-2)[..., 0, :]  # (..., V)
+    residual = mx.maximum(q_row - mx.take_along_axis(p, row, axis=-2)[..., 0, :], 0.0)
+    residual = mx.where(residual.sum(axis=-1, keepdims=True) > 0, residual, q_row)  # p == q
+    next_token = mx.random.categorical(mx.log(residual), axis=-1, key=resample_key)
+    return num_accepted, next_token.astype(mx.int32)
+
+
+class CycleTiming(NamedTuple):
+    """Per-cycle wall-clock split. On MLX's CPU backend `async_eval` throttles the caller until
+    only the graph's tail is in flight, so most device time lands in launch_s, not wait_s."""
+
+    draft_s: float  # build + run the draft ("split" mode only, else 0)
+    verify_s: float  # build + run verify and acceptance ("split" mode only, else 0)
+    launch_s: float  # bookkeeping after the previous sync, then building and launching this cycle
+    host_s: float  # after the launch: the caller's work between the yield and the next resume
+    wait_s: float  # blocked in the cycle's one sync
+    cycle_s: float  # previous sync's return to this one's: the whole cycle
+
+
+@dataclass
+class SpecStats:
+    cycles: int = 0
+    syncs: int = 0  # host syncs inside the cycle loop (one per cycle unless timing="split")
+    chained: int = 0  # width-0 cycles launched before the previous cycle's sync (see _chain)
+    drafted: int = 0
+    accepted: int = 0
+    accept_counts: list[int] = field(default_factory=list)  # histogram of a, as gpt-fast
+    widths: list[int] = field(default_factory=list)  # verify width chosen per cycle (probes included)
+    timings: list[CycleTiming] = field(default_factory=list)
+
+    @property
+    def acceptance_length(self) -> float:
+        """τ = mean tokens committed per cycle, bonus included: (A + S) / S."""
+        return (self.accepted + self.cycles) / max(self.cycles, 1)
+
+    def record(self, drafted: int, accepted: int) -> None:
+        self.cycles += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        self.accept_counts.extend([0] * (accepted + 1 - len(self.accept_counts)))
+        self.accept_counts[accepted] += 1
+
+
+class _Cycle(NamedTuple):
+    """A launched cycle: everything lazy except the block size, already in the target cache."""
+
+    block: int  # rows verified = drafted + 1
+    width: int  # the width chosen for this cycle (the drafter may have proposed fewer)
+    num_accepted: mx.array  # () int32
+    tokens: mx.array  # (block,) int32: tokens[:a] are the accepted drafts, tokens[a] the next token
+    taps: mx.array | None  # (1, block, T*H)
+    logprobs: tuple[mx.array, mx.array, mx.array] | None
+    draft_s: float
+    verify_s: float
+    launched_at: float  # perf_counter() when the launch returned (timing only)
+    chained: bool = False  # launched by _chain, before the previous cycle's sync
+
+
+class SpeculativeDecoder:
+    """Decoder protocol over a Target and a Drafter; batch 1, one sequence at a time."""
+
+    def __init__(
+        self,
+        target: Target,
+        drafter: Drafter,
+        *,
+        block_size: int,
+        prefill_chunk: int = PREFILL_CHUNK,
+        timing: str | None = None,
+        adaptive: bool = True,
+        cost_curve: CostCurve | None = None,
+        learn_overheads: bool = True,
+        chain_plain_steps: bool | None = None,
+    ) -> None:
+        if block_size < 2:
+            raise ValueError(f"block_size must be >= 2 (the anchor plus at least one draft), got {block_size}")
+        if timing not in TIMING_MODES:
+            raise ValueError(f"timing must be one of {TIMING_MODES}, got {timing!r}")
+        self.target = target
+        self.drafter = drafter
+        self.block_size = block_size
+        self.prefill_chunk = prefill_chunk
+        self.timing = timing
+        self.adaptive = adaptive
+        self.cost_curve = cost_curve  # target seconds by rows; measured once, on first use
+        self.learn_overheads = learn_overheads  # draft/host seconds from live cycle times
+        # width-0 cycles queue the next one before their sync, as plain decoding does (hybrid targets
+        # roll back by replaying the last verify only, so they keep one cycle in flight). On the CPU
+        # too: 128 greedy tokens of width-0 cycles ran at 24.5 tok/s unchained, 25.7 chained, plain 25.9.
+        if chain_plain_steps is None:
+            chain_plain_steps = True
+        self.chain_plain_steps = chain_plain_steps and not target.has_recurrent_layers
+        self.name = f"speculative-{drafter.name}"
+        self.stats = SpecStats()
+        self._sync_end = 0.0  # perf_counter() at the last sync's return
+        self._drafted_last = False  # the last finished cycle verified drafts (its draft had no held context)
+        self._width: VerifyWidth | None = None
+        self._held: tuple[list[int], list[mx.array]] = ([], [])  # drafter input of width-0 cycles
+
+    @property
+    def verify_width(self) -> VerifyWidth | None:
+        """The adaptive width controller, made on the first request and kept across requests."""
+        return self._width
+
+    def forget_acceptance(self) -> None:
+        """Start the width controller afresh at the next request; the measured cost curve is kept."""
+        self._width = None
+
+    def supports(self, params: SamplingParams) -> str | None:
+        if params.has_processors:
+            return (
+                "speculative decoding cannot apply penalties or logit_bias to a draft block "
+                "(they depend on tokens not yet accepted); using plain decoding"
+            )
+        return None
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        max_tokens: int,
+        rng: TokenRng,
+    ) -> Generator[DecodeStep, None, None]:
+        if reason := self.supports(params):
+            raise ValueError(reason)
+        if not prompt_ids:
+            raise ValueError("prompt_ids is empty; speculative decoding needs at least one prompt token")
+        if max_tokens <= 0:
+            return
+        self.stats = SpecStats()
+        cache = self.target.make_cache()
+        launched: list[_Cycle] = []  # in flight, oldest first; two only while width-0 cycles chain
+        try:
+            first, first_logprobs, prompt_taps = yield from self._prefill(prompt_ids, cache, params, rng)
+            self.drafter.begin(prompt_ids, prompt_taps)
+            if self.adaptive and self._width is None:
+                # one controller for the decoder's life: what it learned about the drafter and the
+                # costs carries over, so a useless drafter stays cheap from a request's first cycle
+                self._width = self._make_width(cache, prompt_ids[-1])
+            elif self._width is not None:
+                self._width.new_request()
+            self._held = ([], [])
+            self._drafted_last = False
+            self._sync_end = time.perf_counter()
+            num_committed = len(prompt_ids)  # rows in the target cache
+            num_emitted = 1
+            # the first token goes out before the first cycle is built: on the CPU backend async_eval
+            # runs most of a launched graph before returning, which would add a cycle to the TTFT
+            yield DecodeStep([first], first_logprobs)
+            if max_tokens > 1:
+                launched.append(self._launch([first], None, max_tokens - 1, cache, params, rng))
+            while launched:
+                cycle = launched.pop(0)
+                if not launched:
+                    self._chain(cycle, launched, max_tokens - num_emitted - 1, cache, params, rng)
+                accepted, tokens, logprobs = self._finish(cycle, cache, chained_next=bool(launched))
+                num_committed += accepted + 1  # the anchor and the accepted drafts
+                in_flight = sum(c.block for c in launched)
+                assert self.target.cache_length(cache) == num_committed + in_flight, (
+                    f"target cache holds {self.target.cache_length(cache)} rows, {num_committed} committed "
+                    f"and {in_flight} in flight"
+                )
+                tokens = tokens[: max_tokens - num_emitted]  # the block was sized to reach max_tokens
+                num_emitted += len(tokens)
+                if num_emitted < max_tokens and not launched:
+                    new_taps = None if cycle.taps is None else cycle.taps[:, : accepted + 1]
+                    launched.append(self._launch(tokens, new_taps, max_tokens - num_emitted, cache, params, rng))
+                shown = min(accepted, len(tokens))
+                yield DecodeStep(
+                    tokens,
+                    None if logprobs is None else logprobs[: len(tokens)],
+                    drafted=cycle.block - 1,
+                    accepted=shown,
+                    accepted_positions=tuple(range(shown)),
+                )
+        finally:
+            for pending in launched:  # closed early: drop the verify rows nobody will accept
+                self.target.trim(cache, pending.block)
+            self.drafter.end()
+            self._held = ([], [])
+
+    def _chain(
+        self, cycle: _Cycle, launched: list[_Cycle], remaining: int, cache: list[Any], params: SamplingParams,
+        rng: TokenRng,
+    ) -> None:
+        """Before `cycle`'s sync, launch the next cycle too if neither verifies drafts.
+
+        A width-0 cycle commits exactly its one token, so the next one can start from that token
+        still on the device, as plain decoding's next forward does: the device never waits for the
+        host's bookkeeping and graph building between the two.
+        """
+        if not self.chain_plain_steps or self._width is None or self.timing == "split":
+            return
+        if cycle.block != 1 or remaining < 1 or self._width.peek() != 0:
+            return
+        width = self._width.choose()  # 0, as peeked; the state moves as a normal launch moves it
+        taps = None if cycle.taps is None else cycle.taps[:, :1]
+        chained = self._launch([cycle.tokens[:1]], taps, remaining, cache, params, rng, width=width)
+        launched.append(chained._replace(chained=True))
+        self.stats.chained += 1
+
+    def _make_width(self, cache: list[Any], token: int) -> VerifyWidth:
+        if self.cost_curve is None:
+
+            def forward(rows: int) -> None:
+                logits, taps = self.target(mx.full((1, rows), token, dtype=mx.int32), cache, taps=self.drafter.needs_taps)
+                mx.eval(logits, taps)
+                self.target.trim(cache, rows)
+
+            self.cost_curve = CostCurve.measure(forward, self.block_size)
+        row_cost = getattr(self.drafter, "kept_row_seconds", None)
+        draft_row_s = row_cost(self.block_size - 1) if row_cost is not None and self.learn_overheads else 0.0
+        return VerifyWidth(self.block_size - 1, self.cost_curve, learn_overheads=self.learn_overheads,
+                           draft_row_s=draft_row_s)
+
+    def _prefill(
+        self, prompt_ids: list[int], cache: list[Any], params: SamplingParams, rng: TokenRng
+    ) -> Generator[DecodeStep, None, tuple[int, list[TokenLogprob] | None, mx.array | None]]:
+        """Run the prompt with taps; the last token goes alone so only its logits are computed.
+
+        Yields an empty step after each chunk, as plain decoding does, so a cancel is noticed.
+        """
+        ids = mx.array(prompt_ids, dtype=mx.int32)[None]  # (1, P)
+        needs_taps = self.drafter.needs_taps
+        taps: list[mx.array] = []
+        start, end = 0, len(prompt_ids)
+        while start < end:
+            stop = end if start == end - 1 else min(start + self.prefill_chunk, end - 1)
+            logits, chunk_taps = self.target(ids[:, start:stop], cache, taps=needs_taps)
+            if chunk_taps is not None:
+                taps.append(chunk_taps)
+            if stop < end:
+                mx.eval([c.state for c in cache], taps[-1:])  # bound the graph per chunk
+                yield DecodeStep([], None)
+            start = stop
+        last = logits[:, -1]  # (1, V)
+        first = sample(last, params, rng).astype(mx.int32)  # (1,)
+        logprobs = self._logprobs(last, first, params)
+        mx.eval(first, logprobs)
+        prompt_taps = mx.concatenate(taps, axis=1) if taps else None  # (1, P, T*H)
+        return int(first.item()), self._to_list([int(first.item())], logprobs), prompt_taps
+
+    def _launch(
+        self,
+        new_tokens: list[int | mx.array],
+        new_taps: mx.array | None,
+        remaining: int,
+        cache: list[Any],
+        params: SamplingParams,
+        rng: TokenRng,
+        width: int | None = None,
+    ) -> _Cycle:
+        """Build and start one cycle; the block shrinks so it cannot overshoot max_tokens.
+
+        `new_tokens` are ints, except a chained cycle's anchor: a (1,) array not yet synced.
+        """
+        block = min(self.block_size, remaining + 1)
+        if width is None:
+            width = block - 1 if self._width is None else self._width.choose()
+        width = min(width, block - 1)
+        clock = time.perf_counter()
+        drafts, draft_logprobs = self._draft(new_tokens, new_taps, block - 1, width, params, rng)  # (k,)
+        draft_s = self._split_sync(drafts, clock)
+        clock = time.perf_counter()
+        last = new_tokens[-1]
+        anchor = last if isinstance(last, mx.array) else mx.array([last], dtype=mx.int32)  # (1,)
+        verify_ids = mx.concatenate([anchor, drafts]) if drafts.size else anchor  # (k+1,)
+        logits, taps = self.target(verify_ids[None], cache, taps=self.drafter.needs_taps)
+        logits = logits[0]  # (k+1, V)
+        if drafts.size:
+            key = None if params.is_greedy else rng.next_key()
+            num_accepted, next_token = accept_draft(drafts, logits, draft_logprobs, params, key)
+            padded = mx.concatenate([drafts, next_token[None]])  # (k+1,)
+            tokens = mx.where(mx.arange(padded.shape[0]) == num_accepted, next_token, padded)
+        else:  # a plain step has nothing to accept: one sample, not the acceptance graph's dozen ops (GPU launches)
+            num_accepted, tokens = mx.array(0, dtype=mx.int32), sample(logits, params, rng).astype(mx.int32)  # (1,)
+        logprobs = self._logprobs(logits, tokens, params)
+        pending = [num_accepted, tokens, *(logprobs or ()), *([] if taps is None else [taps])]
+        mx.async_eval(*pending)
+        verify_s = self._split_sync(pending, clock)
+        launched_at = time.perf_counter() if self.timing else 0.0
+        return _Cycle(tokens.shape[0], width, num_accepted, tokens, taps, logprobs, draft_s, verify_s, launched_at)
+
+    def _draft(
+        self,
+        new_tokens: list[int | mx.array],
+        new_taps: mx.array | None,
+        num_drafts: int,
+        width: int,
+        params: SamplingParams,
+        rng: TokenRng,
+    ) -> tuple[mx.array, mx.array | None]:
+        """The drafter proposes its full block; the first `width` proposals are verified.
+
+        Width 0 skips the drafter: its new tokens and taps are held for its next call.
+        """
+        held_tokens, held_taps = self._held
+        if width == 0:
+            held_tokens.extend(new_tokens)
+            if new_taps is not None:
+                held_taps.append(new_taps)
+            # made here, not at import: a lazy module-level array belongs to the importing thread's stream
+            return mx.zeros((0,), dtype=mx.int32), None
+        if held_tokens:
+            # a chained cycle's anchor was held as an array; it was synced with its cycle since
+            new_tokens = [t if isinstance(t, int) else int(t.item()) for t in held_tokens + new_tokens]
+            if new_taps is not None:
+                new_taps = mx.concatenate([*held_taps, new_taps], axis=1)  # (1, n, T*H)
+            self._held = ([], [])
+        proposal = self.drafter.propose(new_tokens, new_taps, num_drafts, params, rng, keep=width)
+        drafts = proposal.tokens[:width]  # (k,)
+        mx.async_eval(drafts)  # the device drafts while the verify graph is built
+        logprobs = None if proposal.draft_logprobs is None else proposal.draft_logprobs[:width]
+        return drafts, logprobs
+
+    def _finish(
+        self, cycle: _Cycle, cache: list[Any], *, chained_next: bool = False
+    ) -> tuple[int, list[int], list[TokenLogprob] | None]:
+        """The cycle's one host sync; the target cache is trimmed even if it raises.
+
+        `chained_next`: the next cycle was launched before this sync. The CPU backend's async_eval
+        runs a launched graph before returning, so this sync-to-sync window holds one forward only if
+        exactly one of this cycle's and the next one's was launched in it; other windows (two forwards
+        at a chain's start, none at its end) are not cycle costs, and the controller does not learn them.
+        """
+        rejected = cycle.block  # on failure roll the whole block back
+        try:
+            clock = time.perf_counter()
+            self._sync(cycle.num_accepted, cycle.tokens, cycle.logprobs)
+            now = time.perf_counter()
+            accepted = int(cycle.num_accepted.item())
+            rejected = cycle.block - 1 - accepted
+        finally:
+            self.target.trim(cache, rejected)
+        if self.timing is not None:
+            launch_s = cycle.launched_at - self._sync_end
+            host_s = clock - cycle.launched_at
+            self.stats.timings.append(
+                CycleTiming(cycle.draft_s, cycle.verify_s, launch_s, host_s, now - clock, now - self._sync_end)
+            )
+        if self._width is not None:
+            one_forward = (not cycle.chained) != chained_next
+            # the first drafting cycle after plain steps (or the prompt) also drafts the context they held
+            steady = cycle.block == 1 or self._drafted_last
+            self._width.update(cycle.block - 1, accepted, now - self._sync_end if one_forward and steady else None)
+        self._drafted_last = cycle.block > 1
+        self._sync_end = now
+        self.stats.record(cycle.block - 1, accepted)
+        self.stats.widths.append(cycle.width)
+        tokens = cycle.tokens.tolist()[: accepted + 1]
+        return accepted, tokens, self._to_list(tokens, cycle.logprobs)
+
+    def _sync(self, *arrays: Any) -> None:
+        mx.eval(*arrays)
+        self.stats.syncs += 1
+
+    def _split_sync(self, arrays: Any, clock: float) -> float:
+        """timing="split" only: wait for one stage to attribute device time (costs the overlap)."""
+        if self.timing != "split":
+            return 0.0
+        self._sync(arrays)
+        return time.perf_counter() - clock
+
+    @staticmethod
+    def _logprobs(
+        logits: mx.array, tokens: mx.array, params: SamplingParams
+    ) -> tuple[mx.array, mx.array, mx.array] | None:
+        # verify row i is the target's exact distribution for committed token i: real logprobs
+        return token_logprobs(logits, tokens, params.top_logprobs) if params.logprobs else None
+
+    @staticmethod
+    def _to_list(
+        tokens: list[int], logprobs: tuple[mx.array, mx.array, mx.array] | None
+    ) -> list[TokenLogprob] | None:
+        if logprobs is None:
+            return None
+        chosen, top_ids, top_lp = (x.tolist() for x in logprobs)
+        n = len(tokens)
+        return to_token_logprobs(tokens, chosen[:n], top_ids[:n], top_lp[:n])

@@ -1,0 +1,77 @@
+"""Attention of a query block (a verify block or a draft block) over a growing context.
+
+Speculative decoding attends with 2..64 query rows over a key length that changes every cycle.
+mx.fast.scaled_dot_product_attention is the right call on Metal. On MLX's CUDA
+backend a multi-row query goes to a kernel planned per exact (query, key) shape: on an H200 (MLX
+0.32.4) a 16-row SmolLM2-135M forward took 47 ms at a key length never seen before and 5.3 ms at a
+repeated one, and the draft's forward 42 ms (bench/attention_shapes.py). The explicit composition
+below (two matmuls and a float32 softmax) has no per-shape setup: 10.6 ms and 1.8 ms in that run (5.7 ms
+and 1.4 ms in session 6's); engine/backend/attention_kernel.py does the same in one CUDA kernel launch per layer
+where its runtime check passes (4.9 ms and 1.5 ms there).
+On the CPU the explicit composition's softmax uses engine/backend/fast_exp.py (MLX's CPU exp is scalar): a
+16-row verify 172 -> 155 ms, decode rows unchanged (68 ms), so the CPU takes it for 1..64 rows.
+`DFLASH_ATTENTION` picks: auto (the kernel, else explicit, on CUDA for query blocks; explicit on the
+CPU for up to 64 rows; fused elsewhere), fused, or unfused (explicit, never the kernel).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import mlx.core as mx
+
+from engine.backend import attention_kernel, fast_exp
+from engine.backend.unfused_attention import unfused_attention
+
+Mode = Literal["auto", "fused", "unfused"]
+MODES: tuple[str, ...] = ("auto", "fused", "unfused")
+ENV = "DFLASH_ATTENTION"
+MAX_BLOCK_ROWS = 64  # query rows that count as a verify/draft block; prefill chunks stay fused
+
+_mode: Mode | None = None
+_cuda: bool | None = None  # MLX's default device is a CUDA GPU (read once)
+
+
+def set_mode(mode: str | None) -> None:
+    """Choose the attention path for this process (None: read DFLASH_ATTENTION again)."""
+    global _mode
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"attention mode must be one of {MODES}, got {mode!r}")
+    _mode = mode  # type: ignore[assignment]
+
+
+def mode() -> Mode:
+    if _mode is None:
+        set_mode(os.environ.get(ENV, "auto").strip().lower() or "auto")
+    assert _mode is not None
+    return _mode
+
+
+def _on_cuda() -> bool:
+    global _cuda
+    if _cuda is None:
+        _cuda = mx.default_device() == mx.gpu and hasattr(mx, "cuda") and mx.cuda.is_available()
+    return _cuda
+
+
+def use_unfused(query_rows: int) -> bool:
+    chosen = mode()
+    if chosen == "auto":
+        if fast_exp.enabled():  # the CPU: decode and verify rows alike get the polynomial exp
+            return query_rows <= MAX_BLOCK_ROWS
+        return 1 < query_rows <= MAX_BLOCK_ROWS and _on_cuda()
+    return chosen == "unfused" and query_rows > 1
+
+
+def block_attention(
+    queries: mx.array, keys: mx.array, values: mx.array, *, scale: float, mask: mx.array | str | None
+) -> mx.array:
+    """softmax(scale · q kᵀ + mask) v with mx.fast's conventions (GQA, "causal", bool or additive masks)."""
+    if use_unfused(queries.shape[2]):
+        if mode() == "auto" and _on_cuda():
+            kernel = attention_kernel.default_kernel()
+            if (warps := kernel.warps_for(queries, keys, mask)) is not None:
+                return kernel(queries, keys, values, scale, mask == "causal", warps)
+        return unfused_attention(queries, keys, values, scale=scale, mask=mask)
+    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)

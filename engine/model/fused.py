@@ -1,0 +1,156 @@
+"""Packed projections: a target's Q/K/V and gate/up matmuls fused into one each, at load time.
+
+Small models are launch-bound on GPUs: one (H -> q+k+v) matmul does the work of three with one
+dispatch and one read of the activations (on the CPU it saves a few percent). Fusion is a class swap, as
+Target's taps are: a recognised attention or MLP module keeps its other children (norms, rope,
+o_proj, down_proj) and gets a subclass whose `__call__` runs the packed projection and splits
+it. Only module classes whose forward we have read are fused (exact type match); anything
+else, e.g. qwen3_5's gated attention and Gated DeltaNet layers, is left untouched.
+Concatenating along the output dim is exact for float weights and for quantized ones with the
+same group size, bits and mode (every output row keeps its own scales and biases).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models import llama, qwen2, qwen3, qwen3_next
+from mlx_lm.models.base import scaled_dot_product_attention
+
+from engine.backend import fast_exp
+from engine.model.attention import block_attention
+from engine.model.target import inner_model
+
+# forwards read: q/k/v of the same x, optional per-head q_norm/k_norm, rope at cache.offset, sdpa, o_proj
+_ATTENTION_CLASSES: tuple[type, ...] = (llama.Attention, qwen2.Attention, qwen3.Attention)
+# forwards read: down_proj(swiglu(gate_proj(x), up_proj(x)))
+_MLP_CLASSES: tuple[type, ...] = (llama.MLP, qwen2.MLP, qwen3.MLP, qwen3_next.Qwen3NextMLP)
+_FUSED_CLASSES: dict[type, type] = {}
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Fuse Q/K/V and gate/up of every recognised decoder layer of `model`, in place.
+
+    Returns how many decoder layers had at least one module fused. Call it before any
+    `mx.compile` of the model and before layer swaps such as engine/verify_matmul.apply (it
+    packs plain nn.Linear / nn.QuantizedLinear only); calling it twice fuses nothing new.
+    """
+    fused_layers = 0
+    for layer in inner_model(model).layers:
+        attn = _fuse_attention(getattr(layer, "self_attn", None))
+        mlp = _fuse_mlp(getattr(layer, "mlp", None))
+        fused_layers += int(attn or mlp)
+    return fused_layers
+
+
+def is_fused(module: nn.Module) -> bool:
+    return type(module) in _FUSED_CLASSES.values()
+
+
+def _fuse_attention(attn: nn.Module | None) -> bool:
+    if attn is None or type(attn) not in _ATTENTION_CLASSES:
+        return False
+    parts = [attn.q_proj, attn.k_proj, attn.v_proj]
+    packed = concat_linears(parts)
+    if packed is None:
+        return False
+    q_dim, k_dim = _out_dims(parts[0]), _out_dims(parts[1])
+    for name in ("q_proj", "k_proj", "v_proj"):
+        delattr(attn, name)
+    attn.qkv_proj = packed
+    attn._q_end, attn._k_end = q_dim, q_dim + k_dim  # ints stay Python attributes, not parameters
+    attn.__class__ = _fused_class(type(attn), _fused_attention_call)
+    return True
+
+
+def _fuse_mlp(mlp: nn.Module | None) -> bool:
+    if mlp is None or type(mlp) not in _MLP_CLASSES:
+        return False
+    parts = [mlp.gate_proj, mlp.up_proj]
+    packed = concat_linears(parts)
+    if packed is None:
+        return False
+    hidden = _out_dims(parts[0])
+    delattr(mlp, "gate_proj")
+    delattr(mlp, "up_proj")
+    mlp.gate_up_proj = packed
+    mlp._gate_up_split = hidden
+    mlp.__class__ = _fused_class(type(mlp), _fused_mlp_call)
+    return True
+
+
+def concat_linears(parts: Sequence[nn.Module]) -> nn.Linear | nn.QuantizedLinear | None:
+    """One linear layer whose output is the parts' outputs concatenated; None if incompatible."""
+    first = parts[0]
+    kind = type(first)
+    if kind not in (nn.Linear, nn.QuantizedLinear) or any(type(p) is not kind for p in parts):
+        return None
+    names = sorted(k for k, v in first.items() if isinstance(v, mx.array))
+    for p in parts:
+        same_arrays = sorted(k for k, v in p.items() if isinstance(v, mx.array)) == names
+        if not same_arrays or any(p[n].dtype != first[n].dtype or p[n].shape[1:] != first[n].shape[1:] for n in names):
+            return None
+        if kind is nn.QuantizedLinear and _quant(p) != _quant(first):
+            return None
+    out_dims = sum(_out_dims(p) for p in parts)
+    if kind is nn.Linear:
+        packed: nn.Module = nn.Linear(first.weight.shape[1], out_dims, bias="bias" in first)
+    else:
+        in_dims = first.weight.shape[1] * 32 // first.bits
+        group_size, bits, mode = _quant(first)
+        packed = nn.QuantizedLinear(in_dims, out_dims, "bias" in first, group_size, bits, mode=mode)
+    # the random init above stays an unevaluated graph: every array is replaced here
+    packed.update({n: mx.concatenate([p[n] for p in parts], axis=0) for n in names})  # (sum out, ...)
+    if kind is nn.QuantizedLinear and "biases" not in names:
+        packed.biases = None  # modes without affine biases (mxfp4, ...)
+    if not first.trainable_parameters():
+        packed.freeze()
+    mx.eval(packed.parameters())  # free the parts' memory now rather than at the first forward
+    return packed
+
+
+def _quant(linear: nn.QuantizedLinear) -> tuple[int, int, str]:
+    return linear.group_size, linear.bits, getattr(linear, "mode", "affine")
+
+
+def _out_dims(linear: nn.Module) -> int:
+    return int(linear.weight.shape[0])
+
+
+def _fused_class(cls: type, call: Any) -> type:
+    if cls not in _FUSED_CLASSES:
+        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (cls,), {"__call__": call, "__module__": cls.__module__})
+    return _FUSED_CLASSES[cls]
+
+
+def _fused_attention_call(
+    self: nn.Module, x: mx.array, mask: mx.array | str | None = None, cache: Any | None = None
+) -> mx.array:
+    B, L, _ = x.shape
+    qkv = self.qkv_proj(x)  # (B, L, (nh + 2 nkv) * d)
+    values = qkv[..., self._k_end :].reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, nkv, L, d)
+    offset = 0 if cache is None else cache.offset
+    if "q_norm" in self:  # qwen3: per-head RMSNorm before rope
+        queries, keys = mx.split(qkv[..., : self._k_end], [self._q_end], axis=-1)
+        queries = self.q_norm(queries.reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)  # (B, nh, L, d)
+        keys = self.k_norm(keys.reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)  # (B, nkv, L, d)
+        queries, keys = self.rope(queries, offset=offset), self.rope(keys, offset=offset)
+    else:  # one rope call for the query and key heads together (per-head, so exactly the same)
+        heads = qkv[..., : self._k_end].reshape(B, L, self.n_heads + self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        heads = self.rope(heads, offset=offset)  # (B, nh + nkv, L, d)
+        queries, keys = heads[:, : self.n_heads], heads[:, self.n_heads :]
+    if cache is not None:
+        keys, values = cache.update_and_fetch(keys, values)
+    if hasattr(cache, "bits"):  # a quantized KV cache: mlx-lm's quantized attention
+        output = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=self.scale, mask=mask)
+    else:
+        output = block_attention(queries, keys, values, scale=self.scale, mask=mask)
+    return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))  # (B, L, H)
+
+
+def _fused_mlp_call(self: nn.Module, x: mx.array) -> mx.array:
+    gate, up = mx.split(self.gate_up_proj(x), [self._gate_up_split], axis=-1)  # 2x (..., I)
+    return self.down_proj(fast_exp.swiglu(gate, up))

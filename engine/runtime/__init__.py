@@ -1,0 +1,2 @@
+"""Serving one model: configuration, the loaded serving model, requests, the MLX-thread scheduler
+and the asyncio bridge the HTTP server talks to."""

@@ -1,0 +1,153 @@
+"""The model being served: target, tokenizer and the decoders built on them (loaded on the MLX thread)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import mlx.core as mx
+
+from engine.backend.attention_kernel import default_kernel as default_attention_kernel
+from engine.decode.decoder import Decoder
+from engine.decode.plain_decoder import PlainDecoder
+from engine.runtime.config import EngineConfig
+from engine.runtime.pairs import default_draft_for, load_pairs
+
+if TYPE_CHECKING:
+    from engine.decode.speculative import SpeculativeDecoder
+
+log = logging.getLogger("dflash.model")
+NGRAM_BLOCK_SIZE = 16  # the n-gram drafter has no block size of its own
+
+
+@dataclass
+class ServingModel:
+    model_id: str
+    tokenizer: object  # engine.model.tokenizer.Tokenizer
+    context_length: int
+    plain: Decoder
+    speculative: Decoder | None
+    drafter: str  # what /health reports: "dflash (<path>)", "ngram" or "none"
+    backend: str
+    description: str
+
+    @classmethod
+    def load(cls, config: EngineConfig) -> ServingModel:
+        from engine.model.loader import load_model
+
+        dequantize = {"auto": None, "yes": True, "no": False}[config.dequantize]
+        pair = load_pairs().get(config.model)
+        if pair is not None:  # a known pair's name stands for its target (and its draft by default)
+            config = replace(config, model=pair.target)
+        loaded = load_model(config.model, dequantize=dequantize)
+        # before the decoders are built: plain and speculative share the prepared model
+        log.info("target: %s", prepare_model(loaded.model, fuse=config.fuse_projections))
+        plain = PlainDecoder(loaded.model, prefill_chunk=config.prefill_chunk)
+        speculative, drafter = build_speculative(loaded, config)
+        if speculative is not None and default_attention_kernel().kernel is not None:
+            warm_up(speculative)
+        return cls(
+            model_id=loaded.model_id,
+            tokenizer=loaded.tokenizer,
+            context_length=config.context_length or loaded.context_length,
+            plain=plain,
+            speculative=speculative,
+            drafter=drafter,
+            backend=describe_backend(),
+            description=loaded.description,
+        )
+
+
+def warm_up(decoder: SpeculativeDecoder) -> None:
+    """A few greedy tokens at load: on CUDA the block-attention kernel is compiled (NVRTC) and checked,
+    and the verify cost curve measured, here rather than inside the first request's TTFT."""
+    from engine.decode.sampling import SamplingParams, TokenRng
+
+    start = time.perf_counter()
+    for _ in decoder.generate([1, 2, 3, 4, 5, 6, 7, 8], SamplingParams(temperature=0.0), 4, TokenRng(0)):
+        pass
+    decoder.forget_acceptance()  # what the dummy prompt's drafts taught is not the drafter's rate
+    log.info("speculative decoder warmed up in %.1f s", time.perf_counter() - start)
+
+
+def prepare_model(model: object, *, fuse: bool) -> str:
+    """Packed Q/K/V and gate/up projections, then verify-width kernels on a GPU or transposed float
+    weights and table RoPE on the CPU; says what was done."""
+    from engine.backend.verify_matmul import apply as use_verify_kernels
+    from engine.backend.verify_matmul import default_verify_matmul
+    from engine.model.fused import fuse_projections
+    from engine.model.rope_table import use_table_rope
+    from engine.model.transposed import transpose_linears
+
+    notes = [f"packed projections in {fuse_projections(model)} layers" if fuse else "unfused projections"]
+    if mx.default_device() == mx.cpu:  # after fusing: the packed layers are the ones transposed
+        notes.append(f"{transpose_linears(model)} float32 matrices stored transposed")
+        notes.append(f"{use_table_rope(model)} RoPE modules read a cos/sin table")
+    if default_verify_matmul().kernel is not None:  # a GPU backend; the CPU keeps MLX's own matmul
+        # after fusing, so the packed layers are the ones swapped
+        notes.append(f"verify kernels considered for {use_verify_kernels(model)} quantized layers")
+    return ", ".join(notes)
+
+
+def resolve_draft(spec: str, target: str, model_id: str) -> str | None:
+    if spec == "none":
+        return None
+    if spec == "default":
+        draft = default_draft_for(target, model_id)
+        if draft is None or (Path(draft).is_absolute() and not (Path(draft) / "config.json").is_file()):
+            log.warning("no DFlash draft is known for %s: decoding without one", model_id)
+            return None
+        return draft
+    return spec
+
+
+def build_speculative(loaded: object, config: EngineConfig) -> tuple[SpeculativeDecoder | None, str]:
+    from engine.decode.drafters import DFlashDrafter, NgramDrafter
+    from engine.decode.speculative import SpeculativeDecoder
+    from engine.model.target import Target
+
+    if config.drafter == "ngram":
+        if config.draft not in ("default", "none"):
+            raise ValueError("--drafter ngram takes no draft model; drop --draft")
+        target = Target(loaded.model, layer_ids=())
+        drafter = NgramDrafter()
+        block_size = config.block_size or NGRAM_BLOCK_SIZE
+        return SpeculativeDecoder(target, drafter, block_size=block_size, prefill_chunk=config.prefill_chunk), "ngram"
+    path = resolve_draft(config.draft, config.model, loaded.model_id)
+    if path is None:
+        return None, "none"
+    from engine.model.draft import load_draft
+
+    draft = load_draft_for(path, loaded, load_draft)
+    target = Target(loaded.model, layer_ids=draft.config.target_layer_ids)
+    block_size = config.block_size or draft.config.block_size
+    decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=block_size, prefill_chunk=config.prefill_chunk)
+    return decoder, f"dflash ({path})"
+
+
+def load_draft_for(path: str, loaded: object, load_draft: object) -> object:
+    from engine.model.loader import resolve_local_path
+
+    local = resolve_local_path(path)
+    args = vars(loaded.model.args)
+    args = {**args, **(args.get("text_config") or {})}  # multimodal families (qwen3_5) nest the LM's dims
+    return load_draft(
+        local,
+        target_hidden_size=args["hidden_size"],
+        target_vocab_size=args["vocab_size"],
+        target_num_layers=args["num_hidden_layers"],
+    )
+
+
+def describe_backend() -> str:
+    device = mx.default_device()
+    if device == mx.cpu:
+        from engine.backend.blas import blas_status
+
+        return f"MLX {mx.__version__} CPU, {blas_status()}"
+    if mx.metal.is_available():
+        return f"MLX {mx.__version__} Metal"
+    return f"MLX {mx.__version__} {device}"

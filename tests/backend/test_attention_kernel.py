@@ -1,0 +1,300 @@
+"""engine/backend/attention_kernel.py: the CUDA block-attention kernel's source on a CPU SIMT shim, the
+runtime decision (numerics, then speed) with fake kernels, the dispatch in engine/model/attention.py, and,
+on a CUDA device, the real kernel against the float32 reference and inside greedy speculative decoding."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from simt_shim import C_TYPES, SHIM_CUDA, round_to, stored_to_float
+from tiny_models import (
+    build_draft,
+    build_target,
+    draft_config,
+    plain_greedy,
+    target_config,
+)
+
+from engine.backend import attention_kernel as ak
+from engine.backend.verify_matmul import read_kernel_source
+from engine.decode.drafters import DFlashDrafter
+from engine.decode.sampling import SamplingParams, TokenRng
+from engine.decode.speculative import SpeculativeDecoder
+from engine.model import attention
+from engine.model.fused import fuse_projections
+from engine.model.target import Target
+
+SPEC = ak.AttentionSpec(mx.float32, 64, 4, 2, True)
+
+
+def numpy_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, causal: bool) -> np.ndarray:
+    """(B, H, L, D) float64 attention over (B, Hkv, S, D) keys; causal over the last L positions."""
+    group = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    scores = scale * q @ k.swapaxes(-1, -2)  # (B, H, L, S)
+    if causal:
+        rows, length = q.shape[2], k.shape[2]
+        keep = np.arange(length)[None] <= np.arange(length - rows, length)[:, None]
+        scores = np.where(keep, scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    return (weights / weights.sum(-1, keepdims=True)) @ v
+
+
+# ---------------------------------------------------------------- kernel source on a CPU SIMT shim
+
+MAIN = r"""
+template <typename V> std::vector<V> read_all(const char* path, size_t n) {
+  std::vector<V> v(n); std::ifstream f(path, std::ios::binary);
+  f.read(reinterpret_cast<char*>(v.data()), n * sizeof(V)); return v;
+}
+int main(int argc, char** argv) {
+  const int B = atoi(argv[1]), H = atoi(argv[2]), L = atoi(argv[3]), Hkv = atoi(argv[4]), S = atoi(argv[5]);
+  const int spare = atoi(argv[6]);
+  const float scale = atof(argv[7]);
+  const int cap = S + spare;
+  // q is stored (B, L, H, D) and read as its (B, H, L, D) transpose; k and v are prefixes of (B, Hkv, cap, D)
+  const int q_shape[4] = {B, H, L, D_};
+  const long long q_strides[4] = {(long long)L * H * D_, D_, (long long)H * D_, 1};
+  const int k_shape[4] = {B, Hkv, S, D_};
+  const long long kv_strides[4] = {(long long)Hkv * cap * D_, (long long)cap * D_, D_, 1};
+  auto q = read_all<TT>(argv[8], (size_t)B * L * H * D_);
+  auto k = read_all<TT>(argv[9], (size_t)B * Hkv * cap * D_);
+  auto v = read_all<TT>(argv[10], (size_t)B * Hkv * cap * D_);
+  std::vector<TT> out((size_t)B * L * H * D_);
+  const int threads = WARPS_ * 32;
+  setup_barriers(threads);
+  blockDim.x = threads;
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) pool.emplace_back([&, t] {
+    g_tid = t;
+    for (int b = 0; b < B; ++b) for (int row = 0; row < L; ++row) for (int h = 0; h < H; ++h) {
+      SET_BLOCK(t, h, row, b);
+      block_attention(q.data(), q_shape, q_strides, k.data(), k_shape, kv_strides, v.data(), kv_strides,
+                      &scale, out.data());
+      block_sync();
+    }
+  });
+  for (auto& p : pool) p.join();
+  std::ofstream(argv[11], std::ios::binary).write(reinterpret_cast<char*>(out.data()), out.size() * sizeof(TT));
+}
+"""
+
+
+def run_on_shim(tmp: Path, b: int, heads: int, kv_heads: int, rows: int, length: int, dim: int, dtype: str,
+                causal: bool, warps: int, spare: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(rows * 1000 + length)
+    cap = length + spare
+    q_raw, q = round_to(rng.normal(size=(b, rows, heads, dim)), dtype)  # stored (B, L, H, D)
+    k_raw, k = round_to(rng.normal(size=(b, kv_heads, cap, dim)), dtype)
+    v_raw, v = round_to(rng.normal(size=(b, kv_heads, cap, dim)), dtype)
+    scale = dim**-0.5
+    expected = numpy_attention(q.transpose(0, 2, 1, 3), k[:, :, :length], v[:, :, :length], scale, causal)
+
+    header, body = read_kernel_source("block_attention.cu")
+    ct = C_TYPES[dtype][0]
+    constants = (f"  using T = {ct}; constexpr int D = {dim}; constexpr bool CAUSAL = {str(causal).lower()};\n"
+                 f"  constexpr int WARPS = {warps};\n")
+    source = SHIM_CUDA + header + (
+        f"void block_attention(const {ct}* q, const int* q_shape, const long long* q_strides, const {ct}* k,"
+        f" const int* k_shape, const long long* k_strides, const {ct}* v, const long long* v_strides,"
+        f" const float* scale, {ct}* out) {{\n{constants}{body}\n}}\n")
+    defines = {"TT": ct, "D_": dim, "WARPS_": warps}
+    source += "".join(f"#define {key} {value}\n" for key, value in defines.items()) + MAIN
+    (tmp / "k.cpp").write_text(source)
+    subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-w", "-o", str(tmp / "prog"), str(tmp / "k.cpp")],
+                   check=True, capture_output=True, text=True)
+    for name, arr in (("q", q_raw), ("k", k_raw), ("v", v_raw)):
+        np.ascontiguousarray(arr).tofile(tmp / name)
+    subprocess.run([str(tmp / "prog"), *(str(x) for x in (b, heads, rows, kv_heads, length, spare, repr(scale))),
+                    *(str(tmp / f) for f in ("q", "k", "v", "out"))], check=True, timeout=300)
+    raw = np.fromfile(tmp / "out", dtype=C_TYPES[dtype][2]).reshape(b, rows, heads, dim)
+    return stored_to_float(raw, dtype).transpose(0, 2, 1, 3), expected
+
+
+SHIM_CASES = [  # b, heads, kv_heads, rows, keys, dim, dtype, causal, warps, spare
+    (1, 9, 3, 16, 37, 64, "bfloat16", True, 4, 5),     # GQA, a strided cache prefix, causal tail
+    (2, 4, 2, 3, 300, 64, "float32", False, 4, 0),     # several chunks per warp, full attention
+    (1, 2, 1, 5, 5, 128, "float16", True, 4, 3),       # L = S: row 0 sees one key
+    (1, 3, 3, 2, 70, 64, "bfloat16", False, 8, 0),     # warps with no keys at all
+]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) for the SIMT shim")
+@pytest.mark.parametrize("case", SHIM_CASES, ids=lambda c: f"h{c[1]}/{c[2]}L{c[3]}S{c[4]}D{c[5]}{c[6]}"
+                         f"{'causal' if c[7] else 'full'}w{c[8]}")
+def test_kernel_source_on_a_cpu_simt_shim(case: tuple, tmp_path: Path) -> None:
+    got, expected = run_on_shim(tmp_path, *case)
+    tol = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}[case[6]]
+    err = np.max(np.abs(got - expected)) / np.max(np.abs(expected))
+    assert err < tol, f"max rel error {err:.3g}"
+
+
+def test_kernel_source_exists_and_names_its_inputs() -> None:
+    header, body = read_kernel_source("block_attention.cu")
+    for needed in ("q_shape[", "q_strides[", "k_shape[", "k_strides[", "v_strides[", "scale[0]", "battn_store(out",
+                   "CAUSAL", "WARPS", "__shfl_xor_sync", "__shfl_sync"):
+        assert needed in body, needed
+    assert "battn_pair(const __nv_bfloat16*" in header
+
+
+# ---------------------------------------------------------------- the runtime decision (fake kernels)
+
+
+def exact_kernel(queries: mx.array, keys: mx.array, values: mx.array, scale: float, causal: bool,
+                 warps: int) -> mx.array:
+    return ak.float32_reference(queries, keys, values, scale, causal).astype(queries.dtype)
+
+
+def decider(kernel: object, kernel_ms: float, reference_ms: float) -> ak.BlockAttentionKernel:
+    """A BlockAttentionKernel on a pretend CUDA device whose timer reads `kernel_ms` for timings that
+    ran the kernel and `reference_ms` for the others."""
+    ran = [False]
+
+    def tracked(*args: object) -> mx.array:
+        ran[0] = True
+        return kernel(*args)  # type: ignore[operator]
+
+    def timer(fn: object) -> float:
+        ran[0] = False
+        mx.eval(fn())  # type: ignore[operator]
+        return kernel_ms if ran[0] else reference_ms
+
+    return ak.BlockAttentionKernel(kernel=tracked, reference=ak.float32_reference, backend="cuda", timer=timer)
+
+
+def test_a_correct_faster_kernel_is_used_and_the_choice_cached() -> None:
+    calls = []
+
+    def kernel(*args: object) -> mx.array:
+        calls.append(args[-1])
+        return exact_kernel(*args)  # type: ignore[arg-type]
+
+    d = decider(kernel, kernel_ms=0.5, reference_ms=2.0)
+    decision = d.decide(SPEC)
+    assert decision.warps == ak.WARPS[64][0] and decision.max_rel_error < 1e-5
+    assert "4.00x faster" in decision.reason
+    n = len(calls)
+    assert d.decide(SPEC) is decision and len(calls) == n  # cached: no second check
+    assert d.summary() == {"mlx.core.float32 D=64 heads 4/2 causal": {
+        "warps": decision.warps, "kernel_ms": 0.5, "explicit_ms": 2.0, "max_rel_error": decision.max_rel_error,
+        "reason": decision.reason}}
+
+
+def test_a_kernel_that_fails_numerics_is_rejected() -> None:
+    def wrong(queries: mx.array, keys: mx.array, values: mx.array, scale: float, causal: bool, warps: int) -> mx.array:
+        return exact_kernel(queries, keys, values, scale, not causal, warps)  # the mask ignored
+
+    decision = decider(wrong, kernel_ms=0.1, reference_ms=2.0).decide(SPEC)
+    assert decision.warps is None and decision.reason == "no warp count passed numerics"
+
+
+def test_a_slower_kernel_is_rejected() -> None:
+    decision = decider(exact_kernel, kernel_ms=2.0, reference_ms=2.0).decide(SPEC)
+    assert decision.warps is None and decision.reason == "kernel not faster"
+
+
+def test_a_kernel_that_raises_is_rejected() -> None:
+    def broken(*args: object) -> mx.array:
+        raise RuntimeError("nvrtc: compile failed")
+
+    decision = decider(broken, kernel_ms=0.1, reference_ms=2.0).decide(SPEC)
+    assert decision.warps is None
+
+
+def test_only_causal_or_unmasked_supported_blocks_take_the_kernel() -> None:
+    d = decider(exact_kernel, kernel_ms=0.5, reference_ms=2.0)
+    q = mx.zeros((1, 4, 16, 64))
+    k = mx.zeros((1, 2, 40, 64))
+    assert d.spec_for(q, k, "causal") == SPEC
+    assert d.spec_for(q, k, None) == ak.AttentionSpec(mx.float32, 64, 4, 2, False)
+    assert d.spec_for(q, k, mx.ones((16, 40), dtype=mx.bool_)) is None  # array masks stay explicit
+    assert d.spec_for(q, mx.zeros((1, 2, 8, 64)), "causal") is None  # fewer keys than causal rows
+    assert d.spec_for(mx.zeros((1, 4, 16, 80)), mx.zeros((1, 2, 40, 80)), None) is None  # head dim
+    assert d.spec_for(q, mx.zeros((1, 3, 40, 64)), None) is None  # heads not a multiple of KV heads
+    assert d.spec_for(q.astype(mx.bfloat16), k, None) is None  # mixed dtypes
+
+
+def test_no_kernel_off_cuda() -> None:
+    cpu = ak.BlockAttentionKernel(kernel=exact_kernel, backend="cpu")
+    assert cpu.kernel is None and cpu.warps_for(mx.zeros((1, 4, 16, 64)), mx.zeros((1, 2, 40, 64)), None) is None
+
+
+def test_attention_dispatches_to_a_decided_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA in auto mode a covered block goes to the kernel; unfused mode and array masks do not."""
+    calls = []
+
+    def kernel(*args: object) -> mx.array:
+        calls.append(args)
+        return exact_kernel(*args)  # type: ignore[arg-type]
+
+    d = decider(kernel, kernel_ms=0.5, reference_ms=2.0)
+    monkeypatch.setattr(ak, "_DEFAULT", d)
+    monkeypatch.setattr(attention, "_on_cuda", lambda: True)
+    k1, k2, k3 = mx.random.split(mx.random.key(3), 3)
+    q = mx.random.normal((1, 4, 16, 64), key=k1)
+    k = mx.random.normal((1, 2, 40, 64), key=k2)
+    v = mx.random.normal((1, 2, 40, 64), key=k3)
+    expected = attention.unfused_attention(q, k, v, scale=0.125, mask="causal")
+    try:
+        attention.set_mode("auto")
+        d.decide(SPEC)
+        calls.clear()
+        got = attention.block_attention(q, k, v, scale=0.125, mask="causal")
+        assert len(calls) == 1 and calls[0][3] == 0.125 and calls[0][4] is True
+        np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-4, atol=1e-5)
+        attention.block_attention(q, k, v, scale=0.125, mask=mx.ones((16, 40), dtype=mx.bool_))
+        attention.set_mode("unfused")
+        attention.block_attention(q, k, v, scale=0.125, mask="causal")
+        assert len(calls) == 1
+    finally:
+        attention.set_mode(None)
+
+
+# ---------------------------------------------------------------- the real kernel on a CUDA device
+
+CUDA = ak.detect_backend() == "cuda"
+
+
+@pytest.mark.skipif(not CUDA, reason="needs MLX's CUDA backend")
+@pytest.mark.parametrize("heads,kv_heads,dim,dtype", [(9, 3, 64, mx.bfloat16), (9, 3, 64, mx.float16),
+                                                    (9, 3, 64, mx.float32), (32, 8, 128, mx.bfloat16)])
+def test_device_kernel_numerics(heads: int, kv_heads: int, dim: int, dtype: mx.Dtype) -> None:
+    kernel = ak.BlockAttentionKernel()
+    assert kernel.kernel is not None
+    for causal in (True, False):
+        spec = ak.AttentionSpec(dtype, dim, heads, kv_heads, causal)
+        for warps in ak.WARPS[dim]:
+            error = kernel.max_rel_error(spec, warps)
+            assert error < ak.TOLERANCE[dtype], (spec, warps, error)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs MLX's CUDA backend")
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_device_greedy_dflash_through_the_kernel_equals_plain(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verify and draft blocks through the real kernel (its speed check skipped, numerics kept):
+    greedy speculative output stays plain decoding's."""
+    prompt = [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 3, 2, 3, 8, 4]
+    cfg = target_config(family, tie_word_embeddings=False, hidden_size=256, head_dim=64)
+    model = build_target(cfg, seed=1)
+    ref, gap = plain_greedy(model, prompt, 40)
+    assert gap > 1e-4
+    fuse_projections(model)
+    dcfg = draft_config(cfg, block_size=8, head_dim=64)
+    target = Target(model, dcfg.target_layer_ids)
+    kernel = decider(ak.make_cuda_kernel(), kernel_ms=0.5, reference_ms=2.0)
+    monkeypatch.setattr(ak, "_DEFAULT", kernel)
+    attention.set_mode("auto")
+    try:
+        decoder = SpeculativeDecoder(target, DFlashDrafter(build_draft(dcfg, seed=2), target), block_size=8,
+                                     adaptive=False)
+        steps = [s for s in decoder.generate(prompt, SamplingParams(temperature=0.0), 40, TokenRng(0)) if s.tokens]
+    finally:
+        attention.set_mode(None)
+        target.close()
+    assert {spec.causal for spec, d in kernel.decisions.items() if d.warps} == {True, False}  # verify and draft
+    assert [t for s in steps for t in s.tokens] == ref

@@ -1,0 +1,84 @@
+"""engine/model/attention.py: the explicit block attention equals mx.fast's, and the mode switch routes by rows."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from engine.backend import fast_exp
+from engine.model import attention
+
+# MLX CUDA's float32 matmuls round like TF32: on an H200 the two paths part by up to 7e-4 at 300 keys
+FP32_ATOL = 1e-5 if mx.default_device() == mx.cpu else 2e-3
+
+
+def _qkv(rows: int, length: int, heads: int = 9, kv_heads: int = 3, dim: int = 64) -> tuple[mx.array, ...]:
+    k1, k2, k3 = mx.random.split(mx.random.key(rows * 1000 + length), 3)
+    q = mx.random.normal((2, heads, rows, dim), key=k1)
+    k = mx.random.normal((2, kv_heads, length, dim), key=k2)
+    v = mx.random.normal((2, kv_heads, length, dim), key=k3)
+    return q, k, v
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "bool", "additive", "bool_per_head", "bool_shared_head",
+                                       "additive_key_row"])
+@pytest.mark.parametrize("rows,length", [(1, 7), (4, 4), (16, 37), (16, 300)])
+def test_unfused_equals_fast(mask_kind: str, rows: int, length: int) -> None:
+    q, k, v = _qkv(rows, length)
+    rng = np.random.default_rng(rows + length)
+    mask: mx.array | str | None = None
+    if mask_kind == "causal":
+        mask = "causal"
+    elif mask_kind == "bool":
+        keep = rng.random((rows, length)) < 0.7
+        keep[:, 0] = True  # no fully masked row
+        mask = mx.array(keep)
+    elif mask_kind == "additive":
+        mask = mx.array(rng.normal(size=(rows, length)).astype(np.float32))
+    elif mask_kind == "bool_per_head":
+        keep = rng.random((2, 9, rows, length)) < 0.5
+        keep[..., -1] = True
+        mask = mx.array(keep)
+    elif mask_kind == "bool_shared_head":  # (B, 1, L, S)
+        keep = rng.random((2, 1, rows, length)) < 0.6
+        keep[..., 0] = True
+        mask = mx.array(keep)
+    elif mask_kind == "additive_key_row":  # (1, S): one bias per key, every row
+        mask = mx.array(rng.normal(size=(1, length)).astype(np.float32))
+    expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
+    got = attention.unfused_attention(q, k, v, scale=0.125, mask=mask)
+    np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-4, atol=FP32_ATOL)
+
+
+def test_causal_block_sees_exactly_its_prefix() -> None:
+    """Row i of a 4-row block over 10 keys sees keys 0..6+i: changing key 7 changes rows 1..3 only."""
+    q, k, v = _qkv(4, 10)
+    base = attention.unfused_attention(q, k, v, scale=0.125, mask="causal")
+    v2 = v.at[:, :, 7].add(1.0)
+    moved = attention.unfused_attention(q, k, v2, scale=0.125, mask="causal")
+    changed = np.abs(np.array(moved - base)).max(axis=(0, 1, 3)) > 0
+    assert changed.tolist() == [False, True, True, True]
+
+
+def test_mode_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    try:
+        attention.set_mode("unfused")
+        assert attention.use_unfused(16) and not attention.use_unfused(1)
+        attention.set_mode("fused")
+        assert not attention.use_unfused(16)
+        attention.set_mode("auto")  # CUDA: explicit for 2..64 rows; CPU: explicit for 1..64 rows
+        assert attention.use_unfused(16) == (attention._on_cuda() or fast_exp.enabled())
+        assert attention.use_unfused(1) == fast_exp.enabled() and not attention.use_unfused(512)
+        fast_exp.set_enabled(False)  # DFLASH_FAST_EXP=0 on the CPU: mx.fast for every row count
+        assert attention.use_unfused(16) == attention._on_cuda() and not attention.use_unfused(1)
+        with pytest.raises(ValueError, match="attention mode"):
+            attention.set_mode("flash")
+        monkeypatch.setenv(attention.ENV, "unfused")
+        attention.set_mode(None)
+        assert attention.mode() == "unfused"
+    finally:
+        attention.set_mode(None)
+        fast_exp.set_enabled(None)
+        monkeypatch.delenv(attention.ENV, raising=False)
+        attention.set_mode(None)

@@ -1,0 +1,126 @@
+"""Packed Q/K/V and gate/up projections: same logits and taps as the unfused model, unknown modules untouched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import make_prompt_cache
+from tiny_models import (
+    build_draft,
+    build_target,
+    draft_config,
+    plain_greedy,
+    target_config,
+)
+
+from engine.decode.drafters import DFlashDrafter
+from engine.decode.sampling import SamplingParams, TokenRng
+from engine.decode.speculative import SpeculativeDecoder
+from engine.model.fused import concat_linears, fuse_projections, is_fused
+from engine.model.target import Target
+from engine.runtime.config import EngineConfig
+from engine.runtime.serving_model import ServingModel
+
+PROMPT = [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 3, 2, 3, 8, 4]
+GDN = {
+    "linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4, "full_attention_interval": 2,
+}
+
+
+def pair(family: str, quantized: bool, **overrides: object) -> tuple[nn.Module, nn.Module]:
+    """Two identical tiny models; the second gets fused by the test."""
+    config = target_config(family, **overrides)
+    models = build_target(config, seed=1), build_target(config, seed=1)
+    if quantized:
+        for m in models:
+            nn.quantize(m, group_size=32, bits=4)
+    return models
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "q4"])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_fused_logits_equal_unfused(family: str, quantized: bool) -> None:
+    plain, fused = pair(family, quantized)
+    num_params = sum(v.size for _, v in tree_flatten(fused.parameters()))
+    assert fuse_projections(fused) == 4
+    layer = fused.model.layers[0]
+    assert is_fused(layer.self_attn) and is_fused(layer.mlp)
+    assert "q_proj" not in layer.self_attn and "gate_proj" not in layer.mlp
+    assert isinstance(layer.self_attn.qkv_proj, nn.QuantizedLinear if quantized else nn.Linear)
+    assert sum(v.size for _, v in tree_flatten(fused.parameters())) == num_params
+    ids = mx.array([PROMPT])
+    # through the cache too: a prompt, then one row, then a 4-row block (the verify shapes)
+    caches = [make_prompt_cache(plain), make_prompt_cache(fused)]
+    for chunk in (ids, ids[:, :1], ids[:, 2:6]):
+        want, got = plain(chunk, cache=caches[0]), fused(chunk, cache=caches[1])
+        assert mx.allclose(want, got, atol=1e-4, rtol=1e-4).item(), mx.abs(want - got).max().item()
+    assert fuse_projections(fused) == 0  # idempotent
+
+
+def test_fusion_composes_with_target_taps() -> None:
+    plain, fused = pair("qwen3", quantized=False)
+    ids = mx.array([PROMPT])
+    want_logits, want_taps = Target(plain, (1, 3))(ids, None, taps=True)
+    tapped = Target(fused, (1, 3))  # taps first, fusion second: both class swaps must hold
+    assert fuse_projections(fused) == 4
+    logits, taps = tapped(ids, None, taps=True)
+    assert mx.allclose(logits, want_logits, atol=1e-4).item() and mx.allclose(taps, want_taps, atol=1e-4).item()
+    tapped.close()
+    layer = fused.model.layers[1]
+    assert "_dflash_tap" not in layer.__dict__ and is_fused(layer.self_attn)
+    again_logits, again_taps = Target(fused, (1, 3))(ids, None, taps=True)  # fusion first, taps second
+    assert mx.allclose(again_taps, want_taps, atol=1e-4).item()
+
+
+def test_greedy_dflash_on_fused_target_equals_unfused_plain() -> None:
+    plain, fused = pair("llama", quantized=False, tie_word_embeddings=False)
+    want, _ = plain_greedy(plain, PROMPT, 24)
+    fuse_projections(fused)
+    config = target_config("llama")
+    target = Target(fused, draft_config(config).target_layer_ids)
+    decoder = SpeculativeDecoder(target, DFlashDrafter(build_draft(draft_config(config)), target), block_size=4)
+    out = [t for s in decoder.generate(PROMPT, SamplingParams(temperature=0.0), 24, TokenRng(0)) for t in s.tokens]
+    assert out == want
+
+
+def test_unknown_modules_are_left_untouched() -> None:
+    """qwen3_5: Gated DeltaNet layers and gated attention are skipped; its plain MLPs are fused."""
+    config = target_config("qwen3_5", tie_word_embeddings=False, **GDN)
+    plain, fused = build_target(config, seed=2), build_target(config, seed=2)
+    assert fuse_projections(fused) == 4
+    for layer in fused.language_model.model.layers:
+        assert is_fused(layer.mlp)
+        attention = layer.linear_attn if "linear_attn" in layer else layer.self_attn
+        assert not is_fused(attention)
+    assert "q_proj" in fused.language_model.model.layers[3].self_attn
+    ids = mx.array([PROMPT])
+    assert mx.allclose(plain(ids), fused(ids), atol=1e-4).item()
+
+
+def test_incompatible_projections_are_skipped() -> None:
+    _, model = pair("llama", quantized=False)
+    attn = model.model.layers[0].self_attn
+    attn.k_proj = nn.QuantizedLinear.from_linear(attn.k_proj, group_size=32, bits=8)  # mixed precision
+    assert concat_linears([attn.q_proj, attn.k_proj, attn.v_proj]) is None
+    q8 = nn.QuantizedLinear.from_linear(attn.v_proj, group_size=32, bits=8)
+    q4 = nn.QuantizedLinear.from_linear(attn.v_proj, group_size=32, bits=4)
+    assert concat_linears([q8, q4]) is None
+    assert fuse_projections(model) == 4
+    assert not is_fused(attn) and is_fused(model.model.layers[0].mlp) and is_fused(model.model.layers[1].self_attn)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_serving_model_fuses_unless_turned_off(monkeypatch: pytest.MonkeyPatch, fuse: bool) -> None:
+    import engine.model.loader
+
+    model = build_target(target_config("qwen3"))
+    loaded = engine.model.loader.LoadedModel(model, None, "tiny", Path("."), 2048, "tiny qwen3")
+    monkeypatch.setattr(engine.model.loader, "load_model", lambda spec, dequantize=None: loaded)
+    serving = ServingModel.load(EngineConfig(model="tiny", draft="none", fuse_projections=fuse))
+    assert serving.plain.model is model
+    assert is_fused(model.model.layers[0].self_attn) == fuse

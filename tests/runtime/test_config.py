@@ -1,0 +1,59 @@
+"""Config files: the shipped default equals the dataclass defaults; unknown keys are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.runtime.config import EngineConfig, ServerConfig, default_config_path
+from engine.runtime.pairs import load_pairs
+from server.__main__ import build_config, parse_args
+
+
+def test_default_file_matches_dataclass_defaults() -> None:
+    assert ServerConfig.from_file(default_config_path()) == ServerConfig()
+
+
+@pytest.mark.parametrize("text,where", [("colour = 1", "'colour'"), ("[engine]\nmodle = 'x'", "engine.'modle'")])
+def test_unknown_keys_rejected(tmp_path: Path, text: str, where: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"unknown config key {where}"):
+        ServerConfig.from_file(path)
+
+
+def test_bad_values_rejected() -> None:
+    with pytest.raises(ValueError, match="block_size"):
+        EngineConfig(block_size=1)
+    with pytest.raises(ValueError, match="port"):
+        ServerConfig(port=70000)
+
+
+def test_cli_overrides_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("port = 9000\n[engine]\nblock_size = 8\n")
+    config = build_config(parse_args(["--config", str(path), "--host", "0.0.0.0", "--no-draft"]))
+    assert (config.host, config.port, config.engine.block_size, config.engine.draft) == ("0.0.0.0", 9000, 8, "none")
+    config = build_config(parse_args(["--config", str(path), "--draft", "/x", "--block-size", "4"]))
+    assert (config.engine.draft, config.engine.block_size) == ("/x", 4)
+    assert config.engine.fuse_projections  # not given: the file's (default) value stands
+    assert not build_config(parse_args(["--config", str(path), "--no-fuse-projections"])).engine.fuse_projections
+
+
+def test_known_pairs() -> None:
+    pairs = load_pairs()
+    assert pairs["qwen3-8b"].draft == "z-lab/Qwen3-8B-DFlash-b16"
+    assert pairs["smollm2-135m"].draft_spec.endswith("engine/drafts/smollm2-135m-instruct-dflash")
+
+
+def test_reliability_and_security_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = build_config(parse_args(["--drain-timeout", "5", "--allowed-hosts", "box.lan, api.internal",
+                                      "--cors-origins", "http://localhost:3000"]))
+    assert config.drain_timeout_seconds == 5 and config.allowed_hosts == ("box.lan", "api.internal")
+    assert config.cors_origins == ("http://localhost:3000",)
+    monkeypatch.setenv("DFLASH_ALLOWED_HOSTS", "dflash,localhost")
+    assert build_config(parse_args([])).allowed_hosts == ("dflash", "localhost")
+    assert build_config(parse_args(["--allowed-hosts", "*"])).allowed_hosts == ("*",)
+    with pytest.raises(ValueError, match="drain_timeout_seconds"):
+        ServerConfig(drain_timeout_seconds=-1)
