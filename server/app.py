@@ -23,7 +23,7 @@ from engine.runtime.request import FinishReason, RequestOutput
 from engine.runtime.request import Request as EngineRequest
 from engine.runtime.scheduler import EngineBusy
 from server.chat_output import ChatOutput
-from server.chat_template import load_chat_template, supports_tools, thinks
+from server.chat_template import load_chat_template, supports_tools, thinks, tool_history_as_text
 from server.drain import Drain, DrainMiddleware
 from server.errors import OpenAIError, error_body, install_error_handlers
 from server.metrics import Metrics, MetricsMiddleware
@@ -42,6 +42,7 @@ log = logging.getLogger("dflash.server")
 T = TypeVar("T")
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions endpoint
+TOOLS_IGNORED_HEADER = "x-dflash-tools-ignored"
 
 
 def create_app(config: ServerConfig, engine: AsyncEngine) -> FastAPI:
@@ -100,6 +101,7 @@ class Routes:
         self.started = started
         self._token_text: TokenText | None = None
         self._chat_template = load_chat_template(config.chat_template)
+        self._warned_tools = False  # the tools-left-out warning is logged once per process
 
     # --- helpers -----------------------------------------------------------------------
     @property
@@ -175,7 +177,7 @@ class Routes:
         except EngineDead as e:
             raise OpenAIError(503, f"the engine is down: {e}", type="server_error") from None
 
-    def stream(self, events: AsyncIterator[dict[str, Any]]) -> EventSourceResponse:
+    def stream(self, events: AsyncIterator[dict[str, Any]], headers: dict[str, str] | None = None) -> EventSourceResponse:
         async def framed() -> AsyncIterator[dict[str, str]]:
             try:
                 async for event in events:
@@ -187,7 +189,7 @@ class Routes:
             yield {"data": "[DONE]"}
 
         return EventSourceResponse(framed(), ping=self.config.keepalive_seconds, sep="\n",
-                                   headers={"X-Accel-Buffering": "no", "Cache-Control": "no-cache"})
+                                   headers={"X-Accel-Buffering": "no", "Cache-Control": "no-cache", **(headers or {})})
 
     # --- routes ------------------------------------------------------------------------
     async def health(self) -> JSONResponse:
@@ -217,39 +219,63 @@ class Routes:
 
     async def chat(self, body: ChatCompletionRequest, raw: Request) -> Response:
         self.check_model(body.model)
-        prompt_ids = self.render_chat(body)
+        renders_tools = self.renders_tools(body)
+        prompt_ids = self.render_chat(body, renders_tools)
         params = self.sampling_params(body, body.logprobs, body.top_logprobs or 0)
         request = self.make_request(body, prompt_ids, body.token_limit, self.config.engine.default_max_tokens, params)
         envelope = Envelope("chat", self.model_name)
-        output = self.chat_output(body, prompt_ids)
+        output = self.chat_output(body, prompt_ids, renders_tools)
         outputs = self.submit(request)
+        # the client sent tools that this template cannot show the model: say so, as a header
+        headers = {TOOLS_IGNORED_HEADER: "true"} if body.uses_tools and not renders_tools else {}
         if body.stream:
-            return self.stream(self.chat_chunks(envelope, outputs, body, output))
-        return await with_cancellation(raw, self.chat_response(envelope, outputs, body, output))
+            return self.stream(self.chat_chunks(envelope, outputs, body, output), headers)
+        result = await with_cancellation(raw, self.chat_response(envelope, outputs, body, output))
+        return result if isinstance(result, Response) else JSONResponse(result, headers=headers)
 
-    def render_chat(self, body: ChatCompletionRequest) -> list[int]:
+    def renders_tools(self, body: ChatCompletionRequest) -> bool:
+        """Whether the request's tools go into the prompt; a forced call the template cannot render is a 400.
+
+        Chat UIs (Open WebUI's native mode) send their tools with every chat whatever the model, as
+        mlx_lm.server and llama.cpp answer them: with tool_choice auto or none they are left out here.
+        """
+        if not body.uses_tools:
+            return False
+        if supports_tools(self.chat_template):
+            return True
+        if body.forces_tool_call:
+            raise OpenAIError(400, f"tool_choice {json.dumps(body.tool_choice)} forces a tool call, but this model's "
+                              "chat template does not support tools: send tool_choice \"auto\" or \"none\", or start "
+                              "the server with a --chat-template that renders tools", param="tool_choice")
+        if not self._warned_tools:
+            self._warned_tools = True
+            log.warning("this model's chat template does not support tools: requests' tools are left out of the "
+                        "prompt (responses carry %s: true); --chat-template can supply one that renders them",
+                        TOOLS_IGNORED_HEADER)
+        return False
+
+    def render_chat(self, body: ChatCompletionRequest, renders_tools: bool) -> list[int]:
         tokenizer = self.served.tokenizer
         kwargs = dict(body.chat_template_kwargs or {})
-        if body.uses_tools:
-            if not supports_tools(self.chat_template):
-                raise OpenAIError(400, "this model's chat template does not support tools: send the request without "
-                                  "`tools` (or with tool_choice \"none\"), or start the server with a --chat-template "
-                                  "that renders them", param="tools")
+        messages = [m.for_template() for m in body.messages]
+        if renders_tools:
             kwargs["tools"] = body.tools
+        elif not supports_tools(self.chat_template):  # an earlier tool exchange, as plain turns
+            messages = tool_history_as_text(messages)
         if body.continue_final_message:  # assistant prefill: the reply continues the last message
             kwargs["continue_final_message"] = True
         try:
-            return tokenizer.apply_chat_template([m.for_template() for m in body.messages], chat_template=self._chat_template,
+            return tokenizer.apply_chat_template(messages, chat_template=self._chat_template,
                                                  add_generation_prompt=body.generation_prompt, **kwargs)
         except Exception as e:  # a template error is the request's fault (roles, kwargs)
             raise OpenAIError(400, f"cannot apply the chat template: {e}", param="messages") from None
 
-    def chat_output(self, body: ChatCompletionRequest, prompt_ids: list[int]) -> ChatOutput:
+    def chat_output(self, body: ChatCompletionRequest, prompt_ids: list[int], renders_tools: bool) -> ChatOutput:
         mode = self.config.reasoning
         reasoning = mode == "on" or (mode == "auto" and thinks(self.chat_template))
         # some templates open <think> in the generation prompt: the reply starts mid-thought
         thinking = reasoning and self.served.tokenizer.decode(prompt_ids[-4:]).rstrip().endswith("<think>")
-        return ChatOutput(reasoning=reasoning, thinking=thinking, tools=body.uses_tools)
+        return ChatOutput(reasoning=reasoning, thinking=thinking, tools=renders_tools)
 
     async def chat_response(self, envelope: Envelope, outputs: AsyncIterator[RequestOutput],
                             body: ChatCompletionRequest, output: ChatOutput) -> dict[str, Any]:

@@ -150,6 +150,15 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False  # assistant prefill: continue the last (assistant) message
 
+    @field_validator("tool_choice")
+    @classmethod
+    def check_tool_choice(cls, choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if isinstance(choice, str) and choice not in ("auto", "none", "required"):
+            raise ValueError(f"tool_choice must be \"auto\", \"none\", \"required\" or a function, got {choice!r}")
+        if isinstance(choice, dict) and not isinstance((choice.get("function") or {}).get("name"), str):
+            raise ValueError('a tool_choice object names its function: {"type": "function", "function": {"name": ...}}')
+        return choice
+
     @model_validator(mode="after")
     def check_combinations(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
@@ -168,6 +177,11 @@ class ChatCompletionRequest(SamplingFields):
     @property
     def uses_tools(self) -> bool:
         return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def forces_tool_call(self) -> bool:
+        """tool_choice "required" or a named function: the reply must be a tool call."""
+        return self.uses_tools and (self.tool_choice == "required" or isinstance(self.tool_choice, dict))
 
     @property
     def token_limit(self) -> int | None:

@@ -167,7 +167,10 @@ BAD = [
     ({"messages": MSG, "stop": ["a"] * 40}, "stop"),
     ({"messages": MSG, "response_format": {"type": "json_object"}}, None),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
-    ({"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"},
+     "tool_choice"),
+    ({"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "sometimes"},
+     "tool_choice"),
     ({"messages": "hello"}, "messages"),
     ({}, "messages"),
 ]
@@ -190,13 +193,41 @@ def test_bad_completion_input_is_400(client: TestClient, body: dict) -> None:
     assert r.status_code == 400, r.text
 
 
-def test_tools_on_a_template_without_tools_say_what_to_do(client: TestClient) -> None:
+def test_tools_on_a_template_without_tools_are_left_out(client: TestClient) -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    plain = client.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 4, "temperature": 0})
+    for choice in (None, "auto", "none"):
+        body = {"messages": MSG, "tools": tools, "max_tokens": 4, "temperature": 0}
+        r = client.post("/v1/chat/completions", json=body if choice is None else {**body, "tool_choice": choice})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
+        assert r.json()["usage"]["prompt_tokens"] == plain.json()["usage"]["prompt_tokens"]  # the same prompt
+        assert r.headers.get("x-dflash-tools-ignored") == ("true" if choice != "none" else None)
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["x-dflash-tools-ignored"] == "true"
+        assert r.read().decode().rstrip().endswith("data: [DONE]")
+    assert plain.headers.get("x-dflash-tools-ignored") is None
+
+
+def test_a_forced_tool_call_on_a_template_without_tools_is_400(client: TestClient) -> None:
     tools = [{"type": "function", "function": {"name": "f"}}]
-    r = client.post("/v1/chat/completions", json={"messages": MSG, "tools": tools})
-    assert r.status_code == 400 and 'tool_choice "none"' in r.json()["error"]["message"]
-    assert "--chat-template" in r.json()["error"]["message"]
-    r = client.post("/v1/chat/completions", json={"messages": MSG, "tools": tools, "tool_choice": "none", "max_tokens": 2})
-    assert r.status_code == 200, r.text  # the fix the message offers works
+    for choice in ("required", {"type": "function", "function": {"name": "f"}}):
+        r = client.post("/v1/chat/completions", json={"messages": MSG, "tools": tools, "tool_choice": choice})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+        message = r.json()["error"]["message"]
+        assert "does not support tools" in message and '"auto"' in message and "--chat-template" in message
+
+
+def test_a_tool_exchange_in_history_renders_as_text_without_tool_support(client: TestClient) -> None:
+    history = [*MSG, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": '{"tz": "UTC"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "12:00"}]
+    r = client.post("/v1/chat/completions", json={"messages": history, "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200, r.text
+    text_turns = [*MSG, {"role": "assistant", "content": 'Called get_time({"tz": "UTC"})'},
+                  {"role": "user", "content": "Result from call_1:\n12:00"}]
+    same = client.post("/v1/chat/completions", json={"messages": text_turns, "max_tokens": 2, "temperature": 0})
+    assert r.json()["usage"]["prompt_tokens"] == same.json()["usage"]["prompt_tokens"]
 
 
 def test_malformed_json_and_non_object(client: TestClient) -> None:

@@ -62,6 +62,19 @@ def test_seed(client: OpenAI) -> None:
         client.chat.completions.create(**kw).choices[0].message.content
 
 
+def test_tools_get_a_normal_answer_from_the_embedded_model(server: LiveServer) -> None:
+    """Open WebUI's default (native function calling) sends its tools with every chat."""
+    tools = [{"type": "function", "function": {"name": "search_web", "description": "Search the web",
+                                               "parameters": {"type": "object", "properties": {"query": {"type": "string"}}}}}]
+    body = {"messages": HELLO, "tools": tools, **GREEDY}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.headers["x-dflash-tools-ignored"] == "true"
+    assert "Paris" in r.json()["choices"][0]["message"]["content"]
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "tool_choice": "required"}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+    assert server.logs().count("does not support tools") == 1  # logged once per process
+
+
 def test_no_progress_bars_in_a_log_file(server: LiveServer) -> None:
     logs = server.logs()  # stderr is a file here, not a terminal
     assert "dflash-server ready on" in logs
