@@ -3,7 +3,7 @@
 Greedy output does not depend on the verify width, so each prompt's answer is fixed, and so is
 what a block anchored at each of its positions would accept (engine/train/objective.anchor_runs).
 A cycle of width c at anchor a then accepts min(run[a], c) and costs forward(c + 1) + host (+ the
-draft's fixed and per-row cost when c > 0); a width-0 cycle after another costs a plain step (chained). Replaying engine/verify_width.VerifyWidth over that,
+draft's fixed and per-row cost when c > 0); a width-0 cycle after another costs a plain step (chained). Replaying engine/decode/verify_width.VerifyWidth over that,
 request after request as the bench sends them, compares controller policies in seconds and without
 timing noise; bench/bench.py measures the real thing.
 

@@ -1,9 +1,9 @@
 """Block attention as one CUDA kernel per layer (kernels/block_attention.cu), chosen at runtime.
 
-On MLX's CUDA backend a 2..64-row query block otherwise takes engine/model/attention.py's explicit
-composition: on an H200 (MLX 0.32.4) a 16-row SmolLM2-135M forward costs 10.6 ms with it against
-5.3 ms for mx.fast's fused attention at a key length seen before (and 47 ms at a new one, which
-every speculative cycle meets). The kernel takes any key length and strided K/V (a cache's prefix)
+On MLX's CUDA backend a 2..64-row query block otherwise takes the explicit composition
+(engine/backend/unfused_attention.py): on an H200 (MLX 0.32.4) a 16-row SmolLM2-135M forward costs
+5.7 ms with it and 4.9 ms with this kernel (bench/attention_shapes.py); mx.fast's fused attention
+takes 5.3 ms at a key length seen before and 47 ms at a new one, which every speculative cycle meets. The kernel takes any key length and strided K/V (a cache's prefix)
 without a per-shape plan. Whether it runs is decided per (device, dtype, head dim, heads, KV heads,
 causal) at first use: numerics against the float32 explicit composition, then speed against the
 explicit composition at a 16-row block over 512 keys; a kernel that is wrong or slower is never used.

@@ -5,9 +5,9 @@ mx.fast.scaled_dot_product_attention is the right call on Metal. On MLX's CUDA
 backend a multi-row query goes to a kernel planned per exact (query, key) shape: on an H200 (MLX
 0.32.4) a 16-row SmolLM2-135M forward took 47 ms at a key length never seen before and 5.3 ms at a
 repeated one, and the draft's forward 42 ms (bench/attention_shapes.py). The explicit composition
-below (two matmuls and a float32 softmax) has no per-shape setup: 10.6 ms and 1.8 ms in that run (5.7 ms
-and 1.4 ms in session 6's); engine/backend/attention_kernel.py does the same in one CUDA kernel launch per layer
-where its runtime check passes (4.9 ms and 1.5 ms there).
+(engine/backend/unfused_attention.py: two matmuls and a float32 softmax) has no per-shape setup: 5.7 ms
+and 1.4 ms; engine/backend/attention_kernel.py does the same in one CUDA kernel launch per layer
+where its runtime check passes (4.9 ms and 1.5 ms).
 On the CPU the explicit composition's softmax uses engine/backend/fast_exp.py (MLX's CPU exp is scalar): a
 16-row verify 172 -> 155 ms, decode rows unchanged (68 ms), so the CPU takes it for 1..64 rows.
 `DFLASH_ATTENTION` picks: auto (the kernel, else explicit, on CUDA for query blocks; explicit on the

@@ -272,7 +272,7 @@ class DraftAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """mlx-lm's qwen3 MLP (same parameter names) with engine/fast_exp's SwiGLU on the CPU."""
+    """mlx-lm's qwen3 MLP (same parameter names) with engine/backend/fast_exp's SwiGLU on the CPU."""
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()

@@ -35,7 +35,7 @@ def fuse_projections(model: nn.Module) -> int:
     """Fuse Q/K/V and gate/up of every recognised decoder layer of `model`, in place.
 
     Returns how many decoder layers had at least one module fused. Call it before any
-    `mx.compile` of the model and before layer swaps such as engine/verify_matmul.apply (it
+    `mx.compile` of the model and before layer swaps such as engine/backend/verify_matmul.apply (it
     packs plain nn.Linear / nn.QuantizedLinear only); calling it twice fuses nothing new.
     """
     fused_layers = 0

@@ -50,7 +50,7 @@ class TransposedEmbedding(nn.Module):
 def transpose_linears(model: nn.Module) -> int:
     """Swap every float32 nn.Linear / nn.Embedding of `model` for its transposed twin; returns how many.
 
-    Call it after engine/fused.fuse_projections (which packs plain nn.Linear layers) and before
+    Call it after engine/model/fused.fuse_projections (which packs plain nn.Linear layers) and before
     anything keeps a bound method of a swapped module (Target binds `embed_tokens.as_linear`).
     """
     swapped = 0
