@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
+import traceback
 from pathlib import Path
 
 DESCRIPTION = """\
@@ -114,7 +116,31 @@ def main(argv: list[str] | None = None) -> None:
     from server.graceful_server import serve
 
     engine = AsyncEngine(lambda: ServingModel.load(config.engine), max_waiting=config.engine.max_waiting)
+    try:
+        check_port(config.host, config.port)  # before a load that may take minutes
+        engine.load()  # before uvicorn: a failure is one line here, not a traceback from its lifespan
+    except Exception as e:
+        if config.log_level == "debug":
+            traceback.print_exc()
+        sys.exit(f"dflash-server: {one_line(e)}")
     serve(create_app(config, engine), config)
+
+
+def check_port(host: str, port: int) -> None:
+    """Bind and release the address uvicorn will bind, with its options, so a taken port fails fast."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}; stop what uses the port or pass "
+                          f"--port N") from None
+
+
+def one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())  # messages that wrap lines still print as one
+    return text if isinstance(error, (OSError, ValueError)) and text else f"{type(error).__name__}: {text}"
 
 
 if __name__ == "__main__":

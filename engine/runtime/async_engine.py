@@ -39,13 +39,19 @@ class AsyncEngine:
         self._closed = False  # set by abort_all: the server is shutting down
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
+        self._started = threading.Lock()  # held once the thread has been started
 
     # --- lifecycle ---------------------------------------------------------------------
-    async def start(self) -> None:
-        self._thread.start()
-        await asyncio.get_running_loop().run_in_executor(None, self._ready.wait)
+    def load(self) -> None:
+        """Start the MLX thread (once) and wait until the model is loaded; raises what loading raised."""
+        if self._started.acquire(blocking=False):
+            self._thread.start()
+        self._ready.wait()
         if self.error is not None:
             raise self.error
+
+    async def start(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.load)
 
     async def stop(self) -> None:
         self._stop.set()

@@ -134,12 +134,15 @@ def load_draft_for(path: str, loaded: object, load_draft: object) -> object:
     local = resolve_local_path(path)
     args = vars(loaded.model.args)
     args = {**args, **(args.get("text_config") or {})}  # multimodal families (qwen3_5) nest the LM's dims
-    return load_draft(
-        local,
-        target_hidden_size=args["hidden_size"],
-        target_vocab_size=args["vocab_size"],
-        target_num_layers=args["num_hidden_layers"],
-    )
+    try:
+        return load_draft(
+            local,
+            target_hidden_size=args["hidden_size"],
+            target_vocab_size=args["vocab_size"],
+            target_num_layers=args["num_hidden_layers"],
+        )
+    except ValueError as e:  # name the draft: the message alone may read as the target's fault
+        raise ValueError(f"draft {path}: {e}; pass another --draft, or --no-draft") from e
 
 
 def describe_backend() -> str:
