@@ -110,6 +110,9 @@ class DFlashDrafter:
         if params.is_greedy:
             return Proposal(mx.argmax(logits, axis=-1).astype(mx.int32), None)
         logprobs = filter_logprobs(logits, params)  # (k, V)
+        if rng.by_position:  # the target's own noise at these positions: a draft that agrees with q is kept
+            gumbel = rng.gumbel(anchor_position + 1, *logprobs.shape)
+            return Proposal(mx.argmax(logprobs + gumbel, axis=-1).astype(mx.int32), None)
         tokens = mx.random.categorical(logprobs, axis=-1, key=rng.next_key())
         return Proposal(tokens.astype(mx.int32), logprobs)
 

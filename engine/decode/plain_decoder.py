@@ -51,7 +51,8 @@ class PlainDecoder:
         def forward(token: mx.array, history: mx.array) -> tuple[mx.array, mx.array]:
             raw = self.model(token.reshape(1, -1), cache=cache)[:, -1, :]  # (1, V)
             # logprobs report the raw model distribution, as vLLM does by default
-            return sample(apply_processors(processors, history, raw), params, rng), raw
+            # the token sampled here takes sequence position history.size (the seeded noise's key)
+            return sample(apply_processors(processors, history, raw), params, rng, history.size), raw
 
         y, logits = forward(prompt, history)
         mx.async_eval(y)

@@ -67,18 +67,74 @@ class TokenLogprob(NamedTuple):
 
 @dataclass
 class TokenRng:
-    """Per-request random stream: a seeded request reproduces regardless of other traffic."""
+    """A request's randomness.
+
+    Position-keyed (the default, and always with a seed): the token at sequence position i is
+    argmax(log q_i + g(seed, i)) with Gumbel noise g that depends on the seed and i only. That is an
+    exact sample of q_i, and it is the same token whoever proposed it or how many random numbers
+    anything else drew, so speculative decoding verifies a sampled block by equality, as in greedy
+    decoding, and a seeded request returns the same text with or without the draft.
+    Otherwise a split key stream for rejection sampling (`by_position=False`).
+    """
 
     seed: int | None = None
+    by_position: bool = True
     _key: mx.array = field(init=False, repr=False)
+    _seed_hash: int = field(init=False, repr=False)
+    _noise: tuple[int, mx.array] | None = field(default=None, init=False, repr=False)  # (first position, rows)
 
     def __post_init__(self) -> None:
         seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little")
+        seed %= 1 << 64
         self._key = mx.random.key(seed % (1 << 63))
+        self._seed_hash = _hash32_int(seed & 0xFFFFFFFF ^ _hash32_int((seed >> 32) ^ 0x5BD1E995))
 
     def next_key(self) -> mx.array:
         self._key, sub = mx.random.split(self._key)
         return sub
+
+    def gumbel(self, first: int, rows: int, vocab: int) -> mx.array:
+        """(rows, vocab) float32 Gumbel noise for sequence positions first..first+rows-1, lazily.
+
+        The last block's noise is kept: a drafter and the verify forward after it ask for the same rows.
+        """
+        if self._noise is not None and self._noise[0] == first and self._noise[1].shape[0] >= rows \
+                and self._noise[1].shape[1] == vocab:
+            return self._noise[1][:rows]
+        noise = position_gumbel(self._seed_hash, first, rows, vocab)
+        self._noise = (first, noise)
+        return noise
+
+
+_M1, _M2, _GOLDEN = 0x7FEB352D, 0x846CA68B, 0x9E3779B9  # lowbias32's multipliers; 2^32 / phi
+
+
+def _hash32_int(x: int) -> int:
+    """lowbias32 (a 32-bit integer mixer), on the host."""
+    x &= 0xFFFFFFFF
+    x ^= x >> 16
+    x = x * _M1 & 0xFFFFFFFF
+    x ^= x >> 15
+    x = x * _M2 & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def _hash32(x: mx.array) -> mx.array:
+    """lowbias32 over a uint32 array: integer ops, so every backend gives the same bits."""
+    x = x ^ (x >> 16)
+    x = x * _M1
+    x = x ^ (x >> 15)
+    x = x * _M2
+    return x ^ (x >> 16)
+
+
+def position_gumbel(seed_hash: int, first: int, rows: int, vocab: int) -> mx.array:
+    """Gumbel(0, 1) noise g[r, v] = G(hash(seed, first + r, v)): (rows, vocab) float32."""
+    positions = mx.arange(first, first + rows, dtype=mx.uint32)
+    row_keys = _hash32(mx.array(seed_hash, dtype=mx.uint32) ^ _hash32(positions * _GOLDEN))  # (rows,)
+    bits = _hash32(row_keys[:, None] ^ _hash32(mx.arange(vocab, dtype=mx.uint32) + _GOLDEN))  # (rows, V)
+    uniform = ((bits >> 8).astype(mx.float32) + 0.5) * (1.0 / (1 << 24))  # 24 bits, open interval (0, 1)
+    return -mx.log(-mx.log(uniform))
 
 
 def filter_logprobs(logits: mx.array, params: SamplingParams) -> mx.array:
@@ -108,11 +164,14 @@ def filter_logprobs(logits: mx.array, params: SamplingParams) -> mx.array:
     return x - mx.logsumexp(x, axis=-1, keepdims=True)
 
 
-def sample(logits: mx.array, params: SamplingParams, rng: TokenRng) -> mx.array:
-    """logits: (N, V) -> (N,) token ids, lazily."""
+def sample(logits: mx.array, params: SamplingParams, rng: TokenRng, position: int) -> mx.array:
+    """logits: (N, V), row r choosing the token at sequence position `position + r` -> (N,) ids, lazily."""
     if params.is_greedy:
         return mx.argmax(logits, axis=-1)
-    return mx.random.categorical(filter_logprobs(logits, params), axis=-1, key=rng.next_key())
+    logprobs = filter_logprobs(logits, params)
+    if rng.by_position:
+        return mx.argmax(logprobs + rng.gumbel(position, *logprobs.shape), axis=-1)
+    return mx.random.categorical(logprobs, axis=-1, key=rng.next_key())
 
 
 def make_logits_processors(params: SamplingParams, num_prompt_tokens: int) -> list[LogitsProcessor]:

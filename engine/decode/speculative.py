@@ -38,26 +38,31 @@ def accept_draft(
     draft_logprobs: mx.array | None,
     params: SamplingParams,
     key: mx.array | None = None,
+    noise: mx.array | None = None,
 ) -> tuple[mx.array, mx.array]:
     """Decide, lazily, how much of a draft block to keep (the one acceptance function).
 
-    Names follow gpt-fast: p = draft probabilities, q = target probabilities (spec §2.1 names
-    them the other way round). Both go through `filter_logprobs`, so sampling stays exact for
-    the temperature/top-k/top-p/min-p-truncated target distribution.
-
     draft_tokens: (..., k). target_logits: (..., k+1, V); row i scores the token after draft i
-    (row 0 follows the anchor). draft_logprobs: (..., k, V), what each draft was sampled from,
-    or None for a deterministic proposal (p one-hot). Greedy params: longest prefix equal to the
-    target argmax. Returns (num_accepted a (...), next_token (...)): the committed tokens are
-    draft_tokens[..., :a] then next_token (the correction at the first rejection, or the bonus).
+    (row 0 follows the anchor). Returns (num_accepted a (...), next_token (...)): the committed
+    tokens are draft_tokens[..., :a] then next_token (the correction at the first rejection, or the bonus).
+
+    Greedy params: the target's token is its argmax. Position-keyed sampling (`noise`, (..., k+1, V)
+    Gumbel noise of the rows' sequence positions): the target's token is argmax(log q + noise), an exact
+    sample of q that does not depend on the draft. Either way a draft is kept while it equals the
+    target's token, and the target's token at the first mismatch is the correction.
+    Otherwise rejection sampling with `key` (names follow gpt-fast: p = draft probabilities,
+    q = target probabilities; spec §2.1 names them the other way round); draft_logprobs: (..., k, V),
+    what each draft was sampled from, or None for a deterministic proposal (p one-hot). Both p and q
+    go through `filter_logprobs`, so sampling stays exact for the truncated target distribution.
     """
     k = draft_tokens.shape[-1]
-    if params.is_greedy:
-        target_tokens = mx.argmax(target_logits, axis=-1).astype(mx.int32)  # (..., k+1)
+    if params.is_greedy or noise is not None:
+        scores = target_logits if params.is_greedy else filter_logprobs(target_logits, params) + noise
+        target_tokens = mx.argmax(scores, axis=-1).astype(mx.int32)  # (..., k+1)
         matches = (draft_tokens == target_tokens[..., :k]).astype(mx.int32)
         num_accepted = mx.cumprod(matches, axis=-1).sum(axis=-1)
         return num_accepted, mx.take_along_axis(target_tokens, num_accepted[..., None], axis=-1)[..., 0]
-    assert key is not None, "sampling needs a random key"
+    assert key is not None, "rejection sampling needs a random key"
     q = mx.exp(filter_logprobs(target_logits, params))  # (..., k+1, V)
     if draft_logprobs is None:
         p = (draft_tokens[..., None] == mx.arange(q.shape[-1])).astype(mx.float32)  # (..., k, V)
@@ -310,7 +315,7 @@ class SpeculativeDecoder:
                 yield DecodeStep([], None)
             start = stop
         last = logits[:, -1]  # (1, V)
-        first = sample(last, params, rng).astype(mx.int32)  # (1,)
+        first = sample(last, params, rng, len(prompt_ids)).astype(mx.int32)  # (1,)
         logprobs = self._logprobs(last, first, params)
         mx.eval(first, logprobs)
         prompt_taps = mx.concatenate(taps, axis=1) if taps else None  # (1, P, T*H)
@@ -335,6 +340,9 @@ class SpeculativeDecoder:
             width = block - 1 if self._width is None else self._width.choose()
         width = min(width, block - 1)
         clock = time.perf_counter()
+        position = self.target.cache_length(cache) + 1  # of the token after the anchor: verify row 0 samples it
+        # position-keyed sampling: made before the draft, which reads the same rows (TokenRng keeps them)
+        noise = None if params.is_greedy or not rng.by_position else rng.gumbel(position, width + 1, self.target.vocab_size)
         drafts, draft_logprobs = self._draft(new_tokens, new_taps, block - 1, width, params, rng)  # (k,)
         draft_s = self._split_sync(drafts, clock)
         clock = time.perf_counter()
@@ -344,12 +352,13 @@ class SpeculativeDecoder:
         logits, taps = self.target(verify_ids[None], cache, taps=self.drafter.needs_taps)
         logits = logits[0]  # (k+1, V)
         if drafts.size:
-            key = None if params.is_greedy else rng.next_key()
-            num_accepted, next_token = accept_draft(drafts, logits, draft_logprobs, params, key)
+            key = None if params.is_greedy or noise is not None else rng.next_key()
+            rows_noise = None if noise is None else noise[: drafts.shape[0] + 1]  # a drafter may propose fewer
+            num_accepted, next_token = accept_draft(drafts, logits, draft_logprobs, params, key, rows_noise)
             padded = mx.concatenate([drafts, next_token[None]])  # (k+1,)
             tokens = mx.where(mx.arange(padded.shape[0]) == num_accepted, next_token, padded)
         else:  # a plain step has nothing to accept: one sample, not the acceptance graph's dozen ops (GPU launches)
-            num_accepted, tokens = mx.array(0, dtype=mx.int32), sample(logits, params, rng).astype(mx.int32)  # (1,)
+            num_accepted, tokens = mx.array(0, dtype=mx.int32), sample(logits, params, rng, position).astype(mx.int32)
         logprobs = self._logprobs(logits, tokens, params)
         pending = [num_accepted, tokens, *(logprobs or ()), *([] if taps is None else [taps])]
         mx.async_eval(*pending)

@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=256, help="new tokens per prompt")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--time-limit", type=float, default=None, help="seconds; domains are interleaved, so all get covered")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampled acceptance")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--sampling", choices=["position", "rejection"], default="position",
+                   help="sampled runs: position-keyed Gumbel noise (the server's) or rejection sampling")
     p.add_argument("--output", type=Path, default=None, help="results JSON (default: DIR/eval.json)")
     p.set_defaults(func=cmd_eval)
     return parser
@@ -327,6 +331,7 @@ def eval_prompts(out: Path, domain: str, limit: int) -> list[Any]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from engine.decode.drafters import DFlashDrafter
+    from engine.decode.sampling import SamplingParams
     from engine.decode.speculative import SpeculativeDecoder
     from engine.model.draft import load_draft
     from engine.model.target import Target
@@ -344,12 +349,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
     start = time.perf_counter()
     prompts = {d: eval_prompts(args.out, d, args.limit) for d in domains}
-    results = evaluate_domains(decoder, loaded.tokenizer, prompts, args.max_tokens, time_limit=args.time_limit)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p)
+    results = evaluate_domains(decoder, loaded.tokenizer, prompts, args.max_tokens, time_limit=args.time_limit,
+                               params=params, by_position=args.sampling == "position")
     print(format_table(results))
     output = args.output or args.out / "eval.json"
     write_results(output, results, {"model_id": loaded.model_id, "draft": str(draft_dir), "block_size": args.block_size,
-                                    "max_tokens": args.max_tokens, "greedy": True, "target_dtype": args.target_dtype,
-                                    "seconds": time.perf_counter() - start})
+                                    "max_tokens": args.max_tokens, "greedy": params.is_greedy,
+                                    "temperature": args.temperature, "top_p": args.top_p,
+                                    "sampling": None if params.is_greedy else args.sampling,
+                                    "target_dtype": args.target_dtype, "seconds": time.perf_counter() - start})
     print(f"eval -> {output}")
     return 0
 

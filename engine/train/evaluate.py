@@ -1,4 +1,6 @@
-"""Acceptance of a trained draft, measured with the server's own SpeculativeDecoder (greedy).
+"""Acceptance of a trained draft, measured with the server's own SpeculativeDecoder.
+
+Greedy by default; with a temperature, sampled through position-keyed (Gumbel) or rejection sampling.
 
 τ (mean acceptance length) = (Σ accepted + #cycles) / #cycles over verify cycles, bonus included;
 per block position we report how often that draft token was accepted when it was drafted.
@@ -61,12 +63,16 @@ class DomainResult:
         }
 
 
+GREEDY = SamplingParams(temperature=0.0)
+
+
 def run_prompt(
-    decoder: Decoder, prompt_ids: list[int], eos: frozenset[int], max_tokens: int, result: DomainResult
+    decoder: Decoder, prompt_ids: list[int], eos: frozenset[int], max_tokens: int, result: DomainResult,
+    params: SamplingParams = GREEDY, rng: TokenRng | None = None,
 ) -> list[int]:
-    """Greedy-decode one prompt to EOS or max_tokens, recording every verify cycle."""
+    """Decode one prompt to EOS or max_tokens, recording every verify cycle."""
     out: list[int] = []
-    steps = decoder.generate(prompt_ids, SamplingParams(temperature=0.0), max_tokens, TokenRng(0))
+    steps = decoder.generate(prompt_ids, params, max_tokens, rng or TokenRng(0))
     try:
         for step in steps:
             if step.drafted:
@@ -93,7 +99,11 @@ def evaluate_domains(
     max_tokens: int,
     *,
     time_limit: float | None = None,
+    params: SamplingParams = GREEDY,
+    by_position: bool = True,
 ) -> list[DomainResult]:
+    """by_position: sampled runs use position-keyed noise (else rejection sampling); each prompt has its
+    own seed (its index), so two runs of one setting draw the same noise."""
     if getattr(decoder, "adaptive", False):
         raise ValueError("acceptance is measured at a fixed verify width: build the decoder with adaptive=False")
     results = {domain: DomainResult(domain) for domain in prompts}
@@ -101,13 +111,14 @@ def evaluate_domains(
     start = time.perf_counter()
     bar = progress_bar(total=len(order), desc="eval", unit="prompt")
     try:
-        for domain, prompt in order:
+        for index, (domain, prompt) in enumerate(order):
             if time_limit is not None and time.perf_counter() - start > time_limit:
                 break
             result = results[domain]
             ids = tokenizer.apply_chat_template(prompt.messages(), add_generation_prompt=True)
             clock = time.perf_counter()
-            result.tokens += len(run_prompt(decoder, ids, tokenizer.eos_token_ids, max_tokens, result))
+            rng = TokenRng(index, by_position=by_position)
+            result.tokens += len(run_prompt(decoder, ids, tokenizer.eos_token_ids, max_tokens, result, params, rng))
             result.seconds += time.perf_counter() - clock
             result.prompts += 1
             bar.update(1)

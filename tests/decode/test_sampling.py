@@ -14,6 +14,7 @@ from engine.decode.sampling import (
     apply_processors,
     filter_logprobs,
     make_logits_processors,
+    position_gumbel,
     sample,
     token_logprobs,
 )
@@ -49,28 +50,51 @@ def test_min_p_relative_to_top() -> None:
     assert np.all((p > 0) == (full >= 0.2 * full[0]))
 
 
-def test_seed_reproduces_and_differs() -> None:
+@pytest.mark.parametrize("by_position", [True, False])
+def test_seed_reproduces_and_differs(by_position: bool) -> None:
     params = SamplingParams(temperature=1.0, seed=7)
 
     def draw(seed: int) -> list[int]:
-        rng = TokenRng(seed)
-        return [sample(LOGITS, params, rng).item() for _ in range(40)]
+        rng = TokenRng(seed, by_position=by_position)
+        return [sample(LOGITS, params, rng, position).item() for position in range(40)]
 
     assert draw(7) == draw(7)
     assert draw(7) != draw(8)
 
 
-def test_sampling_frequencies_follow_distribution() -> None:
+def test_position_keyed_tokens_depend_on_seed_and_position_only() -> None:
+    params = SamplingParams(temperature=1.0)
+    rng = TokenRng(3)
+    ahead = [sample(LOGITS, params, rng, p).item() for p in range(50, 60)]
+    other = TokenRng(3)
+    sample(LOGITS, params, other, 7)  # draws made elsewhere do not move a position's token
+    block = sample(mx.broadcast_to(LOGITS, (10, LOGITS.shape[1])), params, other, 50).tolist()
+    assert block == ahead
+
+
+@pytest.mark.parametrize("by_position", [True, False])
+def test_sampling_frequencies_follow_distribution(by_position: bool) -> None:
     params = SamplingParams(temperature=0.8, top_k=4)
-    rng = TokenRng(0)
-    logits = mx.broadcast_to(LOGITS, (20000, LOGITS.shape[1]))
-    draws = np.array(sample(logits, params, rng))
-    freq = np.bincount(draws, minlength=6) / len(draws)
-    np.testing.assert_allclose(freq, probs(params), atol=0.015)
+    rng = TokenRng(0, by_position=by_position)
+    n = 20000
+    logits = mx.broadcast_to(LOGITS, (n, LOGITS.shape[1]))
+    draws = np.array(sample(logits, params, rng, 1000))  # position-keyed: positions 1000..20999
+    counts = np.bincount(draws, minlength=6)
+    expected = probs(params) * n
+    kept = expected > 0
+    assert counts[~kept].sum() == 0  # top_k: nothing outside the kept set
+    chi2 = (((counts - expected) ** 2)[kept] / expected[kept]).sum()
+    assert chi2 < 16.27, (counts, expected)  # chi-square, 3 degrees of freedom, p = 0.001
+
+
+def test_position_gumbel_is_standard_gumbel() -> None:
+    g = np.array(position_gumbel(12345, 0, 64, 4096)).ravel()
+    assert abs(g.mean() - 0.5772) < 0.01 and abs(g.std() - np.pi / np.sqrt(6)) < 0.01
+    assert not np.array_equal(g[:4096], g[4096:8192])  # rows differ
 
 
 def test_greedy_is_argmax() -> None:
-    assert sample(LOGITS, SamplingParams(temperature=0), TokenRng(0)).item() == 0
+    assert sample(LOGITS, SamplingParams(temperature=0), TokenRng(0), 0).item() == 0
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(min_p=2),

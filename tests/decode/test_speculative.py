@@ -26,6 +26,7 @@ from tiny_models import (
 
 from engine.decode.decoder import DecodeStep
 from engine.decode.drafters import DFlashDrafter, NgramDrafter, OracleDrafter, Proposal
+from engine.decode.plain_decoder import PlainDecoder
 from engine.decode.sampling import (
     SamplingParams,
     TokenRng,
@@ -312,7 +313,8 @@ def test_one_sync_per_cycle_and_timing_modes(varied: Varied) -> None:
 # --- lossless sampling ---------------------------------------------------------------------
 
 
-def test_sampling_dflash_follows_the_truncated_target() -> None:
+@pytest.mark.parametrize("by_position", [True, False])
+def test_sampling_dflash_follows_the_truncated_target(by_position: bool) -> None:
     """Chi-square over the first three tokens (V=8): the joint law equals the target's.
 
     A wiring check of the whole path (draft q, verify rows, rng use); the statistical power
@@ -341,13 +343,95 @@ def test_sampling_dflash_follows_the_truncated_target() -> None:
     counts: Counter = Counter()
     accepted = 0
     for seed in range(n):
-        out = [t for s in decoder.generate(prompt, params, 3, TokenRng(seed)) for t in s.tokens]
+        out = [t for s in decoder.generate(prompt, params, 3, TokenRng(seed, by_position=by_position)) for t in s.tokens]
         counts[tuple(out)] += 1
         accepted += decoder.stats.accepted
     target.close()
     stat, df = _chi2(counts, law, n)
     assert stat < _chi2_critical(df), (stat, df)
     assert accepted > n // 10  # drafts were kept often enough that both paths ran
+
+
+SEEDED = SamplingParams(temperature=0.9, top_p=0.95, seed=1234)
+
+
+def _seeded_plain(model: nn.Module, seed: int, max_tokens: int, params: SamplingParams = SEEDED) -> list[int]:
+    steps = PlainDecoder(model).generate(PROMPT, params, max_tokens, TokenRng(seed))
+    return [t for s in steps for t in s.tokens]
+
+
+@pytest.mark.parametrize("seed", [0, 1234])
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_seeded_sampling_equals_plain_whatever_the_drafter(varied: Varied, seed: int, block_size: int) -> None:
+    """Position-keyed sampling: the draft, the verify width and the block never change the text."""
+    cfg, model, _ = varied
+    ref = _seeded_plain(model, seed, 40)
+    assert len(set(ref)) > 4  # the seed samples, not a near-greedy path
+    dcfg = draft_config(cfg, block_size=block_size)
+    target = Target(model, dcfg.target_layer_ids)
+    oracle = OracleDrafter(ref, vocab_size=cfg["vocab_size"], wrong_at=[None, 0, 2, 5])
+    decoders = [
+        SpeculativeDecoder(target, DFlashDrafter(build_draft(dcfg, seed=2), target), block_size=block_size),
+        SpeculativeDecoder(target, DFlashDrafter(build_draft(dcfg, seed=2), target), block_size=block_size,
+                           adaptive=False),
+        SpeculativeDecoder(target, NgramDrafter(), block_size=block_size, adaptive=False),
+        SpeculativeDecoder(target, oracle, block_size=block_size, adaptive=False),
+    ]
+    for decoder in decoders:
+        for _ in range(2):  # the adaptive width moves between runs; the text does not
+            out, _ = _run(decoder, 40, SEEDED, seed)
+            assert out == ref, decoder.drafter.name
+    assert decoders[3].stats.accepted > 10  # the oracle's drafts were verified and kept
+    target.close()
+
+
+class RecordingRng(TokenRng):
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.calls: list[tuple[int, int]] = []
+
+    def gumbel(self, first: int, rows: int, vocab: int) -> mx.array:
+        self.calls.append((first, rows))
+        return super().gumbel(first, rows, vocab)
+
+
+def test_the_draft_proposes_with_the_noise_of_the_positions_it_drafts(varied: Varied) -> None:
+    """Each cycle the drafter reads the same sequence positions as the verify rows (else acceptance falls)."""
+    cfg, model, _ = varied
+    dcfg = draft_config(cfg, block_size=4)
+    target = Target(model, dcfg.target_layer_ids)
+    decoder = SpeculativeDecoder(target, DFlashDrafter(build_draft(dcfg, seed=2), target), block_size=4, adaptive=False)
+    rng = RecordingRng(7)
+    steps = [s for s in decoder.generate(PROMPT, SEEDED, 20, rng) if s.tokens]
+    target.close()
+    assert rng.calls[0] == (len(PROMPT), 1)  # the first token, after the prefill
+    verify, draft = rng.calls[1::2], rng.calls[2::2]  # per cycle: the verify's rows, then the drafter's
+    assert len(verify) == len(draft) > 3
+    assert all(v[0] == d[0] and d[1] == v[1] - 1 for v, d in zip(verify, draft))
+    emitted = [len(PROMPT) + sum(len(s.tokens) for s in steps[: i + 1]) for i in range(len(verify))]
+    assert [v[0] for v in verify] == emitted  # the token after the anchor, at its sequence position
+
+
+def test_seeded_sampling_with_logits_processors_reproduces(varied: Varied) -> None:
+    _, model, _ = varied
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=5, repetition_penalty=1.3, logit_bias=((3, 2.0),))
+    assert _seeded_plain(model, 5, 24, params) == _seeded_plain(model, 5, 24, params)
+    assert _seeded_plain(model, 5, 24, params) != _seeded_plain(model, 6, 24, params)
+
+
+def test_accept_with_position_noise_keeps_drafts_equal_to_the_targets_sample() -> None:
+    params = SamplingParams(temperature=1.0)
+    logits = mx.random.normal((5, 6), key=mx.random.key(0))
+    rng = TokenRng(9)
+    noise = rng.gumbel(100, 5, 6)
+    target_tokens = mx.argmax(filter_logprobs(logits, params) + noise, axis=-1).astype(mx.int32).tolist()
+    for wrong in range(4):
+        drafts = list(target_tokens[:4])
+        drafts[wrong] = (drafts[wrong] + 1) % 6
+        a, nxt = accept_draft(mx.array(drafts), logits, None, params, noise=noise)
+        assert (a.item(), nxt.item()) == (wrong, target_tokens[wrong])
+    a, nxt = accept_draft(mx.array(target_tokens[:4]), logits, None, params, noise=noise)
+    assert (a.item(), nxt.item()) == (4, target_tokens[4])  # all kept, then the bonus row's sample
 
 
 # --- logprobs, supports, drafters ----------------------------------------------------------

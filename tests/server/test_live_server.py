@@ -75,6 +75,22 @@ def test_tools_get_a_normal_answer_from_the_embedded_model(server: LiveServer) -
     assert server.logs().count("does not support tools") == 1  # logged once per process
 
 
+def test_seeded_requests_return_one_text_with_the_draft_equal_to_no_draft(server: LiveServer) -> None:
+    drafted = LiveServer()  # the default: the embedded model with its shipped DFlash draft
+    try:
+        body = {"messages": [{"role": "user", "content": "Write a short poem about the sea."}], "temperature": 0.9,
+                "top_p": 0.95, "seed": 1234, "max_tokens": 64}
+        replies = [httpx.post(f"{drafted.url}/v1/chat/completions", json=body, timeout=120).json() for _ in range(4)]
+    finally:
+        drafted.stop()
+    texts = {r["choices"][0]["message"]["content"] for r in replies}
+    assert len(texts) == 1, texts
+    assert all(r["usage"]["speculative"]["decoder"] == "speculative-dflash" for r in replies)
+    assert sum(r["usage"]["speculative"]["verify_steps"] for r in replies) > 0  # drafts were verified
+    plain = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120).json()
+    assert plain["choices"][0]["message"]["content"] in texts
+
+
 def test_no_progress_bars_in_a_log_file(server: LiveServer) -> None:
     logs = server.logs()  # stderr is a file here, not a terminal
     assert "dflash-server ready on" in logs
