@@ -2,18 +2,20 @@
 
 The mlx[cpu] wheel links a bundled reference BLAS (~4 GFLOP/s fp32 GEMM here). Preloading another
 makes MLX's `cblas_sgemm` calls resolve to it. A preload has to be in place before the dynamic
-linker loads libmlx, hence the re-exec. Two are known, and the faster one wins:
-- Intel MKL from the `mkl` wheel (a dependency on x86-64 Linux), with its GNU OpenMP threading
-  layer: on a 2-core Xeon (Sapphire Rapids) the SmolLM2-135M forward took 39.6 ms at 1 row and
-  86.9 ms at 16 rows (float32, transposed weights), a 512-token prefill 2.4 s;
-- OpenBLAS (Debian's libopenblas0-pthread): 53.4 ms, 141.5 ms and 4.3 s on the same box.
+linker loads libmlx, hence the re-exec. Two are known:
+- Intel MKL from the `mkl` wheel (a dependency on x86-64 Linux), with its GNU OpenMP threading layer;
+- OpenBLAS (Debian's libopenblas0-pthread).
+Which is faster depends on the CPU: on a 2-core Xeon (Sapphire Rapids) MKL decoded the embedded model
+at 22.5 tok/s against OpenBLAS's 17.5, on a 2-core AMD EPYC at 16.4 against 19.2. So where both are
+present the first start times both on decode- and verify-shaped matmuls, in child processes, and
+keeps the faster; the result is cached per machine (CPU model, core count, libraries, MLX version).
 
 Usage, first thing in a CLI entry point (before importing anything heavy):
 
     from engine.backend.blas import maybe_reexec_with_blas
     maybe_reexec_with_blas()        # may replace the process; returns if nothing to do
 
-DFLASH_BLAS=auto|mkl|openblas|none chooses (auto: MKL if found, else OpenBLAS);
+DFLASH_BLAS=auto|mkl|openblas|none chooses (auto: the faster of those found, by measurement);
 DFLASH_NO_OPENBLAS=1 is the older spelling of none.
 """
 
@@ -21,11 +23,13 @@ from __future__ import annotations
 
 import ctypes.util
 import importlib.metadata
+import json
 import logging
 import os
 import platform
+import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,6 +40,32 @@ OPT_OUT_ENV = "DFLASH_NO_OPENBLAS"
 REEXEC_MARKER_ENV = "DFLASH_OPENBLAS_REEXEC"
 # libmkl_rt's default layer needs Intel's libiomp5; GNU's libgomp ships with most Linux systems
 MKL_LAYER_ENV = "MKL_THREADING_LAYER"
+MEASURE_ROUNDS = 2
+REASON_ENV = "DFLASH_BLAS_REASON"  # why the re-exec'd process has its BLAS (for the startup banner)
+CACHE_ENV = "DFLASH_BLAS_CACHE"  # the per-machine measurement cache (default: ~/.cache/dflash-server/blas.json)
+# What a measurement times: SmolLM2-135M's matmuls (weights stored (in, out) as the CPU keeps them),
+# 5 layers and the LM head at 1 row (a decode step) and 16 rows (a verify block); score = 1 row + 16 rows / 3,
+# one verify every ~3 tokens. Printed as milliseconds by a child process with the BLAS preloaded.
+MEASURE_CODE = """
+import time, mlx.core as mx
+shapes = [(576, 960), (576, 576), (576, 3072), (1536, 576)] * 3 + [(576, 49152)]
+weights = [mx.random.normal((k, n)) for k, n in shapes]
+def step(rows):
+    xs = {k: mx.random.normal((rows, k)) for k in (576, 1536)}
+    mx.eval(xs)
+    def once():
+        mx.eval([xs[w.shape[0]] @ w for w in weights])
+    once()
+    best = float("inf")
+    for _ in range(4):
+        start = time.perf_counter()
+        for _ in range(3):
+            once()
+        best = min(best, (time.perf_counter() - start) / 3)
+    return best * 1e3
+mx.eval(weights)
+print(step(1) + step(16) / 3)
+"""
 
 log = logging.getLogger(__name__)
 
@@ -73,35 +103,141 @@ def find_mkl() -> Path | None:
     return next((c.resolve() for c in candidates if c.is_file()), None)
 
 
-def find_blas(environ: Mapping[str, str] = os.environ) -> Blas | None:
-    """The BLAS to preload as DFLASH_BLAS asks (auto: MKL, else OpenBLAS); None for none found or wanted."""
+class Choice(NamedTuple):
+    blas: Blas | None
+    reason: str
+
+
+def find_blas(environ: Mapping[str, str] = os.environ, *,
+              measure: Callable[[list[Blas]], Choice] | None = None) -> Blas | None:
+    """The BLAS to preload as DFLASH_BLAS asks; None for none found or wanted."""
+    return choose_blas(environ, measure=measure).blas
+
+
+def choose_blas(environ: Mapping[str, str] = os.environ, *,
+                measure: Callable[[list[Blas]], Choice] | None = None) -> Choice:
+    """The BLAS to preload and why: DFLASH_BLAS's choice, the only one found, or the faster by measurement."""
     choice = environ.get(CHOICE_ENV, "auto").strip().lower() or "auto"
     if choice not in CHOICES:
         raise ValueError(f"{CHOICE_ENV} must be one of {CHOICES}, got {choice!r}")
     if choice == "none" or environ.get(OPT_OUT_ENV):
-        return None
-    if choice in ("auto", "mkl") and (mkl := find_mkl()) is not None:
-        return Blas("mkl", mkl)
-    if choice in ("auto", "openblas") and (openblas := find_openblas()) is not None:
-        return Blas("openblas", openblas)
-    return None
+        return Choice(None, f"{CHOICE_ENV}=none")
+    found = [b for b in (mkl_blas(), openblas_blas()) if b is not None and choice in ("auto", b.name)]
+    if not found:
+        return Choice(None, "none found")
+    if choice != "auto":
+        return Choice(found[0], f"{CHOICE_ENV}={choice}")
+    if len(found) == 1:
+        return Choice(found[0], "the only one found")
+    return (measure or measured_choice)(found)
 
 
-def blas_reexec_env(environ: Mapping[str, str], blas: Blas | None, *, on_cpu: bool) -> dict[str, str] | None:
+def mkl_blas() -> Blas | None:
+    return None if (path := find_mkl()) is None else Blas("mkl", path)
+
+
+def openblas_blas() -> Blas | None:
+    return None if (path := find_openblas()) is None else Blas("openblas", path)
+
+
+def time_blas(blas: Blas) -> float:
+    """MEASURE_CODE's score in a child process with `blas` preloaded (inf if it fails)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", CHOICE_ENV, OPT_OUT_ENV)}
+    env.update({"LD_PRELOAD": str(blas.library), REEXEC_MARKER_ENV: "1"})
+    if blas.name == "mkl":
+        env.setdefault(MKL_LAYER_ENV, "GNU")
+    try:
+        done = subprocess.run([sys.executable, "-c", MEASURE_CODE], env=env, capture_output=True, text=True,
+                              timeout=120, check=True)
+        return float(done.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError) as e:
+        log.warning("timing %s failed: %s", blas.name, e)
+        return float("inf")
+
+
+def machine_key(candidates: list[Blas]) -> str:
+    """What a cached measurement is valid for: this CPU, these libraries, this MLX."""
+    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")),
+                 platform.processor() or platform.machine())
+    libraries = ",".join(f"{b.library}:{_size(b.library)}" for b in candidates)
+    try:
+        mlx_version = importlib.metadata.version("mlx")
+    except importlib.metadata.PackageNotFoundError:
+        mlx_version = "?"
+    return f"{model} x{os.cpu_count()} | {libraries} | mlx {mlx_version}"
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
+def cache_path(environ: Mapping[str, str] = os.environ) -> Path:
+    if environ.get(CACHE_ENV):
+        return Path(environ[CACHE_ENV])
+    base = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "dflash-server" / "blas.json"
+
+
+def measured_choice(candidates: list[Blas], *, timer: Callable[[Blas], float] = time_blas,
+                    path: Path | None = None) -> Choice:
+    """The faster of `candidates`, timed once per machine and cached."""
+    path = path or cache_path()
+    key = machine_key(candidates)
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    entry = cached.get(key) if isinstance(cached, dict) else None
+    how = f"cached in {path}"
+    if not isinstance(entry, dict) or set(entry) != {b.name for b in candidates}:
+        log.warning("timing %s once on this machine to pick the faster BLAS (cached in %s)",
+                    " and ".join(b.name for b in candidates), path)
+        entry = {b.name: float("inf") for b in candidates}
+        for _ in range(MEASURE_ROUNDS):  # alternated, best of each: a load that comes and goes hits both
+            entry = {b.name: min(entry[b.name], timer(b)) for b in candidates}
+        how = f"measured now, cached in {path}"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({**(cached if isinstance(cached, dict) else {}), key: entry}, indent=1))
+        except OSError as e:
+            how = f"measured now, not cached: {e}"
+    best = min(candidates, key=lambda b: entry[b.name])
+    times = ", ".join(f"{b.name} {entry[b.name]:.1f} ms" for b in candidates)
+    return Choice(best, f"the faster on this machine ({times} for decode- and verify-shaped matmuls; {how})")
+
+
+def blas_reexec_env(environ: Mapping[str, str], blas: Blas | None, *, on_cpu: bool,
+                    reason: str | None = None) -> dict[str, str] | None:
     """The environment to re-exec with, or None when no re-exec is wanted (pure; testable)."""
     if not sys.platform.startswith("linux") or not on_cpu or blas is None:
         return None
     if environ.get(REEXEC_MARKER_ENV):
         return None
-    preload = environ.get("LD_PRELOAD", "")
-    if any(name in preload for name in ("openblas", "libmkl_rt")):
+    if preloads_blas(environ):
         return None  # the user preloads a BLAS already
+    preload = environ.get("LD_PRELOAD", "")
     env = dict(environ)
     env["LD_PRELOAD"] = f"{blas.library}:{preload}" if preload else str(blas.library)
     if blas.name == "mkl":
         env.setdefault(MKL_LAYER_ENV, "GNU")
     env[REEXEC_MARKER_ENV] = "1"
+    if reason:
+        env[REASON_ENV] = reason
     return env
+
+
+def preloads_blas(environ: Mapping[str, str]) -> bool:
+    return any(name in environ.get("LD_PRELOAD", "") for name in ("openblas", "libmkl_rt"))
 
 
 def maybe_reexec_with_blas(argv: list[str] | None = None) -> None:
@@ -116,7 +252,10 @@ def maybe_reexec_with_blas(argv: list[str] | None = None) -> None:
     import mlx.core as mx
 
     on_cpu = mx.default_device() == mx.cpu
-    env = blas_reexec_env(os.environ, find_blas(), on_cpu=on_cpu)
+    if not on_cpu or os.environ.get(REEXEC_MARKER_ENV) or preloads_blas(os.environ):
+        return  # before choose_blas: nothing to time when nothing will be preloaded
+    choice = choose_blas()
+    env = blas_reexec_env(os.environ, choice.blas, on_cpu=on_cpu, reason=choice.reason)
     if env is None:
         return
     args = list(sys.orig_argv[1:] if argv is None else argv)
@@ -157,10 +296,11 @@ def blas_status() -> str:
     if loaded is not None:
         marker = "libmkl_rt" if loaded.name == "mkl" else "openblas"
         how = "preloaded" if marker in os.environ.get("LD_PRELOAD", "") else "linked"
+        why = f"; {os.environ[REASON_ENV]}" if os.environ.get(REASON_ENV) else ""
         if loaded.name == "mkl":
-            return f"MKL ({how}: {loaded.library}, {os.environ.get(MKL_LAYER_ENV, 'default')} threading)"
-        return f"OpenBLAS ({how}: {loaded.library})"
-    found = find_blas({k: v for k, v in os.environ.items() if k not in (CHOICE_ENV, OPT_OUT_ENV)})
+            return f"MKL ({how}: {loaded.library}, {os.environ.get(MKL_LAYER_ENV, 'default')} threading{why})"
+        return f"OpenBLAS ({how}: {loaded.library}{why})"
+    found = mkl_blas() or openblas_blas()
     if found is None:
         hint = "pip install mkl (x86-64) or apt-get install libopenblas0-pthread"
     elif os.environ.get(OPT_OUT_ENV) or os.environ.get(CHOICE_ENV, "").strip().lower() == "none":

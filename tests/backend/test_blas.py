@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,15 +11,21 @@ from pathlib import Path
 import pytest
 
 from engine.backend.blas import (
+    CACHE_ENV,
     CHOICE_ENV,
     MKL_LAYER_ENV,
     OPT_OUT_ENV,
+    REASON_ENV,
     REEXEC_MARKER_ENV,
     Blas,
+    Choice,
     blas_reexec_env,
     find_blas,
     find_mkl,
     find_openblas,
+    machine_key,
+    measured_choice,
+    time_blas,
 )
 
 OPENBLAS = Blas("openblas", Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"))
@@ -48,16 +55,46 @@ def test_reexec_env_decision() -> None:
 def test_choice_follows_the_environment() -> None:
     mkl, openblas = find_mkl(), find_openblas()
     assert find_blas({CHOICE_ENV: "none"}) is None and find_blas({OPT_OUT_ENV: "1"}) is None
-    auto = find_blas({})
-    assert auto == (Blas("mkl", mkl) if mkl else Blas("openblas", openblas) if openblas else None)
+    slower_mkl = lambda found: Choice(next(b for b in found if b.name == "openblas"), "test")  # noqa: E731
+    auto = find_blas({}, measure=slower_mkl)
+    assert auto == (Blas("openblas", openblas) if openblas else Blas("mkl", mkl) if mkl else None)
     assert find_blas({CHOICE_ENV: "openblas"}) == (Blas("openblas", openblas) if openblas else None)
     assert find_blas({CHOICE_ENV: "MKL"}) == (Blas("mkl", mkl) if mkl else None)
     with pytest.raises(ValueError, match=CHOICE_ENV):
         find_blas({CHOICE_ENV: "atlas"})
 
 
+def test_the_faster_blas_is_measured_once_per_machine_and_cached(tmp_path: Path) -> None:
+    times = {"mkl": 30.0, "openblas": 20.0}
+    calls: list[str] = []
+
+    def timer(blas: Blas) -> float:
+        calls.append(blas.name)
+        return times[blas.name]
+
+    cache = tmp_path / "blas.json"
+    choice = measured_choice([MKL, OPENBLAS], timer=timer, path=cache)
+    assert choice.blas == OPENBLAS and "mkl 30.0 ms, openblas 20.0 ms" in choice.reason and "measured now" in choice.reason
+    assert calls == ["mkl", "openblas"] * 2  # alternated, so a passing load hits both
+    times["openblas"] = 99.0  # cached: not measured again
+    again = measured_choice([MKL, OPENBLAS], timer=timer, path=cache)
+    assert again.blas == OPENBLAS and len(calls) == 4 and f"cached in {cache}" in again.reason
+    other = Blas("openblas", tmp_path / "another-libblas.so")  # another library: a new measurement
+    assert measured_choice([MKL, other], timer=timer, path=cache).blas == MKL and len(calls) == 8
+
+
+def test_a_failed_timing_loses(tmp_path: Path) -> None:
+    timer = lambda blas: float("inf") if blas.name == "mkl" else 50.0  # noqa: E731
+    assert measured_choice([MKL, OPENBLAS], timer=timer, path=tmp_path / "c.json").blas == OPENBLAS
+
+
+@pytest.mark.skipif(find_openblas() is None, reason="no system OpenBLAS (apt-get install libopenblas0-pthread)")
+def test_timing_a_real_blas_in_a_child_process() -> None:
+    assert 0 < time_blas(Blas("openblas", find_openblas())) < 1e4
+
+
 def run_child(**env: str) -> str:
-    drop = ("LD_PRELOAD", OPT_OUT_ENV, REEXEC_MARKER_ENV, CHOICE_ENV, MKL_LAYER_ENV)
+    drop = ("LD_PRELOAD", OPT_OUT_ENV, REEXEC_MARKER_ENV, CHOICE_ENV, MKL_LAYER_ENV, REASON_ENV)
     clean = {k: v for k, v in os.environ.items() if k not in drop}
     done = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env={**clean, **env},
                           capture_output=True, text=True, timeout=60, check=True)
@@ -72,5 +109,16 @@ def test_reexec_preloads_openblas() -> None:
 
 
 @pytest.mark.skipif(find_mkl() is None, reason="no mkl wheel (x86-64 Linux) or no libgomp")
-def test_reexec_preloads_mkl_by_default() -> None:
-    assert run_child().startswith("MKL (preloaded") and "GNU threading" in run_child()
+def test_reexec_preloads_mkl_when_asked() -> None:
+    status = run_child(**{CHOICE_ENV: "mkl"})
+    assert status.startswith("MKL (preloaded") and "GNU threading" in status
+
+
+@pytest.mark.skipif(find_mkl() is None or find_openblas() is None, reason="needs both MKL and OpenBLAS")
+def test_reexec_preloads_the_faster_and_says_why(tmp_path: Path) -> None:
+    found = [Blas("mkl", find_mkl()), Blas("openblas", find_openblas())]
+    for faster, label in (("mkl", "MKL (preloaded"), ("openblas", "OpenBLAS (preloaded")):
+        cache = tmp_path / f"{faster}.json"
+        cache.write_text(json.dumps({machine_key(found): {b.name: 1.0 if b.name == faster else 2.0 for b in found}}))
+        status = run_child(**{CACHE_ENV: str(cache)})
+        assert status.startswith(label) and "the faster on this machine" in status and str(cache) in status
