@@ -2,6 +2,7 @@
 
     python bench/regime.py --shape qwen3-8b --bits 4          # on a GPU (a random 8B target is 16 GB in bf16)
     python bench/regime.py --shape tiny                         # a smoke run anywhere
+    python bench/regime.py --shape qwen3-8b --verify-gemm       # A/B: dense verify-width kernels paused / active
 
 A random target has no draft that predicts it, so acceptance comes from an oracle: the draft's
 forward (a random DFlash draft of the published 8B-class shape, 5 layers at the target's width)
@@ -12,6 +13,12 @@ mlx-lm's generate loop, plain decoding and the speculative decoder (adaptive and
 acceptance setting. A random bf16 target's logits are nearly flat, so near ties flip between runs on
 a GPU and the continuation the oracle proposes can drift from a later run's output: τ is reported
 as measured (it can fall short of the setting's), and the speed at that τ is real.
+
+The target is prepared as the server prepares it: on a GPU, engine/backend/verify_matmul.apply swaps
+its layers for the verify-width ones (engine/backend/verify_gemm.py for float weights) and the runtime
+check picks kernel or MLX per layer shape. `--verify-gemm` also swaps the draft's layers and measures
+everything twice in this process, interleaved, with the dense kernels paused ("mlx": MLX's matmul
+everywhere) and active ("gemm": where the check chose them), and prints the check's decisions.
 """
 
 from __future__ import annotations
@@ -129,6 +136,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--wrong-at", default="3,5,7,None", help="comma list: block position the oracle corrupts")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--verify-gemm", action="store_true",
+                        help="A/B the dense verify-width kernels (target and draft) in this process")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     maybe_reexec_with_blas()
@@ -151,6 +160,7 @@ def main() -> None:
     if args.bits:
         nn.quantize(draft, group_size=64, bits=args.bits)
         mx.eval(draft.parameters())
+    states = gemm_states(draft) if args.verify_gemm else {"": lambda: None}
     target = Target(model, draft.config.target_layer_ids)
     params = sum(v.size for _, v in tree_flatten(model.parameters()))
     print(f"[regime] {args.shape} {f'{args.bits}-bit' if args.bits else dtype}, {prepared}; draft "
@@ -161,25 +171,32 @@ def main() -> None:
     cache = target.make_cache()
     _, taps = target(mx.array([prompt]), cache, taps=True)
     mx.eval(cache[0].state, taps)
-    curve = {}
-    for rows in (1, 2, 4, 8, 16):
+    curves: dict[str, dict[int, float]] = {label: {} for label in states}
+    for rows in (1, 2, 4, 8, 16, 32):
         def forward(rows: int = rows) -> None:
             mx.eval(target(mx.full((1, rows), 5, dtype=mx.int32), cache, taps=True))
             target.trim(cache, rows)
-        curve[rows] = median_ms(forward, 10)
+        for label, use in states.items():  # interleaved: the states see the same drift
+            use()
+            curves[label][rows] = median_ms(forward, 10)
     drafter = DFlashDrafter(draft, target)
     drafter.begin(prompt, taps)
     mx.eval(drafter.propose([prompt[-1]], None, 15, GREEDY, TokenRng(0)).tokens)
-    draft_ms = {}
+    drafts_ms: dict[str, dict[int, float]] = {label: {} for label in states}
     for keep in (1, 15):
         def propose(keep: int = keep) -> None:
             mx.eval(drafter.propose([prompt[-1]], taps[:, -1:], 15, GREEDY, TokenRng(0), keep=keep).tokens)
             for c in drafter._cache:
                 c.offset -= 1
-        draft_ms[keep] = median_ms(propose, 10)
+        for label, use in states.items():
+            use()
+            drafts_ms[label][keep] = median_ms(propose, 10)
     drafter.end()
-    print("[regime] target forward ms by rows " + ", ".join(f"{r}: {ms:.2f}" for r, ms in curve.items())
-          + f"; draft ms, 1 kept row {draft_ms[1]:.2f}, 15 {draft_ms[15]:.2f}", flush=True)
+    for label, curve in curves.items():
+        draft_ms = drafts_ms[label]
+        print(f"[regime]{f' [{label}]' if label else ''} target forward ms by rows "
+              + ", ".join(f"{r}: {ms:.2f}" for r, ms in curve.items())
+              + f"; draft ms, 1 kept row {draft_ms[1]:.2f}, 15 {draft_ms[15]:.2f}", flush=True)
 
     # the greedy continuation the oracle proposes, then decode speeds
     plain = PlainDecoder(model)
@@ -194,35 +211,77 @@ def main() -> None:
         return ([int(token)] for token, _ in steps)
 
     for round_ in range(args.rounds + 1):
-        measured = {"mlx_lm": decode_tps(mlx_lm_stream()),
-                    "plain": decode_tps(decoder_stream(plain, prompt, args.max_tokens))}
-        for wrong in settings:
-            for adaptive in (True, False):
-                oracle = OracleDrafter(continuation, vocab_size=target.vocab_size, wrong_at=[wrong])
-                spec = SpeculativeDecoder(target, CostedOracle(DFlashDrafter(draft, target), oracle), block_size=16,
-                                          adaptive=adaptive)
-                name = f"spec wrong@{wrong} {'adaptive' if adaptive else 'full'}"
-                measured[name] = decode_tps(decoder_stream(spec, prompt, args.max_tokens))
-                taus[name] = spec.stats.acceptance_length
+        measured = {}
+        for label, use in states.items():
+            use()
+            tag = f" [{label}]" if label else ""
+            measured["mlx_lm" + tag] = decode_tps(mlx_lm_stream())
+            measured["plain" + tag] = decode_tps(decoder_stream(plain, prompt, args.max_tokens))
+            for wrong in settings:
+                for adaptive in (True, False):
+                    oracle = OracleDrafter(continuation, vocab_size=target.vocab_size, wrong_at=[wrong])
+                    spec = SpeculativeDecoder(target, CostedOracle(DFlashDrafter(draft, target), oracle),
+                                              block_size=16, adaptive=adaptive)
+                    name = f"spec wrong@{wrong} {'adaptive' if adaptive else 'full'}{tag}"
+                    measured[name] = decode_tps(decoder_stream(spec, prompt, args.max_tokens))
+                    taus[name] = spec.stats.acceptance_length
         for name, (tokens, tps) in measured.items():
             # in bf16 a near tie can flip between kernels (1-row vs block, mlx-lm's attention vs ours)
             same[name] = same.get(name, True) and tokens == continuation[: len(tokens)]
             if round_:  # the first round warms up kernels, caches and the cost curve
                 rows.setdefault(name, []).append(tps)
-    base = statistics.fmean(rows["mlx_lm"])
-    plain_tps = statistics.fmean(rows["plain"])
-    print(f"\n{'method':<30} {'tok/s':>8} {'x mlx_lm':>9} {'x plain':>8} {'tau':>6}  same as plain")
+    first = next(iter(states))  # the baseline: MLX's matmul everywhere under --verify-gemm
+    base = statistics.fmean(rows["mlx_lm" + (f" [{first}]" if first else "")])
+    plain_tps = statistics.fmean(rows["plain" + (f" [{first}]" if first else "")])
+    print(f"\n{'method':<37} {'tok/s':>8} {'x mlx_lm':>9} {'x plain':>8} {'tau':>6}  same as plain")
     summary = {}
     for name, samples in rows.items():
         tps = statistics.fmean(samples)
         summary[name] = {"tok_s": tps, "x_mlx_lm": tps / base, "x_plain": tps / plain_tps, "tau": taus.get(name),
                          "same_as_plain": same[name]}
         tau = f"{taus[name]:6.2f}" if name in taus else f"{'-':>6}"
-        print(f"{name:<30} {tps:8.1f} {tps / base:9.2f} {tps / plain_tps:8.2f} {tau}  {same[name]}")
+        print(f"{name:<37} {tps:8.1f} {tps / base:9.2f} {tps / plain_tps:8.2f} {tau}  {same[name]}")
     if args.out:
         args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "prepared": prepared,
-                                        "target_params": params, "forward_ms": curve, "draft_ms": draft_ms,
+                                        "target_params": params, "forward_ms": curves.get("", curves),
+                                        "draft_ms": drafts_ms.get("", drafts_ms), "gemm_decisions": gemm_decisions(),
                                         "device": str(mx.default_device()), "summary": summary}, indent=1))
+
+
+def gemm_states(draft: nn.Module) -> dict[str, Callable[[], None]]:
+    """--verify-gemm: the draft's layers swapped too, the decisions printed, and the two states to A/B."""
+    from engine.backend.verify_gemm import default_verify_gemm
+    from engine.backend.verify_matmul import apply as use_verify_kernels
+
+    gemm = default_verify_gemm()
+    if gemm.kernel is None:
+        print(f"[regime] --verify-gemm: no dense kernel on {gemm.backend} (or DFLASH_VERIFY_KERNEL=0); "
+              "one state only", flush=True)
+        return {"": lambda: None}
+    start = time.perf_counter()
+    swapped = use_verify_kernels(draft)
+    print(f"[regime] draft: {swapped} layers swapped in {time.perf_counter() - start:.1f} s", flush=True)
+    for row in gemm_decisions():
+        print(f"[regime] gemm N={row['n']} K={row['k']} {row['dtype']} rows<={row['bucket']}: "
+              f"{'kernel ' + row['tiling'] if row['kernel'] else 'MLX'} ({row['reason']}; kernel "
+              f"{row['kernel_ms']:.4f} ms, MLX {row['mlx_ms']:.4f} ms)", flush=True)
+
+    def paused() -> None:
+        gemm.active = False
+
+    def active() -> None:
+        gemm.active = True
+
+    return {"mlx": paused, "gemm": active}
+
+
+def gemm_decisions() -> list[dict[str, Any]]:
+    from engine.backend.verify_gemm import default_verify_gemm
+
+    return [{"n": spec.n, "k": spec.k, "dtype": str(spec.dtype), "bucket": bucket, "kernel": d.tiling is not None,
+             "tiling": str(d.tiling), "kernel_ms": d.kernel_ms, "mlx_ms": d.reference_ms,
+             "max_rel_error": d.max_rel_error, "reason": d.reason}
+            for (spec, bucket), d in default_verify_gemm().decisions.items()]
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ Usage, once the target is loaded (on the MLX thread):
 
     from engine.backend import verify_matmul
     verify_matmul.apply(model)      # swaps QuantizedLinear/QuantizedEmbedding; returns the count
+
+apply() also swaps float nn.Linear / nn.Embedding layers for engine/backend/verify_gemm.py's dense twin
+where a GPU kernel exists for their dtype (kernels/verify_gemm.{cu,metal}).
 """
 
 from __future__ import annotations
@@ -22,12 +25,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
 from engine.backend.kernel_choice import SPEEDUP_MARGIN, pick_fastest
+
+if TYPE_CHECKING:
+    from engine.backend.verify_gemm import VerifyGemm
 
 log = logging.getLogger("dflash.verify_matmul")
 
@@ -320,6 +327,17 @@ def random_quantized(spec: QuantSpec, seed: int = 0) -> tuple[mx.array, mx.array
     return words, scales, biases
 
 
+def retyped(layer: nn.Module, cls: type, **attributes: object) -> nn.Module:
+    """`layer` as a `cls` (a subclass of its type): the same parameters and attributes, frozen state
+    included, without re-running __init__ (which would quantize or initialise a fresh random weight);
+    `attributes` that are not None are set beside them, outside the parameter tree."""
+    new = cls.__new__(cls)
+    new.__dict__.update(layer.__dict__)
+    dict.update(new, layer)
+    new.__dict__.update({name: value for name, value in attributes.items() if value is not None})
+    return new
+
+
 _DEFAULT: VerifyMatmul | None = None
 
 
@@ -347,14 +365,7 @@ class VerifyLayer:
 
     @classmethod
     def from_quantized(cls, layer: nn.Module, verify: VerifyMatmul | None = None) -> nn.Module:
-        # Same parameters and attributes (frozen state included) without re-running __init__,
-        # which would quantize a fresh random weight of the layer's size.
-        new = cls.__new__(cls)
-        new.__dict__.update(layer.__dict__)
-        dict.update(new, layer)
-        if verify is not None:
-            new.__dict__["verify"] = verify
-        return new
+        return retyped(layer, cls, verify=verify)
 
 
 class VerifyQuantizedLinear(VerifyLayer, nn.QuantizedLinear):
@@ -380,12 +391,16 @@ def swappable(module: object) -> bool:
             and module.bits in BITS and module.group_size in GROUP_SIZES)
 
 
-def apply(model: nn.Module, verify: VerifyMatmul | None = None, warm: bool = True) -> int:
-    """Swap the model's affine quantized layers for the verify-width ones; returns how many.
+def apply(model: nn.Module, verify: VerifyMatmul | None = None, warm: bool = True,
+          gemm: VerifyGemm | None = None) -> int:
+    """Swap the model's affine quantized layers, and its float ones where a dense kernel exists
+    (engine/backend/verify_gemm.apply_dense), for the verify-width ones; returns how many.
 
     With `warm`, the kernel decisions for every layer shape and row bucket are made now (at load
     time, outside any mx.compile trace) for the layers' own float dtype.
     """
+    from engine.backend.verify_gemm import apply_dense  # it imports this module
+
     verify = verify or default_verify_matmul()
     swapped: list[nn.Module] = []
 
@@ -405,4 +420,4 @@ def apply(model: nn.Module, verify: VerifyMatmul | None = None, warm: bool = Tru
                 verify.decide(spec, bucket)
     log.info("verify matmul: %d quantized layers swapped (%s, kernels %s)", len(swapped),
              verify.backend, "on" if verify.kernel is not None else "off")
-    return len(swapped)
+    return len(swapped) + apply_dense(model, gemm, warm)
