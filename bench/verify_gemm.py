@@ -35,10 +35,10 @@ from engine.backend import verify_gemm as vg  # noqa: E402
 
 # (input dims K, output dims N): Qwen3-8B's projections (32 query / 8 KV heads of 128), the packed
 # Q/K/V and gate/up projections engine/model/fused.py makes, the untied LM head, the draft's fc.
+# The target's own (packed) shapes first: what a timeout cuts short matters least.
 LAYERS: dict[str, tuple[int, int]] = {
-    "q/o": (4096, 4096), "k/v": (4096, 1024), "gate/up": (4096, 12288), "down": (12288, 4096),
-    "qkv fused": (4096, 6144), "gate_up fused": (4096, 24576), "lm_head": (4096, 151936),
-    "draft fc": (20480, 4096),
+    "qkv fused": (4096, 6144), "q/o": (4096, 4096), "gate_up fused": (4096, 24576), "down": (12288, 4096),
+    "lm_head": (4096, 151936), "draft fc": (20480, 4096), "k/v": (4096, 1024), "gate/up": (4096, 12288),
 }
 DTYPE = mx.bfloat16
 # CUDA tilings tried beside the shipped ones: deeper loads in flight, 2 weight tiles with 8 warps on K,
@@ -161,6 +161,7 @@ def main() -> None:
         k, n = LAYERS[name]
         report["layers"] += bench_layer(name, k, n, args.rows, gemm, args.calls, args.rounds, extra)
         mx.clear_cache()
+        Path(args.out).write_text(json.dumps(report, indent=1, default=str))  # what a timeout leaves
     print(f"sweep took {time.perf_counter() - start:.0f} s", flush=True)
     if gemm.kernel is not None and not args.no_decisions:
         report["decisions"] = decisions(gemm, args.layers)
