@@ -251,7 +251,7 @@ def main() -> None:
 def gemm_states(draft: nn.Module) -> dict[str, Callable[[], None]]:
     """--verify-gemm: the draft's layers swapped too, the decisions printed, and the two states to A/B."""
     from engine.backend.verify_gemm import default_verify_gemm
-    from engine.backend.verify_matmul import apply as use_verify_kernels
+    from engine.backend.verify_kernels import apply as use_verify_kernels
 
     gemm = default_verify_gemm()
     if gemm.kernel is None:
@@ -259,7 +259,7 @@ def gemm_states(draft: nn.Module) -> dict[str, Callable[[], None]]:
               "one state only", flush=True)
         return {"": lambda: None}
     start = time.perf_counter()
-    swapped = use_verify_kernels(draft)
+    swapped = use_verify_kernels(draft, confirm=False)  # the A/B below is the end-to-end check
     print(f"[regime] draft: {swapped} layers swapped in {time.perf_counter() - start:.1f} s", flush=True)
     for row in gemm_decisions():
         print(f"[regime] gemm N={row['n']} K={row['k']} {row['dtype']} rows<={row['bucket']}: "

@@ -12,8 +12,8 @@ Usage, once the target is loaded (on the MLX thread):
     from engine.backend import verify_matmul
     verify_matmul.apply(model)      # swaps QuantizedLinear/QuantizedEmbedding; returns the count
 
-apply() also swaps float nn.Linear / nn.Embedding layers for engine/backend/verify_gemm.py's dense twin
-where a GPU kernel exists for their dtype (kernels/verify_gemm.{cu,metal}).
+engine/backend/verify_kernels.apply does this and swaps float layers for engine/backend/verify_gemm.py's
+dense twin too.
 """
 
 from __future__ import annotations
@@ -25,16 +25,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
 from engine.backend.kernel_choice import SPEEDUP_MARGIN, pick_fastest
-
-if TYPE_CHECKING:
-    from engine.backend.verify_gemm import VerifyGemm
 
 log = logging.getLogger("dflash.verify_matmul")
 
@@ -391,16 +387,12 @@ def swappable(module: object) -> bool:
             and module.bits in BITS and module.group_size in GROUP_SIZES)
 
 
-def apply(model: nn.Module, verify: VerifyMatmul | None = None, warm: bool = True,
-          gemm: VerifyGemm | None = None) -> int:
-    """Swap the model's affine quantized layers, and its float ones where a dense kernel exists
-    (engine/backend/verify_gemm.apply_dense), for the verify-width ones; returns how many.
+def apply(model: nn.Module, verify: VerifyMatmul | None = None, warm: bool = True) -> int:
+    """Swap the model's affine quantized layers for the verify-width ones; returns how many.
 
     With `warm`, the kernel decisions for every layer shape and row bucket are made now (at load
-    time, outside any mx.compile trace) for the layers' own float dtype.
+    time, outside any mx.compile trace). engine/backend/verify_kernels.apply adds the dense layers.
     """
-    from engine.backend.verify_gemm import apply_dense  # it imports this module
-
     verify = verify or default_verify_matmul()
     swapped: list[nn.Module] = []
 
@@ -420,4 +412,4 @@ def apply(model: nn.Module, verify: VerifyMatmul | None = None, warm: bool = Tru
                 verify.decide(spec, bucket)
     log.info("verify matmul: %d quantized layers swapped (%s, kernels %s)", len(swapped),
              verify.backend, "on" if verify.kernel is not None else "off")
-    return len(swapped) + apply_dense(model, gemm, warm)
+    return len(swapped)

@@ -27,6 +27,7 @@ import pytest
 from simt_shim import C_TYPES, SHIM_CUDA, SHIM_METAL, round_to, stored_to_float
 
 from engine.backend import verify_gemm as vg
+from engine.backend import verify_kernels as vk
 from engine.backend import verify_matmul as vm
 
 # ---------------------------------------------------------------- kernel source on a CPU SIMT shim
@@ -425,7 +426,7 @@ def test_swap_keeps_logits(tie: bool, fuse: bool) -> None:
     gemm, kernel = fake_gemm()
     before = {rows: model(mx.arange(rows)[None] % 96) for rows in (1, 2, 9, 16, 32, 64)}
     names = [name for name, _ in nn.utils.tree_flatten(model.parameters())]
-    count = vm.apply(model, vm.VerifyMatmul(backend="cpu", enabled=True), gemm=gemm)
+    count = vk.apply(model, confirm=False, gemm=gemm, verify=vm.VerifyMatmul(backend="cpu", enabled=True))
     assert [name for name, _ in nn.utils.tree_flatten(model.parameters())] == names  # same parameter tree
     linears = 2 * (4 if fuse else 7)
     assert count == linears + 1 + (0 if tie else 1)  # the layers' projections, the embedding, the head
@@ -520,7 +521,7 @@ def test_device_swap_keeps_logits(dtype: mx.Dtype) -> None:
     gemm = vg.VerifyGemm(enabled=True)
     # force the kernel wherever it passes numerics: tiny layers cost what one row costs on a GPU
     gemm.timer = lambda fn: {"bucket_reference": 1.0, "one_row_reference": 0.3}.get(fn.__name__, 0.5)
-    assert vm.apply(model, gemm=gemm) == 2 * 7 + 2
+    assert vk.apply(model, confirm=False, gemm=gemm) == 2 * 7 + 2
     assert any(d.tiling is not None for d in gemm.decisions.values()), gemm.decisions
     for rows, logits in before.items():
         assert rel_close(model(mx.arange(rows)[None] % 96), logits, 5e-2), rows
@@ -533,3 +534,39 @@ def test_device_decision_for_an_8b_layer_is_logged_with_its_timings() -> None:
     decision = gemm.decide(spec, 16)
     assert decision.reference_ms > 0 and decision.reason
     print(f"gate_up 24576x4096 bf16, rows<=16: {decision}")
+
+
+class FakeClock:
+    """A clock that a forward advances by its own cost, so confirm_end_to_end's choice is deterministic."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("on_ms,off_ms,kept", [(9.0, 12.0, True), (12.8, 9.3, False), (9.2, 9.3, False)])
+def test_dense_kernels_stay_only_if_a_whole_forward_is_faster(on_ms: float, off_ms: float, kept: bool) -> None:
+    gemm = vg.VerifyGemm(backend="cpu", enabled=False)
+    clock = FakeClock()
+    seen: list[bool] = []
+
+    def forward() -> None:
+        seen.append(gemm.active)
+        clock.now += (on_ms if gemm.active else off_ms) / 1e3
+
+    report = vk.confirm_end_to_end(forward, gemm, reps=3, clock=clock)
+    assert gemm.active is kept and seen == [True, False] * 4  # interleaved, one warm-up round each
+    assert f"{on_ms:.2f} ms with them, {off_ms:.2f} ms without" in report
+
+
+def test_confirm_restores_the_kernels_when_the_forward_raises() -> None:
+    gemm = vg.VerifyGemm(backend="cpu", enabled=False)
+
+    def forward() -> None:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        vk.confirm_end_to_end(forward, gemm)
+    assert gemm.active
