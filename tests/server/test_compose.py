@@ -29,11 +29,18 @@ def env(service: dict[str, Any]) -> dict[str, str]:
     return dict(item.split("=", 1) for item in raw) if isinstance(raw, list) else {k: str(v) for k, v in raw.items()}
 
 
+def open_webui_version() -> str:
+    """The Open WebUI version that the browser test installs (tests/openwebui/setup.sh)."""
+    match = re.search(r"^OPEN_WEBUI_VERSION=([\d.]+)$", (ROOT / "tests/openwebui/setup.sh").read_text(), re.MULTILINE)
+    assert match, "tests/openwebui/setup.sh pins no OPEN_WEBUI_VERSION"
+    return match.group(1)
+
+
 def dockerfile_command(**env: str) -> list[str]:
     """The CMD as the container's shell runs it: ENV defaults, overridden by `env`."""
     text = (ROOT / "Dockerfile").read_text()
     (line,) = [l for l in text.splitlines() if l.startswith(("CMD", "ENTRYPOINT"))]
-    values = {k: json.loads(v) for k, v in re.findall(r'^ENV (\w+)=(".*")$', text, re.M)} | env
+    values = {k: json.loads(v) for k, v in re.findall(r'^ENV (\w+)=(".*")$', text, re.MULTILINE)} | env
     argv = json.loads(line.split(None, 1)[1])
     if argv[:2] == ["sh", "-c"]:
         argv = shlex.split(re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], argv[2]))
@@ -44,10 +51,11 @@ def test_services_ports_env_and_volume(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert set(services) == {"dflash", "open-webui"}
     webui = services["open-webui"]
-    assert webui["image"] == "ghcr.io/open-webui/open-webui:main" and "3000:8080" in webui["ports"]
+    assert webui["image"] == f"ghcr.io/open-webui/open-webui:v{open_webui_version()}" and "3000:8080" in webui["ports"]
     webui_env = env(webui)
     assert webui_env["OPENAI_API_BASE_URL"] == f"http://dflash:{ServerConfig().port}/v1"
     assert webui_env["ENABLE_OLLAMA_API"] == "false"
+    assert "DEFAULT_MODEL_PARAMS" not in webui_env  # Open WebUI's defaults (native function calling) work as they are
     assert "DFLASH_API_KEY" in webui_env["OPENAI_API_KEY"] == env(services["dflash"])["DFLASH_API_KEY"]
     assert "open-webui:/app/backend/data" in webui["volumes"] and "open-webui" in compose["volumes"]
     assert webui["depends_on"]["dflash"]["condition"] == "service_healthy"
