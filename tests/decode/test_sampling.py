@@ -122,3 +122,8 @@ def test_token_logprobs_are_log_softmax() -> None:
     assert math.isclose(chosen.item(), ref[2], rel_tol=1e-5)
     assert top_ids.tolist() == [[0, 1, 2]]
     np.testing.assert_allclose(np.array(top_lp)[0], ref[:3], rtol=1e-5)
+
+
+def test_seeded_requests_sample_by_position_and_unseeded_ones_by_rejection() -> None:
+    assert TokenRng(5).by_position and not TokenRng().by_position
+    assert TokenRng(by_position=True).by_position and not TokenRng(5, by_position=False).by_position
