@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Generator
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from engine.decode.sampling import SamplingParams, TokenLogprob, TokenRng
+
+if TYPE_CHECKING:
+    from engine.decode.prefix_cache import PrefixLease
 
 
 class DecodeStep(NamedTuple):
@@ -24,7 +27,9 @@ class Decoder(Protocol):
     The generator stops by itself after `max_tokens` tokens; the caller closes it early on
     EOS, stop strings or cancellation, so cleanup belongs in a `finally`.
     Each step must launch the device work of the next step before yielding (sync elision),
-    so that the caller's host bookkeeping overlaps with it.
+    so that the caller's host bookkeeping overlaps with it. With a `prefix` lease the decoder
+    restores the longest cached prefix of the prompt, prefills the rest, and offers its cache
+    when it ends (engine/decode/prefix_cache.py).
     """
 
     name: str
@@ -35,8 +40,17 @@ class Decoder(Protocol):
         params: SamplingParams,
         max_tokens: int,
         rng: TokenRng,
+        prefix: PrefixLease | None = None,
     ) -> Generator[DecodeStep, None, None]: ...
 
     def supports(self, params: SamplingParams) -> str | None:
         """None when this decoder honours `params` exactly, else the reason it cannot."""
         ...
+
+
+def prefill_spans(start: int, stop: int, chunk: int, cut: int | None = None) -> list[tuple[int, int]]:
+    """Chunks [start, stop) of at most `chunk` tokens; one ends exactly at `cut` when it lies inside."""
+    ends = list(range(start + chunk, stop, chunk)) + ([stop] if stop > start else [])
+    if cut is not None and start < cut < stop and cut not in ends:
+        ends = sorted([*ends, cut])
+    return list(zip([start, *ends[:-1]], ends))

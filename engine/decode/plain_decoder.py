@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Generator
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
-from engine.decode.decoder import DecodeStep
+from engine.decode.decoder import DecodeStep, prefill_spans
 from engine.decode.sampling import (
     SamplingParams,
     TokenRng,
@@ -18,6 +19,9 @@ from engine.decode.sampling import (
     to_token_logprobs,
     token_logprobs,
 )
+
+if TYPE_CHECKING:
+    from engine.decode.prefix_cache import PrefixLease
 
 
 class PlainDecoder:
@@ -31,21 +35,22 @@ class PlainDecoder:
         return None
 
     def generate(
-        self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, rng: TokenRng
+        self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, rng: TokenRng,
+        prefix: PrefixLease | None = None,
     ) -> Generator[DecodeStep, None, None]:
         if max_tokens <= 0:
             return
         cache = make_prompt_cache(self.model)
+        num_cached = 0 if prefix is None else prefix.restore(cache)[0]
         processors = make_logits_processors(params, len(prompt_ids))
         history = mx.array(prompt_ids, dtype=mx.int32)
-        prompt = history
-        # Empty steps between prefill chunks let the scheduler notice a cancel mid-prefill.
-        while prompt.size > 1:
-            chunk, prompt = prompt[: self.prefill_chunk], prompt[self.prefill_chunk :]
-            if prompt.size == 0:  # keep the last token for the first sampling step
-                chunk, prompt = chunk[:-1], chunk[-1:]
-            self.model(chunk[None], cache=cache)
+        # Empty steps between prefill chunks let the scheduler notice a cancel mid-prefill;
+        # the last token is kept for the first sampling step.
+        for start, stop in prefill_spans(num_cached, len(prompt_ids) - 1, self.prefill_chunk, prefix and prefix.cut):
+            self.model(history[None, start:stop], cache=cache)
             mx.eval([c.state for c in cache])
+            if prefix is not None:
+                prefix.reached(stop, cache)
             yield DecodeStep([], None)
 
         def forward(token: mx.array, history: mx.array) -> tuple[mx.array, mx.array]:
@@ -54,17 +59,26 @@ class PlainDecoder:
             # the token sampled here takes sequence position history.size (the seeded noise's key)
             return sample(apply_processors(processors, history, raw), params, rng, history.size), raw
 
-        y, logits = forward(prompt, history)
+        y, logits = forward(history[-1:], history)
         mx.async_eval(y)
-        for n in range(max_tokens):
-            history = mx.concatenate([history, y])
-            if n + 1 < max_tokens:
-                # queue the next forward before the host reads this token (sync elision)
-                next_y, next_logits = forward(y, history)
-                mx.async_eval(next_y)
-            yield DecodeStep([y.item()], self._logprobs(y, logits, params))
-            if n + 1 < max_tokens:
-                y, logits = next_y, next_logits
+        num_rows = len(prompt_ids)  # in the cache: the prompt, then each token fed back
+        try:
+            for n in range(max_tokens):
+                history = mx.concatenate([history, y])
+                if n + 1 < max_tokens:
+                    # queue the next forward before the host reads this token (sync elision)
+                    next_y, next_logits = forward(y, history)
+                    mx.async_eval(next_y)
+                    num_rows += 1
+                token = y.item()
+                if prefix is not None:
+                    prefix.record([token])
+                yield DecodeStep([token], self._logprobs(y, logits, params))
+                if n + 1 < max_tokens:
+                    y, logits = next_y, next_logits
+        finally:
+            if prefix is not None:
+                prefix.offer(cache, num_rows)
 
     @staticmethod
     def _logprobs(y: mx.array, logits: mx.array, params: SamplingParams) -> list | None:

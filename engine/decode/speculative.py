@@ -10,11 +10,11 @@ from __future__ import annotations
 import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import mlx.core as mx
 
-from engine.decode.decoder import DecodeStep
+from engine.decode.decoder import DecodeStep, prefill_spans
 from engine.decode.drafters import Drafter
 from engine.decode.sampling import (
     SamplingParams,
@@ -27,6 +27,9 @@ from engine.decode.sampling import (
 )
 from engine.decode.verify_width import CostCurve, VerifyWidth
 from engine.model.target import Target
+
+if TYPE_CHECKING:
+    from engine.decode.prefix_cache import PrefixLease
 
 PREFILL_CHUNK = 512
 TIMING_MODES = (None, "overlap", "split")
@@ -201,6 +204,7 @@ class SpeculativeDecoder:
         params: SamplingParams,
         max_tokens: int,
         rng: TokenRng,
+        prefix: PrefixLease | None = None,
     ) -> Generator[DecodeStep, None, None]:
         if reason := self.supports(params):
             raise ValueError(reason)
@@ -211,9 +215,13 @@ class SpeculativeDecoder:
         self.stats = SpecStats()
         cache = self.target.make_cache()
         launched: list[_Cycle] = []  # in flight, oldest first; two only while width-0 cycles chain
+        prefilled = False
         try:
-            first, first_logprobs, prompt_taps = yield from self._prefill(prompt_ids, cache, params, rng)
+            first, first_logprobs, prompt_taps = yield from self._prefill(prompt_ids, cache, params, rng, prefix)
+            prefilled = True
             self.drafter.begin(prompt_ids, prompt_taps)
+            if prefix is not None:
+                prefix.record([first], prompt_taps)
             if self.adaptive and self._width is None:
                 # one controller for the decoder's life: what it learned about the drafter and the
                 # costs carries over, so a useless drafter stays cheap from a request's first cycle
@@ -241,10 +249,12 @@ class SpeculativeDecoder:
                     f"target cache holds {self.target.cache_length(cache)} rows, {num_committed} committed "
                     f"and {in_flight} in flight"
                 )
+                new_taps = None if cycle.taps is None else cycle.taps[:, : accepted + 1]
+                if prefix is not None:
+                    prefix.record(tokens, new_taps)
                 tokens = tokens[: max_tokens - num_emitted]  # the block was sized to reach max_tokens
                 num_emitted += len(tokens)
                 if num_emitted < max_tokens and not launched:
-                    new_taps = None if cycle.taps is None else cycle.taps[:, : accepted + 1]
                     launched.append(self._launch(tokens, new_taps, max_tokens - num_emitted, cache, params, rng))
                 shown = min(accepted, len(tokens))
                 yield DecodeStep(
@@ -259,6 +269,8 @@ class SpeculativeDecoder:
                 self.target.trim(cache, pending.block)
             self.drafter.end()
             self._held = ([], [])
+            if prefix is not None and prefilled:
+                prefix.offer(cache, self.target.cache_length(cache))
 
     def _chain(
         self, cycle: _Cycle, launched: list[_Cycle], remaining: int, cache: list[Any], params: SamplingParams,
@@ -295,25 +307,31 @@ class SpeculativeDecoder:
                            draft_row_s=draft_row_s)
 
     def _prefill(
-        self, prompt_ids: list[int], cache: list[Any], params: SamplingParams, rng: TokenRng
+        self, prompt_ids: list[int], cache: list[Any], params: SamplingParams, rng: TokenRng,
+        prefix: PrefixLease | None,
     ) -> Generator[DecodeStep, None, tuple[int, list[TokenLogprob] | None, mx.array | None]]:
-        """Run the prompt with taps; the last token goes alone so only its logits are computed.
+        """Restore the cached prefix, run the rest with taps; the last token goes alone so only its
+        logits are computed.
 
         Yields an empty step after each chunk, as plain decoding does, so a cancel is noticed.
         """
-        ids = mx.array(prompt_ids, dtype=mx.int32)[None]  # (1, P)
         needs_taps = self.drafter.needs_taps
-        taps: list[mx.array] = []
-        start, end = 0, len(prompt_ids)
-        while start < end:
-            stop = end if start == end - 1 else min(start + self.prefill_chunk, end - 1)
-            logits, chunk_taps = self.target(ids[:, start:stop], cache, taps=needs_taps)
+        tap_layers = self.target.layer_ids if needs_taps else ()
+        num_cached, cached_taps = (0, None) if prefix is None else prefix.restore(cache, tap_layers)
+        ids = mx.array(prompt_ids, dtype=mx.int32)[None]  # (1, P)
+        taps: list[mx.array] = [] if cached_taps is None else [cached_taps]
+        end = len(prompt_ids)
+        for start, stop in prefill_spans(num_cached, end - 1, self.prefill_chunk, prefix and prefix.cut):
+            _, chunk_taps = self.target(ids[:, start:stop], cache, taps=needs_taps)
             if chunk_taps is not None:
                 taps.append(chunk_taps)
-            if stop < end:
-                mx.eval([c.state for c in cache], taps[-1:])  # bound the graph per chunk
-                yield DecodeStep([], None)
-            start = stop
+            mx.eval([c.state for c in cache], taps[-1:])  # bound the graph per chunk
+            if prefix is not None:
+                prefix.reached(stop, cache)
+            yield DecodeStep([], None)
+        logits, last_taps = self.target(ids[:, end - 1 :], cache, taps=needs_taps)
+        if last_taps is not None:
+            taps.append(last_taps)
         last = logits[:, -1]  # (1, V)
         first = sample(last, params, rng, len(prompt_ids)).astype(mx.int32)  # (1,)
         logprobs = self._logprobs(last, first, params)

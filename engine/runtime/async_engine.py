@@ -80,6 +80,7 @@ class AsyncEngine:
             self.scheduler = Scheduler(
                 self.model.plain, self.model.speculative, self.model.tokenizer,
                 self.model.tokenizer.eos_token_ids, self._emit, max_waiting=self.max_waiting,
+                prefix_cache=self.model.prefix_cache,
             )
         except BaseException as e:
             self.error = e

@@ -26,6 +26,8 @@ class Request:
     max_tokens: int
     stop: tuple[str, ...] = ()
     include_stop_token_ids: bool = False
+    num_stable_prompt_tokens: int | None = None  # the prompt before its generation header (chat requests)
+    num_cached_tokens: int = 0  # prompt tokens restored from the prefix cache
     output_ids: list[int] = field(default_factory=list)
     num_verify_steps: int = 0
     num_drafted_tokens: int = 0
@@ -59,6 +61,7 @@ class Request:
             accepted_tokens=self.num_accepted_tokens,
             decoder=self.decoder,
             fallback_reason=self.fallback_reason,
+            cached_tokens=self.num_cached_tokens,
         )
 
 
@@ -70,6 +73,7 @@ class Usage(NamedTuple):
     accepted_tokens: int
     decoder: str
     fallback_reason: str | None
+    cached_tokens: int = 0
 
 
 class RequestOutput(NamedTuple):

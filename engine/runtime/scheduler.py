@@ -10,6 +10,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 from engine.decode.decoder import Decoder, DecodeStep
+from engine.decode.prefix_cache import PrefixCache, PrefixLease
 from engine.decode.sampling import TokenRng
 from engine.runtime.detokenizer import Decodes, Detokenizer
 from engine.runtime.histogram import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS, Histogram
@@ -30,6 +31,7 @@ class Running:
     request: Request
     stream: Generator[DecodeStep, None, None]
     detokenizer: Detokenizer
+    prefix: PrefixLease | None = None
 
 
 class Scheduler:
@@ -42,6 +44,7 @@ class Scheduler:
         emit: Emit,
         *,
         max_waiting: int,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.plain = plain
         self.speculative = speculative
@@ -49,6 +52,7 @@ class Scheduler:
         self.eos_token_ids = eos_token_ids
         self.emit = emit
         self.max_waiting = max_waiting
+        self.prefix_cache = prefix_cache
         self.waiting: deque[Request] = deque()
         self.running: Running | None = None
         self.wakeup = threading.Condition()
@@ -120,8 +124,11 @@ class Scheduler:
             else:
                 return None
         decoder = self.choose_decoder(request)
-        stream = decoder.generate(request.prompt_ids, request.params, request.max_tokens, TokenRng(request.params.seed))
-        return Running(request, stream, Detokenizer(self.tokenizer, request.stop))
+        args = (request.prompt_ids, request.params, request.max_tokens, TokenRng(request.params.seed))
+        if self.prefix_cache is None:
+            return Running(request, decoder.generate(*args), Detokenizer(self.tokenizer, request.stop))
+        prefix = self.prefix_cache.lease(request.prompt_ids, request.num_stable_prompt_tokens)
+        return Running(request, decoder.generate(*args, prefix=prefix), Detokenizer(self.tokenizer, request.stop), prefix)
 
     def end_unstarted(self, request: Request) -> None:
         # cancelled while waiting: never runs; a shutdown abort still reads this final output
@@ -141,6 +148,8 @@ class Scheduler:
 
     def route(self, running: Running, decoded: DecodeStep | None) -> None:
         request = running.request
+        if running.prefix is not None:  # restored before the decoder's first step returned
+            request.num_cached_tokens = running.prefix.num_cached_tokens
         if decoded is None:  # the decoder produced max_tokens
             self.finish(running, FinishReason.LENGTH)
             return
@@ -196,6 +205,15 @@ class Scheduler:
             self.emit(request, RequestOutput(text, token_ids or [], logprobs, reason, request.usage()))
             self.stats.record_request(request)
         self.emit(request, None)
+        if running.prefix is not None and error is None and reason is not FinishReason.ABORT:
+            self.store_prefix(running.prefix)
+
+    def store_prefix(self, prefix: PrefixLease) -> None:
+        # after the reply is out: the copy delays the next request, not this one
+        try:
+            self.prefix_cache.commit(prefix)
+        except Exception:  # a failed copy (memory) loses an entry, not the server
+            log.exception("could not store a prefix cache entry")
 
     def fail_all(self, error: BaseException) -> None:
         """The engine is going down: every request still here gets the error."""

@@ -13,6 +13,7 @@ import mlx.core as mx
 from engine.backend.attention_kernel import default_kernel as default_attention_kernel
 from engine.decode.decoder import Decoder
 from engine.decode.plain_decoder import PlainDecoder
+from engine.decode.prefix_cache import PrefixCache
 from engine.runtime.config import EngineConfig
 from engine.runtime.pairs import default_draft_for, load_pairs
 
@@ -33,6 +34,7 @@ class ServingModel:
     drafter: str  # what /health reports: "dflash (<path>)", "ngram" or "none"
     backend: str
     description: str
+    prefix_cache: PrefixCache | None = None  # None: every request prefills its whole prompt
 
     @classmethod
     def load(cls, config: EngineConfig) -> ServingModel:
@@ -58,7 +60,26 @@ class ServingModel:
             drafter=drafter,
             backend=describe_backend(),
             description=loaded.description,
+            prefix_cache=build_prefix_cache(loaded.model, config),
         )
+
+
+def build_prefix_cache(model: object, config: EngineConfig) -> PrefixCache | None:
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from engine.decode.cache_snapshot import has_recurrent_layers, supports
+    from engine.decode.prefix_cache import default_max_bytes
+
+    max_bytes = default_max_bytes() if config.prefix_cache_bytes is None else config.prefix_cache_bytes
+    if not config.prefix_cache or max_bytes == 0:
+        return None
+    cache = make_prompt_cache(model)
+    if not supports(cache):
+        kinds = sorted({type(c).__name__ for c in cache})
+        log.warning("no prefix cache: this target's caches (%s) cannot be cut at a prefix", ", ".join(kinds))
+        return None
+    log.info("prefix cache: up to %.2f GiB", max_bytes / (1 << 30))
+    return PrefixCache(max_bytes, needs_boundaries=has_recurrent_layers(cache))
 
 
 def warm_up(decoder: SpeculativeDecoder) -> None:
