@@ -60,10 +60,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--list-configs", action="store_true", help="show the known target/draft pairs and exit")
     p.add_argument("--config", type=Path, help="TOML config file (default: configs/default.toml)")
     p.add_argument("--max-waiting", type=int, help="queued requests before 503 (default 64)")
+    p.add_argument("--prefix-cache-bytes", type=byte_size, metavar="N[K|M|G]",
+                   help="memory for cached prompt prefixes, reused across requests (default: 10%% of RAM, at most 4G)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None,
+                   help="prefill every prompt in full")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction,
                    help="progress bars on stderr while loading (default: only when stderr is a terminal)")
     return p.parse_args(argv)
+
+
+def byte_size(text: str) -> int:
+    """'2G', '512M', '1500000': bytes (K, M, G are powers of 1024)."""
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+    try:
+        return int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2G, 512M or a number of bytes)") from None
 
 
 def comma_list(text: str) -> tuple[str, ...]:
@@ -84,7 +97,8 @@ def build_config(args: argparse.Namespace) -> "ServerConfig":
         api_key=args.api_key or os.environ.get("DFLASH_API_KEY") or None, max_waiting=args.max_waiting,
         log_level=args.log_level, cors_origins=args.cors_origins,
         allowed_hosts=args.allowed_hosts or comma_list(os.environ.get("DFLASH_ALLOWED_HOSTS", "")) or None,
-        drain_timeout_seconds=args.drain_timeout,
+        drain_timeout_seconds=args.drain_timeout, prefix_cache=args.prefix_cache,
+        prefix_cache_bytes=args.prefix_cache_bytes,
     )
 
 

@@ -204,6 +204,7 @@ class Routes:
             "drafter": served.drafter,
             "backend": served.backend,
             "waiting": engine.scheduler.num_waiting if engine.scheduler else 0,
+            "prefix_cache": prefix_cache_health(served.prefix_cache),
         })
 
     def model_card(self) -> dict[str, Any]:
@@ -223,6 +224,7 @@ class Routes:
         prompt_ids = self.render_chat(body, renders_tools)
         params = self.sampling_params(body, body.logprobs, body.top_logprobs or 0)
         request = self.make_request(body, prompt_ids, body.token_limit, self.config.engine.default_max_tokens, params)
+        request.num_stable_prompt_tokens = self.stable_prefix(body, renders_tools, prompt_ids)
         envelope = Envelope("chat", self.model_name)
         output = self.chat_output(body, prompt_ids, renders_tools)
         outputs = self.submit(request)
@@ -254,8 +256,10 @@ class Routes:
                         TOOLS_IGNORED_HEADER)
         return False
 
-    def render_chat(self, body: ChatCompletionRequest, renders_tools: bool) -> list[int]:
+    def render_chat(self, body: ChatCompletionRequest, renders_tools: bool, generation_prompt: bool | None = None) -> list[int]:
         tokenizer = self.served.tokenizer
+        if generation_prompt is None:
+            generation_prompt = body.generation_prompt
         kwargs = dict(body.chat_template_kwargs or {})
         messages = [m.for_template() for m in body.messages]
         if renders_tools:
@@ -266,9 +270,19 @@ class Routes:
             kwargs["continue_final_message"] = True
         try:
             return tokenizer.apply_chat_template(messages, chat_template=self._chat_template,
-                                                 add_generation_prompt=body.generation_prompt, **kwargs)
+                                                 add_generation_prompt=generation_prompt, **kwargs)
         except Exception as e:  # a template error is the request's fault (roles, kwargs)
             raise OpenAIError(400, f"cannot apply the chat template: {e}", param="messages") from None
+
+    def stable_prefix(self, body: ChatCompletionRequest, renders_tools: bool, prompt_ids: list[int]) -> int | None:
+        """The prompt's tokens before its generation header, where the next turn of the chat diverges (a
+        re-rendered reply drops what the header primed, e.g. <think>): a hybrid target's prefix cache
+        keeps its recurrent state there."""
+        cache = self.served.prefix_cache
+        if not body.generation_prompt or cache is None or not cache.needs_boundaries:
+            return None
+        head = self.render_chat(body, renders_tools, generation_prompt=False)
+        return len(head) if 0 < len(head) < len(prompt_ids) and prompt_ids[: len(head)] == head else None
 
     def chat_output(self, body: ChatCompletionRequest, prompt_ids: list[int], renders_tools: bool) -> ChatOutput:
         mode = self.config.reasoning
@@ -363,6 +377,12 @@ class Routes:
         yield chunk("", finish_value(last.finish_reason))
         if include_usage:
             yield {**envelope.head("text_completion"), "choices": [], "usage": usage_dict(last.usage)}
+
+
+def prefix_cache_health(cache: Any) -> dict[str, int] | None:
+    if cache is None:
+        return None
+    return {"entries": len(cache.entries), "bytes": cache.nbytes, "max_bytes": cache.max_bytes}
 
 
 def chat_finish(output: ChatOutput, reason: FinishReason | None) -> str | None:

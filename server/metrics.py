@@ -21,6 +21,7 @@ from prometheus_client.core import (
 from engine.runtime.histogram import Histogram
 
 if TYPE_CHECKING:
+    from engine.decode.prefix_cache import PrefixCache
     from engine.runtime.async_engine import AsyncEngine
     from engine.runtime.scheduler import SchedulerStats
     from server.middleware import ASGIApp, Receive, Scope, Send
@@ -59,6 +60,8 @@ class Metrics:
         yield gauge("num_requests_running", "Requests being decoded (DFlash decodes one at a time).", model, running)
         yield gauge("num_requests_waiting", "Requests queued behind the running one.", model, scheduler.num_waiting)
         yield from stats_families(scheduler.stats, model)
+        if scheduler.prefix_cache is not None:
+            yield from prefix_cache_families(scheduler.prefix_cache, model)
 
     def _http_family(self) -> CounterMetricFamily:
         family = CounterMetricFamily(PREFIX + "http_requests", "HTTP responses by method, route and status.",
@@ -97,6 +100,17 @@ def speculative_families(stats: SchedulerStats, model: str) -> Iterator[Metric]:
     for position, n in enumerate(list(stats.accepted_per_position)):
         per_pos.add_metric([model, str(position)], n)
     yield per_pos
+
+
+def prefix_cache_families(cache: PrefixCache, model: str) -> Iterator[Metric]:
+    stats = cache.stats
+    yield counter("prefix_cache_hits", "Requests that restored a cached prompt prefix.", model, stats.hits)
+    yield counter("prefix_cache_misses", "Requests that found no cached prompt prefix.", model, stats.misses)
+    yield counter("prefix_cache_reused_tokens", "Prompt tokens restored from the prefix cache instead of prefilled.",
+                  model, stats.reused_tokens)
+    yield counter("prefix_cache_evictions", "Prefix cache entries dropped for the byte budget.", model, stats.evictions)
+    yield gauge("prefix_cache_bytes", "Bytes the prefix cache holds.", model, cache.nbytes)
+    yield gauge("prefix_cache_entries", "Entries in the prefix cache.", model, len(cache.entries))
 
 
 def counter(name: str, doc: str, model: str, value: float) -> CounterMetricFamily:

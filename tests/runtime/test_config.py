@@ -57,3 +57,17 @@ def test_reliability_and_security_flags(monkeypatch: pytest.MonkeyPatch) -> None
     assert build_config(parse_args(["--allowed-hosts", "*"])).allowed_hosts == ("*",)
     with pytest.raises(ValueError, match="drain_timeout_seconds"):
         ServerConfig(drain_timeout_seconds=-1)
+
+
+def test_prefix_cache_flags() -> None:
+    default = build_config(parse_args([])).engine
+    assert default.prefix_cache and default.prefix_cache_bytes is None  # None: sized to the machine
+    assert build_config(parse_args(["--prefix-cache-bytes", "512M"])).engine.prefix_cache_bytes == 512 << 20
+    assert build_config(parse_args(["--prefix-cache-bytes", "1.5g"])).engine.prefix_cache_bytes == 3 << 29
+    assert build_config(parse_args(["--prefix-cache-bytes", "1000"])).engine.prefix_cache_bytes == 1000
+    assert not build_config(parse_args(["--no-prefix-cache"])).engine.prefix_cache
+    with pytest.raises(SystemExit):
+        parse_args(["--prefix-cache-bytes", "lots"])
+    with pytest.raises(ValueError, match="prefix_cache_bytes"):
+        EngineConfig(prefix_cache_bytes=-1)
+
