@@ -217,29 +217,10 @@ class Server:
         return {**body, "stream_options": {"include_usage": True}} if stream else body
 
     def stream(self, name: str, round_: int, max_tokens: int) -> Run:
-        parts: list[str] = []
-        usage: dict[str, Any] | None = None
         start = time.perf_counter()
-        first = end = None
-        with self.client.stream("POST", "/v1/chat/completions", json=self.body(name, max_tokens, True)) as r:
-            r.raise_for_status()
-            for line in r.iter_lines():
-                if not line.startswith("data: "):
-                    continue  # blank separators and ": ping" comments
-                if line == "data: [DONE]":
-                    end = time.perf_counter()
-                    break
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    raise RuntimeError(f"stream error: {chunk['error']}")
-                for choice in chunk["choices"]:
-                    if content := choice["delta"].get("content"):
-                        first = first or time.perf_counter()
-                        parts.append(content)
-                usage = chunk.get("usage") or usage
-        assert end is not None and usage is not None, "the stream ended without usage and [DONE]"
+        first, end, text, usage = stream_chat(self.client, self.body(name, max_tokens, True))
         return Run("http-stream", name, round_, usage["completion_tokens"], (first or end) - start, end - start,
-                   "".join(parts), usage["speculative"]["verify_steps"], os.getloadavg()[0])
+                   text, usage["speculative"]["verify_steps"], os.getloadavg()[0])
 
     def nonstream(self, name: str, round_: int, max_tokens: int) -> Run:
         start = time.perf_counter()
@@ -250,6 +231,31 @@ class Server:
         usage = out["usage"]
         return Run("http-nonstream", name, round_, usage["completion_tokens"], None, end - start,
                    out["choices"][0]["message"]["content"], usage["speculative"]["verify_steps"], os.getloadavg()[0])
+
+
+def stream_chat(client: httpx.Client, body: dict[str, Any]) -> tuple[float | None, float, str, dict[str, Any]]:
+    """One streamed chat request: perf_counter() at its first content delta and at [DONE], its text, its usage."""
+    parts: list[str] = []
+    usage: dict[str, Any] | None = None
+    first = end = None
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue  # blank separators and ": ping" comments
+            if line == "data: [DONE]":
+                end = time.perf_counter()
+                break
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"stream error: {chunk['error']}")
+            for choice in chunk["choices"]:
+                if content := choice["delta"].get("content"):
+                    first = first or time.perf_counter()
+                    parts.append(content)
+            usage = chunk.get("usage") or usage
+    assert end is not None and usage is not None, "the stream ended without usage and [DONE]"
+    return first, end, "".join(parts), usage
 
 
 def delta_costs_us(engine: Engine, steps: list[list[int]], repeats: int = 20) -> dict[str, float]:
