@@ -1,0 +1,247 @@
+"""The request path every generating route shares: model check, chat rendering, sampling, the engine
+request, submission, SSE framing and cancellation. Chat completions, Responses and Messages differ only
+in how they read a request and shape what comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NamedTuple, TypeVar
+
+from fastapi import Request
+from fastapi.responses import Response
+from sse_starlette.sse import EventSourceResponse, ServerSentEvent
+
+from engine.decode.sampling import SamplingParams
+from engine.runtime.async_engine import AsyncEngine, EngineDead
+from engine.runtime.config import ServerConfig
+from engine.runtime.request import Request as EngineRequest
+from engine.runtime.request import RequestOutput
+from engine.runtime.scheduler import EngineBusy
+from server.chat_output import ChatOutput
+from server.chat_template import (
+    load_chat_template,
+    supports_tools,
+    thinks,
+    tool_history_as_text,
+)
+from server.errors import OpenAIError
+from server.protocol import ChatCompletionRequest, SamplingFields
+from server.responses import TokenText
+
+log = logging.getLogger("dflash.server")
+T = TypeVar("T")
+
+TOOLS_IGNORED_HEADER = "x-dflash-tools-ignored"
+
+
+class ChatRun(NamedTuple):
+    """A chat request submitted to the engine: its deltas, their parser, and what the response says of it."""
+
+    outputs: AsyncIterator[RequestOutput]
+    output: ChatOutput
+    num_prompt_tokens: int
+    headers: dict[str, str]
+
+
+class Pipeline:
+    def __init__(self, config: ServerConfig, engine: AsyncEngine) -> None:
+        self.config = config
+        self.engine = engine
+        self._token_text: TokenText | None = None
+        self._chat_template = load_chat_template(config.chat_template)
+        self._warned_tools = False  # the tools-left-out warning is logged once per process
+
+    @property
+    def served(self) -> Any:
+        if self.engine.model is None:
+            raise OpenAIError(503, "the model is still loading", headers={"Retry-After": "1"})
+        return self.engine.model
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_template or self.served.tokenizer.chat_template
+
+    @property
+    def model_name(self) -> str:
+        return self.config.served_model_name or self.served.model_id
+
+    def token_text(self) -> TokenText:
+        if self._token_text is None:
+            self._token_text = TokenText(self.served.tokenizer)
+        return self._token_text
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in (self.model_name, self.served.model_id):
+            raise OpenAIError(404, f"model {model!r} is not served here; this server serves {self.model_name!r}",
+                              param="model", code="model_not_found")
+
+    def sampling_params(self, body: SamplingFields, logprobs: bool, top_logprobs: int) -> SamplingParams:
+        vocab = self.served.tokenizer.vocab_size
+        bias = []
+        for key, value in (body.logit_bias or {}).items():
+            if not 0 <= int(key) < vocab:
+                raise OpenAIError(400, f"logit_bias token id {key} is outside the vocabulary [0, {vocab})", param="logit_bias")
+            bias.append((int(key), float(value)))
+        temperature = body.temperature if body.temperature is not None else self.config.engine.default_temperature
+        return SamplingParams(
+            temperature=temperature,
+            top_p=body.top_p if body.top_p is not None else 1.0,
+            top_k=max(body.top_k or 0, 0),
+            min_p=body.min_p or 0.0,
+            seed=body.seed,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=body.repetition_penalty or 1.0,
+            logit_bias=tuple(bias),
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+        )
+
+    def make_request(self, body: SamplingFields, prompt_ids: list[int], limit: int | None, default_limit: int,
+                     params: SamplingParams) -> EngineRequest:
+        context = self.served.context_length
+        num_prompt = len(prompt_ids)
+        if num_prompt == 0:
+            raise OpenAIError(400, "the prompt is empty", param="prompt")
+        if limit is not None and num_prompt + limit > context:
+            raise OpenAIError(
+                400,
+                f"this model's maximum context length is {context} tokens, but {num_prompt} prompt tokens "
+                f"+ {limit} max_tokens = {num_prompt + limit} were requested; reduce the prompt or max_tokens",
+                param="max_tokens", code="context_length_exceeded",
+            )
+        if num_prompt >= context:
+            raise OpenAIError(400, f"the prompt has {num_prompt} tokens but this model's maximum context length is "
+                                   f"{context} tokens", param="messages", code="context_length_exceeded")
+        max_tokens = limit if limit is not None else min(default_limit, context - num_prompt)
+        return EngineRequest(uuid.uuid4().hex, prompt_ids, params, max_tokens, body.stop_strings())
+
+    def submit(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        try:
+            return self.engine.submit(request)
+        except EngineBusy as e:
+            raise OpenAIError(503, str(e), type="server_busy", headers={"Retry-After": "1"}) from None
+        except EngineDead as e:
+            raise OpenAIError(503, f"the engine is down: {e}", type="server_error") from None
+
+    # --- chat ----------------------------------------------------------------------------
+    def start_chat(self, body: ChatCompletionRequest) -> ChatRun:
+        """Render, check and submit a chat request; raises OpenAIError before anything is sent."""
+        self.check_model(body.model)
+        prompt_ids, renders_tools = self.prompt(body)
+        params = self.sampling_params(body, body.logprobs, body.top_logprobs or 0)
+        request = self.make_request(body, prompt_ids, body.token_limit, self.config.engine.default_max_tokens, params)
+        request.num_stable_prompt_tokens = self.stable_prefix(body, renders_tools, prompt_ids)
+        output = self.chat_output(prompt_ids, renders_tools)
+        # the client sent tools that this template cannot show the model: say so, as a header
+        headers = {TOOLS_IGNORED_HEADER: "true"} if body.uses_tools and not renders_tools else {}
+        return ChatRun(self.submit(request), output, len(prompt_ids), headers)
+
+    def prompt(self, body: ChatCompletionRequest) -> tuple[list[int], bool]:
+        """The prompt's token ids, and whether the request's tools are in it."""
+        renders_tools = self.renders_tools(body)
+        return self.render_chat(body, renders_tools), renders_tools
+
+    def renders_tools(self, body: ChatCompletionRequest) -> bool:
+        """Whether the request's tools go into the prompt; a forced call the template cannot render is a 400.
+
+        Chat UIs (Open WebUI's native mode) send their tools with every chat whatever the model, as
+        mlx_lm.server and llama.cpp answer them: with tool_choice auto or none they are left out here.
+        """
+        if not body.uses_tools:
+            return False
+        if supports_tools(self.chat_template):
+            return True
+        if body.forces_tool_call:
+            raise OpenAIError(400, f"tool_choice {json.dumps(body.tool_choice)} forces a tool call, but this model's "
+                              "chat template does not support tools: send tool_choice \"auto\" or \"none\", or start "
+                              "the server with a --chat-template that renders tools", param="tool_choice")
+        if not self._warned_tools:
+            self._warned_tools = True
+            log.warning("this model's chat template does not support tools: requests' tools are left out of the "
+                        "prompt (responses carry %s: true); --chat-template can supply one that renders them",
+                        TOOLS_IGNORED_HEADER)
+        return False
+
+    def render_chat(self, body: ChatCompletionRequest, renders_tools: bool, generation_prompt: bool | None = None) -> list[int]:
+        tokenizer = self.served.tokenizer
+        if generation_prompt is None:
+            generation_prompt = body.generation_prompt
+        kwargs = dict(body.chat_template_kwargs or {})
+        messages = [m.for_template() for m in body.messages]
+        if renders_tools:
+            kwargs["tools"] = body.tools
+        elif not supports_tools(self.chat_template):  # an earlier tool exchange, as plain turns
+            messages = tool_history_as_text(messages)
+        if body.continue_final_message:  # assistant prefill: the reply continues the last message
+            kwargs["continue_final_message"] = True
+        try:
+            return tokenizer.apply_chat_template(messages, chat_template=self._chat_template,
+                                                 add_generation_prompt=generation_prompt, **kwargs)
+        except Exception as e:  # a template error is the request's fault (roles, kwargs)
+            raise OpenAIError(400, f"cannot apply the chat template: {e}", param="messages") from None
+
+    def stable_prefix(self, body: ChatCompletionRequest, renders_tools: bool, prompt_ids: list[int]) -> int | None:
+        """The prompt's tokens before its generation header, where the next turn of the chat diverges (a
+        re-rendered reply drops what the header primed, e.g. <think>): a hybrid target's prefix cache
+        keeps its recurrent state there."""
+        cache = self.served.prefix_cache
+        if not body.generation_prompt or cache is None or not cache.needs_boundaries:
+            return None
+        head = self.render_chat(body, renders_tools, generation_prompt=False)
+        return len(head) if 0 < len(head) < len(prompt_ids) and prompt_ids[: len(head)] == head else None
+
+    def chat_output(self, prompt_ids: list[int], renders_tools: bool) -> ChatOutput:
+        mode = self.config.reasoning
+        reasoning = mode == "on" or (mode == "auto" and thinks(self.chat_template))
+        # some templates open <think> in the generation prompt: the reply starts mid-thought
+        thinking = reasoning and self.served.tokenizer.decode(prompt_ids[-4:]).rstrip().endswith("<think>")
+        return ChatOutput(reasoning=reasoning, thinking=thinking, tools=renders_tools)
+
+    # --- streaming -----------------------------------------------------------------------
+    def event_stream(self, frames: AsyncIterator[dict[str, str]], headers: dict[str, str] | None = None,
+                     ping: Callable[[], ServerSentEvent] | None = None) -> EventSourceResponse:
+        """SSE with keep-alives during long prefills (a comment unless `ping` makes an event)."""
+        return EventSourceResponse(frames, ping=self.config.keepalive_seconds, sep="\n", ping_message_factory=ping,
+                                   headers={"X-Accel-Buffering": "no", "Cache-Control": "no-cache", **(headers or {})})
+
+
+async def collect(outputs: AsyncIterator[RequestOutput]) -> tuple[str, list, RequestOutput]:
+    parts: list[str] = []
+    entries: list = []
+    last: RequestOutput | None = None
+    async for out in outputs:
+        parts.append(out.text)
+        entries.extend(out.logprobs or [])
+        last = out
+    assert last is not None and last.finish_reason is not None
+    return "".join(parts), entries, last
+
+
+async def with_cancellation(raw: Request, work: Awaitable[T]) -> T | Response:
+    """Race a non-streaming handler against the client's disconnect (vLLM's pattern)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(raw))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()  # closes the delta stream, which aborts the request in the engine
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):
+        pass
+    return Response(status_code=499)
+
+
+async def _disconnected(raw: Request) -> None:
+    while True:
+        message = await raw.receive()
+        if message["type"] == "http.disconnect":
+            return
