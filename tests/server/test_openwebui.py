@@ -361,7 +361,8 @@ FIRST = "My name is Ada. Tell me about Paris."
 SECOND = "What is my name?"
 
 
-def test_two_turns_stream_and_get_a_title(browser: Any, webui: str, tasks: None, recorder: Recorder) -> None:
+def test_two_turns_stream_and_get_a_title(browser: Any, webui: str, tasks: None, server: str,
+                                          recorder: Recorder) -> None:
     page = new_chat(browser, webui, MAX_TOKENS)
     send(page, FIRST)
     first_text(page, recorder, 600)
@@ -373,9 +374,12 @@ def test_two_turns_stream_and_get_a_title(browser: Any, webui: str, tasks: None,
     check_answered(one)
     assert one.body.get("max_tokens") == MAX_TOKENS
 
+    reused = metric(server, "dflash:prefix_cache_reused_tokens_total")
     send(page, SECOND)
     wait_until(lambda: len(answers(page)) == 2 and answers(page)[-1] != "" and not streaming(page), 900,
                "the second answer")
+    # the second turn resends the first: the prefix cache restores it instead of prefilling it again
+    assert metric(server, "dflash:prefix_cache_reused_tokens_total") > reused
     two = chat_request(recorder, SECOND)
     check_answered(two)
     assert two.body.get("max_tokens") == MAX_TOKENS  # the chat kept its Controls
