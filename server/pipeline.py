@@ -12,7 +12,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NamedTuple, TypeVar
 
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
 from engine.decode.sampling import SamplingParams
@@ -208,6 +210,14 @@ class Pipeline:
         """SSE with keep-alives during long prefills (a comment unless `ping` makes an event)."""
         return EventSourceResponse(frames, ping=self.config.keepalive_seconds, sep="\n", ping_message_factory=ping,
                                    headers={"X-Accel-Buffering": "no", "Cache-Control": "no-cache", **(headers or {})})
+
+
+def chat_request(fields: dict[str, Any]) -> ChatCompletionRequest:
+    """The chat request another API's request renders as; what it refuses is the client's error (400)."""
+    try:
+        return ChatCompletionRequest.model_validate(fields)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from None
 
 
 async def collect(outputs: AsyncIterator[RequestOutput]) -> tuple[str, list, RequestOutput]:

@@ -82,6 +82,16 @@ class ChatMessage(BaseModel):
         return message
 
 
+def chat_tool(name: str, description: str | None, parameters: dict[str, Any] | None) -> dict[str, Any]:
+    """A function tool as chat requests carry it, whatever API it came from; the key order is chat's, as
+    templates print tools as JSON."""
+    function: dict[str, Any] = {"name": name}
+    if description is not None:
+        function["description"] = description
+    function["parameters"] = parameters or {"type": "object"}
+    return {"type": "function", "function": function}
+
+
 class SamplingFields(BaseModel):
     """Fields shared by chat and text completions."""
 

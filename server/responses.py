@@ -29,7 +29,8 @@ class Envelope:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "system_fingerprint": None}
 
 
-def usage_dict(usage: Usage) -> dict[str, Any]:
+def speculative_dict(usage: Usage) -> dict[str, Any]:
+    """Our counters, carried in every API's usage object."""
     speculative: dict[str, Any] = {
         "decoder": usage.decoder,
         "verify_steps": usage.verify_steps,
@@ -38,6 +39,10 @@ def usage_dict(usage: Usage) -> dict[str, Any]:
     }
     if usage.fallback_reason:
         speculative["fallback_reason"] = usage.fallback_reason
+    return speculative
+
+
+def usage_dict(usage: Usage) -> dict[str, Any]:
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
@@ -47,7 +52,7 @@ def usage_dict(usage: Usage) -> dict[str, Any]:
             "accepted_prediction_tokens": usage.accepted_tokens,
             "rejected_prediction_tokens": usage.drafted_tokens - usage.accepted_tokens,
         },
-        "speculative": speculative,
+        "speculative": speculative_dict(usage),
     }
 
 
