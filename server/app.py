@@ -1,4 +1,4 @@
-"""FastAPI application: OpenAI routes over the async engine."""
+"""FastAPI application: the OpenAI and Anthropic routes over the async engine."""
 
 from __future__ import annotations
 
@@ -20,10 +20,12 @@ from engine.runtime.request import FinishReason, RequestOutput
 from server.chat_output import ChatOutput
 from server.drain import Drain, DrainMiddleware
 from server.errors import OpenAIError, error_body, install_error_handlers
+from server.messages_api import MessagesApi
 from server.metrics import Metrics, MetricsMiddleware
 from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware, HostMiddleware
 from server.pipeline import Pipeline, collect, with_cancellation
 from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.response_store import ResponseStore
 from server.responses import (
     Envelope,
     chat_logprobs,
@@ -31,6 +33,7 @@ from server.responses import (
     text_logprobs,
     usage_dict,
 )
+from server.responses_api import ResponsesApi
 
 log = logging.getLogger("dflash.server")
 
@@ -63,6 +66,13 @@ def create_app(config: ServerConfig, engine: AsyncEngine) -> FastAPI:
     app.get("/v1/models/{model_id:path}")(routes.model)
     app.post("/v1/chat/completions")(routes.chat)
     app.post("/v1/completions")(routes.completions)
+    responses = ResponsesApi(pipeline, ResponseStore())
+    app.post("/v1/responses")(responses.create)
+    app.get("/v1/responses/{response_id}")(responses.retrieve)
+    app.delete("/v1/responses/{response_id}")(responses.delete)
+    messages = MessagesApi(pipeline)
+    app.post("/v1/messages")(messages.create)
+    app.post("/v1/messages/count_tokens")(messages.count_tokens)
     app.get("/metrics", include_in_schema=False)(app.state.metrics.endpoint)
     return app
 
@@ -71,7 +81,7 @@ def add_guards(app: FastAPI, config: ServerConfig, engine: AsyncEngine) -> None:
     """CORS, the Host allowlist and the shutdown gate, outside the API key check (added later = outer)."""
     if config.cors_origins:  # browser SDKs preflight Authorization, Content-Type and x-stainless-* headers
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_headers=["*"],
-                           allow_methods=["GET", "POST", "OPTIONS"], expose_headers=["Retry-After"], max_age=600)
+                           allow_methods=["GET", "POST", "DELETE", "OPTIONS"], expose_headers=["Retry-After"], max_age=600)
     app.add_middleware(HostMiddleware, allowed=(*config.allowed_hosts, config.host))
     app.state.drain = Drain(engine, config.drain_timeout_seconds)
     app.add_middleware(DrainMiddleware, drain=app.state.drain)

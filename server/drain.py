@@ -60,7 +60,7 @@ class DrainMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if self.drain.closing:
-            return await send_error(send, 503, "the server is shutting down", "server_busy",
+            return await send_error(scope, send, 503, "the server is shutting down", "server_busy",
                                     [(b"connection", b"close"), (b"retry-after", b"1")])
         self.drain.in_flight += 1
         try:

@@ -27,14 +27,16 @@ if TYPE_CHECKING:
     from server.middleware import ASGIApp, Receive, Scope, Send
 
 PREFIX = "dflash:"
-ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"})
+ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages",
+                    "/v1/messages/count_tokens", "/v1/models", "/health", "/metrics"})
+TEMPLATES = {"/v1/models/": "/v1/models/{model_id}", "/v1/responses/": "/v1/responses/{response_id}"}
 
 
 def route_label(path: str) -> str:
     # A fixed set of labels: arbitrary paths (scanners, typos) must not grow the series count.
     if path in ROUTES:
         return path
-    return "/v1/models/{model_id}" if path.startswith("/v1/models/") else "other"
+    return next((label for prefix, label in TEMPLATES.items() if path.startswith(prefix)), "other")
 
 
 class Metrics:

@@ -7,7 +7,7 @@ import ipaddress
 import json
 from typing import Any, Awaitable, Callable, Iterable
 
-from server.errors import error_body
+from server.errors import error_body_for
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -17,8 +17,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 PUBLIC_PATHS = frozenset({"/health"})
 
 
-async def send_error(send: Send, status: int, message: str, type: str, headers: list | None = None) -> None:
-    body = json.dumps(error_body(message, type)).encode()
+async def send_error(scope: Scope, send: Send, status: int, message: str, type: str, headers: list | None = None) -> None:
+    body = json.dumps(error_body_for(scope["path"], status, message, type)).encode()
     await send({
         "type": "http.response.start",
         "status": status,
@@ -44,8 +44,8 @@ class ApiKeyMiddleware:
             given = auth[7:].strip()
         if not given or not hmac.compare_digest(given, self.api_key):
             message = "missing API key" if not given else "invalid API key"
-            return await send_error(send, 401, f"{message}: send 'Authorization: Bearer <key>'", "authentication_error",
-                                    [(b"www-authenticate", b"Bearer")])
+            return await send_error(scope, send, 401, f"{message}: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
+                                    "authentication_error", [(b"www-authenticate", b"Bearer")])
         return await self.app(scope, receive, send)
 
 
@@ -61,7 +61,7 @@ class BodyLimitMiddleware:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._too_large(send)
+            return await self._too_large(scope, send)
         seen = 0
         started = False
 
@@ -83,10 +83,10 @@ class BodyLimitMiddleware:
             await self.app(scope, counting_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await self._too_large(send)
+                await self._too_large(scope, send)
 
-    async def _too_large(self, send: Send) -> None:
-        await send_error(send, 413, f"request body exceeds {self.max_bytes} bytes", "invalid_request_error")
+    async def _too_large(self, scope: Scope, send: Send) -> None:
+        await send_error(scope, send, 413, f"request body exceeds {self.max_bytes} bytes", "invalid_request_error")
 
 
 class _TooLarge(Exception):
@@ -110,7 +110,7 @@ class HostMiddleware:
         host = host_name(raw.decode("latin-1")) if raw else ""
         if raw is None or host in self.allowed or is_ip_literal(host):
             return await self.app(scope, receive, send)
-        await send_error(send, 403, f"Host {host!r} is not allowed; if clients reach this server by that name, add it "
+        await send_error(scope, send, 403, f"Host {host!r} is not allowed; if clients reach this server by that name, add it "
                                     "to allowed_hosts (--allowed-hosts)", "permission_error")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -176,14 +177,18 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("body,param", BAD)
-def test_bad_chat_input_is_400(client: TestClient, body: dict, param: str | None) -> None:
-    r = client.post("/v1/chat/completions", json=body)
+def assert_openai_400(r: Any, param: str | None) -> None:
+    """An OpenAI-shaped invalid_request_error whose param starts with `param` (when given)."""
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
     if param:
         assert err["param"] and err["param"].startswith(param), err
+
+
+@pytest.mark.parametrize("body,param", BAD)
+def test_bad_chat_input_is_400(client: TestClient, body: dict, param: str | None) -> None:
+    assert_openai_400(client.post("/v1/chat/completions", json=body), param)
 
 
 @pytest.mark.parametrize("body", [{"prompt": []}, {"prompt": ["a", "b"]}, {"prompt": [1, -5]}, {"prompt": "x", "suffix": "y"},
