@@ -1,4 +1,5 @@
-"""A real `python -m server` subprocess on a free loopback port, for the live tests."""
+"""Live servers on a free loopback port: a real `python -m server` subprocess, or uvicorn in a thread
+over an app built in the test (a scripted or tiny model)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
+import uvicorn
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,3 +58,22 @@ class LiveServer:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+class ThreadedServer:
+    """uvicorn serving `app` from a thread of this process: real sockets and SSE, test-built models."""
+
+    def __init__(self, app: Any) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="live-uvicorn", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started and self.thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert self.server.started, "uvicorn did not start"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)

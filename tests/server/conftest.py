@@ -8,6 +8,7 @@ from collections.abc import Generator, Iterator
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from engine.decode.decoder import DecodeStep
@@ -35,14 +36,19 @@ class RecordingDecoder(ScriptedDecoder):
         yield from super().generate(prompt_ids, params, max_tokens, rng)
 
 
-@pytest.fixture(scope="module")
-def tool_app() -> Iterator[tuple[TestClient, RecordingDecoder]]:
+def scripted_app(**config: Any) -> tuple[FastAPI, RecordingDecoder]:
+    """The app over a scripted decoder, with the Qwen3-like template: it renders tools and <think>."""
     _, meta = read_gguf(embedded_gguf_path())
     tokenizer = Tokenizer.from_gguf_metadata({**meta, "tokenizer.chat_template": QWEN3_LIKE})
     decoder = RecordingDecoder(tokenizer)
     serving = ServingModel(model_id="scripted", tokenizer=tokenizer, context_length=1024, plain=decoder,
                            speculative=None, drafter="none", backend="test", description="scripted replies")
-    app = create_app(ServerConfig(), AsyncEngine(lambda: serving, max_waiting=4))
+    return create_app(ServerConfig(**config), AsyncEngine(lambda: serving, max_waiting=4)), decoder
+
+
+@pytest.fixture(scope="module")
+def tool_app() -> Iterator[tuple[TestClient, RecordingDecoder]]:
+    app, decoder = scripted_app()
     with TestClient(app, base_url="http://localhost") as client:
         yield client, decoder
 

@@ -7,6 +7,7 @@ import socket
 import time
 from collections.abc import Iterator
 
+import anthropic
 import httpx
 import pytest
 from live_server import LiveServer
@@ -91,6 +92,37 @@ def test_seeded_requests_return_one_text_with_the_draft_equal_to_no_draft(server
     assert plain["choices"][0]["message"]["content"] in texts
 
 
+def test_responses_sdk(client: OpenAI) -> None:
+    """The OpenAI SDK's Responses API, as the Agents SDK and Codex-style CLIs use it."""
+    kw = dict(model="SmolLM2-135M-Instruct", input=HELLO[0]["content"], temperature=0, max_output_tokens=12)
+    r = client.responses.create(**kw)
+    assert "Paris" in r.output_text and r.usage.output_tokens <= 12
+    assert r.usage.model_extra["speculative"]["decoder"] == "plain"
+    with client.responses.stream(**kw) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response() if r.status == "completed" else None
+    assert "".join(deltas) == r.output_text
+    assert final is None or final.output_text == r.output_text
+    follow = client.responses.create(**{**kw, "input": "And of Italy?"}, previous_response_id=r.id)
+    assert follow.usage.input_tokens > r.usage.input_tokens + r.usage.output_tokens
+    # the stored turn renders as it was prompted and generated: the prefix cache restores it
+    assert follow.usage.input_tokens_details.cached_tokens >= r.usage.input_tokens
+
+
+def test_anthropic_sdk(server: LiveServer) -> None:
+    """The Anthropic SDK's Messages API, as coding CLIs that take a base URL use it."""
+    sdk = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
+    kw = dict(model="SmolLM2-135M-Instruct", max_tokens=12, messages=HELLO, extra_body={"temperature": 0})
+    m = sdk.messages.create(**kw)
+    assert "Paris" in m.content[0].text and m.stop_reason in ("end_turn", "max_tokens")
+    with sdk.messages.stream(**kw) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == m.content[0].text and final.usage.output_tokens == m.usage.output_tokens
+    count = sdk.messages.count_tokens(model="SmolLM2-135M-Instruct", messages=HELLO).input_tokens
+    assert count == m.usage.input_tokens + m.usage.cache_read_input_tokens  # input_tokens: those not cached
+
+
 def test_no_progress_bars_in_a_log_file(server: LiveServer) -> None:
     logs = server.logs()  # stderr is a file here, not a terminal
     assert "dflash-server ready on" in logs
@@ -126,10 +158,14 @@ def _quick_request_seconds(server: LiveServer) -> float:
     return time.monotonic() - t0
 
 
-def test_disconnect_mid_stream_frees_engine(server: LiveServer) -> None:
-    body = {"messages": HELLO, "stream": True, "max_tokens": 3000, "temperature": 1.0,
-            "logit_bias": {"2": -100}}  # never EOS: runs for minutes unless cancelled
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as r:
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": HELLO, "max_tokens": 3000}),
+    ("/v1/responses", {"input": "Tell me a story.", "max_output_tokens": 3000}),
+    ("/v1/messages", {"messages": HELLO, "max_tokens": 3000}),
+])
+def test_disconnect_mid_stream_frees_engine(server: LiveServer, path: str, body: dict) -> None:
+    body = {**body, "stream": True, "temperature": 1.0, "logit_bias": {"2": -100}}  # never EOS: minutes unless cancelled
+    with httpx.stream("POST", f"{server.url}{path}", json=body, timeout=60) as r:
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]
         assert any(l.startswith("data: ") for l in got)

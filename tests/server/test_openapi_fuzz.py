@@ -1,20 +1,18 @@
 """Schemathesis over the live /openapi.json (vLLM's test_openai_schema): positive and negative bodies,
 paths and query strings on every route of a real uvicorn over the tiny model. No 5xx, every error is
-OpenAI-shaped JSON, every stream ends with [DONE] and carries no error event."""
+JSON in its route's shape (OpenAI's, Anthropic's on /v1/messages), every stream ends as its clients
+expect and carries no error event."""
 
 from __future__ import annotations
 
 import json
 import os
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import schemathesis
-import uvicorn
-from live_server import free_port
+from live_server import ThreadedServer
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
@@ -29,18 +27,9 @@ MAX_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "30"))  # per route and mode:
 @pytest.fixture(scope="module")
 def live_url(tiny_serving: ServingModel) -> Iterator[str]:
     config = ServerConfig(engine=EngineConfig(default_max_tokens=16))
-    app = create_app(config, AsyncEngine(lambda: tiny_serving, max_waiting=64))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="fuzz-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(30)
+    live = ThreadedServer(create_app(config, AsyncEngine(lambda: tiny_serving, max_waiting=64)))
+    yield live.url
+    live.stop()
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +40,28 @@ def api_schema(live_url: str) -> Any:
     return schema
 
 
-def openai_shaped(ctx: Any, response: Any, case: Any) -> None:
-    """Errors are {"error": {message, type, param, code}}; streams end with [DONE] and no error event."""
+def route_shaped(ctx: Any, response: Any, case: Any) -> None:
+    """Errors in the route's shape: Anthropic's on /v1/messages, else {"error": {message, type, param, code}}.
+    Streams end as the route's clients expect, with no error event: chat and completions with [DONE],
+    Responses with a completed or incomplete response, Messages with message_stop."""
+    anthropic = case.path.startswith("/v1/messages")
     if response.status_code >= 400:
         body = json.loads(response.text)
-        assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+        if anthropic:
+            assert set(body) == {"type", "error"} and set(body["error"]) == {"type", "message"}, body
+        else:
+            assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
         assert isinstance(body["error"]["message"], str) and isinstance(body["error"]["type"], str), body
     elif response.headers.get("content-type", [""])[0].startswith("text/event-stream"):
+        names = [line[7:] for line in response.text.split("\n") if line.startswith("event: ")]
         events = [line[6:] for line in response.text.split("\n") if line.startswith("data: ")]
-        assert events and events[-1] == "[DONE]", response.text[-300:]
-        assert not any('"error"' in e and "error" in json.loads(e) for e in events[:-1]), response.text[-300:]
+        if case.path == "/v1/responses":
+            assert names and names[-1] in ("response.completed", "response.incomplete"), response.text[-300:]
+        elif anthropic:
+            assert names and names[-1] == "message_stop" and "error" not in names, response.text[-300:]
+        else:
+            assert events and events[-1] == "[DONE]", response.text[-300:]
+            assert not any('"error"' in e and "error" in json.loads(e) for e in events[:-1]), response.text[-300:]
     else:
         assert isinstance(json.loads(response.text), dict)
 
@@ -70,4 +71,4 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 
 @schema.parametrize()
 def test_openapi_fuzz(case: Any) -> None:
-    case.call_and_validate(checks=[not_a_server_error, openai_shaped], timeout=60)
+    case.call_and_validate(checks=[not_a_server_error, route_shaped], timeout=60)

@@ -130,6 +130,28 @@ def test_usage_reports_cached_tokens_everywhere(tiny_models: dict[str, Any], ggu
         assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
 
 
+def test_previous_response_id_reuses_the_cache_as_a_resent_chat_does(tiny_models: dict[str, Any],
+                                                                     gguf_tokenizer: Tokenizer) -> None:
+    """A Responses conversation chained by previous_response_id renders the stored turns as the chat
+    route renders them resent, so each turn restores what the chat's same turn restores."""
+    for kind in ("attention", "hybrid"):
+        with client_for(tiny_models[kind], gguf_tokenizer, prefix=True) as client:
+            chat = converse(client)
+        with client_for(tiny_models[kind], gguf_tokenizer, prefix=True) as client:
+            previous, turns = None, []
+            for question in QUESTIONS:
+                r = client.post("/v1/responses", json={"input": question, "max_output_tokens": 12, "temperature": 0,
+                                                       "previous_response_id": previous})
+                assert r.status_code == 200, r.text
+                previous = r.json()["id"]
+                turns.append((r.json()["output"][0]["content"][0]["text"], r.json()["usage"]))
+        assert [text for text, _ in turns] == [text for _, text, _ in chat]
+        assert [u["input_tokens"] for _, u in turns] == [u["prompt_tokens"] for _, _, u in chat]
+        cached = [u["input_tokens_details"]["cached_tokens"] for _, u in turns]
+        assert cached == [u["prompt_tokens_details"]["cached_tokens"] for _, _, u in chat], kind
+        assert cached[0] == 0 and all(n > 0 for n in cached[1:])
+
+
 # --- the embedded model with its shipped draft ----------------------------------------------
 
 
