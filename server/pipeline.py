@@ -104,7 +104,8 @@ class Pipeline:
         )
 
     def make_request(self, body: SamplingFields, prompt_ids: list[int], limit: int | None, default_limit: int,
-                     params: SamplingParams) -> EngineRequest:
+                     params: SamplingParams, limit_param: str = "max_tokens") -> EngineRequest:
+        """`limit_param`: the request field `limit` came from, as the client named it."""
         context = self.served.context_length
         num_prompt = len(prompt_ids)
         if num_prompt == 0:
@@ -113,8 +114,8 @@ class Pipeline:
             raise OpenAIError(
                 400,
                 f"this model's maximum context length is {context} tokens, but {num_prompt} prompt tokens "
-                f"+ {limit} max_tokens = {num_prompt + limit} were requested; reduce the prompt or max_tokens",
-                param="max_tokens", code="context_length_exceeded",
+                f"+ {limit} {limit_param} = {num_prompt + limit} were requested; reduce the prompt or {limit_param}",
+                param=limit_param, code="context_length_exceeded",
             )
         if num_prompt >= context:
             raise OpenAIError(400, f"the prompt has {num_prompt} tokens but this model's maximum context length is "
@@ -131,12 +132,13 @@ class Pipeline:
             raise OpenAIError(503, f"the engine is down: {e}", type="server_error") from None
 
     # --- chat ----------------------------------------------------------------------------
-    def start_chat(self, body: ChatCompletionRequest) -> ChatRun:
+    def start_chat(self, body: ChatCompletionRequest, limit_param: str = "max_tokens") -> ChatRun:
         """Render, check and submit a chat request; raises OpenAIError before anything is sent."""
         self.check_model(body.model)
         prompt_ids, renders_tools = self.prompt(body)
         params = self.sampling_params(body, body.logprobs, body.top_logprobs or 0)
-        request = self.make_request(body, prompt_ids, body.token_limit, self.config.engine.default_max_tokens, params)
+        request = self.make_request(body, prompt_ids, body.token_limit, self.config.engine.default_max_tokens, params,
+                                    limit_param)
         request.num_stable_prompt_tokens = self.stable_prefix(body, renders_tools, prompt_ids)
         output = self.chat_output(prompt_ids, renders_tools)
         # the client sent tools that this template cannot show the model: say so, as a header

@@ -45,7 +45,7 @@ class ResponsesApi:
 
     async def create(self, body: ResponsesRequest, raw: Request) -> Response:
         history = self.earlier_items(body.previous_response_id) + body.items
-        run = self.pipeline.start_chat(chat_request(body.chat_fields(history)))
+        run = self.pipeline.start_chat(chat_request(body.chat_fields(history)), limit_param="max_output_tokens")
         reply = Reply(body, history, self.pipeline.model_name, self.pipeline.config.engine.default_temperature)
         headers = dict(run.headers)
         if len(body.function_tools) < len(body.tools or []):  # hosted tools (web search...) cannot run here

@@ -209,7 +209,7 @@ BAD = [
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input"),
     ({"input": "Hi", "temperature": 3}, "temperature"),
     ({"input": "Hi", "max_output_tokens": 0}, "max_output_tokens"),
-    ({"input": "Hi", "max_output_tokens": 5000}, "max_tokens"),
+    ({"input": "Hi", "max_output_tokens": 5000}, "max_output_tokens"),
     ({"input": "Hi", "tool_choice": "sometimes"}, "tool_choice"),
     ({"input": "Hi", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"input": "Hi", "stream": "yes"}, "stream"),
