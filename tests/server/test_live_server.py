@@ -82,10 +82,18 @@ def test_seeded_requests_return_one_text_with_the_draft_equal_to_no_draft(server
         body = {"messages": [{"role": "user", "content": "Write a short poem about the sea."}], "temperature": 0.9,
                 "top_p": 0.95, "seed": 1234, "max_tokens": 64}
         replies = [httpx.post(f"{drafted.url}/v1/chat/completions", json=body, timeout=120).json() for _ in range(4)]
+        # the same request on the Responses and Messages routes: the same path, text and counters
+        response = httpx.post(f"{drafted.url}/v1/responses", timeout=120, json={
+            "input": body["messages"], **{k: body[k] for k in ("temperature", "top_p", "seed")}, "max_output_tokens": 64,
+        }).json()
+        message = httpx.post(f"{drafted.url}/v1/messages", json=body, timeout=120).json()
     finally:
         drafted.stop()
     texts = {r["choices"][0]["message"]["content"] for r in replies}
     assert len(texts) == 1, texts
+    assert {response["output"][0]["content"][0]["text"], message["content"][0]["text"]} == texts
+    for usage in (response["usage"], message["usage"]):
+        assert usage["speculative"]["decoder"] == "speculative-dflash" and usage["speculative"]["verify_steps"] > 0
     assert all(r["usage"]["speculative"]["decoder"] == "speculative-dflash" for r in replies)
     assert sum(r["usage"]["speculative"]["verify_steps"] for r in replies) > 0  # drafts were verified
     plain = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120).json()
