@@ -78,7 +78,3 @@ def named_events(client: TestClient, path: str, body: dict[str, Any]) -> list[tu
         events.append((lines[0][7:], json.loads(lines[1][6:])))
     return events
 
-
-def runs(names: list[str]) -> list[str]:
-    """Names with each run of one delta event collapsed to one."""
-    return [n for i, n in enumerate(names) if i == 0 or n != names[i - 1] or not n.endswith("delta")]

@@ -14,7 +14,7 @@ from anthropic.types import Message, RawMessageStreamEvent
 from fastapi.testclient import TestClient
 
 from engine.runtime.serving_model import ServingModel
-from tests.server.conftest import RecordingDecoder, named_events, runs
+from tests.server.conftest import RecordingDecoder, named_events
 from tests.server.test_app import make_client
 
 HI = [{"role": "user", "content": "Hi"}]
@@ -53,38 +53,71 @@ def test_create(sdk: Anthropic, tool_decoder: RecordingDecoder) -> None:
     assert prompt.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>")
 
 
+def key_field(name: str, data: dict[str, Any]) -> Any:
+    """What an event carries: a block's type and index, a delta, the stop reason."""
+    if name == "content_block_start":
+        return data["content_block"]["type"], data["index"]
+    if name == "content_block_delta":
+        delta = data["delta"]
+        return delta["type"], delta.get("text", delta.get("thinking", delta.get("partial_json")))
+    if name == "content_block_stop":
+        return data["index"]
+    if name == "message_delta":
+        return data["delta"]["stop_reason"], data["usage"]["output_tokens"]
+    return data["message"]["content"] if name == "message_start" else None
+
+
+def golden(events: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, Any]]:
+    """The sequence after checking each event; pings past the second event are keep-alives and timing-dependent."""
+    checked(events)
+    return [(name, key_field(name, data)) for i, (name, data) in enumerate(events) if i < 2 or name != "ping"]
+
+
 def test_stream_golden_sequence(tool_client: TestClient, tool_decoder: RecordingDecoder) -> None:
     tool_decoder.script = "Hello there."
     events = named_events(tool_client, "/v1/messages", {"max_tokens": 50, "messages": HI, "stream": True})
-    assert runs(checked(events)) == ["message_start", "ping", "content_block_start", "content_block_delta",
-                                     "content_block_stop", "message_delta", "message_stop"]
+    assert golden(events) == [
+        ("message_start", []),
+        ("ping", None),
+        ("content_block_start", ("text", 0)),
+        ("content_block_delta", ("text_delta", "Hello")),
+        ("content_block_delta", ("text_delta", " there")),
+        ("content_block_delta", ("text_delta", ".")),
+        ("content_block_stop", 0),
+        ("message_delta", ("end_turn", 3)),
+        ("message_stop", None)]
     start = events[0][1]["message"]
-    assert start["content"] == [] and start["stop_reason"] is None and start["usage"]["output_tokens"] == 0
+    assert start["stop_reason"] is None and start["usage"]["output_tokens"] == 0 and start["id"].startswith("msg_")
     assert start["usage"]["input_tokens"] == len(tool_decoder.prompts[-1])
-    deltas = [d["delta"] for n, d in events if n == "content_block_delta"]
-    assert all(d["type"] == "text_delta" for d in deltas) and "".join(d["text"] for d in deltas) == "Hello there."
+    assert events[2][1]["content_block"] == {"type": "text", "text": ""}
     delta = events[-2][1]
-    assert delta["delta"] == {"stop_reason": "end_turn", "stop_sequence": None} and delta["usage"]["output_tokens"] == 3
+    assert delta["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
+    assert delta["usage"]["input_tokens"] == len(tool_decoder.prompts[-1]) and delta["usage"]["cache_read_input_tokens"] == 0
+    assert delta["usage"]["speculative"]["decoder"] == "plain"
 
 
 def test_stream_golden_sequence_with_thinking_and_tool_use(tool_client: TestClient, tool_decoder: RecordingDecoder) -> None:
     tool_decoder.script = f"{THINK}Checking.\n{CALL}"
     events = named_events(tool_client, "/v1/messages", {"max_tokens": 99, "messages": HI, "stream": True, "tools": TOOLS})
-    assert runs(checked(events)) == [
-        "message_start", "ping",
-        "content_block_start", "content_block_delta", "content_block_stop",  # thinking
-        "content_block_start", "content_block_delta", "content_block_stop",  # text
-        "content_block_start", "content_block_delta", "content_block_stop",  # tool_use
-        "message_delta", "message_stop"]
+    thought = ["Two", " and", " two", " make", " four", ".", "\n"]
+    assert golden(events) == [
+        ("message_start", []),
+        ("ping", None),
+        ("content_block_start", ("thinking", 0)),
+        *[("content_block_delta", ("thinking_delta", piece)) for piece in thought],
+        ("content_block_stop", 0),
+        ("content_block_start", ("text", 1)),
+        *[("content_block_delta", ("text_delta", piece)) for piece in ("Che", "cking", ".")],
+        ("content_block_stop", 1),
+        ("content_block_start", ("tool_use", 2)),
+        ("content_block_delta", ("input_json_delta", '{"city": "Paris"}')),
+        ("content_block_stop", 2),
+        ("message_delta", ("tool_use", len(tool_decoder.tokenizer.encode(tool_decoder.script)))),
+        ("message_stop", None)]
     starts = [d["content_block"] for n, d in events if n == "content_block_start"]
-    assert [b["type"] for b in starts] == ["thinking", "text", "tool_use"]
+    assert starts[0] == {"type": "thinking", "thinking": "", "signature": ""}
     assert starts[2]["name"] == "get_weather" and starts[2]["input"] == {} and starts[2]["id"].startswith("toolu_")
-    deltas = [d["delta"] for n, d in events if n == "content_block_delta"]
-    assert "".join(d.get("thinking", "") for d in deltas) == "Two and two make four.\n"
-    assert json.loads(deltas[-1]["partial_json"]) == {"city": "Paris"} and deltas[-1]["type"] == "input_json_delta"
-    assert [d["index"] for n, d in events if n.startswith("content_block")] == sorted(
-        d["index"] for n, d in events if n.startswith("content_block"))
-    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+    assert all(d["index"] == 2 for n, d in events if n == "content_block_delta" and d["delta"]["type"] == "input_json_delta")
 
 
 def test_sdk_stream_helper(sdk: Anthropic, tool_decoder: RecordingDecoder) -> None:

@@ -16,7 +16,7 @@ from openai.types.responses import Response, ResponseStreamEvent
 
 from engine.runtime.serving_model import ServingModel
 from server.response_store import ResponseStore, StoredResponse
-from tests.server.conftest import RecordingDecoder, named_events, runs
+from tests.server.conftest import RecordingDecoder, named_events
 from tests.server.test_app import assert_openai_400, make_client
 
 TOOLS = [{"type": "function", "name": "get_weather", "description": "The weather in a city",
@@ -56,43 +56,80 @@ def test_create_text(sdk: OpenAI, tool_decoder: RecordingDecoder) -> None:
     assert prompt.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>")
 
 
+def key_field(name: str, data: dict[str, Any]) -> Any:
+    """The field that says what an event carries: a delta, a done text, an item's type, a response's status."""
+    if name.endswith(".delta"):
+        return data["delta"]
+    if name.endswith("_text.done"):
+        return data["text"]
+    if name.endswith("arguments.done"):
+        return json.loads(data["arguments"])
+    if name.startswith("response.content_part"):
+        return data["part"]["text"]
+    if name.startswith("response.output_item"):
+        return data["item"]["type"], data["item"]["status"], data["output_index"]
+    return data["response"]["status"]
+
+
 def test_stream_golden_sequence(tool_client: TestClient, tool_decoder: RecordingDecoder) -> None:
     tool_decoder.script = "Hello there."
     events = named_events(tool_client, "/v1/responses", {"input": "Hi", "stream": True})
-    assert runs(checked(events)) == [
-        "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
-        "response.output_text.delta", "response.output_text.done", "response.content_part.done",
-        "response.output_item.done", "response.completed"]
+    checked(events)
+    assert [(name, key_field(name, data)) for name, data in events] == [
+        ("response.created", "in_progress"),
+        ("response.in_progress", "in_progress"),
+        ("response.output_item.added", ("message", "in_progress", 0)),
+        ("response.content_part.added", ""),
+        ("response.output_text.delta", "Hello"),
+        ("response.output_text.delta", " there"),
+        ("response.output_text.delta", "."),
+        ("response.output_text.done", "Hello there."),
+        ("response.content_part.done", "Hello there."),
+        ("response.output_item.done", ("message", "completed", 0)),
+        ("response.completed", "completed")]
     data = [d for _, d in events]
-    assert data[0]["response"]["status"] == "in_progress" and data[0]["response"]["output"] == []
-    assert "".join(d["delta"] for d in data if d["type"] == "response.output_text.delta") == "Hello there."
-    assert len({d["item_id"] for d in data if "item_id" in d}) == 1
+    assert data[0]["response"]["output"] == [] and data[0]["response"]["usage"] is None
+    assert len({d["item_id"] for d in data if "item_id" in d} | {d["item"]["id"] for d in data if "item" in d}) == 1
+    assert all(d["content_index"] == 0 for d in data if "content_index" in d)
     final = data[-1]["response"]
-    assert final["status"] == "completed" and final["output"][0]["content"][0]["text"] == "Hello there."
+    assert final["output"][0]["content"][0]["text"] == "Hello there."
     assert final["output"] == [data[-2]["item"]] and final["id"] == data[0]["response"]["id"]
     usage = final["usage"]
-    assert set(usage) >= {"input_tokens", "output_tokens", "total_tokens", "input_tokens_details",
-                          "output_tokens_details", "speculative"}
-    assert usage["input_tokens_details"]["cached_tokens"] == 0 and usage["output_tokens_details"]["reasoning_tokens"] == 0
+    assert (usage["output_tokens"], usage["input_tokens_details"]["cached_tokens"],
+            usage["output_tokens_details"]["reasoning_tokens"]) == (3, 0, 0)
+    assert usage["total_tokens"] == usage["input_tokens"] + 3 and usage["speculative"]["decoder"] == "plain"
 
 
 def test_stream_golden_sequence_with_reasoning_and_a_call(tool_client: TestClient, tool_decoder: RecordingDecoder) -> None:
     tool_decoder.script = f"{THINK}Checking.\n{CALL}"
     events = named_events(tool_client, "/v1/responses", {"input": "Hi", "stream": True, "tools": TOOLS})
-    assert runs(checked(events)) == [
-        "response.created", "response.in_progress",
-        "response.output_item.added", "response.content_part.added", "response.reasoning_text.delta",
-        "response.reasoning_text.done", "response.content_part.done", "response.output_item.done",
-        "response.output_item.added", "response.content_part.added", "response.output_text.delta",
-        "response.output_text.done", "response.content_part.done", "response.output_item.done",
-        "response.output_item.added", "response.function_call_arguments.delta",
-        "response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+    checked(events)
+    thought = ["Two", " and", " two", " make", " four", ".", "\n"]
+    assert [(name, key_field(name, data)) for name, data in events] == [
+        ("response.created", "in_progress"),
+        ("response.in_progress", "in_progress"),
+        ("response.output_item.added", ("reasoning", "in_progress", 0)),
+        ("response.content_part.added", ""),
+        *[("response.reasoning_text.delta", piece) for piece in thought],
+        ("response.reasoning_text.done", "Two and two make four.\n"),
+        ("response.content_part.done", "Two and two make four.\n"),
+        ("response.output_item.done", ("reasoning", "completed", 0)),
+        ("response.output_item.added", ("message", "in_progress", 1)),
+        ("response.content_part.added", ""),
+        *[("response.output_text.delta", piece) for piece in ("Che", "cking", ".")],
+        ("response.output_text.done", "Checking."),
+        ("response.content_part.done", "Checking."),
+        ("response.output_item.done", ("message", "completed", 1)),
+        ("response.output_item.added", ("function_call", "in_progress", 2)),
+        ("response.function_call_arguments.delta", '{"city": "Paris"}'),
+        ("response.function_call_arguments.done", {"city": "Paris"}),
+        ("response.output_item.done", ("function_call", "completed", 2)),
+        ("response.completed", "completed")]
+    added = [d["item"] for n, d in events if n == "response.output_item.added"]
+    assert added[2]["name"] == "get_weather" and added[2]["arguments"] == ""
     reasoning, message, call = events[-1][1]["response"]["output"]
-    assert reasoning["type"] == "reasoning" and reasoning["content"][0]["text"] == "Two and two make four.\n"
-    assert message["content"][0]["text"] == "Checking."
-    assert call["type"] == "function_call" and call["name"] == "get_weather" and call["call_id"].startswith("call_")
-    assert json.loads(call["arguments"]) == {"city": "Paris"} and call["status"] == "completed"
-    assert [d["output_index"] for n, d in events if n == "response.output_item.added"] == [0, 1, 2]
+    assert [reasoning["type"], message["type"], call["type"]] == ["reasoning", "message", "function_call"]
+    assert call["name"] == "get_weather" and call["call_id"].startswith("call_") and call["id"] == added[2]["id"]
     assert events[-1][1]["response"]["usage"]["output_tokens_details"]["reasoning_tokens"] > 0
 
 
