@@ -77,4 +77,3 @@ def named_events(client: TestClient, path: str, body: dict[str, Any]) -> list[tu
         assert len(lines) == 2 and lines[0].startswith("event: ") and lines[1].startswith("data: "), block
         events.append((lines[0][7:], json.loads(lines[1][6:])))
     return events
-

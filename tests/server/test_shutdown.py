@@ -1,5 +1,6 @@
 """SIGTERM drains a live server (vLLM's test_shutdown): in-flight requests finish or end with "abort",
-new requests are refused, and the process exits 0 within the drain timeout."""
+new requests are refused, and the process exits 0 within the drain timeout. An abort ends Responses
+and Messages streams in their own shapes."""
 
 from __future__ import annotations
 
@@ -10,8 +11,24 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from collections.abc import Generator
+from typing import Any
+
 import httpx
+from fastapi.testclient import TestClient
 from live_server import LiveServer
+
+from engine.decode.decoder import DecodeStep
+from engine.decode.sampling import SamplingParams, TokenRng
+from engine.model.gguf import read_gguf
+from engine.model.tokenizer import Tokenizer
+from engine.runtime.async_engine import AsyncEngine
+from engine.runtime.config import ServerConfig
+from engine.runtime.serving_model import ServingModel
+from server.app import create_app
+from server.responses_api import ABORTED
+from tests.conftest import embedded_gguf_path
+from tests.server.test_chat_template import ScriptedDecoder
 
 MSG = [{"role": "user", "content": "Tell me a long story about the sea."}]
 ENDLESS = {"temperature": 1.0, "logit_bias": {"2": -100}, "max_tokens": 3000}  # never EOS: runs until aborted
@@ -120,3 +137,47 @@ def test_second_signal_aborts_at_once() -> None:
         return time.monotonic() - t0
 
     assert asyncio.run(main()) < 2
+
+
+class SlowDecoder(ScriptedDecoder):
+    """One token every 20 ms until max_tokens: a stream still running when the test aborts it."""
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
+                 rng: TokenRng) -> Generator[DecodeStep, None, None]:
+        word = self.tokenizer.encode(" sea")[0]
+        for _ in range(max_tokens):
+            time.sleep(0.02)
+            yield DecodeStep([word], None)
+
+
+def aborted_stream(path: str, body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Stream `body` on a fresh app and abort everything (a drain timeout's abort) after the first delta."""
+    _, meta = read_gguf(embedded_gguf_path())
+    tokenizer = Tokenizer.from_gguf_metadata(meta)
+    serving = ServingModel(model_id="slow", tokenizer=tokenizer, context_length=1024, plain=SlowDecoder(tokenizer),
+                           speculative=None, drafter="none", backend="test", description="slow")
+    engine = AsyncEngine(lambda: serving, max_waiting=4)
+    events: list[tuple[str, dict[str, Any]]] = []
+    with TestClient(create_app(ServerConfig(), engine), base_url="http://localhost") as client:
+        with client.stream("POST", path, json={**body, "stream": True, "max_tokens": 500}) as r:
+            name, aborted = "", 0
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: "):
+                    events.append((name, json.loads(line[6:])))
+                    if name.endswith("delta") and not aborted:  # the first delta: the stream is running
+                        aborted = engine.abort_all()
+    assert aborted == 1
+    return events
+
+
+def test_an_abort_ends_responses_and_messages_streams_in_their_shapes() -> None:
+    events = aborted_stream("/v1/responses", {"input": "Hi", "max_output_tokens": 500})
+    name, last = events[-1]
+    assert name == "response.failed" and last["response"]["status"] == "failed"
+    assert last["response"]["error"] == {"code": "server_error", "message": ABORTED}
+    assert last["response"]["usage"]["output_tokens"] < 500
+    events = aborted_stream("/v1/messages", {"messages": MSG, "max_tokens": 500})
+    assert [name for name, _ in events[-2:]] == ["content_block_stop", "error"]
+    assert events[-1][1] == {"type": "error", "error": {"type": "overloaded_error", "message": ABORTED}}
