@@ -9,6 +9,13 @@ import socket
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+
+    from engine.runtime.config import ServerConfig
+    from server.rank_launcher import LocalRanks
 
 DESCRIPTION = """\
 Local OpenAI-compatible LLM server with DFlash speculative decoding on MLX.
@@ -25,6 +32,7 @@ examples:
   dflash-server --model mlx-community/Qwen3-4B-4bit --draft z-lab/Qwen3-4B-DFlash-b16
   dflash-server --host 0.0.0.0 --api-key sk-local reachable from other machines, with a key
   dflash-server --config my.toml                  settings from a file (see configs/default.toml)
+  dflash-server --model DIR --tensor-parallel 2   the target split over 2 local ranks (docs/distributed.md)
 """
 
 
@@ -57,6 +65,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                      help="browser origins allowed to call the API, e.g. http://localhost:3000; '*' any (default none)")
     net.add_argument("--drain-timeout", type=float, metavar="SECONDS",
                      help="on SIGTERM, wait this long for in-flight requests before aborting them (default 30)")
+    group = p.add_argument_group("tensor parallel (docs/distributed.md)")
+    group.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                       help="split the target over N ranks on this machine (ring backend; NCCL on CUDA)")
+    group.add_argument("--hostfile", type=Path, help="spread the ranks over the machines of an mlx.launch hostfile")
+    group.add_argument("--rank-timeout", type=float, default=120.0, metavar="SECONDS",
+                       help="a rank silent this long fails the group: errors to waiting requests, then exit (default 120)")
     p.add_argument("--list-configs", action="store_true", help="show the known target/draft pairs and exit")
     p.add_argument("--config", type=Path, help="TOML config file (default: configs/default.toml)")
     p.add_argument("--max-waiting", type=int, help="queued requests before 503 (default 64)")
@@ -118,26 +132,84 @@ def main(argv: list[str] | None = None) -> None:
         from server.chat_template import load_chat_template
 
         load_chat_template(config.chat_template)  # a bad --chat-template: one line here, not a traceback later
+        group, ranks = start_group(args, argv)
     except ValueError as e:
         sys.exit(f"dflash-server: {e}")
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    where = f"rank {group.rank()} " if group is not None else ""
+    logging.basicConfig(level=config.log_level.upper(), format=f"%(asctime)s %(levelname)s {where}%(name)s: %(message)s")
     from engine.model import progress
 
     progress.configure(args.progress)
+    if group is not None and group.rank() != 0:
+        run_follower(config, group, args.rank_timeout)
+        return
     from engine.runtime.async_engine import AsyncEngine
     from engine.runtime.serving_model import ServingModel
+    from engine.runtime.tensor_parallel import leader_engine, watch_leader
     from server.app import create_app
     from server.graceful_server import serve
 
-    engine = AsyncEngine(lambda: ServingModel.load(config.engine), max_waiting=config.engine.max_waiting)
+    if group is None:
+        engine = AsyncEngine(lambda: ServingModel.load(config.engine), max_waiting=config.engine.max_waiting)
+    else:
+        engine = leader_engine(config.engine, group)
     try:
         check_port(config.host, config.port)  # before a load that may take minutes
         engine.load()  # before uvicorn: a failure is one line here, not a traceback from its lifespan
     except Exception as e:
         if config.log_level == "debug":
             traceback.print_exc()
+        if group is not None:
+            leave_group(f"dflash-server: {one_line(e)}", ranks)
         sys.exit(f"dflash-server: {one_line(e)}")
+    watchdog = None
+    if group is not None:
+        watchdog = watch_leader(engine, args.rank_timeout, ranks.kill if ranks else lambda: None,
+                                ranks.running if ranks else lambda: True)
     serve(create_app(config, engine), config)
+    if watchdog is not None:
+        watchdog.stop()
+    if ranks is not None and (code := ranks.wait(timeout=10)):
+        sys.exit(f"dflash-server: a rank exited with code {code}")
+
+
+def start_group(args: argparse.Namespace, argv: list[str]) -> tuple[mx.distributed.Group | None, LocalRanks | None]:
+    """Join a tensor-parallel group: started by mlx.launch, or start one (--tensor-parallel, --hostfile)."""
+    from engine.runtime.tensor_parallel import join_group, launched_backend
+    from server.rank_launcher import LocalRanks, exec_mlx_launch
+
+    if args.tensor_parallel < 1:
+        raise ValueError(f"--tensor-parallel must be >= 1, got {args.tensor_parallel}")
+    ranks = None
+    if launched_backend() is None:  # not a rank yet
+        if args.hostfile is not None:
+            exec_mlx_launch(argv, hostfile=args.hostfile, size=None, backend=None)
+        if args.tensor_parallel > 1:
+            import mlx.core as mx
+
+            if mx.cuda.is_available():  # one GPU per rank, over NCCL: mlx.launch sets that up
+                exec_mlx_launch(argv, hostfile=None, size=args.tensor_parallel, backend="nccl")
+            ranks = LocalRanks.start(args.tensor_parallel, argv)
+    return join_group(), ranks
+
+
+def run_follower(config: ServerConfig, group: mx.distributed.Group, timeout: float) -> None:
+    from engine.runtime.tensor_parallel import run_follower as follow
+
+    try:
+        follow(config.engine, group, timeout)
+    except Exception as e:  # non-zero: mlx.launch or rank 0 sees this rank fail
+        if config.log_level == "debug":
+            traceback.print_exc()
+        leave_group(f"dflash-server rank {group.rank()}: {one_line(e)}", None)
+
+
+def leave_group(message: str, ranks: LocalRanks | None) -> None:
+    """Exit 1 at once: a normal exit tears down MLX's ring threads mid-connection and aborts (SIGABRT)."""
+    if ranks is not None:
+        ranks.kill()
+    print(message, file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def check_port(host: str, port: int) -> None:

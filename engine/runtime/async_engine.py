@@ -28,8 +28,11 @@ class EngineDead(RuntimeError):
 class AsyncEngine:
     POLL_SECONDS = 1.0  # how often a waiting request checks that the MLX thread is alive
 
-    def __init__(self, load: Callable[[], ServingModel], *, max_waiting: int) -> None:
+    def __init__(
+        self, load: Callable[[], ServingModel], *, max_waiting: int, make_scheduler: Callable[..., Scheduler] = Scheduler
+    ) -> None:
         self._load = load
+        self._make_scheduler = make_scheduler  # a tensor-parallel group's rank 0 passes DistributedScheduler
         self.max_waiting = max_waiting
         self.model: ServingModel | None = None
         self.scheduler: Scheduler | None = None
@@ -77,7 +80,7 @@ class AsyncEngine:
         try:
             with progress.logging_redirected():  # a log line during loading must not land mid-bar
                 self.model = self._load()
-            self.scheduler = Scheduler(
+            self.scheduler = self._make_scheduler(
                 self.model.plain, self.model.speculative, self.model.tokenizer,
                 self.model.tokenizer.eos_token_ids, self._emit, max_waiting=self.max_waiting,
                 prefix_cache=self.model.prefix_cache,
@@ -91,6 +94,7 @@ class AsyncEngine:
             while not self._stop.is_set():
                 if not self.scheduler.step():
                     self.scheduler.wait_for_work(timeout=0.5)
+            self.scheduler.close()
         except BaseException as e:  # a bug in the loop itself: fail everyone, loudly
             log.exception("engine thread died")
             self.error = EngineDead(f"engine thread died: {e!r}")

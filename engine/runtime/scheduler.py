@@ -124,11 +124,17 @@ class Scheduler:
             else:
                 return None
         decoder = self.choose_decoder(request)
-        args = (request.prompt_ids, request.params, request.max_tokens, TokenRng(request.params.seed))
+        args = (request.prompt_ids, request.params, request.max_tokens, self.make_rng(request))
         if self.prefix_cache is None:
             return Running(request, decoder.generate(*args), Detokenizer(self.tokenizer, request.stop))
         prefix = self.prefix_cache.lease(request.prompt_ids, request.num_stable_prompt_tokens)
         return Running(request, decoder.generate(*args, prefix=prefix), Detokenizer(self.tokenizer, request.stop), prefix)
+
+    def make_rng(self, request: Request) -> TokenRng:
+        return TokenRng(request.params.seed)
+
+    def close(self) -> None:
+        """The loop has ended (engine shutdown); nothing to release in one process."""
 
     def end_unstarted(self, request: Request) -> None:
         # cancelled while waiting: never runs; a shutdown abort still reads this final output

@@ -37,18 +37,22 @@ class ServingModel:
     prefix_cache: PrefixCache | None = None  # None: every request prefills its whole prompt
 
     @classmethod
-    def load(cls, config: EngineConfig) -> ServingModel:
+    def load(cls, config: EngineConfig, group: mx.distributed.Group | None = None) -> ServingModel:
+        """Load on this thread; with a `group` of several ranks, this rank's shard of a tensor-parallel target."""
         from engine.model.loader import load_model
 
         dequantize = {"auto": None, "yes": True, "no": False}[config.dequantize]
         pair = load_pairs().get(config.model)
         if pair is not None:  # a known pair's name stands for its target (and its draft by default)
             config = replace(config, model=pair.target)
-        loaded = load_model(config.model, dequantize=dequantize)
+        loaded = load_model(config.model, dequantize=dequantize, group=group)
+        lockstep = group is not None and group.size() > 1
         # before the decoders are built: plain and speculative share the prepared model
         log.info("target: %s", prepare_model(loaded.model, fuse=config.fuse_projections))
         plain = PlainDecoder(loaded.model, prefill_chunk=config.prefill_chunk)
-        speculative, drafter = build_speculative(loaded, config)
+        # lockstep ranks must choose the same verify widths: the adaptive controller prices them with
+        # each rank's own clock, so it stays off; the prefix cache is not kept in step across ranks either
+        speculative, drafter = build_speculative(loaded, config, adaptive=not lockstep)
         if speculative is not None and default_attention_kernel().kernel is not None:
             warm_up(speculative)
         return cls(
@@ -58,9 +62,9 @@ class ServingModel:
             plain=plain,
             speculative=speculative,
             drafter=drafter,
-            backend=describe_backend(),
+            backend=describe_backend() + (f", tensor parallel over {group.size()} ranks" if lockstep else ""),
             description=loaded.description,
-            prefix_cache=build_prefix_cache(loaded.model, config),
+            prefix_cache=None if lockstep else build_prefix_cache(loaded.model, config),
         )
 
 
@@ -125,7 +129,9 @@ def resolve_draft(spec: str, target: str, model_id: str) -> str | None:
     return spec
 
 
-def build_speculative(loaded: object, config: EngineConfig) -> tuple[SpeculativeDecoder | None, str]:
+def build_speculative(
+    loaded: object, config: EngineConfig, *, adaptive: bool = True
+) -> tuple[SpeculativeDecoder | None, str]:
     from engine.decode.drafters import DFlashDrafter, NgramDrafter
     from engine.decode.speculative import SpeculativeDecoder
     from engine.model.target import Target
@@ -136,7 +142,9 @@ def build_speculative(loaded: object, config: EngineConfig) -> tuple[Speculative
         target = Target(loaded.model, layer_ids=())
         drafter = NgramDrafter()
         block_size = config.block_size or NGRAM_BLOCK_SIZE
-        return SpeculativeDecoder(target, drafter, block_size=block_size, prefill_chunk=config.prefill_chunk), "ngram"
+        decoder = SpeculativeDecoder(target, drafter, block_size=block_size, prefill_chunk=config.prefill_chunk,
+                                     adaptive=adaptive)
+        return decoder, "ngram"
     path = resolve_draft(config.draft, config.model, loaded.model_id)
     if path is None:
         return None, "none"
@@ -145,7 +153,8 @@ def build_speculative(loaded: object, config: EngineConfig) -> tuple[Speculative
     draft = load_draft_for(path, loaded, load_draft)
     target = Target(loaded.model, layer_ids=draft.config.target_layer_ids)
     block_size = config.block_size or draft.config.block_size
-    decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=block_size, prefill_chunk=config.prefill_chunk)
+    decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=block_size,
+                                 prefill_chunk=config.prefill_chunk, adaptive=adaptive)
     return decoder, f"dflash ({path})"
 
 
