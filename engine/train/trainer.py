@@ -220,6 +220,11 @@ class Trainer:
             next(stream)
         window: list[dict[str, mx.array]] = []
         tokens, window_start = 0, time.perf_counter()
+        initial: dict[str, float] = {}
+        if self.step_count == 0:
+            # a continued fit starts from a published draft: the fit must beat it on this data to replace it
+            initial = self.validate_and_publish()
+            print("fit: before the first step " + ", ".join(f"{k} {v:.3f}" for k, v in initial.items()))
         bar = progress_bar(total=cfg.steps, desc="fit", unit="step", initial=self.step_count)
         stopped = "steps"
         try:
@@ -258,7 +263,7 @@ class Trainer:
         val = self.validate_and_publish()
         self.save_checkpoint()
         return {"steps": self.step_count, "stopped_by": stopped, "seconds": time.perf_counter() - start,
-                "best_val_tau": self.best_val_tau, **val}
+                "best_val_tau": self.best_val_tau, **val, **{f"initial_{k}": v for k, v in initial.items()}}
 
     def fit_schedule_to_time(self, timed_from: tuple[int, float], seconds_left: float) -> int:
         """End the schedule at the steps that fit in `seconds_left` (5% kept for validation), never past --steps."""

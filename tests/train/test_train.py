@@ -283,6 +283,18 @@ def test_tiny_fit_lowers_the_loss_and_publishes(tiny: tuple[Target, object], tmp
     assert published["dflash_config"]["mask_token_id"] == trainer.draft.config.mask_token_id
 
 
+def test_a_fit_validates_its_starting_draft_before_the_first_step(tiny: tuple[Target, object], tmp_path: Path) -> None:
+    """A continued fit reports where it started, and publishes that draft until a fitted one beats it."""
+    target, reference = tiny
+    config = TrainConfig(steps=2, batch_tokens=640, blocks_per_seq=6, lr=0.0, val_permille=300, val_batches=2,
+                         eval_every=1000, checkpoint_every=1000)
+    trainer = Trainer(target, build_draft(reference.config), TokenDataset(periodic_samples(60), max_len=64), config, tmp_path)
+    result = trainer.fit()
+    assert result["initial_published"] == 1.0 and (tmp_path / "draft" / "config.json").exists()
+    assert result["initial_val_loss"] == pytest.approx(result["val_loss"], rel=1e-4)  # lr 0: nothing moved
+    assert "published" not in {k for k in result if not k.startswith("initial_")}  # no better draft replaced it
+
+
 def test_time_limit_shortens_the_schedule_to_what_fits(
     tiny: tuple[Target, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
