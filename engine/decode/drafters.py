@@ -16,6 +16,7 @@ from typing import NamedTuple, Protocol
 import mlx.core as mx
 
 from engine.decode.sampling import SamplingParams, TokenRng, filter_logprobs
+from engine.decode.tree import rank_scores
 from engine.decode.verify_width import CostCurve
 from engine.model.draft import DFlashDraft
 from engine.model.target import Target
@@ -56,6 +57,16 @@ class Drafter(Protocol):
         ...
 
 
+class TreeDrafter(Drafter, Protocol):
+    """A drafter that scores every block position, so a cycle can verify a tree of its best continuations."""
+
+    def propose_scores(
+        self, new_tokens: list[int], taps: mx.array | None, num_tokens: int, params: SamplingParams, rng: TokenRng
+    ) -> mx.array:
+        """As propose's inputs; returns (num_tokens, V) log-probs to rank candidates by (tree.rank_scores), lazily."""
+        ...
+
+
 def _deterministic(tokens: list[int]) -> Proposal:
     return Proposal(mx.array(tokens, dtype=mx.int32), None)
 
@@ -92,16 +103,7 @@ class DFlashDrafter:
         *,
         keep: int | None = None,
     ) -> Proposal:
-        assert self._cache is not None, "begin() first"
-        if taps is not None:
-            self._unseen.append(taps)
-        unseen = self._unseen[0] if len(self._unseen) == 1 else mx.concatenate(self._unseen, axis=1)
-        self._unseen = []
-        context = self.draft.project_context(unseen)  # (1, n, H)
-        anchor_position = self._cache[0].offset + context.shape[1]
-        ids = mx.array([[new_tokens[-1]] + [self.draft.config.mask_token_id] * num_tokens], dtype=mx.int32)
-        noise = self.draft.noise_embedding(ids, self.target.embed)  # (1, k+1, H)
-        hidden = self.draft(noise, context, cache=self._cache, q_offset=anchor_position)  # (1, k+1, H)
+        hidden, anchor_position = self._forward(new_tokens, taps, num_tokens)
         # the block keeps its trained width; the LM head (a V-wide matmul per row) runs on kept rows only
         kept = num_tokens if keep is None else min(keep, num_tokens)
         if kept == 0:  # the forward above still feeds the new context rows to the draft cache
@@ -115,6 +117,28 @@ class DFlashDrafter:
             return Proposal(mx.argmax(logprobs + gumbel, axis=-1).astype(mx.int32), None)
         tokens = mx.random.categorical(logprobs, axis=-1, key=rng.next_key())
         return Proposal(tokens.astype(mx.int32), logprobs)
+
+    def propose_scores(
+        self, new_tokens: list[int], taps: mx.array | None, num_tokens: int, params: SamplingParams, rng: TokenRng
+    ) -> mx.array:
+        """(num_tokens, V) log-probs of every block position, lazily, for a tree (engine/decode/tree.py)."""
+        hidden, anchor_position = self._forward(new_tokens, taps, num_tokens)
+        logits = self.draft.logits(hidden[0, 1:], self.target.lm_head)  # (k, V); row 0 is the anchor
+        noise = None if params.is_greedy or not rng.by_position else rng.gumbel(anchor_position + 1, *logits.shape)
+        return rank_scores(logits, params, noise)
+
+    def _forward(self, new_tokens: list[int], taps: mx.array | None, num_tokens: int) -> tuple[mx.array, int]:
+        """The draft over [pending, MASK x num_tokens] after ingesting the new context: (1, k+1, H), anchor position."""
+        assert self._cache is not None, "begin() first"
+        if taps is not None:
+            self._unseen.append(taps)
+        unseen = self._unseen[0] if len(self._unseen) == 1 else mx.concatenate(self._unseen, axis=1)
+        self._unseen = []
+        context = self.draft.project_context(unseen)  # (1, n, H)
+        anchor_position = self._cache[0].offset + context.shape[1]
+        ids = mx.array([[new_tokens[-1]] + [self.draft.config.mask_token_id] * num_tokens], dtype=mx.int32)
+        noise = self.draft.noise_embedding(ids, self.target.embed)  # (1, k+1, H)
+        return self.draft(noise, context, cache=self._cache, q_offset=anchor_position), anchor_position
 
     def end(self) -> None:
         self._cache, self._unseen = None, []
@@ -194,22 +218,41 @@ class OracleDrafter:
 
     `wrong_at[c % len(wrong_at)]` is the draft index corrupted in cycle c (None: none), so
     partial acceptance and rollback happen at chosen block positions, deterministically.
+    For trees, `ranks[c % len(ranks)][i]` is the rank of the true token at block position i in cycle c
+    (missing: 0; a wrong_at position: 1): its scores put (t+1, ..., t+r) mod V first, then t, then one
+    more decoy, so a tree reaches the continuation through a non-top-1 branch where a chain proposes t+1.
     """
 
     name = "oracle"
     needs_taps = False
 
-    def __init__(self, continuation: Sequence[int], *, vocab_size: int, wrong_at: Sequence[int | None] = (None,)) -> None:
-        if not wrong_at:
-            raise ValueError("wrong_at needs at least one entry (None: propose the continuation as is)")
+    def __init__(
+        self, continuation: Sequence[int], *, vocab_size: int, wrong_at: Sequence[int | None] = (None,),
+        ranks: Sequence[Sequence[int]] = ((),),
+    ) -> None:
+        if not wrong_at or not ranks:
+            raise ValueError("wrong_at and ranks need at least one entry (None / (): propose the continuation as is)")
         self.continuation = list(continuation)
         self.vocab_size = vocab_size
         self.wrong_at = tuple(wrong_at)
+        self.ranks = tuple(tuple(r) for r in ranks)
         self._num_output = 0
         self._cycle = 0
 
     def begin(self, prompt_ids: list[int], prompt_taps: mx.array | None) -> None:
         self._num_output, self._cycle = 0, 0
+
+    def _next(self, new_tokens: list[int], num_tokens: int) -> tuple[list[int], list[int]]:
+        """The true continuation for this cycle and the rank of each of its tokens."""
+        self._num_output += len(new_tokens)
+        tokens = self.continuation[self._num_output : self._num_output + num_tokens]
+        ranks = list(self.ranks[self._cycle % len(self.ranks)][: len(tokens)])
+        ranks += [0] * (len(tokens) - len(ranks))
+        wrong = self.wrong_at[self._cycle % len(self.wrong_at)]
+        self._cycle += 1
+        if wrong is not None and wrong < len(tokens):
+            ranks[wrong] = max(ranks[wrong], 1)
+        return tokens, ranks
 
     def propose(
         self,
@@ -221,13 +264,20 @@ class OracleDrafter:
         *,
         keep: int | None = None,
     ) -> Proposal:
-        self._num_output += len(new_tokens)
-        tokens = self.continuation[self._num_output : self._num_output + num_tokens]
-        wrong = self.wrong_at[self._cycle % len(self.wrong_at)]
-        self._cycle += 1
-        if wrong is not None and wrong < len(tokens):
-            tokens[wrong] = (tokens[wrong] + 1) % self.vocab_size
-        return _deterministic(tokens)
+        tokens, ranks = self._next(new_tokens, num_tokens)
+        return _deterministic([t if r == 0 else (t + 1) % self.vocab_size for t, r in zip(tokens, ranks)])
+
+    def propose_scores(
+        self, new_tokens: list[int], taps: mx.array | None, num_tokens: int, params: SamplingParams, rng: TokenRng
+    ) -> mx.array:
+        tokens, ranks = self._next(new_tokens, num_tokens)
+        logits = [[0.0] * self.vocab_size for _ in range(num_tokens)]  # past the continuation: uniform
+        for row, (t, r) in zip(logits, zip(tokens, ranks)):
+            row[:] = [-10.0] * self.vocab_size
+            for i in range(r + 2):  # r decoys, the true token, one decoy after it: 2/3 of the mass on rank 0
+                row[t if i == r else (t + 1 + min(i, r)) % self.vocab_size] = -0.7 * i
+        x = mx.array(logits)
+        return x - mx.logsumexp(x, axis=-1, keepdims=True)
 
     def end(self) -> None:
         pass

@@ -25,8 +25,16 @@ from engine.decode.sampling import (
     to_token_logprobs,
     token_logprobs,
 )
-from engine.decode.verify_width import CostCurve, VerifyWidth
+from engine.decode.tree import DraftTree, accept_tree, build_tree, tree_mask
+from engine.decode.verify_width import (
+    TREE_BUDGETS,
+    CostCurve,
+    Plan,
+    TreeOutcome,
+    VerifyWidth,
+)
 from engine.model.target import Target
+from engine.model.tree_attention import TreeRows
 
 if TYPE_CHECKING:
     from engine.decode.prefix_cache import PrefixLease
@@ -110,6 +118,8 @@ class SpecStats:
     accepted: int = 0
     accept_counts: list[int] = field(default_factory=list)  # histogram of a, as gpt-fast
     widths: list[int] = field(default_factory=list)  # verify width chosen per cycle (probes included)
+    budgets: list[int] = field(default_factory=list)  # tree nodes verified per cycle (0: a chain)
+    branched: int = 0  # tree cycles whose accepted path left the draft's top-1 chain
     timings: list[CycleTiming] = field(default_factory=list)
 
     @property
@@ -125,10 +135,20 @@ class SpecStats:
         self.accept_counts[accepted] += 1
 
 
+class _TreePart(NamedTuple):
+    """What a tree cycle adds to _Cycle, lazily except `start`."""
+
+    start: int  # target cache rows before the verify: the tree's rows follow
+    path: mx.array  # (L+1,) int32: verify rows of the accepted path, root first
+    on_path: mx.array  # (N,) bool
+    scores: mx.array  # (N_max,) float32: path log-probs of the tree before it was cut, for the controller
+    spine: mx.array  # (2,) int32: top-1 chain nodes verified, and accepted
+
+
 class _Cycle(NamedTuple):
     """A launched cycle: everything lazy except the block size, already in the target cache."""
 
-    block: int  # rows verified = drafted + 1
+    block: int  # rows verified = drafted + 1 (a tree: its nodes + 1)
     width: int  # the width chosen for this cycle (the drafter may have proposed fewer)
     num_accepted: mx.array  # () int32
     tokens: mx.array  # (block,) int32: tokens[:a] are the accepted drafts, tokens[a] the next token
@@ -138,6 +158,7 @@ class _Cycle(NamedTuple):
     verify_s: float
     launched_at: float  # perf_counter() when the launch returned (timing only)
     chained: bool = False  # launched by _chain, before the previous cycle's sync
+    tree: _TreePart | None = None  # a tree cycle (engine/decode/tree.py); None: a chain
 
 
 class SpeculativeDecoder:
@@ -155,6 +176,8 @@ class SpeculativeDecoder:
         cost_curve: CostCurve | None = None,
         learn_overheads: bool = True,
         chain_plain_steps: bool | None = None,
+        tree_budget: int | str = 0,
+        tree_spine: bool = False,
     ) -> None:
         if block_size < 2:
             raise ValueError(f"block_size must be >= 2 (the anchor plus at least one draft), got {block_size}")
@@ -175,6 +198,8 @@ class SpeculativeDecoder:
             chain_plain_steps = True
         self.chain_plain_steps = chain_plain_steps and not target.has_recurrent_layers
         self.name = f"speculative-{drafter.name}"
+        self.tree_budgets, self.tree_status = self._tree_setup(tree_budget, adaptive)
+        self.tree_spine = tree_spine  # trees put the top-1 chain first (tree.build_tree)
         self.stats = SpecStats()
         self._sync_end = 0.0  # perf_counter() at the last sync's return
         self._drafted_last = False  # the last finished cycle verified drafts (its draft had no held context)
@@ -189,6 +214,30 @@ class SpeculativeDecoder:
     def forget_acceptance(self) -> None:
         """Start the width controller afresh at the next request; the measured cost curve is kept."""
         self._width = None
+
+    def _tree_setup(self, tree_budget: int | str, adaptive: bool) -> tuple[tuple[int, ...], str]:
+        """The budgets trees may take (none: chains only) and what /health says about it."""
+        if tree_budget in (0, "0"):
+            return (), "off"
+        if tree_budget == "auto":
+            if not adaptive:
+                raise ValueError("tree_budget 'auto' is chosen by the adaptive width; pass a number without it")
+            budgets = TREE_BUDGETS
+        elif isinstance(tree_budget, int) and tree_budget > 0:
+            budgets = (tree_budget,)
+        else:
+            raise ValueError(f"tree_budget must be a positive number of nodes, 'auto' or 0, got {tree_budget!r}")
+        reason = self.target.tree_support()
+        if reason is None and not hasattr(self.drafter, "propose_scores"):
+            reason = f"the {self.drafter.name} drafter proposes one continuation: chains only"
+        if reason is not None:
+            return (), f"off ({reason})"
+        self.target.enable_trees()
+        return budgets, "auto" if tree_budget == "auto" else f"{budgets[0]} nodes"
+
+    @property
+    def max_budget(self) -> int:
+        return max(self.tree_budgets, default=0)
 
     def supports(self, params: SamplingParams) -> str | None:
         if params.has_processors:
@@ -242,14 +291,14 @@ class SpeculativeDecoder:
                 cycle = launched.pop(0)
                 if not launched:
                     self._chain(cycle, launched, max_tokens - num_emitted - 1, cache, params, rng)
-                accepted, tokens, logprobs = self._finish(cycle, cache, chained_next=bool(launched))
-                num_committed += accepted + 1  # the anchor and the accepted drafts
+                accepted, tokens, logprobs, path = self._finish(cycle, cache, chained_next=bool(launched))
+                num_committed += accepted + 1  # the anchor and the accepted drafts (a tree: its path)
                 in_flight = sum(c.block for c in launched)
                 assert self.target.cache_length(cache) == num_committed + in_flight, (
                     f"target cache holds {self.target.cache_length(cache)} rows, {num_committed} committed "
                     f"and {in_flight} in flight"
                 )
-                new_taps = None if cycle.taps is None else cycle.taps[:, : accepted + 1]
+                new_taps = None if cycle.taps is None else _rows(cycle.taps, path)
                 if prefix is not None:
                     prefix.record(tokens, new_taps)
                 tokens = tokens[: max_tokens - num_emitted]  # the block was sized to reach max_tokens
@@ -284,27 +333,28 @@ class SpeculativeDecoder:
         """
         if not self.chain_plain_steps or self._width is None or self.timing == "split":
             return
-        if cycle.block != 1 or remaining < 1 or self._width.peek() != 0:
+        if cycle.block != 1 or remaining < 1 or self._width.peek_plan() != Plan(0):
             return
-        width = self._width.choose()  # 0, as peeked; the state moves as a normal launch moves it
+        width = self._width.plan().width  # 0, as peeked; the state moves as a normal launch moves it
         taps = None if cycle.taps is None else cycle.taps[:, :1]
         chained = self._launch([cycle.tokens[:1]], taps, remaining, cache, params, rng, width=width)
         launched.append(chained._replace(chained=True))
         self.stats.chained += 1
 
     def _make_width(self, cache: list[Any], token: int) -> VerifyWidth:
-        if self.cost_curve is None:
+        def forward(rows: int) -> None:
+            logits, taps = self.target(mx.full((1, rows), token, dtype=mx.int32), cache, taps=self.drafter.needs_taps)
+            mx.eval(logits, taps)
+            self.target.trim(cache, rows)
 
-            def forward(rows: int) -> None:
-                logits, taps = self.target(mx.full((1, rows), token, dtype=mx.int32), cache, taps=self.drafter.needs_taps)
-                mx.eval(logits, taps)
-                self.target.trim(cache, rows)
-
-            self.cost_curve = CostCurve.measure(forward, self.block_size)
+        rows = max(self.block_size, self.max_budget + 1)
+        if self.cost_curve is None or len(self.cost_curve.seconds) < rows:
+            self.cost_curve = CostCurve.measure(forward, rows)
         row_cost = getattr(self.drafter, "kept_row_seconds", None)
         draft_row_s = row_cost(self.block_size - 1) if row_cost is not None and self.learn_overheads else 0.0
         return VerifyWidth(self.block_size - 1, self.cost_curve, learn_overheads=self.learn_overheads,
-                           draft_row_s=draft_row_s)
+                           draft_row_s=draft_row_s, tree_budgets=self.tree_budgets,
+                           chains=not self.tree_budgets or len(self.tree_budgets) > 1)
 
     def _prefill(
         self, prompt_ids: list[int], cache: list[Any], params: SamplingParams, rng: TokenRng,
@@ -355,7 +405,10 @@ class SpeculativeDecoder:
         """
         block = min(self.block_size, remaining + 1)
         if width is None:
-            width = block - 1 if self._width is None else self._width.choose()
+            plan = Plan(block - 1, self.max_budget) if self._width is None else self._width.plan()
+            if plan.budget and block > 1:
+                return self._launch_tree(new_tokens, new_taps, block, plan.budget, cache, params, rng)
+            width = plan.width
         width = min(width, block - 1)
         clock = time.perf_counter()
         position = self.target.cache_length(cache) + 1  # of the token after the anchor: verify row 0 samples it
@@ -397,28 +450,75 @@ class SpeculativeDecoder:
 
         Width 0 skips the drafter: its new tokens and taps are held for its next call.
         """
-        held_tokens, held_taps = self._held
         if width == 0:
+            held_tokens, held_taps = self._held
             held_tokens.extend(new_tokens)
             if new_taps is not None:
                 held_taps.append(new_taps)
             # made here, not at import: a lazy module-level array belongs to the importing thread's stream
             return mx.zeros((0,), dtype=mx.int32), None
-        if held_tokens:
-            # a chained cycle's anchor was held as an array; it was synced with its cycle since
-            new_tokens = [t if isinstance(t, int) else int(t.item()) for t in held_tokens + new_tokens]
-            if new_taps is not None:
-                new_taps = mx.concatenate([*held_taps, new_taps], axis=1)  # (1, n, T*H)
-            self._held = ([], [])
+        new_tokens, new_taps = self._with_held(new_tokens, new_taps)
         proposal = self.drafter.propose(new_tokens, new_taps, num_drafts, params, rng, keep=width)
         drafts = proposal.tokens[:width]  # (k,)
         mx.async_eval(drafts)  # the device drafts while the verify graph is built
         logprobs = None if proposal.draft_logprobs is None else proposal.draft_logprobs[:width]
         return drafts, logprobs
 
+    def _with_held(self, new_tokens: list[int | mx.array], new_taps: mx.array | None) -> tuple[list[int], mx.array | None]:
+        """The drafter's input: what width-0 cycles held for it, then the new tokens and taps."""
+        held_tokens, held_taps = self._held
+        if held_tokens:
+            if new_taps is not None:
+                new_taps = mx.concatenate([*held_taps, new_taps], axis=1)  # (1, n, T*H)
+            new_tokens = held_tokens + new_tokens
+            self._held = ([], [])
+        # a chained cycle's anchor was held as an array; it was synced with its cycle since
+        return [t if isinstance(t, int) else int(t.item()) for t in new_tokens], new_taps
+
+    def _launch_tree(
+        self, new_tokens: list[int | mx.array], new_taps: mx.array | None, block: int, budget: int,
+        cache: list[Any], params: SamplingParams, rng: TokenRng,
+    ) -> _Cycle:
+        """Build and start a tree cycle: the draft's scores, the tree (on the device), one verify forward
+        of [anchor, nodes] under the ancestor mask, the walk. Lazy throughout: the cycle's one sync stays."""
+        clock = time.perf_counter()
+        depth = block - 1
+        start = self.target.cache_length(cache)
+        noise = None if params.is_greedy or not rng.by_position else rng.gumbel(start + 1, block, self.target.vocab_size)
+        tokens_in, taps_in = self._with_held(new_tokens, new_taps)
+        scores = self.drafter.propose_scores(tokens_in, taps_in, depth, params, rng)  # (L, V)
+        # built at the largest budget: the controller reads every node's score (a prefix is a valid tree)
+        built = build_tree(scores, max(budget, self.max_budget), spine=self.tree_spine)
+        tree = built.cut(budget)
+        mx.async_eval(tree.tokens)  # the device drafts while the verify graph is built
+        draft_s = self._split_sync(tree.tokens, clock)
+        clock = time.perf_counter()
+        logits, taps = self._verify_tree(tree, tokens_in[-1], start, depth, cache)
+        key = None if params.is_greedy or noise is not None else rng.next_key()
+        verdict = accept_tree(tree, logits, params, depth, key, noise)
+        logprobs = self._logprobs(logits[verdict.path], verdict.tokens, params)
+        spine = mx.stack([tree.spine.sum(), (tree.spine & verdict.accepted).sum()]).astype(mx.int32)
+        part = _TreePart(start, verdict.path, verdict.accepted, built.scores, spine)
+        pending = [verdict.num_accepted, verdict.tokens, *part[1:], *(logprobs or ()), *([] if taps is None else [taps])]
+        mx.async_eval(*pending)
+        verify_s = self._split_sync(pending, clock)
+        launched_at = time.perf_counter() if self.timing else 0.0
+        return _Cycle(tree.budget + 1, depth, verdict.num_accepted, verdict.tokens, taps, logprobs, draft_s, verify_s,
+                      launched_at, tree=part)
+
+    def _verify_tree(
+        self, tree: DraftTree, anchor: int, start: int, depth: int, cache: list[Any]
+    ) -> tuple[mx.array, mx.array | None]:
+        """One target forward over [anchor, nodes] at positions start + depth: (N+1, V) logits and taps."""
+        ids = mx.concatenate([mx.array([anchor], dtype=mx.int32), tree.tokens])  # (N+1,)
+        depths = mx.concatenate([mx.zeros((1,), dtype=mx.int32), tree.depths])
+        rows = TreeRows(start + depths, tree_mask(tree.ancestors, start), start + depth + 1)
+        logits, taps = self.target(ids[None], cache, taps=self.drafter.needs_taps, tree=rows)
+        return logits[0], taps
+
     def _finish(
         self, cycle: _Cycle, cache: list[Any], *, chained_next: bool = False
-    ) -> tuple[int, list[int], list[TokenLogprob] | None]:
+    ) -> tuple[int, list[int], list[TokenLogprob] | None, list[int]]:
         """The cycle's one host sync; the target cache is trimmed even if it raises.
 
         `chained_next`: the next cycle was launched before this sync. The CPU backend's async_eval
@@ -429,9 +529,13 @@ class SpeculativeDecoder:
         rejected = cycle.block  # on failure roll the whole block back
         try:
             clock = time.perf_counter()
-            self._sync(cycle.num_accepted, cycle.tokens, cycle.logprobs)
+            self._sync(cycle.num_accepted, cycle.tokens, cycle.logprobs, cycle.tree and cycle.tree[1:])
             now = time.perf_counter()
             accepted = int(cycle.num_accepted.item())
+            path = list(range(accepted + 1))  # the committed rows of the verify: a chain's leading ones
+            if cycle.tree is not None:  # a tree's path: its K/V rows move into place, the rest is trimmed
+                path = cycle.tree.path.tolist()[: accepted + 1]
+                self.target.keep_rows(cache, cycle.tree.start, path)
             rejected = cycle.block - 1 - accepted
         finally:
             self.target.trim(cache, rejected)
@@ -445,13 +549,27 @@ class SpeculativeDecoder:
             one_forward = (not cycle.chained) != chained_next
             # the first drafting cycle after plain steps (or the prompt) also drafts the context they held
             steady = cycle.block == 1 or self._drafted_last
-            self._width.update(cycle.block - 1, accepted, now - self._sync_end if one_forward and steady else None)
+            seconds = now - self._sync_end if one_forward and steady else None
+            if cycle.tree is None:
+                self._width.update(cycle.block - 1, accepted, seconds)
+            else:
+                self._width.update_tree(self._outcome(cycle), seconds)
         self._drafted_last = cycle.block > 1
         self._sync_end = now
         self.stats.record(cycle.block - 1, accepted)
         self.stats.widths.append(cycle.width)
+        self.stats.budgets.append(0 if cycle.tree is None else cycle.block - 1)
+        if cycle.tree is not None and int(cycle.tree.spine[1].item()) < accepted:
+            self.stats.branched += 1
         tokens = cycle.tokens.tolist()[: accepted + 1]
-        return accepted, tokens, self._to_list(tokens, cycle.logprobs)
+        return accepted, tokens, self._to_list(tokens, cycle.logprobs), path
+
+    @staticmethod
+    def _outcome(cycle: _Cycle) -> TreeOutcome:
+        assert cycle.tree is not None
+        spine_verified, spine_accepted = cycle.tree.spine.tolist()
+        return TreeOutcome(cycle.block - 1, cycle.tree.scores.tolist(), cycle.tree.on_path.tolist(), spine_verified,
+                           spine_accepted)
 
     def _sync(self, *arrays: Any) -> None:
         mx.eval(*arrays)
@@ -480,3 +598,10 @@ class SpeculativeDecoder:
         chosen, top_ids, top_lp = (x.tolist() for x in logprobs)
         n = len(tokens)
         return to_token_logprobs(tokens, chosen[:n], top_ids[:n], top_lp[:n])
+
+
+def _rows(taps: mx.array, path: list[int]) -> mx.array:
+    """The committed rows' taps (1, n, T*H): a chain's leading rows, or a tree's path rows in path order."""
+    if path == list(range(len(path))):
+        return taps[:, : len(path)]
+    return taps[:, mx.array(path, dtype=mx.int32)]

@@ -6,15 +6,24 @@ The drafter always proposes its full block; only the first `cap` proposals are v
 cap 0 is a plain decoding step with no draft forward at all, so a useless drafter costs
 nothing once the controller has settled; narrow probe cycles find it again when it turns
 useful. Verifying fewer drafts never changes outputs: acceptance stays exact.
+
+With tree budgets (engine/decode/tree.py) the same controller also prices trees: a tree of N nodes
+is expected to commit 1 + sum of the calibrated acceptance of its N best nodes, and costs an
+(N + 1)-row forward; its spine (the top-1 chain) is observed as a chain of that depth, so chain and
+tree estimates learn from every drafting cycle. The choice per cycle is a Plan: a chain width or a
+tree budget, whichever is expected to commit the most tokens per second.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 PROBE_MIN = 3  # drafts a probe verifies at least
+TREE_BUDGETS = (4, 8, 16, 32, 64)  # what --tree-budget auto chooses among: few forward shapes
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,54 @@ class CostCurve:
         return cls.from_points(points, max_rows)
 
 
+class Plan(NamedTuple):
+    """What the next cycle verifies."""
+
+    width: int  # chain drafts verified (0: a plain step)
+    budget: int = 0  # tree nodes verified instead of a chain; 0: a chain
+
+
+class TreeOutcome(NamedTuple):
+    """What a verified tree showed, read at the cycle's sync."""
+
+    budget: int  # nodes verified
+    scores: list[float]  # draft path log-probs of the tree built at the largest budget, in node order
+    on_path: list[bool]  # per verified node: accepted
+    spine_verified: int  # top-1 chain nodes in the verified tree (a prefix of the chain)
+    spine_accepted: int  # of those, accepted (a prefix too)
+
+    @property
+    def accepted(self) -> int:
+        return sum(self.on_path)
+
+
+class Calibration:
+    """P(a tree node is accepted) as a function of its draft path probability q: hit rates per bin of
+    log10 q, starting at q itself (a calibrated draft) and decaying so it follows the content."""
+
+    def __init__(self, bins: int = 12, low: float = -6.0, prior: float = 2.0, decay: float = 0.98) -> None:
+        self.bins, self.low, self.prior, self.decay = bins, low, prior, decay
+        self.hits = [0.0] * bins
+        self.trials = [0.0] * bins
+
+    def _bin(self, q: float) -> int:
+        x = math.log10(max(q, 1e-30))
+        return min(self.bins - 1, max(0, int((x - self.low) / -self.low * self.bins)))
+
+    def __call__(self, q: float) -> float:
+        """Non-decreasing in q: a less likely node is never trusted more than what likelier ones showed."""
+        b = self._bin(q)
+        return min((self.hits[i] + self.prior * q) / (self.trials[i] + self.prior) for i in range(b, self.bins))
+
+    def update(self, qs: Sequence[float], accepted: Sequence[bool]) -> None:
+        self.hits = [h * self.decay for h in self.hits]
+        self.trials = [t * self.decay for t in self.trials]
+        for q, hit in zip(qs, accepted):
+            b = self._bin(q)
+            self.hits[b] += float(hit)
+            self.trials[b] += 1.0
+
+
 class VerifyWidth:
     """Chooses the verify width from per-position acceptance EWMAs and a cost model.
 
@@ -85,9 +142,13 @@ class VerifyWidth:
         overhead_alpha: float = 0.1,
         learn_overheads: bool = True,
         draft_row_s: float = 0.0,
+        tree_budgets: Sequence[int] = (),
+        chains: bool = True,
     ) -> None:
         if max_drafts < 1:
             raise ValueError(f"max_drafts must be >= 1, got {max_drafts}")
+        if any(b < 1 for b in tree_budgets) or (not chains and not tree_budgets):
+            raise ValueError(f"tree budgets must be >= 1 and chains=False needs one, got {tuple(tree_budgets)}")
         self.max_drafts = max_drafts
         self.curve = curve
         self.alpha = alpha
@@ -106,6 +167,17 @@ class VerifyWidth:
         self._since_probe = 0
         self._probing = False
         self._learned: set[str] = set()  # overheads that have had their first sample
+        # trees (none unless tree_budgets): chains=False verifies a tree of the largest budget on every
+        # drafting cycle; else the plan is a chain or a tree, whichever is expected to be faster
+        self.tree_budgets = tuple(sorted(set(tree_budgets)))
+        self.chains = chains
+        self.calibration = Calibration()
+        self.node_accept: list[float] = []  # expected acceptance of the i-th tree node; empty until a tree ran
+        self.tree_s = 0.0  # what a tree cycle costs beyond a full-block draft and its forward (build, walk)
+        self.budget = 0  # the current plan's tree budget (0: a chain)
+        self.tree_probe_every = probe_every
+        self._since_tree_probe = 0
+        self._tree_probing = False
 
     def estimates(self) -> list[float]:
         """accept[], except that a position never observed is trusted no more than the one before it.
@@ -196,16 +268,19 @@ class VerifyWidth:
 
     def update(self, verified: int, accepted: int, seconds: float | None = None) -> None:
         """After a cycle: `verified` drafts went to the target, the first `accepted` were kept."""
-        for i in range(min(accepted + 1, verified)):
-            hit = 1.0 if i < accepted else 0.0
-            self.accept[i] += self.alpha * (hit - self.accept[i])
-            self.seen[i] += 1
+        self._observe(verified, accepted)
         if seconds is not None and self.learn_overheads:
             self._learn_overheads(verified, seconds)
         if self._probing:
             # back off while probes accept nothing, so a useless drafter costs ever less; one that
             # accepted is looked at again soon, as acceptance comes in stretches
             self.probe_every = self.base_probe_every if accepted else min(2 * self.probe_every, self.max_probe_every)
+
+    def _observe(self, verified: int, accepted: int) -> None:
+        for i in range(min(accepted + 1, verified)):
+            hit = 1.0 if i < accepted else 0.0
+            self.accept[i] += self.alpha * (hit - self.accept[i])
+            self.seen[i] += 1
 
     def _learn_overheads(self, verified: int, seconds: float) -> None:
         residual = seconds - self.curve(verified + 1)
@@ -223,5 +298,90 @@ class VerifyWidth:
 
     @property
     def probing(self) -> bool:
-        return self._probing
+        return self._probing or self._tree_probing
+
+    # --- trees -------------------------------------------------------------------------------
+
+    @property
+    def max_budget(self) -> int:
+        return self.tree_budgets[-1] if self.tree_budgets else 0
+
+    def tree_expected_tokens(self, budget: int) -> float:
+        return 1.0 + sum(self.node_accept[:budget])
+
+    def tree_cost(self, budget: int) -> float:
+        return self.curve(budget + 1) + self.host_s + self.draft_s + self.draft_row_s * self.max_drafts + self.tree_s
+
+    def tree_rate(self, budget: int) -> float:
+        return self.tree_expected_tokens(budget) / self.tree_cost(budget)
+
+    def best_tree(self) -> int:
+        """The budget expected to commit the most tokens per second (0 before any tree has run)."""
+        if not self.node_accept:
+            return 0
+        return max(self.tree_budgets, key=self.tree_rate)
+
+    def _decide(self, width: int) -> tuple[Plan, bool]:
+        """The plan given the chain's choice; True when it is a tree probe."""
+        if not self.tree_budgets:
+            return Plan(width), False
+        if not self.chains:  # a fixed budget: every drafting cycle is that tree
+            return (Plan(self.max_drafts, self.max_budget) if width else Plan(0)), False
+        if self._probing:  # the chain's own probe
+            return Plan(width), False
+        budget = self.best_tree()
+        if budget:
+            chain = self.rate(width)
+            tree = self.tree_rate(budget)
+            keep_tree = self.budget > 0 and tree * (1 + self.margin) >= chain
+            if keep_tree or tree > chain * (1 + self.margin):
+                return Plan(self.max_drafts, budget), False
+        if self._since_tree_probe + 1 >= self.tree_probe_every:
+            # a tree now and then, so the estimates see trees at all: the best one, or before any has run
+            # the smallest one wider than the chain, which costs about what the chain does
+            probe = budget or next((b for b in self.tree_budgets if b > width), self.max_budget)
+            return Plan(self.max_drafts, probe), True
+        return Plan(width), False
+
+    def peek_plan(self) -> Plan:
+        """What plan() would return now, without moving any counter."""
+        width = self.peek()
+        if not self.tree_budgets:
+            return Plan(width)
+        probing = self._probing
+        self._probing = self._probe_due(self.best())
+        try:
+            return self._decide(width)[0]
+        finally:
+            self._probing = probing
+
+    def plan(self) -> Plan:
+        """The next cycle's chain width or tree budget (and now and then a probe of either)."""
+        width = self.choose()
+        plan, self._tree_probing = self._decide(width)
+        self.budget = plan.budget
+        if self.tree_budgets and self.chains and not plan.budget:
+            self._since_tree_probe += 1
+        elif self._tree_probing:
+            self._since_tree_probe = 0
+        return plan
+
+    def update_tree(self, outcome: TreeOutcome, seconds: float | None = None) -> None:
+        """After a tree cycle: its spine teaches the chain estimates, its nodes the tree's."""
+        self._observe(outcome.spine_verified, outcome.spine_accepted)
+        qs = [math.exp(s) for s in outcome.scores]
+        self.calibration.update(qs[: outcome.budget], outcome.on_path)
+        seen = [float(hit) for hit in outcome.on_path] + [self.calibration(q) for q in qs[outcome.budget :]]
+        if len(self.node_accept) < len(seen):  # the first tree, or a larger one than before
+            self.node_accept += seen[len(self.node_accept):]
+        # a tree cut short near max_tokens has fewer nodes: the ones past it keep their estimate
+        self.node_accept[: len(seen)] = [e + self.alpha * (x - e) for e, x in zip(self.node_accept, seen)]
+        if seconds is not None and self.learn_overheads:
+            residual = seconds - self.curve(outcome.budget + 1) - self.host_s - self.draft_s
+            self.tree_s = self._ewma(self.tree_s, max(residual - self.draft_row_s * self.max_drafts, 0.0), "tree")
+        if self._probing:
+            self.probe_every = self.base_probe_every if outcome.accepted else min(2 * self.probe_every, self.max_probe_every)
+        if self._tree_probing:  # trees that do not win are looked at ever less often
+            won = self.best_tree() and self.tree_rate(self.best_tree()) > self.rate(self.best())
+            self.tree_probe_every = self.base_probe_every if won else min(2 * self.tree_probe_every, self.max_probe_every)
 

@@ -15,6 +15,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from engine.model.tree_attention import rotate_rows
+
 _MIN_POSITIONS = 4096
 
 
@@ -68,8 +70,20 @@ class TableRoPE(nn.Module):
 
     def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
         if type(offset) is not int or x.shape[-1] != self.dims or x.dtype != mx.float32:
-            return mx.fast.rope(x, self.dims, traditional=self.traditional, base=self.base, scale=self.scale, offset=offset)
-        cos, sin = self._table.rows(offset, x.shape[-2])  # (L, D/2)
+            return self._fast(x, offset)
+        return self._rotate(x, *self._table.rows(offset, x.shape[-2]))  # (L, D/2) each
+
+    def rotate_at(self, x: mx.array, positions: mx.array, end: int) -> mx.array:
+        """Each row of x (..., T, D) at its own position, positions (T,) < end: a tree verify's rows."""
+        if x.shape[-1] != self.dims or x.dtype != mx.float32:
+            return rotate_rows(self._fast, x, positions)
+        self._table.rows(0, end)  # grows the table to cover every position
+        return self._rotate(x, self._table.cos[positions], self._table.sin[positions])
+
+    def _fast(self, x: mx.array, offset: int | mx.array) -> mx.array:
+        return mx.fast.rope(x, self.dims, traditional=self.traditional, base=self.base, scale=self.scale, offset=offset)
+
+    def _rotate(self, x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
         half = self.dims // 2
         if self.traditional:  # rotated pairs are adjacent: (x0, x1), (x2, x3), ...
             pairs = x.reshape(*x.shape[:-1], half, 2)

@@ -16,17 +16,20 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import (
+    KVCache,
     can_trim_prompt_cache,
     make_prompt_cache,
     trim_prompt_cache,
 )
 
+from engine.model import tree_attention
 from engine.model.recurrent_rollback import (
     install_recorders,
     recurrent_layer_ids,
     remove_recorders,
     wrap_caches,
 )
+from engine.model.tree_attention import TreeRows
 
 _TAPPED_CLASSES: dict[type, type] = {}
 
@@ -112,10 +115,30 @@ class Target:
         )
         self._slots = [_install_tap(self.layers[i]) for i in self.layer_ids]
         install_recorders(self.layers, self._recurrent_ids)
+        self._tree: tree_attention._TreeSlot | None = None  # installed by enable_trees()
 
     @property
     def has_recurrent_layers(self) -> bool:
         return bool(self._recurrent_ids)
+
+    def tree_support(self) -> str | None:
+        """None when verify forwards can take tree rows (positions and an ancestor mask), else why not.
+
+        Recurrent layers advance their state in row order, which a mask cannot split into branches,
+        and rotating or quantized KV caches cannot gather an accepted path's rows: those stay on chains.
+        """
+        if self._recurrent_ids:
+            return "hybrid (recurrent) target: chains only"
+        if kinds := sorted({type(c).__name__ for c in make_prompt_cache(self.model) if type(c) is not KVCache}):
+            return f"{', '.join(kinds)} caches cannot keep a tree's path: chains only"
+        return tree_attention.unsupported_reason(self.layers)
+
+    def enable_trees(self) -> None:
+        """Install the tree hooks on the attention modules (idempotent); see tree_support()."""
+        if reason := self.tree_support():
+            raise ValueError(reason)
+        if self._tree is None:
+            self._tree = tree_attention.install(self.layers)
 
     @property
     def num_layers(self) -> int:
@@ -131,12 +154,23 @@ class Target:
         return int(getattr(args, "vocab_size", 0) or self._embed_tokens.weight.shape[0])
 
     def __call__(
-        self, tokens: mx.array, cache: list[Any] | None, *, taps: bool
+        self, tokens: mx.array, cache: list[Any] | None, *, taps: bool, tree: TreeRows | None = None
     ) -> tuple[mx.array, mx.array | None]:
-        """tokens (b, L) -> logits (b, L, V) and taps (b, L, T*H) in layer_ids order (spec §1.3)."""
+        """tokens (b, L) -> logits (b, L, V) and taps (b, L, T*H) in layer_ids order (spec §1.3).
+
+        tree: the rows' positions and mask for a tree verify (engine/decode/tree.py); needs enable_trees().
+        """
         if taps and not self._slots:
             raise ValueError("this Target was built without layer_ids; pass the draft's target_layer_ids")
-        logits = self.model(tokens, cache=cache)
+        if tree is None:
+            logits = self.model(tokens, cache=cache)
+        else:
+            assert self._tree is not None, "enable_trees() first"
+            self._tree.rows = tree
+            try:
+                logits = self.model(tokens, cache=cache)
+            finally:
+                self._tree.rows = None
         hidden = None
         if taps:
             hidden = mx.concatenate([slot.value for slot in self._slots], axis=-1)
@@ -169,6 +203,22 @@ class Target:
         trimmed = trim_prompt_cache(cache, num_tokens)
         assert trimmed == num_tokens, f"trimmed {trimmed} of {num_tokens} cache rows"
 
+    def keep_rows(self, cache: list[Any], start: int, rows: list[int]) -> None:
+        """Move the K/V rows start + rows[i] to start + i (a tree's accepted path; rows increasing).
+
+        Only the tail moves: a chain-shaped path needs no copy, and the committed rows are never read.
+        Trim the rest afterwards.
+        """
+        first = next((i for i, r in enumerate(rows) if r != i), len(rows))
+        if first == len(rows):
+            return
+        index = mx.array([start + r for r in rows[first:]], dtype=mx.int32)
+        lo, hi = start + first, start + len(rows)
+        for c in cache:
+            keys, values = mx.take(c.keys, index, axis=2), mx.take(c.values, index, axis=2)  # read, then write
+            c.keys[..., lo:hi, :] = keys
+            c.values[..., lo:hi, :] = values
+
     def close(self) -> None:
         """Restore the tapped layers' classes once the last Target on them is closed.
 
@@ -177,6 +227,9 @@ class Target:
         for i in self.layer_ids:
             _remove_tap(self.layers[i])
         remove_recorders(self.layers, self._recurrent_ids)
+        if self._tree is not None:
+            tree_attention.remove(self._tree)
+            self._tree = None
         self._slots = []
         self.layer_ids = ()
         self._recurrent_ids = ()

@@ -74,8 +74,12 @@ def _run(
 
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
 def varied(request: pytest.FixtureRequest) -> Varied:
+    return varied_target(request.param)
+
+
+def varied_target(family: str) -> Varied:
     """An untied target whose greedy output wanders over many tokens (seed checked for gaps)."""
-    cfg = target_config(request.param, tie_word_embeddings=False)
+    cfg = target_config(family, tie_word_embeddings=False)
     model = build_target(cfg, seed=1)
     ref, gap = plain_greedy(model, PROMPT, 40)
     assert gap > MIN_GAP, f"seed gives a near-tie ({gap}); pick another seed"

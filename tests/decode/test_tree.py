@@ -1,0 +1,432 @@
+"""Tree verification: construction, the tree forward, the walk, and lossless decoding with trees.
+
+Tiny random float32 targets as tests/decode/test_speculative.py builds them. The oracle drafter puts
+the true token at chosen ranks, so trees accept through non-top-1 branches where a chain rejects.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from itertools import pairwise
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from test_speculative import (
+    GREEDY,
+    MIN_GAP,
+    PROMPT,
+    SEEDED,
+    RecordingTarget,
+    Varied,
+    _chi2,
+    _chi2_critical,
+    _run,
+    _seeded_plain,
+    varied_target,
+)
+from tiny_models import (
+    build_draft,
+    build_target,
+    draft_config,
+    plain_greedy,
+    target_config,
+)
+
+from engine.decode.drafters import DFlashDrafter, NgramDrafter, OracleDrafter
+from engine.decode.sampling import (
+    SamplingParams,
+    TokenRng,
+    filter_logprobs,
+    token_logprobs,
+)
+from engine.decode.speculative import SpeculativeDecoder
+from engine.decode.verify_width import TREE_BUDGETS, CostCurve, Plan, TreeOutcome, VerifyWidth
+from engine.decode.tree import (
+    DEPTH_TIE,
+    DraftTree,
+    accept_tree,
+    ancestor_matrix,
+    best_first,
+    build_tree,
+    tree_mask,
+)
+from engine.model.fused import fuse_projections
+from engine.model.rope_table import use_table_rope
+from engine.model.target import Target
+from engine.model.tree_attention import TreeRows
+from tests.model.test_hybrid import hybrid_config
+
+# true-token ranks per cycle and block position: top-1 wrong and top-2 right, deeper, and chains
+RANKS = [[1, 0, 2, 0, 1], [0, 1, 1], [2, 2], [0, 0, 0, 0, 3], [], [1]]
+
+
+def _paths(tree: Any, logprobs: np.ndarray) -> list[tuple[int, ...]]:
+    """Each node as its rank path (the rank of every token on it at its depth)."""
+    rank_of = np.argsort(np.argsort(-logprobs, axis=-1), axis=-1)
+    tokens, parents, depths = (np.array(x).tolist() for x in (tree.tokens, tree.parents, tree.depths))
+    out = []
+    for i in range(len(tokens)):
+        path, row = [], i + 1
+        while row:
+            path.append(int(rank_of[depths[row - 1] - 1, tokens[row - 1]]))
+            row = parents[row - 1]
+        out.append(tuple(reversed(path)))
+    return out
+
+
+def _ancestors(parents: list[int], row: int) -> set[int]:
+    out = {0, row}
+    while row:
+        row = parents[row - 1]
+        out.add(row)
+    return out
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def varied(request: pytest.FixtureRequest) -> Varied:
+    return varied_target(request.param)
+
+
+# --- construction --------------------------------------------------------------------------
+
+
+def test_build_tree_holds_the_best_first_heaps_nodes_parents_first() -> None:
+    rng = np.random.default_rng(0)
+    near_ties = 0
+    for _ in range(200):
+        depth, vocab, budget = int(rng.integers(1, 7)), int(rng.integers(2, 12)), int(rng.integers(1, 40))
+        logits = 2 * rng.normal(size=(depth, vocab))
+        lp = (logits - np.log(np.exp(logits).sum(-1, keepdims=True))).astype(np.float32)
+        tree = build_tree(mx.array(lp), budget)
+        got = _paths(tree, lp)
+        ranked = [sorted(row, reverse=True) for row in lp.tolist()]
+        want = best_first(ranked, budget)
+        score = lambda path: sum(ranked[d][r] for d, r in enumerate(path))  # noqa: E731
+        if set(got) != set(want):  # DEPTH_TIE may swap prefixes whose scores differ by less than it per depth
+            assert all(abs(score(p) - score(want[-1])) < depth * DEPTH_TIE * 2 for p in set(got) ^ set(want))
+            near_ties += 1
+        parents = np.array(tree.parents).tolist()
+        assert all(p < i + 1 for i, p in enumerate(parents)), "a parent comes before its child"
+        scores = np.array(tree.scores)
+        assert np.all(scores[1:] <= scores[:-1] + depth * DEPTH_TIE)
+        assert np.allclose(scores, [score(p) for p in got], atol=1e-4)
+        ancestors = np.array(tree.ancestors)
+        for row in range(1, len(parents) + 1):
+            assert set(np.flatnonzero(ancestors[row]).tolist()) == _ancestors(parents, row)
+    assert near_ties < 5
+
+
+def test_any_prefix_of_the_order_is_a_tree_and_the_spine_comes_first() -> None:
+    lp = mx.log(mx.softmax(mx.random.normal((6, 9), key=mx.random.key(3)), axis=-1))
+    tree = build_tree(lp, 30, spine=True)
+    assert np.array(tree.spine[:6]).all() and not np.array(tree.spine[6:]).any()
+    assert np.array(tree.tokens[:6]).tolist() == np.array(mx.argmax(lp, axis=-1)).tolist()  # the chain
+    for n in (1, 5, 17):
+        cut = tree.cut(n)
+        assert cut.budget == n and np.array(cut.parents).max() <= n
+        assert np.array_equal(np.array(cut.ancestors), np.array(ancestor_matrix(cut.parents, 6)))
+    plain = build_tree(lp, 30)
+    assert set(_paths(plain, np.array(lp))) != set(_paths(tree, np.array(lp)))  # spine nodes displaced others
+
+
+# --- the tree forward and the walk ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("prepared", [False, True])
+def test_tree_rows_compute_each_node_as_its_path_run_as_a_chain(family: str, prepared: bool) -> None:
+    """Positions P + depth and the ancestor mask, through mlx-lm's attention or our fused one with
+    table RoPE; then the accepted path's rows, moved into place, equal a chain verify's."""
+    model = build_target(target_config(family, tie_word_embeddings=False), seed=1)
+    if prepared:
+        fuse_projections(model)
+        use_table_rope(model)
+    target = Target(model, (1, 3))
+    target.enable_trees()
+    rows = [(7, None), (10, 0), (11, 0), (12, 1), (13, 2), (14, 3)]  # (token, parent row); row 0 the root
+    parents = mx.array([p for _, p in rows[1:]])
+    depths = [0, 1, 1, 2, 2, 3]
+    cache = target.make_cache()
+    target(mx.array([PROMPT]), cache, taps=False)
+    start = target.cache_length(cache)
+    tree = TreeRows(start + mx.array(depths), tree_mask(ancestor_matrix(parents, 3), start), start + 4)
+    logits, taps = target(mx.array([[t for t, _ in rows]]), cache, taps=True, tree=tree)
+    for row in range(len(rows)):
+        path = sorted(_ancestors(np.array(parents).tolist(), row))
+        chain = target.make_cache()
+        target(mx.array([PROMPT]), chain, taps=False)
+        want_logits, want_taps = target(mx.array([[rows[r][0] for r in path]]), chain, taps=True)
+        assert mx.allclose(logits[0, row], want_logits[0, -1], atol=1e-5).item(), row
+        assert mx.allclose(taps[0, row], want_taps[0, -1], atol=1e-5).item(), row
+    target.keep_rows(cache, start, [0, 2, 4])
+    target.trim(cache, 3)
+    chain = target.make_cache()
+    target(mx.array([PROMPT + [7, 11, 13]]), chain, taps=False)
+    for got, want in zip(cache, chain, strict=True):
+        assert got.offset == want.offset
+        for a, b in ((got.keys, want.keys), (got.values, want.values)):
+            assert mx.allclose(a[..., : got.offset, :], b[..., : want.offset, :], atol=1e-5).item()
+    target.close()
+    assert not type(model.model.layers[0].self_attn).__name__.startswith("Tree")
+
+
+def _toy_tree() -> DraftTree:
+    """root -> a=1 (row 1), b=2 (row 2); a -> c=3 (row 3); b -> d=4 (row 4); c -> e=5 (row 5)."""
+    parents = mx.array([0, 0, 1, 2, 3])
+    return DraftTree(mx.array([1, 2, 3, 4, 5]), parents, mx.array([1, 1, 2, 2, 3]), mx.zeros((5,)),
+                     mx.array([True, False, True, False, True]), ancestor_matrix(parents, 3))
+
+
+def test_accept_tree_follows_the_targets_choices() -> None:
+    tree = _toy_tree()
+    for choices, want_tokens, want_path in [  # choices: verify row -> the target's argmax there
+        ({0: 1, 1: 3, 3: 5, 5: 0, 2: 4}, [1, 3, 5, 0], [0, 1, 3, 5]),  # a, c, e, then the bonus
+        ({0: 2, 2: 4, 4: 1, 1: 3}, [2, 4, 1], [0, 2, 4]),  # the second child, b, then d
+        ({0: 3, 1: 3}, [3], [0]),  # no child matches: the correction
+        ({0: 1, 1: 4, 3: 5}, [1, 4], [0, 1]),  # c is verified but not reached through a: not kept
+    ]:
+        logits = mx.full((6, 6), -5.0)
+        for row, token in choices.items():
+            logits[row, token] = 5.0
+        verdict = accept_tree(tree, logits, GREEDY, 3)
+        a = verdict.num_accepted.item()
+        assert np.array(verdict.tokens).tolist()[: a + 1] == want_tokens
+        assert np.array(verdict.path).tolist()[: a + 1] == want_path
+        assert np.flatnonzero(np.array(verdict.accepted)).tolist() == [r - 1 for r in want_path[1:]]
+
+
+def test_accept_tree_samples_each_row_from_the_target() -> None:
+    """Unseeded: the first token follows row 0's q, the second row a's q where a was kept."""
+    tree = _toy_tree()
+    n = 20_000
+    params = SamplingParams(temperature=1.0)
+    q = mx.array([[0.1, 0.3, 0.2, 0.2, 0.1, 0.1], [0.2, 0.1, 0.1, 0.4, 0.1, 0.1]] + [[1 / 6] * 6] * 4)
+    firsts, seconds = Counter(), Counter()
+    for key in mx.random.split(mx.random.key(0), n):
+        verdict = accept_tree(tree, mx.log(q), params, 3, key=key)
+        tokens = np.array(verdict.tokens).tolist()
+        firsts[tokens[0]] += 1
+        if tokens[0] == 1 and verdict.num_accepted.item() >= 1:
+            seconds[tokens[1]] += 1
+    for counts, row in ((firsts, 0), (seconds, 1)):
+        stat, df = _chi2(counts, dict(enumerate(np.array(q[row]).tolist())), sum(counts.values()))
+        assert stat < _chi2_critical(df), (row, stat, df)
+
+
+# --- lossless decoding ----------------------------------------------------------------------
+
+
+def _tree_decoder(target: Target, drafter: Any, budget: int | str, block_size: int = 8, **kw: Any) -> SpeculativeDecoder:
+    return SpeculativeDecoder(target, drafter, block_size=block_size, adaptive=budget == "auto", tree_budget=budget, **kw)
+
+
+@pytest.mark.parametrize("spine", [False, True])
+@pytest.mark.parametrize("budget", [1, 4, 16, 40])
+def test_greedy_trees_equal_plain_and_accept_beyond_the_chain(varied: Varied, budget: int, spine: bool) -> None:
+    cfg, model, ref = varied
+    target = RecordingTarget(model)
+    oracle = lambda: OracleDrafter(ref, vocab_size=cfg["vocab_size"], ranks=RANKS)  # noqa: E731
+    decoder = _tree_decoder(target, oracle(), budget, tree_spine=spine)
+    out, steps = _run(decoder, len(ref))
+    assert out == ref
+    assert all(b == budget for b in decoder.stats.budgets[:-1])  # every cycle a tree (the last may be cut short)
+    assert decoder.stats.syncs == decoder.stats.cycles  # still one host sync per cycle
+    if budget >= 4 and not (spine and budget <= 7):  # siblings at depth 1-2 (a spine of 7 fills small trees)
+        assert decoder.stats.branched >= 3, decoder.stats
+    if budget > 8:
+        chain = SpeculativeDecoder(target, oracle(), block_size=8, adaptive=False)
+        assert _run(chain, len(ref))[0] == ref
+        assert decoder.stats.acceptance_length > chain.stats.acceptance_length
+    target.close()
+
+
+@pytest.mark.parametrize("budget", [8, 24, "auto"])
+def test_greedy_dflash_trees_equal_plain(varied: Varied, budget: int | str) -> None:
+    cfg, model, ref = varied
+    dcfg = draft_config(cfg, block_size=8)
+    target = Target(model, dcfg.target_layer_ids)
+    decoder = _tree_decoder(target, DFlashDrafter(build_draft(dcfg, seed=2), target), budget)
+    for _ in range(2):  # the second request starts from what the controller learned
+        assert _run(decoder, 40)[0] == ref
+    if budget == "auto":
+        assert decoder.verify_width is not None and decoder.verify_width.node_accept, "a tree probe ran"
+    target.close()
+
+
+def test_greedy_trees_through_the_explicit_block_attention(varied: Varied) -> None:
+    """Packed projections, table RoPE and forced explicit attention: the prepared CPU/CUDA path."""
+    cfg, _, ref = varied
+    model = build_target(cfg, seed=1)
+    fuse_projections(model)
+    use_table_rope(model)
+    from engine.model import attention
+
+    attention.set_mode("unfused")
+    try:
+        target = Target(model)
+        decoder = _tree_decoder(target, OracleDrafter(ref, vocab_size=cfg["vocab_size"], ranks=RANKS), 16)
+        assert _run(decoder, 40)[0] == ref
+    finally:
+        attention.set_mode(None)
+        target.close()
+
+
+@pytest.mark.parametrize("budget", [4, 16])
+def test_seeded_trees_equal_plain_seeded(varied: Varied, budget: int) -> None:
+    cfg, model, _ = varied
+    ref = _seeded_plain(model, 1234, 40)
+    dcfg = draft_config(cfg, block_size=8)
+    target = Target(model, dcfg.target_layer_ids)
+    oracle = _tree_decoder(target, OracleDrafter(ref, vocab_size=cfg["vocab_size"], ranks=RANKS), budget)
+    dflash = _tree_decoder(target, DFlashDrafter(build_draft(dcfg, seed=2), target), budget)
+    for decoder in (oracle, dflash):
+        assert _run(decoder, 40, SEEDED, 1234)[0] == ref, decoder.drafter.name
+    assert oracle.stats.accepted > 10
+    target.close()
+
+
+def test_unseeded_tree_sampling_follows_the_truncated_target() -> None:
+    """Chi-square over the first three tokens (V=8), as the chain's test; rows are sampled, not rejected."""
+    cfg = target_config("qwen3", vocab_size=8, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    model = build_target(cfg, seed=3)
+    dcfg = draft_config(cfg, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                        intermediate_size=64, target_layer_ids=(0, 1))
+    target = Target(model, dcfg.target_layer_ids)
+    decoder = _tree_decoder(target, DFlashDrafter(build_draft(dcfg, seed=4), target), 6, block_size=3)
+    params = SamplingParams(temperature=0.8, top_p=0.9)
+    prompt = [1, 2, 3, 4]
+    pairs = [(a, b) for a in range(8) for b in range(8)]
+    logits = model(mx.array([prompt + [a, b] for a, b in pairs]))[:, len(prompt) - 1 :]  # (64, 3, V)
+    probs = mx.exp(filter_logprobs(logits, params)).tolist()
+    law = {(a, b, c): probs[i][0][a] * probs[i][1][b] * probs[i][2][c] for i, (a, b) in enumerate(pairs) for c in range(8)}
+    n, accepted = 600, 0
+    counts: Counter = Counter()
+    for seed in range(n):
+        out = [t for s in decoder.generate(prompt, params, 3, TokenRng(seed, by_position=False)) for t in s.tokens]
+        counts[tuple(out)] += 1
+        accepted += decoder.stats.accepted
+    target.close()
+    stat, df = _chi2(counts, law, n)
+    assert stat < _chi2_critical(df), (stat, df)
+    assert accepted > n // 5
+
+
+def test_logprobs_with_trees_are_the_target_logprobs(varied: Varied) -> None:
+    cfg, model, ref = varied
+    params = SamplingParams(temperature=0.0, logprobs=True, top_logprobs=3)
+    decoder = _tree_decoder(Target(model), OracleDrafter(ref, vocab_size=cfg["vocab_size"], ranks=RANKS), 8)
+    out, steps = _run(decoder, 20, params)
+    got = [lp for s in steps for lp in s.logprobs]
+    logits = model(mx.array(PROMPT + out)[None])[0, len(PROMPT) - 1 : -1]
+    chosen, top_ids, _ = token_logprobs(logits, mx.array(out), 3)
+    assert [g.token for g in got] == out
+    assert mx.allclose(mx.array([g.logprob for g in got]), chosen, atol=1e-4).item()
+    assert [[t for t, _ in g.top] for g in got] == top_ids.tolist()
+
+
+def test_the_cache_holds_the_committed_rows_when_closed_early(varied: Varied) -> None:
+    cfg, model, ref = varied
+    target = RecordingTarget(model)
+    decoder = _tree_decoder(target, OracleDrafter(ref, vocab_size=cfg["vocab_size"], ranks=RANKS), 16)
+    for num_steps in range(1, 6):
+        gen = decoder.generate(PROMPT, GREEDY, 40, TokenRng(0))
+        emitted = sum(len(next(gen).tokens) for _ in range(num_steps))
+        gen.close()
+        assert target.cache_length(target.caches[-1]) == len(PROMPT) + emitted - 1
+
+
+# --- where trees do not apply ------------------------------------------------------------------
+
+
+def test_hybrid_targets_and_ngram_drafters_stay_on_chains(varied: Varied) -> None:
+    cfg = hybrid_config("qwen3_5")
+    model = build_target(cfg, seed=2)
+    ref, gap = plain_greedy(model, PROMPT, 24)
+    assert gap > MIN_GAP
+    dcfg = draft_config(cfg)
+    target = Target(model, dcfg.target_layer_ids)
+    assert "recurrent" in target.tree_support()
+    decoder = SpeculativeDecoder(target, DFlashDrafter(build_draft(dcfg, seed=2), target), block_size=4,
+                                 tree_budget="auto")
+    assert decoder.tree_status.startswith("off (hybrid") and decoder.tree_budgets == ()
+    assert [t for s in decoder.generate(PROMPT, GREEDY, 24, TokenRng(0)) for t in s.tokens] == ref
+    assert not any(decoder.stats.budgets)
+    target.close()
+    _, attention_model, _ = varied
+    ngram = SpeculativeDecoder(Target(attention_model), NgramDrafter(), block_size=4, tree_budget=8)
+    assert "ngram" in ngram.tree_status and ngram.tree_budgets == ()
+
+
+def test_tree_budget_is_validated(varied: Varied) -> None:
+    _, model, _ = varied
+    for bad in (-1, "many"):
+        with pytest.raises(ValueError, match="tree_budget"):
+            SpeculativeDecoder(Target(model), NgramDrafter(), block_size=4, tree_budget=bad)
+    with pytest.raises(ValueError, match="adaptive"):
+        SpeculativeDecoder(Target(model), NgramDrafter(), block_size=4, tree_budget="auto", adaptive=False)
+
+
+def test_unfamiliar_layers_stay_on_chains() -> None:
+    model = build_target(target_config("llama"), seed=0)
+    layer = model.model.layers[2]
+    attn = layer.self_attn
+    del layer.self_attn
+    layer.attention = attn  # an attention module the tree hooks do not know where to find
+    try:
+        assert "layer 2" in Target(model).tree_support()
+    finally:
+        del layer.attention
+        layer.self_attn = attn
+    assert Target(model).tree_support() is None
+
+
+# --- the budget by cost --------------------------------------------------------------------------
+
+
+def _drive_plans(controller: VerifyWidth, cycles: int, chain_p: float, node_p: Any, seed: int = 0) -> list[Plan]:
+    """Synthetic cycles: a chain keeps each draft with chain_p; tree node i is accepted with node_p(i),
+    its spine (the first 3 nodes) as a chain would be."""
+    rng = random.Random(seed)
+    plans = []
+    for _ in range(cycles):
+        plan = controller.plan()
+        plans.append(plan)
+        chain = next((i for i in range(controller.max_drafts) if rng.random() >= chain_p), controller.max_drafts)
+        if plan.budget:
+            scores = [math.log(0.8 * 0.9**i) for i in range(controller.max_budget)]
+            on_path = [rng.random() < node_p(i) for i in range(plan.budget)]
+            spine = min(plan.budget, 3)
+            controller.update_tree(TreeOutcome(plan.budget, scores, on_path, spine, min(chain, spine)))
+        else:
+            controller.update(plan.width, min(chain, plan.width))
+    return plans
+
+
+def test_cheap_rows_and_useful_siblings_choose_large_trees() -> None:
+    """A GPU-like flat cost: a 65-row forward costs what a 1-row one does, and siblings get accepted."""
+    controller = VerifyWidth(15, CostCurve.linear(0.010, 0.00002, 65), tree_budgets=TREE_BUDGETS)
+    plans = _drive_plans(controller, 300, 0.6, lambda i: 0.7 * 0.93**i)
+    late = plans[100:]
+    assert sum(p.budget >= 16 for p in late) > 0.9 * len(late), Counter(p.budget for p in late)
+
+
+def test_expensive_rows_keep_chains_and_probe_trees_ever_less() -> None:
+    """A CPU-like steep cost and siblings that add nothing beyond the chain: trees are probed, lose, and
+    are looked at ever less often (the chain plan is today's behaviour)."""
+    controller = VerifyWidth(15, CostCurve.linear(0.010, 0.004, 65), tree_budgets=TREE_BUDGETS)
+    plans = _drive_plans(controller, 600, 0.6, lambda i: 0.6 ** (i + 1) if i < 3 else 0.0)
+    trees = [i for i, p in enumerate(plans) if p.budget]
+    assert 2 <= len(trees) < 0.03 * len(plans), trees
+    assert all(p.budget <= 8 for p in plans), Counter(p.budget for p in plans)  # probes no wider than the chain's cost
+    assert max(b - a for a, b in pairwise(trees)) >= 64  # backed off
+
+
+def test_a_fixed_budget_verifies_that_tree_on_every_drafting_cycle() -> None:
+    controller = VerifyWidth(15, CostCurve.linear(0.010, 0.004, 65), tree_budgets=(32,), chains=False)
+    plans = _drive_plans(controller, 50, 0.6, lambda i: 0.5)
+    assert {p for p in plans if p.width} == {Plan(15, 32)}
