@@ -49,7 +49,14 @@ def join_group() -> mx.distributed.Group | None:
 def leader_engine(config: EngineConfig, group: mx.distributed.Group) -> AsyncEngine:
     """Rank 0's engine: the usual AsyncEngine, whose loop also steers the other ranks."""
     make = functools.partial(DistributedScheduler, channel=ControlChannel(group))
-    return AsyncEngine(lambda: ServingModel.load(config, group), max_waiting=config.max_waiting, make_scheduler=make)
+    backend = launched_backend()
+
+    def load() -> ServingModel:
+        model = ServingModel.load(config, group)
+        model.backend = f"{model.backend} ({backend})"  # /health: "... tensor parallel over 2 ranks (ring)"
+        return model
+
+    return AsyncEngine(load, max_waiting=config.max_waiting, make_scheduler=make)
 
 
 def watch_leader(

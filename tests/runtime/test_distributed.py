@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -210,3 +212,24 @@ def test_control_messages_round_trip() -> None:
     for message in (Control(tick=9, checksum=123456789, new=new, aborts=(1, 2), finishes=(3,)),
                     Control(tick=0, shutdown=True), Control(tick=1, idle=True)):
         assert decode(*encode(message)) == message
+
+
+WATCHDOG = """
+import sys, time
+sys.path.insert(0, {root!r})
+from engine.runtime.rank_watchdog import RankWatchdog
+start = time.monotonic()
+stuck = RankWatchdog(lambda: start, lambda: True, lambda reason: print("failed:", reason, flush=True),
+                     timeout=0.4, grace=0)
+stuck.start()
+time.sleep(5)
+print("still running")
+"""
+
+
+def test_a_stuck_rank_fails_waiting_requests_then_exits() -> None:
+    # in a child process: the watchdog ends its process with os._exit(1)
+    script = WATCHDOG.format(root=str(Path(__file__).resolve().parents[2]))
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 1 and "failed: no tick for 0 s: a rank is stuck or gone" in run.stdout
+    assert "still running" not in run.stdout
