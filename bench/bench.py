@@ -8,7 +8,8 @@ tokens: outputs are checked against plain decoding). Methods run round-robin per
 rotating order, after a short warm-up round; medians over prompts x rounds are reported.
 Rows: `plain` (PlainDecoder), `mlx_lm` (mlx_lm.stream_generate on the same model object),
 `spec-<drafter>` (adaptive verify width) and `spec-<drafter>-fixed` (full width every cycle),
-and `reference` (dflash==0.1.0 `dflash/model_mlx.py`, on its own copy of the target) when the
+`spec-<drafter>-tree-<N>` with --tree-budget (auto: the adaptive controller chooses a chain or a tree
+per cycle; a number: that tree every cycle), and `reference` (dflash==0.1.0 `dflash/model_mlx.py`, on its own copy of the target) when the
 DFlash drafter runs. The target is prepared as the server prepares it (packed projections unless
 --no-fuse; verify-width kernels on a GPU), shared by every row but the reference, which runs its
 own copy as dflash==0.1.0 loads it. JSON and a PNG chart go to --out. On Linux it re-execs with MKL or OpenBLAS.
@@ -59,6 +60,7 @@ class Run:
     cycles: int = 0
     accepted: int = 0
     split_ms: dict[str, float] = field(default_factory=dict)  # per-cycle medians: draft, verify, other
+    trees: int = 0  # cycles that verified a tree
 
     @property
     def tps(self) -> float:
@@ -133,11 +135,13 @@ class Bench:
         self.wrapper = self._no_eos_wrapper()
         self.plain_out: dict[str, list[int]] = {}
         self.measuring = False  # False in the warm-up round
-        self.methods: dict[str, Callable[[str, list[int]], Run]] = {"plain": self.plain, "mlx_lm": self.mlx_lm}
+        self.methods: dict[str, Callable[[str, list[int]], Run]] = {"plain": self.plain}
+        if "mlx_lm" not in args.skip:
+            self.methods["mlx_lm"] = self.mlx_lm
         self.draft_dir: Path | None = None
         for name in args.drafter.split(","):
             self._add_speculative(name)
-        if self.draft_dir is not None:
+        if self.draft_dir is not None and "reference" not in args.skip:
             self._add_reference()
 
     def _no_eos_wrapper(self) -> Any:
@@ -178,9 +182,17 @@ class Bench:
             make = NgramDrafter if drafter == "ngram" else lambda: OracleDrafter([], vocab_size=vocab)
         else:
             raise SystemExit(f"unknown --drafter {drafter!r}; use ngram, oracle or dflash")
-        for adaptive in (True, False):
-            decoder = SpeculativeDecoder(target, make(), block_size=block, adaptive=adaptive)
-            label = f"spec-{drafter}" + ("" if adaptive else "-fixed")
+        variants = [(f"spec-{drafter}", True, 0), (f"spec-{drafter}-fixed", False, 0)]
+        for budget in filter(None, self.args.tree_budget.split(",")):
+            auto = budget == "auto"
+            variants.append((f"spec-{drafter}-tree-{budget}", auto, budget if auto else int(budget)))
+        for label, adaptive, budget in variants:
+            if label in self.args.skip:
+                continue
+            decoder = SpeculativeDecoder(target, make(), block_size=block, adaptive=adaptive, tree_budget=budget,
+                                         tree_spine=self.args.tree_spine)
+            if budget and not decoder.tree_budgets:
+                raise SystemExit(f"{label}: trees are {decoder.tree_status}")
             self.methods[label] = self._speculative_runner(label, decoder, drafter == "oracle")
 
     def _speculative_runner(self, label: str, decoder: Any, oracle: bool) -> Callable[[str, list[int]], Run]:
@@ -195,7 +207,8 @@ class Bench:
             stats = decoder.stats
             if self.measuring and name not in splits and stats.cycles:
                 splits[name] = split_ms(decoder, ids, self.args.max_tokens)
-            return Run(label, name, tokens, ttft, dec, stats.cycles, stats.accepted, splits.get(name, {}))
+            trees = sum(1 for b in stats.budgets if b)
+            return Run(label, name, tokens, ttft, dec, stats.cycles, stats.accepted, splits.get(name, {}), trees)
 
         return run
 
@@ -252,6 +265,7 @@ def summarize(runs: list[Run], plain_out: dict[str, list[int]]) -> list[dict[str
             "tok_s": statistics.median(r.tps for r in mine),
             "ttft_ms": 1e3 * statistics.median(r.ttft_s for r in mine),
             "tau": (sum(r.accepted for r in mine) + cycles) / cycles if cycles else None,
+            "tree_share": sum(r.trees for r in mine) / cycles if cycles else None,
             **{f"{k}_ms": statistics.median(s[k] for s in splits) for k in ("draft", "verify", "other") if splits},
             "same_as_plain": sum(r.tokens == plain_out[r.prompt] for r in mine) / len(mine),
         })
@@ -260,6 +274,9 @@ def summarize(runs: list[Run], plain_out: dict[str, list[int]]) -> list[dict[str
         for ref in ("plain", "mlx_lm", "reference"):
             if ref in base:
                 row[f"x_{ref}"] = row["tok_s"] / base[ref]
+        chain = row["method"].split("-tree-")[0]
+        if chain != row["method"] and chain in base:  # a tree row against its drafter's adaptive chain
+            row["x_chain"] = row["tok_s"] / base[chain]
     return rows
 
 
@@ -268,12 +285,12 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         return "-" if v is None else format(v, spec)
 
     print(f"\n{'method':<20} {'tok/s':>6} {'x plain':>7} {'x mlx_lm':>8} {'x ref':>6} {'TTFT ms':>8} {'tau':>5} "
-          f"{'draft':>6} {'verify':>6} {'other':>6} {'same':>5}")
+          f"{'draft':>6} {'verify':>6} {'other':>6} {'same':>5} {'trees':>5} {'x chain':>7}")
     for r in rows:
         print(f"{r['method']:<20} {r['tok_s']:6.2f} {fmt(r.get('x_plain'), '7.2f')} {fmt(r.get('x_mlx_lm'), '8.2f')} "
               f"{fmt(r.get('x_reference'), '6.2f')} {r['ttft_ms']:8.0f} {fmt(r['tau'], '5.2f')} "
               f"{fmt(r.get('draft_ms'), '6.1f')} {fmt(r.get('verify_ms'), '6.1f')} {fmt(r.get('other_ms'), '6.1f')} "
-              f"{r['same_as_plain']:5.2f}")
+              f"{r['same_as_plain']:5.2f} {fmt(r.get('tree_share'), '5.2f')} {fmt(r.get('x_chain'), '7.3f')}")
 
 
 def chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -312,6 +329,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds after the warm-up round")
     parser.add_argument("--prompts", default=",".join(PROMPTS), help=f"comma list of {', '.join(PROMPTS)}")
+    parser.add_argument("--tree-budget", default="", metavar="auto|N[,..]",
+                        help="also rows with tree verification: auto (the controller picks chain or tree per cycle), "
+                             "or N nodes every cycle")
+    parser.add_argument("--tree-spine", action="store_true", help="trees hold the top-1 chain first")
+    parser.add_argument("--skip", type=lambda v: set(filter(None, v.split(","))), default=set(),
+                        metavar="M1,M2", help="leave out these rows (mlx_lm, reference, spec-<drafter>-fixed, ...)")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "dflash-bench")
     args = parser.parse_args()
     maybe_reexec_with_blas()

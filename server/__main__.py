@@ -46,6 +46,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     model.add_argument("--drafter", choices=["dflash", "ngram"], help="dflash (default) or ngram prompt lookup")
     model.add_argument("--block-size", type=int,
                        help="tokens per draft block (default: the DFlash draft's own; 16 for n-gram)")
+    model.add_argument("--tree-budget", type=tree_budget, metavar="N|auto|0",
+                       help="verify a tree of the draft's N best continuations per cycle; auto: a chain or a tree, "
+                            "whichever the measured costs favour, per cycle; 0: chains (default)")
     model.add_argument("--no-fuse-projections", dest="fuse_projections", action="store_false", default=None,
                        help="keep Q/K/V and gate/up as separate matmuls (packed at load by default)")
     model.add_argument("--dequantize", choices=["auto", "yes", "no"], help="fp32 weights (auto: on the CPU backend)")
@@ -93,6 +96,12 @@ def byte_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2G, 512M or a number of bytes)") from None
 
 
+def tree_budget(text: str) -> int | str:
+    if text == "auto" or (text.isdigit() and int(text) >= 0):
+        return text if text == "auto" else int(text)
+    raise argparse.ArgumentTypeError(f"not a tree budget: {text!r} (a number of nodes, auto, or 0 for chains)")
+
+
 def comma_list(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
@@ -112,7 +121,7 @@ def build_config(args: argparse.Namespace) -> "ServerConfig":
         log_level=args.log_level, cors_origins=args.cors_origins,
         allowed_hosts=args.allowed_hosts or comma_list(os.environ.get("DFLASH_ALLOWED_HOSTS", "")) or None,
         drain_timeout_seconds=args.drain_timeout, prefix_cache=args.prefix_cache,
-        prefix_cache_bytes=args.prefix_cache_bytes,
+        prefix_cache_bytes=args.prefix_cache_bytes, tree_budget=args.tree_budget,
     )
 
 

@@ -42,6 +42,7 @@ class EngineConfig:
     fuse_projections: bool = True  # pack the target's Q/K/V and gate/up matmuls at load (engine/model/fused.py)
     prefix_cache: bool = True  # reuse the longest cached prompt prefix across requests (engine/decode/prefix_cache.py)
     prefix_cache_bytes: int | None = None  # its memory bound; None: 10% of RAM, at most 4 GiB
+    tree_budget: int | str = 0  # tree verification: N nodes per cycle, "auto" (chosen by cost per cycle) or 0 (chains)
 
     def __post_init__(self) -> None:
         if self.block_size is not None and self.block_size < 2:
@@ -52,6 +53,8 @@ class EngineConfig:
             raise ValueError(f"drafter must be dflash or ngram, got {self.drafter!r}")
         if self.max_waiting < 0 or self.prefill_chunk < 1 or self.default_max_tokens < 1:
             raise ValueError("max_waiting, prefill_chunk and default_max_tokens must be positive")
+        if self.tree_budget != "auto" and (type(self.tree_budget) is not int or self.tree_budget < 0):
+            raise ValueError(f"tree_budget must be a number of nodes >= 0 or 'auto', got {self.tree_budget!r}")
         if self.prefix_cache_bytes is not None and self.prefix_cache_bytes < 0:
             raise ValueError(f"prefix_cache_bytes must be >= 0 (0 turns the prefix cache off), got {self.prefix_cache_bytes}")
 

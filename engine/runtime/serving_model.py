@@ -143,8 +143,8 @@ def build_speculative(
         drafter = NgramDrafter()
         block_size = config.block_size or NGRAM_BLOCK_SIZE
         decoder = SpeculativeDecoder(target, drafter, block_size=block_size, prefill_chunk=config.prefill_chunk,
-                                     adaptive=adaptive)
-        return decoder, "ngram"
+                                     adaptive=adaptive, tree_budget=_tree_budget(config, adaptive))
+        return decoder, "ngram" + _tree_note(decoder)
     path = resolve_draft(config.draft, config.model, loaded.model_id)
     if path is None:
         return None, "none"
@@ -154,8 +154,19 @@ def build_speculative(
     target = Target(loaded.model, layer_ids=draft.config.target_layer_ids)
     block_size = config.block_size or draft.config.block_size
     decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=block_size,
-                                 prefill_chunk=config.prefill_chunk, adaptive=adaptive)
-    return decoder, f"dflash ({path})"
+                                 prefill_chunk=config.prefill_chunk, adaptive=adaptive,
+                                 tree_budget=_tree_budget(config, adaptive))
+    return decoder, f"dflash ({path})" + _tree_note(decoder)
+
+
+def _tree_budget(config: EngineConfig, adaptive: bool) -> int | str:
+    """--tree-budget, except that 'auto' is the adaptive controller's: fixed widths verify chains."""
+    return 0 if config.tree_budget == "auto" and not adaptive else config.tree_budget
+
+
+def _tree_note(decoder: SpeculativeDecoder) -> str:
+    """What /health's drafter adds about tree verification: nothing when it is off by request."""
+    return "" if decoder.tree_status == "off" else f", trees {decoder.tree_status}"
 
 
 def load_draft_for(path: str, loaded: object, load_draft: object) -> object:

@@ -159,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--sampling", choices=["position", "rejection"], default="position",
                    help="sampled runs: position-keyed Gumbel noise (the server's) or rejection sampling")
+    p.add_argument("--tree-budget", type=int, default=0, metavar="N",
+                   help="verify a tree of the draft's N best continuations every cycle (0: the top-1 chain)")
+    p.add_argument("--tree-spine", action=argparse.BooleanOptionalAction, default=False,
+                   help="trees hold the top-1 chain first, then the best other nodes")
     p.add_argument("--output", type=Path, default=None, help="results JSON (default: DIR/eval.json)")
     p.set_defaults(func=cmd_eval)
     return parser
@@ -345,7 +349,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     target = Target(loaded.model, draft.config.target_layer_ids)
     # every cycle verifies the whole block: acceptance is a property of the draft, not of the
     # adaptive width, which would cap it by this device's cost curve
-    decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=args.block_size, adaptive=False)
+    decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=args.block_size, adaptive=False,
+                                 tree_budget=args.tree_budget, tree_spine=args.tree_spine)
+    if args.tree_budget and not decoder.tree_budgets:
+        raise SystemExit(f"--tree-budget {args.tree_budget}: trees are {decoder.tree_status}")
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
     start = time.perf_counter()
     prompts = {d: eval_prompts(args.out, d, args.limit) for d in domains}
@@ -358,7 +365,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                     "max_tokens": args.max_tokens, "greedy": params.is_greedy,
                                     "temperature": args.temperature, "top_p": args.top_p,
                                     "sampling": None if params.is_greedy else args.sampling,
-                                    "target_dtype": args.target_dtype, "seconds": time.perf_counter() - start})
+                                    "target_dtype": args.target_dtype, "tree_budget": args.tree_budget,
+                                    "tree_spine": args.tree_spine, "seconds": time.perf_counter() - start})
     print(f"eval -> {output}")
     return 0
 

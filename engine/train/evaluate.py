@@ -68,15 +68,16 @@ GREEDY = SamplingParams(temperature=0.0)
 
 def run_prompt(
     decoder: Decoder, prompt_ids: list[int], eos: frozenset[int], max_tokens: int, result: DomainResult,
-    params: SamplingParams = GREEDY, rng: TokenRng | None = None,
+    params: SamplingParams = GREEDY, rng: TokenRng | None = None, depth: int | None = None,
 ) -> list[int]:
-    """Decode one prompt to EOS or max_tokens, recording every verify cycle."""
+    """Decode one prompt to EOS or max_tokens, recording every verify cycle (trees: to `depth` positions)."""
+    depth = depth or max_tokens
     out: list[int] = []
     steps = decoder.generate(prompt_ids, params, max_tokens, rng or TokenRng(0))
     try:
         for step in steps:
-            if step.drafted:
-                result.record(step.drafted, step.accepted)
+            if step.drafted:  # a tree's nodes span at most its depth: columns are depths reached
+                result.record(min(step.drafted, depth), step.accepted)
             stop = next((i for i, t in enumerate(step.tokens) if t in eos), None)
             out.extend(step.tokens if stop is None else step.tokens[: stop + 1])
             if stop is not None:
@@ -107,6 +108,7 @@ def evaluate_domains(
     if getattr(decoder, "adaptive", False):
         raise ValueError("acceptance is measured at a fixed verify width: build the decoder with adaptive=False")
     results = {domain: DomainResult(domain) for domain in prompts}
+    depth = getattr(decoder, "block_size", max_tokens + 1) - 1
     order = interleave(prompts)
     start = time.perf_counter()
     bar = progress_bar(total=len(order), desc="eval", unit="prompt")
@@ -118,7 +120,8 @@ def evaluate_domains(
             ids = tokenizer.apply_chat_template(prompt.messages(), add_generation_prompt=True)
             clock = time.perf_counter()
             rng = TokenRng(index, by_position=by_position)
-            result.tokens += len(run_prompt(decoder, ids, tokenizer.eos_token_ids, max_tokens, result, params, rng))
+            out = run_prompt(decoder, ids, tokenizer.eos_token_ids, max_tokens, result, params, rng, depth)
+            result.tokens += len(out)
             result.seconds += time.perf_counter() - clock
             result.prompts += 1
             bar.update(1)

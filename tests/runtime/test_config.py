@@ -28,6 +28,17 @@ def test_bad_values_rejected() -> None:
         EngineConfig(block_size=1)
     with pytest.raises(ValueError, match="port"):
         ServerConfig(port=70000)
+    for bad in (-1, "many", 2.5):
+        with pytest.raises(ValueError, match="tree_budget"):
+            EngineConfig(tree_budget=bad)
+
+
+def test_tree_budget_flag() -> None:
+    for flag, want in (("auto", "auto"), ("32", 32), ("0", 0)):
+        assert build_config(parse_args(["--tree-budget", flag])).engine.tree_budget == want
+    assert build_config(parse_args([])).engine.tree_budget == 0  # chains unless asked
+    with pytest.raises(SystemExit):
+        parse_args(["--tree-budget", "-3"])
 
 
 def test_cli_overrides_file(tmp_path: Path) -> None:

@@ -54,14 +54,18 @@ def plain() -> list[tuple[str, dict]]:
         return greedy_outputs(client)
 
 
-@pytest.mark.parametrize("engine", [dict(drafter="ngram"), dict(block_size=8), dict(block_size=4)],
-                         ids=["ngram", "random-draft-b8", "random-draft-b4"])
+@pytest.mark.parametrize("engine", [dict(drafter="ngram"), dict(block_size=8), dict(block_size=4),
+                                    dict(block_size=8, tree_budget=16), dict(block_size=8, tree_budget="auto")],
+                         ids=["ngram", "random-draft-b8", "random-draft-b4", "random-draft-tree16", "random-draft-tree-auto"])
 def test_greedy_speculative_equals_plain(engine: dict, plain: list, random_draft: Path) -> None:
     if "drafter" not in engine:
         engine = {**engine, "draft": str(random_draft)}
     with serve(**engine) as client:
         health = client.get("/health").json()
         assert health["drafter"].startswith(engine.get("drafter", "dflash"))
+        if "tree_budget" in engine:  # /health says whether trees are verified
+            want = "auto" if engine["tree_budget"] == "auto" else f"{engine['tree_budget']} nodes"
+            assert health["drafter"].endswith(f", trees {want}")
         outs = greedy_outputs(client)
     for (text, usage), (plain_text, _) in zip(outs, plain):
         assert text == plain_text
