@@ -53,6 +53,7 @@ def leader_engine(config: EngineConfig, group: mx.distributed.Group) -> AsyncEng
 
     def load() -> ServingModel:
         model = ServingModel.load(config, group)
+        check_ranks_agree(model, group)
         model.backend = f"{model.backend} ({backend})"  # /health: "... tensor parallel over 2 ranks (ring)"
         return model
 
@@ -87,6 +88,7 @@ def run_follower(config: EngineConfig, group: mx.distributed.Group, timeout: flo
     """A rank other than 0: the same scheduler loop on this thread, until rank 0 says SHUTDOWN."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # local ranks share the terminal: Ctrl-C is rank 0's to handle
     model = ServingModel.load(config, group)
+    check_ranks_agree(model, group)
     scheduler = DistributedScheduler(
         model.plain, model.speculative, model.tokenizer, model.tokenizer.eos_token_ids, drop_outputs,
         max_waiting=config.max_waiting, channel=ControlChannel(group),
@@ -101,6 +103,27 @@ def run_follower(config: EngineConfig, group: mx.distributed.Group, timeout: flo
     finally:
         watchdog.stop()
     log.info("rank %d: shutdown from rank 0", group.rank())
+
+
+def check_ranks_agree(model: ServingModel, group: mx.distributed.Group) -> None:
+    """At start: one fixed forward must give the same logits, bit for bit, on every rank.
+
+    Lockstep relies on it (every rank accepts the same drafts and samples the same tokens). The ring and
+    JACCL sums give every rank the same bits; mixed chips or MLX builds in one group may not.
+    """
+    from mlx_lm.models.cache import make_prompt_cache
+
+    net = model.plain.model
+    logits = net(mx.array([[1, 2, 3, 4, 5, 6, 7, 8]]), cache=make_prompt_cache(net))[0, -1]
+    bits = logits.astype(mx.float32).view(mx.int32)  # (vocab,)
+    high = mx.distributed.all_max(bits, group=group, stream=mx.cpu)
+    low = mx.distributed.all_min(bits, group=group, stream=mx.cpu)
+    differing = int(mx.sum(high != low).item())
+    if differing:
+        raise RuntimeError(
+            f"the ranks computed different logits for the same tokens ({differing} of {bits.size} differ): "
+            "a tensor-parallel group needs the same chips and the same MLX build on every rank"
+        )
 
 
 def _last_tick(scheduler: DistributedScheduler) -> float:
