@@ -108,7 +108,7 @@ def test_seeded_sample_equals_single_process(dflash_group: LiveServer, single: d
     with httpx.Client(base_url=dflash_group.url, timeout=60) as client:
         assert chat(client, PROMPTS[1], **SEEDED)["message"]["content"] == single["seeded"]
         # unseeded: rank 0 draws the seed; a rank drawing its own would fail the next tick's checksum
-        assert chat(client, PROMPTS[0], temperature=1.0, max_tokens=8)["finish_reason"] == "length"
+        assert chat(client, PROMPTS[0], temperature=1.0, max_tokens=8)["finish_reason"] in ("length", "stop")
         assert chat(client, PROMPTS[0])["message"]["content"] == single[PROMPTS[0]]
 
 
@@ -179,7 +179,8 @@ def test_plain_greedy_equals_single_process_then_killing_a_rank_fails_requests(
         assert time.monotonic() - start < 25
         assert not any('"finish_reason":"length"' in e for e in events), events[-3:]
         errors = [json.loads(e)["error"] for e in events if e.startswith('{"error"')]
-        assert errors and "rank" in errors[0]["message"], events[-3:]
+        # the watchdog's "a tensor-parallel rank failed" or the ring's "connection to a peer was lost"
+        assert errors and ("rank failed" in errors[0]["message"] or "peer" in errors[0]["message"]), events[-3:]
         assert server.proc.wait(20) != 0  # the group cannot go on without a rank: rank 0 exits non-zero
     finally:
         server.stop()
