@@ -7,9 +7,9 @@ For each drafter (none, then the draft: the shipped one for the embedded model, 
 Qwen3) two servers run side by side: `--tensor-parallel 1` and `--tensor-parallel N`, both with
 --no-prefix-cache. Each round sends every prompt to both, in an order that alternates, so both see the
 same load from other processes. Decode tok/s is (completion tokens - 1) / (time from the first content
-delta to [DONE]), greedy; the texts must match. Under TP the verify width is fixed (the adaptive
-controller is off), so the DFlash rows also compare adaptive against fixed widths. On a machine with
-fewer cores than ranks this measures overhead and correctness, not speed. JSON goes to --out.
+delta to [DONE]), greedy; the texts must match. Under TP the adaptive width prices widths from a cost
+curve agreed at start and learns no overheads from live cycles. On a machine with fewer cores than
+ranks this measures overhead and correctness, not speed. JSON goes to --out.
 """
 
 from __future__ import annotations

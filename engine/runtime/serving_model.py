@@ -50,9 +50,12 @@ class ServingModel:
         # before the decoders are built: plain and speculative share the prepared model
         log.info("target: %s", prepare_model(loaded.model, fuse=config.fuse_projections))
         plain = PlainDecoder(loaded.model, prefill_chunk=config.prefill_chunk)
-        # lockstep ranks must choose the same verify widths: the adaptive controller prices them with
-        # each rank's own clock, so it stays off; the prefix cache is not kept in step across ranks either
-        speculative, drafter = build_speculative(loaded, config, adaptive=not lockstep)
+        if lockstep and config.tree_budget != 0:
+            log.warning("tree verification is not run under tensor parallel yet: verifying chains")
+            config = replace(config, tree_budget=0)
+        # lockstep ranks must choose the same verify widths: their controllers learn no costs from their
+        # own clocks (engine/runtime/tensor_parallel.agree_on_costs); the prefix cache is off under TP
+        speculative, drafter = build_speculative(loaded, config, learn_overheads=not lockstep)
         if speculative is not None and default_attention_kernel().kernel is not None:
             warm_up(speculative)
         return cls(
@@ -130,7 +133,7 @@ def resolve_draft(spec: str, target: str, model_id: str) -> str | None:
 
 
 def build_speculative(
-    loaded: object, config: EngineConfig, *, adaptive: bool = True
+    loaded: object, config: EngineConfig, *, adaptive: bool = True, learn_overheads: bool = True
 ) -> tuple[SpeculativeDecoder | None, str]:
     from engine.decode.drafters import DFlashDrafter, NgramDrafter
     from engine.decode.speculative import SpeculativeDecoder
@@ -143,7 +146,8 @@ def build_speculative(
         drafter = NgramDrafter()
         block_size = config.block_size or NGRAM_BLOCK_SIZE
         decoder = SpeculativeDecoder(target, drafter, block_size=block_size, prefill_chunk=config.prefill_chunk,
-                                     adaptive=adaptive, tree_budget=_tree_budget(config, adaptive))
+                                     adaptive=adaptive, tree_budget=_tree_budget(config, adaptive),
+                                     learn_overheads=learn_overheads)
         return decoder, "ngram" + _tree_note(decoder)
     path = resolve_draft(config.draft, config.model, loaded.model_id)
     if path is None:
@@ -155,7 +159,7 @@ def build_speculative(
     block_size = config.block_size or draft.config.block_size
     decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=block_size,
                                  prefill_chunk=config.prefill_chunk, adaptive=adaptive,
-                                 tree_budget=_tree_budget(config, adaptive))
+                                 tree_budget=_tree_budget(config, adaptive), learn_overheads=learn_overheads)
     return decoder, f"dflash ({path})" + _tree_note(decoder)
 
 

@@ -54,6 +54,7 @@ def leader_engine(config: EngineConfig, group: mx.distributed.Group) -> AsyncEng
     def load() -> ServingModel:
         model = ServingModel.load(config, group)
         check_ranks_agree(model, group)
+        agree_on_costs(model, group)
         model.backend = f"{model.backend} ({backend})"  # /health: "... tensor parallel over 2 ranks (ring)"
         return model
 
@@ -89,6 +90,7 @@ def run_follower(config: EngineConfig, group: mx.distributed.Group, timeout: flo
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # local ranks share the terminal: Ctrl-C is rank 0's to handle
     model = ServingModel.load(config, group)
     check_ranks_agree(model, group)
+    agree_on_costs(model, group)
     scheduler = DistributedScheduler(
         model.plain, model.speculative, model.tokenizer, model.tokenizer.eos_token_ids, drop_outputs,
         max_waiting=config.max_waiting, channel=ControlChannel(group),
@@ -124,6 +126,29 @@ def check_ranks_agree(model: ServingModel, group: mx.distributed.Group) -> None:
             f"the ranks computed different logits for the same tokens ({differing} of {bits.size} differ): "
             "a tensor-parallel group needs the same chips and the same MLX build on every rank"
         )
+
+
+def agree_on_costs(model: ServingModel, group: mx.distributed.Group) -> None:
+    """One verify cost curve for every rank: the adaptive width prices widths with it, and ranks must choose alike.
+
+    Each rank times the same forwards in lockstep; all take the mean. With overheads not learned from
+    live cycles (ServingModel.load), the widths then depend on the committed tokens alone.
+    """
+    decoder = model.speculative
+    if decoder is None or not decoder.adaptive:
+        return
+    from engine.decode.verify_width import CostCurve
+
+    cache = decoder.target.make_cache()
+
+    def forward(rows: int) -> None:
+        logits, taps = decoder.target(mx.ones((1, rows), dtype=mx.int32), cache, taps=decoder.drafter.needs_taps)
+        mx.eval(logits, taps)
+        decoder.target.trim(cache, rows)
+
+    seconds = CostCurve.measure(forward, max(decoder.block_size, decoder.max_budget + 1)).seconds
+    total = mx.distributed.all_sum(mx.array(seconds, dtype=mx.float32), group=group, stream=mx.cpu)
+    decoder.cost_curve = CostCurve(tuple((total / group.size()).tolist()))
 
 
 def _last_tick(scheduler: DistributedScheduler) -> float:
