@@ -1,13 +1,17 @@
 // Block attention for MLX's CUDA backend (mx.fast.cuda_kernel, compiled by NVRTC).
 //
 //   out (B, L, H, D) = softmax(scale * q k^T [causal]) v     q (B, H, L, D), k and v (B, Hkv, S, D)
-//   L = 2..64 query rows (a verify or draft block), any key length S, H a multiple of Hkv (GQA).
+//   L = 1..64 query rows (a decode step, a verify or draft block), any key length S, H a multiple of Hkv (GQA).
 //   CAUSAL: row i sees keys 0 .. S - L + i (the block is the context's last L positions).
+//   PADDED: batch row b sees keys from start[b] on (a left-padded batch: mlx-lm's BatchKVCache.left_padding);
+//   every row must keep at least one key (start[b] < S - L + 1 when causal, < S otherwise).
 //
 // Why: MLX 0.32's fused attention plans a cuDNN graph per exact (L, S), ~40 ms at each new key
 // length, which speculative decoding meets every cycle; the explicit composition (two matmuls and a
 // softmax) costs several launches per layer. Key length and strides are runtime arguments here, so
-// NVRTC compiles one kernel per (T, D, CAUSAL, WARPS) and a layer is one launch.
+// NVRTC compiles one kernel per (T, D, CAUSAL, PADDED, WARPS) and a layer is one launch.
+// A left-padded decode step (L = 1 over a batch of prompts of different lengths) otherwise needs
+// fused attention with a (B, 1, 1, S) bool mask: on an H200 twice the cost of the unmasked call.
 //
 // Work split. A block owns one (batch, head, query row). Its warps take chunks of 32 keys in turn:
 // each lane scores one key against the whole query row (kept in registers), the warp updates its
@@ -17,8 +21,8 @@
 //
 // MLX builds the signature from the names below; template constants arrive as
 // `using T = ...; constexpr int D = ...;` at the top of the body:
-//   inputs q, k, v, scale (1,) float32; output out; T = q's dtype; D = head dim (a multiple of 64);
-//   CAUSAL (bool); WARPS = warps per block.
+//   inputs q, k, v, scale (1,) float32, start (B,) int32 (read only when PADDED); output out;
+//   T = q's dtype; D = head dim (a multiple of 64); CAUSAL, PADDED (bool); WARPS = warps per block.
 // The loader splits this file at the two markers: the header goes before the generated
 // signature, the body inside it.
 
@@ -65,7 +69,8 @@ __device__ __forceinline__ void battn_store(__nv_bfloat16* p, float v) { *p = __
   const int Hkv = k_shape[1];
   const int S = k_shape[2];
   const int kvh = h / (H / Hkv);
-  const int limit = CAUSAL ? S - L + row + 1 : S;  // keys this row sees
+  const int limit = CAUSAL ? S - L + row + 1 : S;  // keys this row sees: first .. limit - 1
+  const int first = PADDED ? start[b * start_strides[0]] : 0;
   const float scale_log2 = scale[0] * 1.4426950408889634f;  // exp2 below, so fold log2(e) in
 
   // The whole query row, pre-scaled, in every lane: each lane scores its own key.
@@ -87,7 +92,7 @@ __device__ __forceinline__ void battn_store(__nv_bfloat16* p, float v) { *p = __
   for (int i = 0; i < VPT; ++i) {
     o[i] = 0.0f;
   }
-  for (int base = warp * 32; base < limit; base += WARPS * 32) {
+  for (int base = first + warp * 32; base < limit; base += WARPS * 32) {
     const int j = base + lane;
     float s = BATTN_NEG_INF;
     if (j < limit) {

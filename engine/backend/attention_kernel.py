@@ -8,6 +8,9 @@ without a per-shape plan. Whether it runs is decided per (device, dtype, head di
 causal) at first use: numerics against the float32 explicit composition, then speed against the
 explicit composition at a 16-row block over 512 keys; a kernel that is wrong or slower is never used.
 Only "causal" and no mask are covered; array masks (training, sliding windows) stay explicit.
+A one-token decode step over a left-padded batch (mlx-lm's BatchKVCache) is a separate spec, `padded`:
+row b sees keys from start[b] on, and the kernel must beat mx.fast's attention with the equivalent
+(B, 1, 1, S) bool mask at DECODE_TIMING_SHAPE (engine/train/generator.py uses it).
 DFLASH_ATTENTION=unfused or fused turns the kernel off (engine/model/attention.py).
 """
 
@@ -34,6 +37,10 @@ WARPS: dict[int, tuple[int, ...]] = {64: (4, 8), 128: (4, 8)}
 TOLERANCE = {mx.float32: 2e-3, mx.float16: 2e-3, mx.bfloat16: 1.2e-2}  # float32: the reference is TF32 on CUDA
 CHECK_SHAPES = ((16, 300), (3, 37), (64, 64), (2, 1000))  # (query rows, keys): tails, L = S, long rows
 TIMING_SHAPE = (16, 512)
+# padded decode, (batch rows, keys): each batch's starts include 0 and S - 1 (one key seen)
+DECODE_CHECK_SHAPES = ((5, 37), (3, 300), (2, 1000))
+DECODE_TIMING_SHAPE = (256, 384)  # starts in [0, 64), as a sorted wave of prompts pads
+DECODE_WARPS: dict[int, tuple[int, ...]] = {64: (2, 4, 8), 128: (4, 8)}  # few keys per row: fewer warps may win
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class AttentionSpec:
     heads: int
     kv_heads: int
     causal: bool
+    padded: bool = False  # one query row per batch row, keys from a per-row start (left padding)
 
 
 @dataclass(frozen=True)
@@ -56,23 +64,28 @@ class Decision:
     reason: str
 
 
-Kernel = Callable[[mx.array, mx.array, mx.array, float, bool, int], mx.array]
-Reference = Callable[[mx.array, mx.array, mx.array, float, bool], mx.array]
+Kernel = Callable[..., mx.array]  # (q, k, v, scale, causal, warps, start=None) -> (B, H, L, D)
+Reference = Callable[..., mx.array]  # (q, k, v, scale, causal, start=None) -> (B, H, L, D)
 
 
 def make_cuda_kernel() -> Kernel:
-    """The launcher for kernels/block_attention.cu: (q, k, v, scale, causal, warps) -> (B, H, L, D)."""
+    """The launcher for kernels/block_attention.cu: (q, k, v, scale, causal, warps, start=None) -> (B, H, L, D);
+    with `start` (B,) row b attends to keys start[b] .. S-1 only (the PADDED variant)."""
     header, body = read_kernel_source("block_attention.cu")
-    kernel = mx.fast.cuda_kernel(name="dflash_block_attention", input_names=["q", "k", "v", "scale"],
+    kernel = mx.fast.cuda_kernel(name="dflash_block_attention", input_names=["q", "k", "v", "scale", "start"],
                                  output_names=["out"], source=body, header=header,
                                  ensure_row_contiguous=False)  # strides are read; a cache prefix is not copied
+    no_start = mx.zeros((1,), dtype=mx.int32)  # never read by the unpadded variant
 
     def launch(queries: mx.array, keys: mx.array, values: mx.array, scale: float, causal: bool,
-               warps: int) -> mx.array:
+               warps: int, start: mx.array | None = None) -> mx.array:
         b, heads, rows, dim = queries.shape
         # Every template value is in the kernel's name, which is what MLX caches compiled code by.
-        template = [("T", queries.dtype), ("D", dim), ("CAUSAL", causal), ("WARPS", warps)]
-        (out,) = kernel(inputs=[queries, keys, values, mx.array([scale], dtype=mx.float32)], template=template,
+        template = [("T", queries.dtype), ("D", dim), ("CAUSAL", causal), ("PADDED", start is not None),
+                    ("WARPS", warps)]
+        starts = no_start if start is None else start.astype(mx.int32)
+        (out,) = kernel(inputs=[queries, keys, values, mx.array([scale], dtype=mx.float32), starts],
+                        template=template,
                         grid=(heads * warps * 32, rows, b), threadgroup=(warps * 32, 1, 1),
                         output_shapes=[(b, rows, heads, dim)], output_dtypes=[queries.dtype])
         return out.transpose(0, 2, 1, 3)  # (B, H, L, D), a view: the caller's transpose back is free
@@ -80,8 +93,10 @@ def make_cuda_kernel() -> Kernel:
     return launch
 
 
-def float32_reference(queries: mx.array, keys: mx.array, values: mx.array, scale: float, causal: bool) -> mx.array:
-    """softmax(scale q kᵀ) v in float32, causal over the context's last L positions: the oracle."""
+def float32_reference(queries: mx.array, keys: mx.array, values: mx.array, scale: float, causal: bool,
+                      start: mx.array | None = None) -> mx.array:
+    """softmax(scale q kᵀ) v in float32, causal over the context's last L positions, batch row b over
+    keys start[b] .. S-1 when `start` is given: the oracle."""
     q, k, v = (x.astype(mx.float32) for x in (queries, keys, values))
     group = q.shape[1] // k.shape[1]
     k, v = mx.repeat(k, group, axis=1), mx.repeat(v, group, axis=1)  # (B, H, S, D)
@@ -90,11 +105,19 @@ def float32_reference(queries: mx.array, keys: mx.array, values: mx.array, scale
         rows, length = q.shape[2], k.shape[2]
         keep = mx.arange(length)[None] <= mx.arange(length - rows, length)[:, None]  # (L, S)
         scores = mx.where(keep, scores, -mx.inf)
+    if start is not None:
+        scores = mx.where(padding_mask(start, k.shape[2]), scores, -mx.inf)
     return mx.softmax(scores, axis=-1) @ v
 
 
+def padding_mask(start: mx.array, length: int) -> mx.array:
+    """(B, 1, 1, S) bool: key j is seen by batch row b iff j >= start[b] (BatchKVCache.make_mask at N = 1)."""
+    return mx.arange(length)[None, None, None, :] >= start[:, None, None, None]
+
+
 class BlockAttentionKernel:
-    """Attention of a 2..64-row block through the CUDA kernel where the runtime checks allow it."""
+    """Attention of a 2..64-row block, or of a padded decode step, through the CUDA kernel where the
+    runtime checks allow it."""
 
     def __init__(self, kernel: Kernel | None = None, reference: Reference | None = None,
                  backend: str | None = None, timer: Callable[[Callable[[], mx.array]], float] = time_ms) -> None:
@@ -124,30 +147,46 @@ class BlockAttentionKernel:
         spec = self.spec_for(queries, keys, mask)
         return None if spec is None else self.decide(spec).warps
 
+    def padded_spec_for(self, queries: mx.array, keys: mx.array) -> AttentionSpec | None:
+        """The kernel's view of a one-row decode step with per-row key starts, or None if not covered."""
+        b, heads, rows, dim = queries.shape
+        if self.kernel is None or rows != 1 or dim not in HEAD_DIMS or queries.dtype not in FLOATS:
+            return None
+        if keys.dtype != queries.dtype or heads % keys.shape[1]:
+            return None
+        return AttentionSpec(queries.dtype, dim, heads, keys.shape[1], False, padded=True)
+
+    def padded_warps_for(self, queries: mx.array, keys: mx.array) -> int | None:
+        """Warps per block for a padded decode step, or None for mx.fast's masked attention."""
+        spec = self.padded_spec_for(queries, keys)
+        return None if spec is None else self.decide(spec).warps
+
     def __call__(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float, causal: bool,
-                 warps: int) -> mx.array:
+                 warps: int, start: mx.array | None = None) -> mx.array:
         assert self.kernel is not None
-        return self.kernel(queries, keys, values, scale, causal, warps)
+        if start is None:
+            return self.kernel(queries, keys, values, scale, causal, warps)
+        return self.kernel(queries, keys, values, scale, causal, warps, start=start)
 
     def decide(self, spec: AttentionSpec) -> Decision:
         """The cached choice for `spec` on this device; checked and logged on first use."""
         if spec not in self.decisions:
             decision = self._check(spec)
             self.decisions[spec] = decision
-            log.info("block attention on %s, %s D=%d heads %d/%d %s: %s (%s; kernel %.3f ms, explicit %.3f ms, "
-                     "max rel err %.2g)", self.device_name, spec.dtype, spec.head_dim, spec.heads, spec.kv_heads,
-                     "causal" if spec.causal else "full", "kernel" if decision.warps else "explicit",
+            log.info("block attention on %s, %s: %s (%s; kernel %.3f ms, reference %.3f ms, max rel err %.2g)",
+                     self.device_name, spec_name(spec), "kernel" if decision.warps else "reference",
                      decision.reason, decision.kernel_ms, decision.reference_ms, decision.max_rel_error)
         return self.decisions[spec]
 
     def summary(self) -> dict[str, dict[str, object]]:
         """The decisions made so far, by a readable name (for benchmark reports)."""
-        return {f"{spec.dtype} D={spec.head_dim} heads {spec.heads}/{spec.kv_heads} {'causal' if spec.causal else 'full'}":
-                {"warps": d.warps, "kernel_ms": d.kernel_ms, "explicit_ms": d.reference_ms,
+        return {spec_name(spec): {"warps": d.warps, "kernel_ms": d.kernel_ms, "explicit_ms": d.reference_ms,
                  "max_rel_error": d.max_rel_error, "reason": d.reason} for spec, d in self.decisions.items()}
 
     def _check(self, spec: AttentionSpec) -> Decision:
         assert self.kernel is not None
+        if spec.padded:
+            return self._check_padded(spec)
         reference = self.reference or _explicit
         q, k, v = random_block(spec, *TIMING_SHAPE)
         scale = spec.head_dim**-0.5
@@ -159,18 +198,56 @@ class BlockAttentionKernel:
             time_ms=lambda w: self.timer(lambda: self.kernel(q, k, v, scale, spec.causal, w)))
         return Decision(pick.variant, pick.kernel_ms, ref_ms, pick.max_rel_error, pick.reason)
 
+    def _check_padded(self, spec: AttentionSpec) -> Decision:
+        """Numerics over DECODE_CHECK_SHAPES, then speed against the masked reference (mx.fast by default)."""
+        assert self.kernel is not None
+        batch, length = DECODE_TIMING_SHAPE
+        q, k, v = random_block(spec, 1, length, batch=batch)
+        start = mx.random.randint(0, 64, (batch,), key=mx.random.key(batch)).astype(mx.int32)
+        mask = padding_mask(start, length)
+        scale = spec.head_dim**-0.5
+        mx.eval(start, mask)
+        if self.reference is None:
+            ref_ms = self.timer(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask))
+        else:
+            ref_ms = self.timer(lambda: self.reference(q, k, v, scale, False, start=start))
+        pick = pick_fastest(
+            DECODE_WARPS[spec.head_dim], tolerance=TOLERANCE[spec.dtype], reference_ms=ref_ms, noun="warp count",
+            describe=lambda w: f"{w} warps", what=f"padded decode attention {spec}",
+            max_rel_error=lambda w: self.max_rel_error(spec, w),
+            time_ms=lambda w: self.timer(lambda: self.kernel(q, k, v, scale, False, w, start=start)))
+        return Decision(pick.variant, pick.kernel_ms, ref_ms, pick.max_rel_error, pick.reason)
+
     def max_rel_error(self, spec: AttentionSpec, warps: int) -> float:
-        """Worst max|kernel - float32 reference| / max|reference| over CHECK_SHAPES, strided keys included."""
+        """Worst max|kernel - float32 reference| / max|reference| over CHECK_SHAPES (DECODE_CHECK_SHAPES when
+        padded), strided keys included."""
         assert self.kernel is not None
         errors = []
-        for rows, length in CHECK_SHAPES:
-            q, k, v = random_block(spec, rows, length, spare=7)
-            scale = spec.head_dim**-0.5
-            got = self.kernel(q, k, v, scale, spec.causal, warps).astype(mx.float32)
-            ref = float32_reference(q, k, v, scale, spec.causal)
+        scale = spec.head_dim**-0.5
+        for rows, length in DECODE_CHECK_SHAPES if spec.padded else CHECK_SHAPES:
+            if spec.padded:  # `rows` batch rows of one query each
+                q, k, v = random_block(spec, 1, length, spare=7, batch=rows)
+                start = check_starts(rows, length)
+                got = self.kernel(q, k, v, scale, False, warps, start=start)
+                ref = float32_reference(q, k, v, scale, False, start=start)
+            else:
+                q, k, v = random_block(spec, rows, length, spare=7)
+                got = self.kernel(q, k, v, scale, spec.causal, warps)
+                ref = float32_reference(q, k, v, scale, spec.causal)
+            got = got.astype(mx.float32)
             errors.append(mx.max(mx.abs(got - ref)) / mx.maximum(mx.max(mx.abs(ref)), 1e-6))
         values = [e.item() for e in errors]
         return float("nan") if any(x != x for x in values) else max(values)
+
+
+def spec_name(spec: AttentionSpec) -> str:
+    kind = ("causal" if spec.causal else "full") + (" padded" if spec.padded else "")
+    return f"{spec.dtype} D={spec.head_dim} heads {spec.heads}/{spec.kv_heads} {kind}"
+
+
+def check_starts(batch: int, length: int) -> mx.array:
+    """Key starts for a numerics check: 0, S - 1 (a single key), then spread over the row."""
+    return mx.array([[0, length - 1][i] if i < 2 else (i * 7919) % length for i in range(batch)], dtype=mx.int32)
 
 
 def _explicit(queries: mx.array, keys: mx.array, values: mx.array, scale: float, causal: bool) -> mx.array:
@@ -178,13 +255,13 @@ def _explicit(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
 
 
 def random_block(spec: AttentionSpec, rows: int, length: int, spare: int = 0,
-                 seed: int = 0) -> tuple[mx.array, mx.array, mx.array]:
-    """Random q (1, H, L, D) and k, v (1, Hkv, S, D); with `spare`, k and v are prefixes of longer
+                 seed: int = 0, batch: int = 1) -> tuple[mx.array, mx.array, mx.array]:
+    """Random q (B, H, L, D) and k, v (B, Hkv, S, D); with `spare`, k and v are prefixes of longer
     buffers (strided views, as a KV cache hands them out)."""
-    kq, kk, kv = mx.random.split(mx.random.key(seed + rows * 7919 + length), 3)
-    q = mx.random.normal((1, spec.heads, rows, spec.head_dim), key=kq).astype(spec.dtype)
-    k = mx.random.normal((1, spec.kv_heads, length + spare, spec.head_dim), key=kk).astype(spec.dtype)
-    v = mx.random.normal((1, spec.kv_heads, length + spare, spec.head_dim), key=kv).astype(spec.dtype)
+    kq, kk, kv = mx.random.split(mx.random.key(seed + rows * 7919 + length + (batch - 1) * 104729), 3)
+    q = mx.random.normal((batch, spec.heads, rows, spec.head_dim), key=kq).astype(spec.dtype)
+    k = mx.random.normal((batch, spec.kv_heads, length + spare, spec.head_dim), key=kk).astype(spec.dtype)
+    v = mx.random.normal((batch, spec.kv_heads, length + spare, spec.head_dim), key=kv).astype(spec.dtype)
     mx.eval(q, k, v)
     return q, k[:, :, :length], v[:, :, :length]
 

@@ -4,12 +4,17 @@ Waves of `batch_size` prompts are left-padded, prefilled together into a batched
 decoded in lock-step; the batch is compacted when half of it has finished. mlx-lm's continuous
 BatchGenerator re-pads and copies the whole cache whenever one sequence ends or starts, which on an
 H200 ran at 2.8k tok/s at batch 256 against 21k for plain batched decoding.
+On CUDA a decoding step's attention goes through the padded block-attention kernel
+(engine/backend/attention_kernel.py) where its runtime check adopts it: mx.fast's attention with the
+left-padding mask cost 0.99 ms per layer at batch 1024 over 320 keys on an H200, 30 of a 31 ms step.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from itertools import zip_longest
 from pathlib import Path
@@ -17,9 +22,12 @@ from typing import Any, NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models import base as mlx_lm_base
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
+from engine.backend import attention_kernel
+from engine.model import attention
 from engine.train import progress_bar
 from engine.train.dataset import MODES, Sample, ShardWriter, finished_jobs, write_manifest
 from engine.train.prompts import Prompt
@@ -106,6 +114,39 @@ def waves(jobs: list[Job], size: int) -> Iterator[list[Job]]:
         yield wave
 
 
+@contextmanager
+def padded_decode_attention(model: nn.Module, kernel: attention_kernel.BlockAttentionKernel | None = None
+                            ) -> Iterator[bool]:
+    """While open, `model`'s one-token steps on a BatchKVCache attend through the padded CUDA kernel
+    (key start = cache.left_padding) where the kernel's runtime check adopts it; yields whether it is on.
+    Off on the CPU, under DFLASH_ATTENTION=fused/unfused, and for models with no mlx-lm attention."""
+    kernel = kernel or attention_kernel.default_kernel()
+    original = mlx_lm_base.scaled_dot_product_attention
+    # mlx-lm's model modules bind base's function at import and call it with the cache (so its
+    # left_padding): swap that name per module; base's own name is not looked up, mx.fast's sees no cache.
+    modules = [m for m in {sys.modules[type(layer).__module__] for layer in model.modules()}
+               if getattr(m, "scaled_dot_product_attention", None) is original]
+    if kernel.kernel is None or attention.mode() != "auto" or not modules:
+        yield False
+        return
+
+    def hooked(queries: mx.array, keys: mx.array, values: mx.array, cache: Any, scale: float,
+               mask: mx.array | str | None, sinks: mx.array | None = None) -> mx.array:
+        # at one query row the model's mask is exactly `key >= left_padding` (BatchKVCache.make_mask)
+        if sinks is None and type(cache) is BatchKVCache and queries.shape[2] == 1:
+            if (warps := kernel.padded_warps_for(queries, keys)) is not None:
+                return kernel(queries, keys, values, scale, False, warps, start=cache.left_padding)
+        return original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+
+    for module in modules:
+        module.scaled_dot_product_attention = hooked
+    try:
+        yield True
+    finally:
+        for module in modules:
+            module.scaled_dot_product_attention = original
+
+
 class ResponseGenerator:
     """Decodes waves of prompts in lock-step with one left-padded batched KV cache."""
 
@@ -152,6 +193,10 @@ class ResponseGenerator:
 
     def decode(self, wave: list[Job]) -> tuple[list[list[int]], list[bool]]:
         """Each job's response (EOS included when reached) and whether it ended with EOS."""
+        with padded_decode_attention(self.model):
+            return self._decode(wave)
+
+    def _decode(self, wave: list[Job]) -> tuple[list[list[int]], list[bool]]:
         cache, y = self.prefill([j.prompt_ids for j in wave])
         sampler = self.samplers[wave[0].mode]
 

@@ -1,9 +1,11 @@
-"""engine/backend/attention_kernel.py: the CUDA block-attention kernel's source on a CPU SIMT shim, the
-runtime decision (numerics, then speed) with fake kernels, the dispatch in engine/model/attention.py, and,
-on a CUDA device, the real kernel against the float32 reference and inside greedy speculative decoding."""
+"""engine/backend/attention_kernel.py: the CUDA block-attention kernel's source on a CPU SIMT shim (blocks
+and left-padded decode steps), the runtime decision (numerics, then speed) with fake kernels, the dispatch
+in engine/model/attention.py and in the generator's padded decode hook, and, on a CUDA device, the real
+kernel against the float32 reference, inside greedy speculative decoding and inside batched generation."""
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import subprocess
 from pathlib import Path
@@ -28,12 +30,15 @@ from engine.decode.speculative import SpeculativeDecoder
 from engine.model import attention
 from engine.model.fused import fuse_projections
 from engine.model.target import Target
+from engine.train.generator import GenerationConfig, Job, ResponseGenerator, padded_decode_attention
 
 SPEC = ak.AttentionSpec(mx.float32, 64, 4, 2, True)
 
 
-def numpy_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, causal: bool) -> np.ndarray:
-    """(B, H, L, D) float64 attention over (B, Hkv, S, D) keys; causal over the last L positions."""
+def numpy_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, causal: bool,
+                    start: np.ndarray | None = None) -> np.ndarray:
+    """(B, H, L, D) float64 attention over (B, Hkv, S, D) keys; causal over the last L positions; batch
+    row b over keys start[b] .. S-1 when `start` is given."""
     group = q.shape[1] // k.shape[1]
     k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
     scores = scale * q @ k.swapaxes(-1, -2)  # (B, H, L, S)
@@ -41,6 +46,8 @@ def numpy_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, c
         rows, length = q.shape[2], k.shape[2]
         keep = np.arange(length)[None] <= np.arange(length - rows, length)[:, None]
         scores = np.where(keep, scores, -np.inf)
+    if start is not None:
+        scores = np.where(np.arange(k.shape[2])[None, None, None] >= start[:, None, None, None], scores, -np.inf)
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     return (weights / weights.sum(-1, keepdims=True)) @ v
 
@@ -65,6 +72,8 @@ int main(int argc, char** argv) {
   auto q = read_all<TT>(argv[8], (size_t)B * L * H * D_);
   auto k = read_all<TT>(argv[9], (size_t)B * Hkv * cap * D_);
   auto v = read_all<TT>(argv[10], (size_t)B * Hkv * cap * D_);
+  auto start = read_all<int>(argv[12], (size_t)B);
+  const long long start_strides[1] = {1};
   std::vector<TT> out((size_t)B * L * H * D_);
   const int threads = WARPS_ * 32;
   setup_barriers(threads);
@@ -75,7 +84,7 @@ int main(int argc, char** argv) {
     for (int b = 0; b < B; ++b) for (int row = 0; row < L; ++row) for (int h = 0; h < H; ++h) {
       SET_BLOCK(t, h, row, b);
       block_attention(q.data(), q_shape, q_strides, k.data(), k_shape, kv_strides, v.data(), kv_strides,
-                      &scale, out.data());
+                      &scale, start.data(), start_strides, out.data());
       block_sync();
     }
   });
@@ -86,32 +95,41 @@ int main(int argc, char** argv) {
 
 
 def run_on_shim(tmp: Path, b: int, heads: int, kv_heads: int, rows: int, length: int, dim: int, dtype: str,
-                causal: bool, warps: int, spare: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(rows * 1000 + length)
+                causal: bool, warps: int, spare: int, starts: list[int] | None = None,
+                mutate: tuple[str, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel's output and the float64 expectation; `starts` selects the PADDED variant and
+    `mutate` = (old, new) edits the kernel body first (to show a test catches that bug)."""
+    rng = np.random.default_rng(rows * 1000 + length + b)
     cap = length + spare
     q_raw, q = round_to(rng.normal(size=(b, rows, heads, dim)), dtype)  # stored (B, L, H, D)
     k_raw, k = round_to(rng.normal(size=(b, kv_heads, cap, dim)), dtype)
     v_raw, v = round_to(rng.normal(size=(b, kv_heads, cap, dim)), dtype)
+    start = np.array(starts if starts is not None else [0] * b, dtype=np.int32)
     scale = dim**-0.5
-    expected = numpy_attention(q.transpose(0, 2, 1, 3), k[:, :, :length], v[:, :, :length], scale, causal)
+    expected = numpy_attention(q.transpose(0, 2, 1, 3), k[:, :, :length], v[:, :, :length], scale, causal,
+                               None if starts is None else start)
 
     header, body = read_kernel_source("block_attention.cu")
+    if mutate is not None:
+        assert mutate[0] in body, mutate[0]
+        body = body.replace(mutate[0], mutate[1])
     ct = C_TYPES[dtype][0]
     constants = (f"  using T = {ct}; constexpr int D = {dim}; constexpr bool CAUSAL = {str(causal).lower()};\n"
-                 f"  constexpr int WARPS = {warps};\n")
+                 f"  constexpr bool PADDED = {str(starts is not None).lower()}; constexpr int WARPS = {warps};\n")
     source = SHIM_CUDA + header + (
         f"void block_attention(const {ct}* q, const int* q_shape, const long long* q_strides, const {ct}* k,"
         f" const int* k_shape, const long long* k_strides, const {ct}* v, const long long* v_strides,"
-        f" const float* scale, {ct}* out) {{\n{constants}{body}\n}}\n")
+        f" const float* scale, const int* start, const long long* start_strides, {ct}* out) {{\n"
+        f"{constants}{body}\n}}\n")
     defines = {"TT": ct, "D_": dim, "WARPS_": warps}
     source += "".join(f"#define {key} {value}\n" for key, value in defines.items()) + MAIN
     (tmp / "k.cpp").write_text(source)
     subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-w", "-o", str(tmp / "prog"), str(tmp / "k.cpp")],
                    check=True, capture_output=True, text=True)
-    for name, arr in (("q", q_raw), ("k", k_raw), ("v", v_raw)):
+    for name, arr in (("q", q_raw), ("k", k_raw), ("v", v_raw), ("start", start)):
         np.ascontiguousarray(arr).tofile(tmp / name)
     subprocess.run([str(tmp / "prog"), *(str(x) for x in (b, heads, rows, kv_heads, length, spare, repr(scale))),
-                    *(str(tmp / f) for f in ("q", "k", "v", "out"))], check=True, timeout=300)
+                    *(str(tmp / f) for f in ("q", "k", "v", "out", "start"))], check=True, timeout=300)
     raw = np.fromfile(tmp / "out", dtype=C_TYPES[dtype][2]).reshape(b, rows, heads, dim)
     return stored_to_float(raw, dtype).transpose(0, 2, 1, 3), expected
 
@@ -134,10 +152,55 @@ def test_kernel_source_on_a_cpu_simt_shim(case: tuple, tmp_path: Path) -> None:
     assert err < tol, f"max rel error {err:.3g}"
 
 
+def shim_error(got: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.max(np.abs(got - expected)) / np.max(np.abs(expected)))  # NaN where a row saw no keys
+
+
+PADDED_CASES = [  # b, heads, kv_heads, rows, keys, dim, dtype, causal, warps, spare, starts
+    (4, 9, 3, 1, 37, 64, "bfloat16", False, 4, 5, [0, 36, 5, 17]),         # GQA, strided prefix, S-1: one key
+    (3, 4, 2, 1, 300, 64, "float32", False, 2, 0, [0, 299, 100]),          # several chunks per warp
+    (5, 3, 3, 1, 100, 64, "float32", False, 8, 0, [0, 1, 31, 32, 99]),     # starts at chunk edges, idle warps
+    (2, 2, 1, 1, 70, 128, "float16", True, 4, 3, [69, 33]),                # D = 128; causal is full at L = 1
+    (2, 4, 2, 4, 40, 64, "float32", True, 4, 0, [0, 36]),                  # a causal block: row 0 sees key 36
+]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) for the SIMT shim")
+@pytest.mark.parametrize("case", PADDED_CASES, ids=lambda c: f"b{c[0]}h{c[1]}/{c[2]}L{c[3]}S{c[4]}D{c[5]}{c[6]}"
+                         f"w{c[8]}")
+def test_padded_kernel_source_on_a_cpu_simt_shim(case: tuple, tmp_path: Path) -> None:
+    got, expected = run_on_shim(tmp_path, *case[:10], starts=case[10])
+    tol = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}[case[6]]
+    assert shim_error(got, expected) < tol
+
+
+START = "start[b * start_strides[0]]"
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) for the SIMT shim")
+@pytest.mark.parametrize("shift", ["+ 1", "- 1"])
+def test_an_off_by_one_key_start_fails_the_shim_check(shift: str, tmp_path: Path) -> None:
+    """The padded test catches a kernel that starts one key late or early (starts >= 1: no read before k)."""
+    case = (3, 9, 3, 1, 37, 64, "float32", False, 4, 0)
+    got, expected = run_on_shim(tmp_path, *case, starts=[1, 36, 20])
+    assert shim_error(got, expected) < 1e-5
+    got, expected = run_on_shim(tmp_path, *case, starts=[1, 36, 20], mutate=(START, f"({START} {shift})"))
+    assert not shim_error(got, expected) < 1e-5
+
+
+def test_the_float32_oracle_honours_key_starts() -> None:
+    rng = np.random.default_rng(4)
+    q, k, v = (rng.normal(size=shape).astype(np.float32) for shape in ((3, 6, 1, 64), (3, 2, 50, 64), (3, 2, 50, 64)))
+    start = np.array([0, 49, 17], dtype=np.int32)
+    got = ak.float32_reference(mx.array(q), mx.array(k), mx.array(v), 0.125, False, start=mx.array(start))
+    np.testing.assert_allclose(np.array(got), numpy_attention(q, k, v, 0.125, False, start), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.array(got[1, :, 0]), np.repeat(v[1, :, 49], 3, axis=0), rtol=1e-5)  # one key
+
+
 def test_kernel_source_exists_and_names_its_inputs() -> None:
     header, body = read_kernel_source("block_attention.cu")
     for needed in ("q_shape[", "q_strides[", "k_shape[", "k_strides[", "v_strides[", "scale[0]", "battn_store(out",
-                   "CAUSAL", "WARPS", "__shfl_xor_sync", "__shfl_sync"):
+                   "CAUSAL", "PADDED", START, "WARPS", "__shfl_xor_sync", "__shfl_sync"):
         assert needed in body, needed
     assert "battn_pair(const __nv_bfloat16*" in header
 
@@ -146,8 +209,8 @@ def test_kernel_source_exists_and_names_its_inputs() -> None:
 
 
 def exact_kernel(queries: mx.array, keys: mx.array, values: mx.array, scale: float, causal: bool,
-                 warps: int) -> mx.array:
-    return ak.float32_reference(queries, keys, values, scale, causal).astype(queries.dtype)
+                 warps: int, start: mx.array | None = None) -> mx.array:
+    return ak.float32_reference(queries, keys, values, scale, causal, start=start).astype(queries.dtype)
 
 
 def decider(kernel: object, kernel_ms: float, reference_ms: float) -> ak.BlockAttentionKernel:
@@ -155,9 +218,9 @@ def decider(kernel: object, kernel_ms: float, reference_ms: float) -> ak.BlockAt
     ran the kernel and `reference_ms` for the others."""
     ran = [False]
 
-    def tracked(*args: object) -> mx.array:
+    def tracked(*args: object, **kwargs: object) -> mx.array:
         ran[0] = True
-        return kernel(*args)  # type: ignore[operator]
+        return kernel(*args, **kwargs)  # type: ignore[operator]
 
     def timer(fn: object) -> float:
         ran[0] = False
@@ -219,6 +282,37 @@ def test_only_causal_or_unmasked_supported_blocks_take_the_kernel() -> None:
     assert d.spec_for(q.astype(mx.bfloat16), k, None) is None  # mixed dtypes
 
 
+PADDED_SPEC = ak.AttentionSpec(mx.float32, 64, 4, 2, False, padded=True)
+
+
+def test_a_correct_faster_padded_kernel_is_used() -> None:
+    decision = decider(exact_kernel, kernel_ms=0.5, reference_ms=2.0).decide(PADDED_SPEC)
+    assert decision.warps == ak.DECODE_WARPS[64][0] and decision.max_rel_error < 1e-5
+    d = decider(exact_kernel, kernel_ms=0.5, reference_ms=2.0)
+    d.decide(PADDED_SPEC)
+    assert list(d.summary()) == ["mlx.core.float32 D=64 heads 4/2 full padded"]
+
+
+def test_a_padded_kernel_that_ignores_the_starts_is_rejected() -> None:
+    def unpadded(queries: mx.array, keys: mx.array, values: mx.array, scale: float, causal: bool, warps: int,
+                 start: mx.array | None = None) -> mx.array:
+        return exact_kernel(queries, keys, values, scale, causal, warps)
+
+    decision = decider(unpadded, kernel_ms=0.1, reference_ms=2.0).decide(PADDED_SPEC)
+    assert decision.warps is None and decision.reason == "no warp count passed numerics"
+
+
+def test_only_one_row_steps_are_padded_specs() -> None:
+    d = decider(exact_kernel, kernel_ms=0.5, reference_ms=2.0)
+    k = mx.zeros((3, 2, 40, 64))
+    assert d.padded_spec_for(mx.zeros((3, 4, 1, 64)), k) == PADDED_SPEC
+    assert d.padded_spec_for(mx.zeros((3, 4, 2, 64)), k) is None  # a block: the unpadded kernel's job
+    assert d.padded_spec_for(mx.zeros((3, 4, 1, 64)), mx.zeros((3, 3, 40, 64))) is None  # heads % KV heads
+    assert d.padded_spec_for(mx.zeros((3, 4, 1, 64), dtype=mx.float16), k) is None  # mixed dtypes
+    assert ak.BlockAttentionKernel(kernel=exact_kernel, backend="cpu").padded_warps_for(
+        mx.zeros((3, 4, 1, 64)), k) is None
+
+
 def test_no_kernel_off_cuda() -> None:
     cpu = ak.BlockAttentionKernel(kernel=exact_kernel, backend="cpu")
     assert cpu.kernel is None and cpu.warps_for(mx.zeros((1, 4, 16, 64)), mx.zeros((1, 2, 40, 64)), None) is None
@@ -253,6 +347,73 @@ def test_attention_dispatches_to_a_decided_kernel(monkeypatch: pytest.MonkeyPatc
         assert len(calls) == 1
     finally:
         attention.set_mode(None)
+
+
+# ---------------------------------------------------------------- the generator's padded decode hook
+
+VOCAB = 96
+
+
+def wave(seed: int = 0, n: int = 7) -> list[Job]:
+    """Prompts of 1..14 tokens: rows of the wave carry different left padding."""
+    rng = np.random.default_rng(seed)
+    return [Job(rng.integers(0, VOCAB - 1, size=int(rng.integers(1, 15))).tolist(), i, 0) for i in range(n)]
+
+
+def test_the_decode_hook_is_inert_on_the_cpu() -> None:
+    from mlx_lm.models import base, llama
+
+    model = build_target(target_config("llama", vocab_size=VOCAB))
+    with padded_decode_attention(model) as on:
+        assert not on and llama.scaled_dot_product_attention is base.scaled_dot_product_attention
+    jobs = wave()
+    config = GenerationConfig(max_new_tokens=12, batch_size=len(jobs), prefill_chunk=4)
+    outs, _ = ResponseGenerator(model, set(), config).decode(jobs)
+    assert outs == [plain_greedy(model, j.prompt_ids, 12)[0] for j in jobs]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_the_decode_hook_sends_padded_steps_to_an_adopted_kernel(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a (fake, exact) kernel adopted, every decode step's attention goes to it with the cache's left
+    padding as key starts, prefill stays on mlx-lm's path, and the greedy answers do not change."""
+    from mlx_lm.models import base
+
+    calls: list[tuple[int, list[int]]] = []
+
+    def kernel(queries: mx.array, keys: mx.array, values: mx.array, scale: float, causal: bool, warps: int,
+               start: mx.array | None = None) -> mx.array:
+        if start is not None and queries.shape[0] == len(jobs):  # the generator's calls, not the check's
+            calls.append((queries.shape[2], start.tolist()))
+        return exact_kernel(queries, keys, values, scale, causal, warps, start)
+
+    model = build_target(target_config(family, vocab_size=VOCAB, hidden_size=256, head_dim=64), seed=3)
+    jobs = wave(seed=1)
+    config = GenerationConfig(max_new_tokens=10, batch_size=len(jobs), prefill_chunk=4)
+    monkeypatch.setattr(ak, "_DEFAULT", decider(kernel, kernel_ms=0.5, reference_ms=2.0))
+    module = importlib.import_module(f"mlx_lm.models.{family}")
+    with padded_decode_attention(model) as on:
+        assert on and module.scaled_dot_product_attention is not base.scaled_dot_product_attention
+    assert module.scaled_dot_product_attention is base.scaled_dot_product_attention  # restored
+    outs, _ = ResponseGenerator(model, set(), config).decode(jobs)
+    width = max(len(j.prompt_ids) for j in jobs)
+    layers = len(model.layers)
+    assert len(calls) == 11 * layers  # 10 tokens and the step launched ahead of the host; no prefill calls
+    assert {c[0] for c in calls} == {1} and {tuple(c[1]) for c in calls} == {tuple(width - len(j.prompt_ids) for j in jobs)}
+    assert outs == [plain_greedy(model, j.prompt_ids, 10)[0] for j in jobs]
+
+
+def test_a_rejected_padded_kernel_leaves_generation_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    def wrong(queries: mx.array, keys: mx.array, values: mx.array, scale: float, causal: bool, warps: int,
+              start: mx.array | None = None) -> mx.array:
+        return exact_kernel(queries, keys, values, scale, causal, warps)  # attends to the padding too
+
+    d = decider(wrong, kernel_ms=0.1, reference_ms=2.0)
+    monkeypatch.setattr(ak, "_DEFAULT", d)
+    model = build_target(target_config("llama", vocab_size=VOCAB, hidden_size=256, head_dim=64), seed=3)
+    jobs = wave(seed=2, n=4)
+    outs, _ = ResponseGenerator(model, set(), GenerationConfig(max_new_tokens=6, batch_size=4)).decode(jobs)
+    assert [d.warps for d in d.decisions.values()] == [None]
+    assert outs == [plain_greedy(model, j.prompt_ids, 6)[0] for j in jobs]
 
 
 # ---------------------------------------------------------------- the real kernel on a CUDA device
@@ -298,3 +459,53 @@ def test_device_greedy_dflash_through_the_kernel_equals_plain(family: str, monke
         target.close()
     assert {spec.causal for spec, d in kernel.decisions.items() if d.warps} == {True, False}  # verify and draft
     assert [t for s in steps for t in s.tokens] == ref
+
+
+@pytest.mark.skipif(not CUDA, reason="needs MLX's CUDA backend")
+@pytest.mark.parametrize("heads,kv_heads,dim,dtype", [(9, 3, 64, mx.bfloat16), (9, 3, 64, mx.float32),
+                                                    (32, 8, 128, mx.bfloat16), (8, 8, 64, mx.float16)])
+def test_device_padded_kernel_numerics(heads: int, kv_heads: int, dim: int, dtype: mx.Dtype) -> None:
+    kernel = ak.BlockAttentionKernel()
+    spec = ak.AttentionSpec(dtype, dim, heads, kv_heads, False, padded=True)
+    for warps in ak.DECODE_WARPS[dim]:
+        error = kernel.max_rel_error(spec, warps)
+        assert error < ak.TOLERANCE[dtype], (spec, warps, error)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs MLX's CUDA backend")
+def test_device_padded_kernel_matches_masked_sdpa_at_the_generation_shape() -> None:
+    """SmolLM2-135M's decode step in a wave of 1024 rows over 320 keys, strided like a BatchKVCache."""
+    spec = ak.AttentionSpec(mx.bfloat16, 64, 9, 3, False, padded=True)
+    q, k, v = ak.random_block(spec, 1, 320, spare=192, batch=1024)
+    start = (mx.arange(1024) * 7 % 64).astype(mx.int32)
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=ak.padding_mask(start, 320))
+    oracle = ak.float32_reference(q, k, v, 0.125, False, start=start)
+    kernel = ak.BlockAttentionKernel()
+    for warps in ak.DECODE_WARPS[64]:
+        got = kernel(q, k, v, 0.125, False, warps, start=start).astype(mx.float32)
+        # against mx.fast both sides round to bfloat16, so twice the oracle's tolerance; wrong starts give O(1)
+        for ref, tol in ((oracle, ak.TOLERANCE[mx.bfloat16]), (want.astype(mx.float32), 2 * ak.TOLERANCE[mx.bfloat16])):
+            error = (mx.max(mx.abs(got - ref)) / mx.max(mx.abs(ref))).item()
+            assert error < tol, (warps, error)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs MLX's CUDA backend")
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_device_generation_through_the_padded_kernel_equals_mx_fast(family: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wave's greedy answers with decode steps through the real kernel (speed check skipped, numerics
+    kept) equal those with mx.fast's masked attention (the hook off under DFLASH_ATTENTION=fused)."""
+    model = build_target(target_config(family, vocab_size=VOCAB, hidden_size=256, head_dim=64), seed=3)
+    jobs = wave(seed=5, n=16)
+    config = GenerationConfig(max_new_tokens=24, batch_size=len(jobs), prefill_chunk=8)
+    kernel = decider(ak.make_cuda_kernel(), kernel_ms=0.5, reference_ms=2.0)
+    monkeypatch.setattr(ak, "_DEFAULT", kernel)
+    try:
+        attention.set_mode("fused")
+        want, _ = ResponseGenerator(model, set(), config).decode(jobs)
+        attention.set_mode("auto")
+        got, _ = ResponseGenerator(model, set(), config).decode(jobs)
+    finally:
+        attention.set_mode(None)
+    assert [d.warps is not None for spec, d in kernel.decisions.items() if spec.padded] == [True]
+    assert got == want
