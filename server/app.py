@@ -137,6 +137,7 @@ class Routes:
             "backend": served.backend,
             "waiting": engine.scheduler.num_waiting if engine.scheduler else 0,
             "prefix_cache": prefix_cache_health(served.prefix_cache),
+            "tensor_parallel": engine.scheduler.group_health() if engine.scheduler else None,
         })
 
     def model_card(self) -> dict[str, Any]:

@@ -64,6 +64,10 @@ class Metrics:
         yield from stats_families(scheduler.stats, model)
         if scheduler.prefix_cache is not None:
             yield from prefix_cache_families(scheduler.prefix_cache, model)
+        if (group := scheduler.group_health()) is not None:
+            yield gauge("tensor_parallel_world_size", "Ranks the target is split over.", model, group["world_size"])
+            yield gauge("tensor_parallel_last_tick_age_seconds", "Since every rank last met in the control message.",
+                        model, group["last_tick_age_s"])
 
     def _http_family(self) -> CounterMetricFamily:
         family = CounterMetricFamily(PREFIX + "http_requests", "HTTP responses by method, route and status.",

@@ -31,9 +31,10 @@ class RankDiverged(RuntimeError):
 class DistributedScheduler(Scheduler):
     IDLE_SECONDS = 0.05  # rank 0 ticks at least this often, so followers never wait long in a collective
 
-    def __init__(self, *args: Any, channel: ControlChannel, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, channel: ControlChannel, backend: str = "", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.channel = channel
+        self.backend = backend  # what /health names: ring, jaccl, nccl or mpi
         self.is_leader = channel.rank == 0
         self.tick = 0
         self.checksum = 0  # of every committed token, in order
@@ -87,6 +88,11 @@ class DistributedScheduler(Scheduler):
         for request in unannounced:
             self.emit(request, error)
             self.emit(request, None)
+
+    def group_health(self) -> dict[str, object]:
+        # every tick is a collective of all ranks: a recent tick means every rank was alive then
+        return {"world_size": self.channel.group.size(), "backend": self.backend, "tick": self.tick,
+                "last_tick_age_s": round(time.monotonic() - self.last_tick_time, 3)}
 
     # --- every rank, the MLX thread -------------------------------------------------------
     def step(self) -> bool:

@@ -136,6 +136,10 @@ class Scheduler:
     def close(self) -> None:
         """The loop has ended (engine shutdown); nothing to release in one process."""
 
+    def group_health(self) -> dict[str, object] | None:
+        """A tensor-parallel group's state for /health and /metrics; None in one process."""
+        return None
+
     def end_unstarted(self, request: Request) -> None:
         # cancelled while waiting: never runs; a shutdown abort still reads this final output
         request.finish_reason = FinishReason.ABORT

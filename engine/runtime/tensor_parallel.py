@@ -48,8 +48,8 @@ def join_group() -> mx.distributed.Group | None:
 
 def leader_engine(config: EngineConfig, group: mx.distributed.Group) -> AsyncEngine:
     """Rank 0's engine: the usual AsyncEngine, whose loop also steers the other ranks."""
-    make = functools.partial(DistributedScheduler, channel=ControlChannel(group))
-    backend = launched_backend()
+    backend = launched_backend() or "?"
+    make = functools.partial(DistributedScheduler, channel=ControlChannel(group), backend=backend)
 
     def load() -> ServingModel:
         model = ServingModel.load(config, group)

@@ -94,7 +94,11 @@ def dflash_group(tiny_dirs: tuple[Path, Path]) -> Iterator[LiveServer]:
 
 def test_greedy_dflash_equals_single_process(dflash_group: LiveServer, single: dict[str, str]) -> None:
     health = httpx.get(f"{dflash_group.url}/health").json()
-    assert "tensor parallel over 2 ranks" in health["backend"] and health["drafter"].startswith("dflash")
+    assert "tensor parallel over 2 ranks (ring)" in health["backend"] and health["drafter"].startswith("dflash")
+    group = health["tensor_parallel"]
+    assert group["world_size"] == 2 and group["backend"] == "ring" and group["last_tick_age_s"] < 5, group
+    metrics = httpx.get(f"{dflash_group.url}/metrics").text.splitlines()
+    assert [m.split()[-1] for m in metrics if m.startswith("dflash:tensor_parallel_world_size{")] == ["2.0"]
     with httpx.Client(base_url=dflash_group.url, timeout=60) as client:
         # the first request: the width controller starts by verifying drafts (later it may learn not to)
         first = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": PROMPTS[0]}],
