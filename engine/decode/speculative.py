@@ -549,10 +549,10 @@ class SpeculativeDecoder:
             one_forward = (not cycle.chained) != chained_next
             # the first drafting cycle after plain steps (or the prompt) also drafts the context they held
             steady = cycle.block == 1 or self._drafted_last
-            seconds = now - self._sync_end if one_forward and steady else None
+            seconds = now - self._sync_end if one_forward else None
             if cycle.tree is None:
-                self._width.update(cycle.block - 1, accepted, seconds)
-            else:
+                self._width.update(cycle.block - 1, accepted, seconds if steady else None)
+            else:  # held context makes a tree dearer, never cheaper: learning from it errs toward chains
                 self._width.update_tree(self._outcome(cycle), seconds)
         self._drafted_last = cycle.block > 1
         self._sync_end = now
