@@ -98,11 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-fraction", type=float, default=0.5)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--max-prompt-tokens", type=int, default=512, help="skip prompts longer than this (tokens)")
-    p.add_argument("--batch-size", type=int, default=256, help="sequences decoded together (one wave)")
+    p.add_argument("--batch-size", type=int, default=256, help="sequences decoded together")
+    p.add_argument("--no-refill", dest="refill", action="store_false",
+                   help="decode in waves (the next batch starts when the last row ends) instead of joining new "
+                        "prompts whenever a quarter of the batch is free")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill forward")
     p.add_argument("--shard-size", type=int, default=8192, help="sequences per shard file (~5 MB each)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--time-limit", type=float, default=None, help="seconds; no new wave starts after this (a wave lasts up to --max-new-tokens steps)")
+    p.add_argument("--time-limit", type=float, default=None, help="seconds; no prompt is admitted after this (rows already decoding run up to --max-new-tokens steps)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("fit", help="train the draft on the generated data (resumes from DIR/checkpoint)", formatter_class=fmt)
@@ -233,7 +236,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         mode=args.mode, temperature=args.temperature, top_p=args.top_p, sample_fraction=args.sample_fraction,
         max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size,
         prefill_chunk=args.prefill_chunk, shard_size=args.shard_size, seed=args.seed,
-        time_limit=args.time_limit,
+        time_limit=args.time_limit, refill=args.refill,
     )
     prompts = read_prompts(args.out / "prompts", args.split)
     prompts = prompts[args.skip :]
@@ -244,7 +247,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     run, totals = manifest.get("last_run") or {}, manifest["totals"]
     if run:
         print(f"generate: {run['sequences']} sequences, {run['new_tokens']} new tokens in {run['seconds']:.0f}s "
-              f"({run['tokens_per_second']:.0f} tok/s)")
+              f"({run['tokens_per_second']:.0f} tok/s, {run['decode_steps']} decode steps)")
     print(f"data: {totals['sequences']} sequences ({totals['greedy']} greedy), {totals['response_tokens']} response "
           f"tokens, {totals['finished']} ended with EOS -> {args.out / 'data'}")
     return 0
