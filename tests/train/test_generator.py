@@ -126,7 +126,7 @@ def test_no_job_is_admitted_after_the_limit_and_a_rerun_finishes_the_rest(
         tmp_path: Path, gguf_tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
     """The first admission is inside the limit, the next is not: that batch's rows run to the end and
     are written; a rerun without a limit answers only the jobs left, with the same greedy answers."""
-    from conftest import tiny_llama
+    from tests.conftest import tiny_llama
 
     class Clock:  # one second per reading: start, then the first admission check, then past the limit
         now = 0.0

@@ -167,7 +167,7 @@ def test_shards_round_trip_and_feed_the_dataset(tmp_path: Path) -> None:
 
 
 def test_generation_writes_shards_and_a_rerun_skips_them(tmp_path: Path, gguf_tokenizer: Tokenizer) -> None:
-    from conftest import tiny_llama
+    from tests.conftest import tiny_llama
 
     model = tiny_llama(gguf_tokenizer.vocab_size)
     prompts = [Prompt(f"p{i}", f"Say something about the number {i}.") for i in range(5)]
