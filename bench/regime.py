@@ -158,7 +158,9 @@ def main() -> None:
     draft = build_draft(draft_probe, args.draft_layers, dtype)
     draft_probe.close()
     if args.bits:
-        nn.quantize(draft, group_size=64, bits=args.bits)
+        from engine.model.draft import quantizable
+
+        nn.quantize(draft, group_size=64, bits=args.bits, class_predicate=quantizable)  # DFlash 2's conv/selector stay
         mx.eval(draft.parameters())
     states = gemm_states(draft) if args.verify_gemm else {"": lambda: None}
     target = Target(model, draft.config.target_layer_ids)

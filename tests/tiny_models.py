@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model
 
-from engine.model.draft import DFlashDraft, DraftConfig, save_draft
+from engine.model.draft import DFlash2Draft, DFlashDraft, DraftConfig, save_draft
 
 
 def target_config(family: str = "qwen3", **overrides: Any) -> dict[str, Any]:
@@ -89,6 +89,31 @@ def build_draft(config: DraftConfig, seed: int = 0) -> DFlashDraft:
     mx.random.seed(seed)
     draft = DFlashDraft(config)
     draft.update(tree_map(lambda p: p.astype(mx.float32), draft.parameters()))
+    mx.eval(draft.parameters())
+    return draft
+
+
+DFLASH2 = {"conv_kernel_size": 2, "conv_group_size": 16, "selector_rank": 8, "selector_top_k": 6}
+
+
+def build_draft2(config: DraftConfig, seed: int = 0, *, identity: bool = False, scale: float = 0.3) -> DFlash2Draft:
+    """A float32 DFlash 2 draft: random backbone; conv and selector random too unless `identity`.
+
+    Random conv/selector weights are drawn at `scale`, enough that the conv and the pair scores change
+    what the draft proposes (a test that wants DFlash 1's behaviour passes identity=True).
+    """
+    if not config.is_dflash2:
+        config = DraftConfig(**{**{f: getattr(config, f) for f in config.__dataclass_fields__}, **DFLASH2})
+    mx.random.seed(seed)
+    draft = DFlash2Draft(config)
+    draft.update(tree_map(lambda p: p.astype(mx.float32), draft.parameters()))
+    if not identity:
+        updates = []
+        for i, (name, value) in enumerate(tree_flatten(draft.parameters())):
+            if "_conv." in name or "candidate_selector." in name:
+                noise = scale * mx.random.normal(value.shape, key=mx.random.key(seed * 1000 + i))
+                updates.append((name, value + noise))
+        draft.load_weights(updates, strict=False)
     mx.eval(draft.parameters())
     return draft
 

@@ -1,15 +1,21 @@
-"""The DFlash 1 draft model in the published layout (spec §1).
+"""The DFlash 1 and DFlash 2 draft models in the published layout (spec §1; DFlash 2: dflash2.md).
 
 A small Qwen3-style stack with no embedding and no LM head of its own: the noise block is
 embedded with the target's embedding, and every layer attends to the projected target taps
 through its own k/v projections (KV injection, spec §1.5).
+
+DFlash 2 (`DFlash2DraftModel`) adds two checkpoint-carried pieces (dflash2.md §2): a two-tap dynamic
+depthwise convolution over the block rows around each attention and MLP sublayer, and a low-rank
+pairwise selector that walks a chain over each slot's top-K candidates instead of taking each slot's
+argmax. With the identity initialisation (conv tap 0 = 1, no dynamic part, successor codebook 0) a
+DFlash 2 draft computes exactly what the DFlash 1 draft of the same backbone weights computes.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +35,12 @@ from engine.model.transposed import transpose_linears, untransposed_parameters
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
+DFLASH1_ARCHITECTURE = "DFlashDraftModel"
+DFLASH2_ARCHITECTURE = "DFlash2DraftModel"
+# what marks a DFlash 2 config (dflash2.md §1.1), all four read from dflash_config first
+DFLASH2_KEYS = ("conv_kernel_size", "conv_group_size", "selector_rank", "selector_top_k")
+# module names never quantized: known exports keep them in bf16, and so do we (dflash2.md §4 item 8)
+UNQUANTIZED_MODULES = ("attention_conv", "mlp_conv", "candidate_selector")
 _MISSING = object()
 
 
@@ -62,7 +74,16 @@ class DraftConfig:
     final_logit_softcapping: float | None = None
     output_multiplier: float = 1.0
     input_embedding_scale: float = 1.0
-    vocab_size: int | None = None  # not used by the draft; written because loaders expect it
+    vocab_size: int | None = None  # DFlash 1: not used by the draft, written because loaders expect it
+    # DFlash 2 (dflash2.md §1.1); all 0: a DFlash 1 draft
+    conv_kernel_size: int = 0  # taps of the block-row convolution (self + predecessors)
+    conv_group_size: int = 0  # channels sharing one dynamic coefficient
+    selector_rank: int = 0  # width r of the selector's codebooks and gate
+    selector_top_k: int = 0  # candidates K per slot
+
+    @property
+    def is_dflash2(self) -> bool:
+        return any(getattr(self, key) for key in DFLASH2_KEYS)
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -87,16 +108,37 @@ class DraftConfig:
             )
         if self.block_size < 2:
             raise ValueError(f"block_size must be >= 2 (one anchor + drafts), got {self.block_size}")
+        if self.is_dflash2:
+            self._check_dflash2()
+
+    def _check_dflash2(self) -> None:
+        for key in DFLASH2_KEYS:
+            value = getattr(self, key)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"DFlash 2 draft: dflash_config.{key} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.conv_group_size:
+            raise ValueError(
+                f"DFlash 2 draft: dflash_config.conv_group_size {self.conv_group_size} does not divide "
+                f"hidden_size {self.hidden_size}"
+            )
+        if self.vocab_size is None:
+            raise ValueError("DFlash 2 draft: config.json needs vocab_size (the selector codebooks have one row per token)")
+        if self.selector_top_k > self.vocab_size:
+            raise ValueError(
+                f"DFlash 2 draft: dflash_config.selector_top_k {self.selector_top_k} exceeds vocab_size {self.vocab_size}"
+            )
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> DraftConfig:
-        """Read a draft config.json: `dflash_config` first, then the top level (spec §1.2)."""
-        if "DFlash2DraftModel" in (config.get("architectures") or []):
-            raise ValueError(
-                "DFlash 2 drafts (DFlash2DraftModel: grouped conv + candidate selector) are not "
-                "supported yet; use a DFlash 1 draft (architectures: ['DFlashDraftModel'])"
-            )
+        """Read a draft config.json: `dflash_config` first, then the top level (spec §1.2).
+
+        A DFlash 2 draft is one whose architectures name DFlash2DraftModel, or whose config has any of
+        the four conv/selector keys (how SGLang and llama.cpp switch the modules on); it needs all four.
+        """
         inner = config.get("dflash_config") or {}
+        dflash2 = DFLASH2_ARCHITECTURE in (config.get("architectures") or []) or any(
+            source.get(key) is not None for source in (inner, config) for key in DFLASH2_KEYS
+        )
 
         def get(key: str, default: Any = _MISSING) -> Any:
             for source in (inner, config):
@@ -113,6 +155,15 @@ class DraftConfig:
         tap_ids = get("target_layer_ids", None)
         if tap_ids is None:
             tap_ids = build_target_layer_ids(num_target_layers, num_layers)
+        dflash2_fields: dict[str, int] = {}
+        if dflash2:
+            for key in DFLASH2_KEYS:
+                value = get(key, None)
+                if value is None:
+                    raise ValueError(f"DFlash 2 draft config.json is missing dflash_config.{key}")
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise ValueError(f"DFlash 2 draft: dflash_config.{key} must be a positive integer, got {value!r}")
+                dflash2_fields[key] = value
         return cls(
             hidden_size=int(get("hidden_size")),
             num_hidden_layers=num_layers,
@@ -135,15 +186,24 @@ class DraftConfig:
             output_multiplier=float(get("output_multiplier", 1.0)),
             input_embedding_scale=float(get("input_embedding_scale", 1.0)),
             vocab_size=get("vocab_size", None),
+            **dflash2_fields,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """The published layout: a Qwen3 config plus `dflash_config` (what z-lab ships)."""
+        """The published layout: a Qwen3 config plus `dflash_config` (what z-lab ships).
+
+        DFlash 2 keeps block_size and the four conv/selector keys only inside dflash_config, as published.
+        """
         top = {f.name: getattr(self, f.name) for f in fields(self)}
         inner_keys = (
             "mask_token_id", "target_layer_ids", "final_logit_softcapping",
             "output_multiplier", "input_embedding_scale",
         )
+        if self.is_dflash2:
+            inner_keys += ("block_size", *DFLASH2_KEYS)
+        else:
+            for key in DFLASH2_KEYS:
+                del top[key]
         inner = {k: top.pop(k) for k in inner_keys}
         inner["target_layer_ids"] = list(inner["target_layer_ids"])
         top["layer_types"] = list(self.layer_types)
@@ -151,7 +211,7 @@ class DraftConfig:
         top = {k: v for k, v in top.items() if v is not None}
         inner = {k: v for k, v in inner.items() if v is not None}
         return {
-            "architectures": ["DFlashDraftModel"],
+            "architectures": [DFLASH2_ARCHITECTURE if self.is_dflash2 else DFLASH1_ARCHITECTURE],
             "model_type": "qwen3",
             "attention_bias": False,
             **top,
@@ -301,14 +361,182 @@ class DraftLayer(nn.Module):
         q_positions: int | mx.array,
         cache: KVCache | None,
         mask: mx.array | None,
+        segment: int | None = None,  # DFlash 2's block-local conv only
     ) -> mx.array:
         attn = self.self_attn(self.input_layernorm(x), context, rope, ctx_positions, q_positions, cache, mask)
         h = x + attn
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+class GroupedDynamicConv(nn.Module):
+    """DFlash 2's two-tap dynamic depthwise convolution over the block rows (dflash2.md §2.1).
+
+    `kernel_projection(u)` of the normalised sublayer input u gives per-row coefficients D, read as
+    [side, tap, group] (side 0: `prepare`, side 1: `finish`, both from u). Channel c, tap j, side s at
+    row t weighs `base_kernel[s, j, c] + D[t, s, j, c // G]`, and
+    `conv_s(v)_t = sum_j w[t, s, j] * v_{t-j}` with v_{t-j} = 0 before the block's first row: causal,
+    depthwise, and block-local (nothing crosses a block or reaches the injected context).
+    Initialised to the identity (tap 0 = 1, the rest and the projection 0).
+    """
+
+    def __init__(self, hidden_size: int, kernel_size: int, group_size: int) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.group_size = group_size
+        self.groups = hidden_size // group_size
+        base = mx.zeros((2, kernel_size, hidden_size))
+        base[:, 0, :] = 1.0
+        self.base_kernel = base  # (side, tap, channel): a bare tensor in the checkpoint
+        self.kernel_projection = nn.Linear(hidden_size, 2 * kernel_size * self.groups, bias=False)
+        self.kernel_projection.weight = mx.zeros_like(self.kernel_projection.weight)
+
+    def prepare(self, u: mx.array, segment: int | None = None) -> tuple[mx.array, mx.array]:
+        """u (b, L, H) -> (conv_0(u), the coefficients `finish` takes: (b, L, K, H/G))."""
+        dynamic = self.kernel_projection(u).reshape(*u.shape[:-1], 2, self.kernel_size, self.groups)
+        return self.convolve(u, dynamic[..., 0, :, :], 0, segment), dynamic[..., 1, :, :]
+
+    def finish(self, y: mx.array, dynamic: mx.array, segment: int | None = None) -> mx.array:
+        return self.convolve(y, dynamic, 1, segment)
+
+    def convolve(self, v: mx.array, dynamic: mx.array, side: int, segment: int | None) -> mx.array:
+        """v (b, L, H), dynamic (b, L, K, H/G); rows are blocks of `segment` (None: one block of L)."""
+        b, length, hidden = v.shape
+        seg = length if segment is None else segment
+        if length % seg:
+            raise ValueError(f"{length} block rows are not a whole number of {seg}-row blocks")
+        n = length // seg
+        grouped = v.reshape(b, n, seg, self.groups, self.group_size)
+        dynamic = dynamic.reshape(b, n, seg, self.kernel_size, self.groups, 1).astype(v.dtype)
+        base = self.base_kernel[side].astype(v.dtype).reshape(self.kernel_size, self.groups, self.group_size)
+        out = None
+        for tap in range(min(self.kernel_size, seg)):  # a tap reaching before the block's first row adds 0
+            shifted = grouped if tap == 0 else mx.concatenate(
+                [mx.zeros_like(grouped[:, :, :tap]), grouped[:, :, : seg - tap]], axis=2
+            )
+            term = (base[tap] + dynamic[:, :, :, tap]) * shifted
+            out = term if out is None else out + term
+        return out.reshape(b, length, hidden)
+
+
+class DFlash2Layer(DraftLayer):
+    """x <- x + finish_a(attn(prepare_a(LN1 x))); x <- x + finish_m(mlp(prepare_m(LN2 x))) (dflash2.md §2.1)."""
+
+    def __init__(self, config: DraftConfig, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
+        dim = config.hidden_size
+        self.attention_conv = GroupedDynamicConv(dim, config.conv_kernel_size, config.conv_group_size)
+        self.mlp_conv = GroupedDynamicConv(dim, config.conv_kernel_size, config.conv_group_size)
+
+    def __call__(
+        self,
+        x: mx.array,
+        context: mx.array,
+        rope: nn.Module,
+        ctx_positions: int | mx.array,
+        q_positions: int | mx.array,
+        cache: KVCache | None,
+        mask: mx.array | None,
+        segment: int | None = None,
+    ) -> mx.array:
+        # the conv output feeds q and the block's k/v; the injected context is never convolved
+        u, dynamic = self.attention_conv.prepare(self.input_layernorm(x), segment)
+        attn = self.self_attn(u, context, rope, ctx_positions, q_positions, cache, mask)
+        h = x + self.attention_conv.finish(attn, dynamic, segment)
+        u, dynamic = self.mlp_conv.prepare(self.post_attention_layernorm(h), segment)
+        return h + self.mlp_conv.finish(self.mlp(u), dynamic, segment)
+
+
+class CandidateSelector(nn.Module):
+    """DFlash 2's pairwise path selector (dflash2.md §2.2), replacing each slot's argmax.
+
+    Slot t keeps the top-K ids C_t of its unary logits U_t (the transformed draft logits, float32);
+    `S_t(a, b) = U_t(b) + sum_k A[a, k] g_t[k] B[b, k]` with g_t = hidden_projection(h_t),
+    A = predecessor_codebook, B = successor_codebook, a the token chosen at slot t-1 (the anchor for
+    slot 1). The walk picks slot by slot: greedy argmax, or a draw from softmax(S/T) over the K.
+    Initialised as NeMo does: A ~ N(0, 0.02), B = 0, so every score starts as the unary logit (argmax).
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int, rank: int, top_k: int) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.hidden_projection = nn.Linear(hidden_size, rank, bias=False)
+        self.predecessor_codebook = 0.02 * mx.random.normal((vocab_size, rank))  # bare tensors in the checkpoint
+        self.successor_codebook = mx.zeros((vocab_size, rank))
+
+    def candidates(self, logits: mx.array) -> tuple[mx.array, mx.array]:
+        """(..., V) float32 -> top-K ids (..., K) int32 (in no particular order) and their logits."""
+        ids = mx.stop_gradient(top_k_ids(mx.stop_gradient(logits), self.top_k))  # the choice has no gradient
+        return ids, mx.take_along_axis(logits, ids, axis=-1)
+
+    def pair_scores(self, hidden: mx.array, predecessors: mx.array, candidates: mx.array) -> mx.array:
+        """The bilinear term: hidden (..., H), predecessors (..., P), candidates (..., K) -> (..., P, K) float32."""
+        gate = self.hidden_projection(hidden).astype(mx.float32)  # (..., r)
+        pred = self.predecessor_codebook[predecessors].astype(mx.float32) * gate[..., None, :]  # (..., P, r)
+        succ = self.successor_codebook[candidates].astype(mx.float32)  # (..., K, r)
+        return pred @ mx.swapaxes(succ, -1, -2)
+
+    def lattice(self, hidden: mx.array, logits: mx.array, anchor: int | mx.array) -> tuple[mx.array, mx.array]:
+        """Every slot's scores for every predecessor candidate (the walk needs no further model pass).
+
+        hidden (k, H) final-normed draft rows of slots 1..k, logits (k, V) their unary logits, anchor
+        the block's slot-0 token. Returns candidates (k, K) int32 and scores (k, K, K) float32, where
+        scores[t, i, j] = S_t(C_{t-1}[i], C_t[j]); slot 1's rows all use the anchor.
+        """
+        ids, unary = self.candidates(logits)  # (k, K)
+        first = mx.full((1, self.top_k), anchor, dtype=mx.int32) if isinstance(anchor, int) \
+            else mx.broadcast_to(anchor.astype(mx.int32).reshape(1, 1), (1, self.top_k))
+        predecessors = mx.concatenate([first, ids[:-1]], axis=0)  # (k, K)
+        return ids, unary[:, None, :] + self.pair_scores(hidden, predecessors, ids)
+
+
+TOP_K_CHUNK = 64
+
+
+def top_k_ids(logits: mx.array, k: int, chunk: int = TOP_K_CHUNK) -> mx.array:
+    """(..., V) -> the ids (..., k) int32 of k largest entries, in no particular order.
+
+    MLX's CPU argpartition over a whole vocabulary row is slow (15 rows of 49,152: 5.4 ms, against 0.75 ms
+    for their argmax); so the row is cut into chunks of `chunk`, and the k chunks with the largest maxima,
+    which hold every top-k entry (a chunk holding one has a max among the top k, and at most k chunks do),
+    are searched: 0.77 ms, and 3.0 ms instead of 33 ms for a 248,320 vocabulary (bench/selector_walk.py).
+    """
+    vocab = logits.shape[-1]
+    lead = logits.shape[:-1]
+    if vocab < 4 * chunk * k:
+        return mx.argpartition(logits, kth=vocab - k, axis=-1)[..., vocab - k :].astype(mx.int32)
+    rows = logits.reshape(-1, vocab)
+    n = -(-vocab // chunk)
+    if n * chunk != vocab:
+        rows = mx.concatenate([rows, mx.full((rows.shape[0], n * chunk - vocab), -mx.inf, dtype=rows.dtype)], axis=-1)
+    blocks = rows.reshape(rows.shape[0], n, chunk)
+    best = mx.argpartition(blocks.max(axis=-1), kth=n - k, axis=-1)[:, n - k :]  # (R, k) chunk indices
+    ids = (best[:, :, None] * chunk + mx.arange(chunk)).reshape(rows.shape[0], k * chunk)
+    values = mx.take_along_axis(blocks, best[:, :, None], axis=1).reshape(rows.shape[0], k * chunk)
+    pick = mx.argpartition(values, kth=k * chunk - k, axis=-1)[:, k * chunk - k :]
+    return mx.take_along_axis(ids, pick, axis=-1).astype(mx.int32).reshape(*lead, k)
+
+
+def walk_lattice(scores: mx.array, noise: mx.array | None = None) -> tuple[mx.array, mx.array]:
+    """The selector's greedy chain over a lattice, lazily on the device (no host sync).
+
+    scores (k, K, K) as CandidateSelector.lattice (already divided by the temperature when sampling),
+    noise (k, K) Gumbel noise per slot and candidate or None (greedy). Slot t takes
+    argmax_j scores[t, i, j] + noise[t, j] with i its predecessor's index. Returns each slot's chosen
+    index (k,) and its predecessor's index (k,) (slot 1's: 0, all of its rows being the anchor's).
+    """
+    z = scores if noise is None else scores + noise[:, None, :]
+    best = mx.argmax(z, axis=-1).astype(mx.int32)  # (k, K): the choice at slot t after each predecessor
+    chosen = [best[0, 0]]
+    for t in range(1, best.shape[0]):
+        chosen.append(mx.take(best[t], chosen[-1]))
+    picked = mx.stack(chosen)
+    return picked, mx.concatenate([mx.zeros((1,), dtype=mx.int32), picked[:-1]])
+
+
 class DFlashDraft(nn.Module):
     """Module names equal the published safetensors keys (spec §1.9)."""
+
+    layer_class: type[DraftLayer] = DraftLayer
 
     def __init__(self, config: DraftConfig) -> None:
         super().__init__()
@@ -316,7 +544,7 @@ class DFlashDraft(nn.Module):
         hidden = config.hidden_size
         self.fc = nn.Linear(len(config.target_layer_ids) * hidden, hidden, bias=False)
         self.hidden_norm = nn.RMSNorm(hidden, eps=config.rms_norm_eps)
-        self.layers = [DraftLayer(config, i) for i in range(config.num_hidden_layers)]
+        self.layers = [self.layer_class(config, i) for i in range(config.num_hidden_layers)]
         self.norm = nn.RMSNorm(hidden, eps=config.rms_norm_eps)
         self.rope = initialize_rope(
             config.head_dim,
@@ -343,6 +571,7 @@ class DFlashDraft(nn.Module):
         q_offset: int | mx.array,
         ctx_positions: mx.array | None = None,
         mask: mx.array | None = None,
+        block_size: int | None = None,
     ) -> mx.array:
         """Final-normed hidden states (b, L, H) for all L noise rows.
 
@@ -351,6 +580,7 @@ class DFlashDraft(nn.Module):
         Training: cache=None, context (b, S, H) at `ctx_positions` (default arange(S)), noise
         (b, N*B, H) at `q_offset` (an (N*B,) array of absolute positions), and `mask` (bool or
         additive, broadcastable to (b, heads, N*B, S+N*B)) saying which keys each row sees.
+        block_size: rows per block, for DFlash 2's block-local conv (None: the L rows are one block).
         """
         if cache is not None:
             assert ctx_positions is None, "with a cache, context rows follow the cached ones"
@@ -361,7 +591,7 @@ class DFlashDraft(nn.Module):
             q_offset = q_offset + mx.arange(noise.shape[1])
         h = noise
         for i, layer in enumerate(self.layers):
-            h = layer(h, context, self.rope, ctx_pos, q_offset, None if cache is None else cache[i], mask)
+            h = layer(h, context, self.rope, ctx_pos, q_offset, None if cache is None else cache[i], mask, block_size)
         return self.norm(h)
 
     def logits(self, hidden: mx.array, lm_head: Callable[[mx.array], mx.array]) -> mx.array:
@@ -378,6 +608,52 @@ class DFlashDraft(nn.Module):
         return [KVCache() for _ in self.layers]
 
 
+class DFlash2Draft(DFlashDraft):
+    """The DFlash 1 draft plus a conv around each sublayer and the candidate selector (dflash2.md §2)."""
+
+    layer_class = DFlash2Layer
+
+    def __init__(self, config: DraftConfig) -> None:
+        if not config.is_dflash2:
+            raise ValueError("DFlash2Draft needs a DFlash 2 config (conv_kernel_size, conv_group_size, "
+                             "selector_rank, selector_top_k)")
+        super().__init__(config)
+        assert config.vocab_size is not None  # checked by the config
+        self.candidate_selector = CandidateSelector(
+            config.hidden_size, config.vocab_size, config.selector_rank, config.selector_top_k
+        )
+
+    @classmethod
+    def wrapping(cls, draft: DFlashDraft, **dflash2: int) -> DFlash2Draft:
+        """An identity DFlash 2 around a DFlash 1 draft's weights: it drafts exactly what `draft` drafts.
+
+        dflash2: the four DFlash 2 config values (default 2, 16, 256, 16, clipped to the shapes).
+        """
+        config = draft.config
+        assert config.vocab_size is not None, "the DFlash 1 config needs vocab_size to size the codebooks"
+        group = dflash2.get("conv_group_size", 16)
+        values = {
+            "conv_kernel_size": 2,
+            "conv_group_size": group if config.hidden_size % group == 0 else 1,
+            "selector_rank": 256,
+            "selector_top_k": min(16, config.vocab_size),
+            **dflash2,
+        }
+        wrapped = cls(replace(config, **values))
+        wrapped.load_weights(untransposed_parameters(draft), strict=False)
+        return wrapped
+
+
+def make_draft(config: DraftConfig) -> DFlashDraft:
+    """A freshly initialised draft of the config's kind (DFlash 2: identity conv and selector)."""
+    return DFlash2Draft(config) if config.is_dflash2 else DFlashDraft(config)
+
+
+def quantizable(path: str, module: nn.Module) -> bool:
+    """nn.quantize's class_predicate for drafts: DFlash 2's conv and selector stay unquantized."""
+    return hasattr(module, "to_quantized") and not any(part in UNQUANTIZED_MODULES for part in path.split("."))
+
+
 def load_draft(
     path: str | Path,
     *,
@@ -385,7 +661,7 @@ def load_draft(
     target_vocab_size: int,
     target_num_layers: int,
 ) -> DFlashDraft:
-    """Load a published DFlash 1 draft (config.json + *.safetensors) checked against its target."""
+    """Load a published DFlash 1 or DFlash 2 draft (config.json + *.safetensors) checked against its target."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -399,13 +675,19 @@ def load_draft(
     weights: dict[str, mx.array] = {}
     for file in files:
         weights.update(mx.load(str(file)))
-    draft = DFlashDraft(config)
+    if quantized := sorted(k for k in weights if k.endswith(".scales") and any(
+            part in UNQUANTIZED_MODULES for part in k.split("."))):
+        raise ValueError(
+            f"draft checkpoint quantizes {quantized[0][: -len('.scales')]}; DFlash 2's conv and selector "
+            "weights must stay unquantized (bf16 or float32)"
+        )
+    draft = make_draft(config)
     if quantization := raw.get("quantization"):
         nn.quantize(
             draft,
             group_size=quantization["group_size"],
             bits=quantization["bits"],
-            class_predicate=lambda name, _: f"{name}.scales" in weights,
+            class_predicate=lambda name, module: f"{name}.scales" in weights and quantizable(name, module),
         )
     _check_keys(weights, draft)
     draft.load_weights(list(weights.items()))
@@ -471,6 +753,7 @@ def save_draft(draft: DFlashDraft, path: str | Path, dtype: mx.Dtype = mx.bfloat
 
 
 __all__ = [
-    "DraftConfig", "DFlashDraft", "build_target_layer_ids", "load_draft", "save_draft",
-    "FULL_ATTENTION", "SLIDING_ATTENTION",
+    "DraftConfig", "DFlashDraft", "DFlash2Draft", "CandidateSelector", "GroupedDynamicConv", "walk_lattice",
+    "build_target_layer_ids", "load_draft", "make_draft", "quantizable", "save_draft",
+    "FULL_ATTENTION", "SLIDING_ATTENTION", "DFLASH2_KEYS",
 ]

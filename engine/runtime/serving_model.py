@@ -160,7 +160,8 @@ def build_speculative(
     decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=block_size,
                                  prefill_chunk=config.prefill_chunk, adaptive=adaptive,
                                  tree_budget=_tree_budget(config, adaptive), learn_overheads=learn_overheads)
-    return decoder, f"dflash ({path})" + _tree_note(decoder)
+    kind = "dflash2" if draft.config.is_dflash2 else "dflash"  # DFlash 2: conv + selector (docs/architecture.md)
+    return decoder, f"{kind} ({path})" + _tree_note(decoder)
 
 
 def _tree_budget(config: EngineConfig, adaptive: bool) -> int | str:

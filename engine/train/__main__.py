@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="generation wave size (1024 suits an H200)")
     p.add_argument("--steps", type=int, default=8000, help="fit steps (fewer when the budget ends sooner)")
     p.add_argument("--layers", type=int, default=3, help="draft decoder layers (one target tap each)")
+    p.add_argument("--arch", choices=("dflash", "dflash2"), default="dflash", help="draft architecture (see fit --help)")
     p.add_argument("--batch-tokens", type=int, default=16384, help="padded target tokens per fit step")
     p.add_argument("--eval-limit", type=int, default=48, help="prompts per eval domain")
     p.add_argument("--eval-max-tokens", type=int, default=256, help="new tokens per eval prompt")
@@ -119,13 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     arch.add_argument("--block-size", type=int, default=16)
     arch.add_argument("--mask-token-id", type=int, default=None, help="default: an unused special token")
     arch.add_argument("--init-draft", type=Path, default=None,
-                      help="start from this published draft (its architecture; fresh optimizer and schedule)")
+                      help="start from this published draft (its architecture; fresh optimizer and schedule); with "
+                           "--arch dflash2 a DFlash 1 draft becomes the backbone of an identity DFlash 2")
+    arch.add_argument("--arch", choices=("dflash", "dflash2"), default="dflash",
+                      help="dflash2: add the block-row conv around each sublayer and the pairwise candidate "
+                           "selector (shared/docs/dflash2.md), identity-initialised: untrained, it drafts as DFlash 1")
+    arch.add_argument("--conv-kernel-size", type=int, default=2, help="dflash2: conv taps (self + predecessors)")
+    arch.add_argument("--conv-group-size", type=int, default=16, help="dflash2: channels per dynamic coefficient")
+    arch.add_argument("--selector-rank", type=int, default=256, help="dflash2: width of the selector codebooks")
+    arch.add_argument("--selector-top-k", type=int, default=16, help="dflash2: candidates per slot")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--steps", type=int, default=4000)
     opt.add_argument("--batch-tokens", type=int, default=16384, help="padded target tokens per step")
     opt.add_argument("--max-len", type=int, default=1024, help="truncate sequences to this many tokens")
     opt.add_argument("--blocks-per-seq", type=int, default=32, help="random anchors per sequence per step")
     opt.add_argument("--gamma", type=float, default=7.0, help="loss decay over block positions")
+    opt.add_argument("--selector-loss-weight", type=float, default=1.0,
+                     help="dflash2: weight of the selector's K-way CE next to the block CE")
     opt.add_argument("--lr", type=float, default=6e-4)
     opt.add_argument("--warmup", type=float, default=0.04, help="warm-up as a fraction of --steps")
     opt.add_argument("--weight-decay", type=float, default=0.01)
@@ -201,7 +212,7 @@ def all_phases(args: argparse.Namespace) -> list[list[str]]:
     return [*phases,
             ["generate", *common, "--mode", args.mode, "--max-new-tokens", str(args.max_new_tokens),
              "--batch-size", str(args.batch_size), *limits[0]],
-            ["fit", *common, "--steps", str(args.steps), "--layers", str(args.layers),
+            ["fit", *common, "--steps", str(args.steps), "--layers", str(args.layers), "--arch", args.arch,
              "--batch-tokens", str(args.batch_tokens), *limits[1]],
             ["eval", *common, "--limit", str(args.eval_limit), "--max-tokens", str(args.eval_max_tokens), *limits[2]]]
 
@@ -262,24 +273,38 @@ def build_draft_config(args: argparse.Namespace, loaded: Any) -> Any:
     if state_file.exists():
         return DraftConfig.from_dict(json.loads(state_file.read_text())["draft_config"])
     if args.init_draft is not None:
-        return DraftConfig.from_dict(json.loads((args.init_draft / "config.json").read_text()))
+        return as_arch(DraftConfig.from_dict(json.loads((args.init_draft / "config.json").read_text())), args, loaded)
     probe = Target(loaded.model)
     mask = args.mask_token_id
     if mask is None:
         mask = choose_mask_token(loaded.tokenizer, probe.vocab_size)
     taps = tuple(int(i) for i in args.tap_layers.split(",")) if args.tap_layers else None
-    return draft_config_for(
+    return as_arch(draft_config_for(
         probe, loaded.model.args, mask_token_id=mask, num_layers=args.layers, num_taps=args.taps,
         tap_layer_ids=taps, intermediate_size=args.intermediate_size, block_size=args.block_size,
         max_position_embeddings=max(loaded.context_length, args.max_len),
-    )
+    ), args, loaded)
+
+
+def as_arch(config: Any, args: argparse.Namespace, loaded: Any) -> Any:
+    """--arch dflash2: the DFlash 2 keys added to a DFlash 1 config (a DFlash 2 config stays as it is)."""
+    from dataclasses import replace
+
+    from engine.model.target import Target
+
+    if getattr(args, "arch", "dflash") != "dflash2" or config.is_dflash2:
+        return config
+    vocab = config.vocab_size or Target(loaded.model).vocab_size
+    return replace(config, vocab_size=vocab, conv_kernel_size=args.conv_kernel_size,
+                   conv_group_size=args.conv_group_size, selector_rank=args.selector_rank,
+                   selector_top_k=args.selector_top_k)
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
     import mlx.core as mx
     from mlx.utils import tree_map
 
-    from engine.model.draft import DFlashDraft
+    from engine.model.draft import DraftConfig, make_draft
     from engine.model.target import Target
     from engine.train.dataset import TokenDataset
     from engine.train.draft_shape import count_parameters
@@ -287,7 +312,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     config = TrainConfig(
         steps=args.steps, batch_tokens=args.batch_tokens, max_len=args.max_len, blocks_per_seq=args.blocks_per_seq,
-        gamma=args.gamma, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        gamma=args.gamma, selector_loss_weight=args.selector_loss_weight, lr=args.lr, warmup=args.warmup,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         dtype=args.dtype, seed=args.seed, modes=tuple(args.modes.split(",")),
         val_modes=tuple(args.val_modes.split(",")), max_train_sequences=args.max_train_sequences,
         val_permille=args.val_permille, val_walk_sequences=args.val_walk_sequences, log_every=args.log_every, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
@@ -298,15 +324,20 @@ def cmd_fit(args: argparse.Namespace) -> int:
     loaded = load_target(args)
     draft_config = build_draft_config(args, loaded)
     mx.random.seed(config.seed)
-    draft = DFlashDraft(draft_config)
+    draft = make_draft(draft_config)  # DFlash 2: identity conv and selector
     target = Target(loaded.model, draft_config.target_layer_ids)
     if args.init_draft is not None and not (args.out / "checkpoint" / "state.json").exists():
-        draft.load_weights(str(args.init_draft / "model.safetensors"))
+        init = json.loads((args.init_draft / "config.json").read_text())
+        wraps = draft_config.is_dflash2 and not DraftConfig.from_dict(init).is_dflash2
+        # a DFlash 1 draft under --arch dflash2: its tensors are the backbone, conv and selector stay identity
+        draft.load_weights(str(args.init_draft / "model.safetensors"), strict=not wraps)
         draft.update(tree_map(lambda p: p.astype(mx.float32), draft.parameters()))
-        print(f"draft: initialised from {args.init_draft}")
+        print(f"draft: initialised from {args.init_draft}" + (" (DFlash 1 backbone, identity DFlash 2)" if wraps else ""))
     trainer = Trainer(target, draft, data, config, args.out)
     resumed = trainer.load_checkpoint()
-    print(f"draft: {draft_config.num_hidden_layers} layers, taps {list(draft_config.target_layer_ids)}, "
+    kind = (f"DFlash 2 (conv {draft_config.conv_kernel_size} taps / group {draft_config.conv_group_size}, selector "
+            f"rank {draft_config.selector_rank} top-{draft_config.selector_top_k}), " if draft_config.is_dflash2 else "")
+    print(f"draft: {kind}{draft_config.num_hidden_layers} layers, taps {list(draft_config.target_layer_ids)}, "
           f"mask token {draft_config.mask_token_id}, {count_parameters(draft) / 1e6:.1f}M params, "
           f"compute {config.compute_dtype()}")
     print(f"data: {len(trainer.train_idx)} train / {len(trainer.val_idx)} validation sequences, "

@@ -2,6 +2,12 @@
 
 N random anchors per sequence each open a block [anchor token, MASK × (B−1)]; all blocks of a
 batch run through the draft in parallel under one attention mask.
+
+DFlash 2 (shared/docs/dflash2.md §5; the official objective is unpublished) adds NeMo AutoModel's
+selector term: loss = block CE + λ · selector CE, the selector's K-way cross-entropy over each slot's
+top-K draft candidates, scored with the true predecessor (teacher forcing; slot 1: the anchor), with the
+block CE's decay weights; slots whose true token is not among the K are dropped from that term. The conv
+has no loss of its own. Correctness and τ then follow the selector's path, as decoding does.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from engine.model.draft import DFlashDraft
+from engine.model.draft import DFlash2Draft, DFlashDraft
 from engine.model.target import Target
 from engine.train.dataset import BlockBatch
 
@@ -67,18 +73,26 @@ def block_targets(batch: BlockBatch, block_size: int, mask_token_id: int, gamma:
 
 
 def draft_hidden(draft: DFlashDraft, noise: mx.array, context: mx.array, positions: mx.array, mask: mx.array) -> mx.array:
-    """The draft over every sequence's blocks; vmap gives each sequence its own row positions."""
+    """The draft over every sequence's blocks; vmap gives each sequence its own row positions.
+
+    Rows come in blocks of block_size: DFlash 2's conv stays inside each (dflash2.md §2.1).
+    """
+    block_size = draft.config.block_size
 
     def one(n: mx.array, c: mx.array, p: mx.array, m: mx.array) -> mx.array:
-        return draft(n[None], c[None], q_offset=p, mask=m[None])[0]
+        return draft(n[None], c[None], q_offset=p, mask=m[None], block_size=block_size)[0]
 
     return mx.vmap(one)(noise, context, positions, mask)  # (b, N*B, H)
 
 
 def dflash_loss(
-    draft: DFlashDraft, target: Target, taps: mx.array, blocks: BlockTargets
+    draft: DFlashDraft, target: Target, taps: mx.array, blocks: BlockTargets, selector_weight: float = 1.0
 ) -> tuple[mx.array, mx.array, mx.array]:
-    """Weighted CE over block rows 1..B−1; also returns correctness (b, N, B−1) and its weights."""
+    """Weighted CE over block rows 1..B−1; also returns correctness (b, N, B−1) and its weights.
+
+    A DFlash 2 draft adds `selector_weight` × the selector CE (selector_loss), and its correctness is the
+    selector's choice along the true path: a block's leading correct slots are what its greedy walk accepts.
+    """
     b = taps.shape[0]
     bs = draft.config.block_size
     context = draft.project_context(taps)  # (b, S, H)
@@ -90,8 +104,36 @@ def dflash_loss(
     logits = draft.logits(hidden, target.lm_head)  # (b, N, B−1, V) float32
     ce = nn.losses.cross_entropy(logits, labels)  # (b, N, B−1)
     loss = (ce * weights).sum() / mx.maximum(weights.sum(), 1e-6)
+    if isinstance(draft, DFlash2Draft):
+        predecessors = blocks.labels.reshape(b, -1, bs)[:, :, :-1]  # slot k follows the token at k−1 (the anchor first)
+        selector_loss, choice = selector_loss_and_choice(draft, hidden, logits, predecessors, labels, weights)
+        return loss + selector_weight * selector_loss, choice == labels, weights
     correct = mx.argmax(logits, axis=-1) == labels
     return loss, correct, weights
+
+
+def selector_loss_and_choice(
+    draft: DFlash2Draft, hidden: mx.array, logits: mx.array, predecessors: mx.array, labels: mx.array,
+    weights: mx.array,
+) -> tuple[mx.array, mx.array]:
+    """The selector's teacher-forced K-way CE (NeMo's dflash2_core recipe) and its chosen tokens.
+
+    hidden (..., H) final-normed slot rows, logits (..., V) their unary logits, predecessors/labels/weights
+    (...). Candidates are the top-K ids of the logits (no gradient through the choice; the unary scores
+    keep theirs); S(b) = U(b) + pair term with the true predecessor. Returns the weighted CE over slots
+    whose true token is a candidate, and each slot's argmax candidate (..., int32).
+    """
+    selector = draft.candidate_selector
+    ids, unary = selector.candidates(logits)  # (..., K)
+    scores = unary + selector.pair_scores(hidden, predecessors[..., None], ids)[..., 0, :]  # (..., K)
+    hit = ids == labels[..., None]
+    found = hit.any(axis=-1)
+    true_score = (scores * hit).sum(axis=-1)
+    ce = mx.logsumexp(scores, axis=-1) - true_score
+    kept = weights * found
+    loss = (ce * kept).sum() / mx.maximum(kept.sum(), 1e-6)
+    choice = mx.take_along_axis(ids, mx.argmax(scores, axis=-1)[..., None], axis=-1)[..., 0]
+    return loss, choice
 
 
 def block_metrics(correct: mx.array, weights: mx.array) -> dict[str, mx.array]:

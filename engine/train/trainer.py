@@ -42,6 +42,7 @@ class TrainConfig:
     max_len: int = 1024
     blocks_per_seq: int = 32
     gamma: float = 7.0  # loss decay over block positions (spec §3.3: 7 for B = 16)
+    selector_loss_weight: float = 1.0  # DFlash 2: λ of the selector's CE (NeMo's default; objective.py)
     lr: float = 6e-4
     min_lr_ratio: float = 0.1
     warmup: float = 0.04  # fraction of steps
@@ -137,7 +138,7 @@ class Trainer:
         def loss_of(params: dict) -> tuple[mx.array, mx.array, mx.array]:
             # float32 master weights, compute in self.dtype; grads come back float32 through astype
             self.draft.update(tree_map(lambda p: p.astype(self.dtype), params))
-            return dflash_loss(self.draft, self.target, taps, blocks)
+            return dflash_loss(self.draft, self.target, taps, blocks, self.config.selector_loss_weight)
 
         master = self.draft.trainable_parameters()
         outputs, grads = mx.value_and_grad(loss_of)(master)
@@ -169,7 +170,8 @@ class Trainer:
             for idx in batches:
                 batch = self.data.block_batch(idx, self.config.blocks_per_seq, rng)
                 blocks = block_targets(batch, self.draft.config.block_size, self.draft.config.mask_token_id, self.config.gamma)
-                loss, correct, weights = dflash_loss(self.draft, self.target, self.taps(batch.tokens), blocks)
+                loss, correct, weights = dflash_loss(self.draft, self.target, self.taps(batch.tokens), blocks,
+                                                     self.config.selector_loss_weight)
                 m = block_metrics(correct, weights)
                 for key, value in (("val_loss", loss), ("val_acc", m["acc"]), ("val_tau", m["tau"])):
                     totals[key] += value.item() / len(batches)

@@ -23,6 +23,7 @@ from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 from mlx_lm.tokenizer_utils import TokenizerWrapper  # noqa: E402
 from tiny_models import (  # noqa: E402
     build_draft,
+    build_draft2,
     build_target,
     draft_config,
     load_target,
@@ -133,3 +134,73 @@ def test_greedy_generation_matches_the_reference(pair: Pair) -> None:
     target.close()
     assert sum(steps, []) == sum(ref_steps, []) == plain
     assert steps == ref_steps  # the same acceptance decision in every cycle
+
+
+# --- DFlash 2 (the reference's DFlash2DraftModel: GroupedDynamicCausalConv + CandidateSelector) -----------
+
+SETUPS2 = {
+    "random": {"target": {"tie_word_embeddings": False}, "scale": 0.3},
+    "echo": {"target": {}, "scale": 0.1, "echo": True},
+}
+
+
+@pytest.fixture(scope="module", params=list(SETUPS2))
+def pair2(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    """As `pair`, with a random DFlash 2 draft (random conv and selector) in the published layout."""
+    setup = SETUPS2[request.param]
+    root = tmp_path_factory.mktemp(f"dflash2-{request.param}")
+    cfg = target_config("qwen3", **setup["target"])
+    model = build_target(cfg, seed=1)
+    plain, gap = plain_greedy(model, PROMPT, 48)
+    assert gap > 1e-4, "near-tie in the plain run; pick another seed"
+    overrides = {"mask_token_id": Counter(plain).most_common(1)[0][0]} if setup.get("echo") else {}
+    draft = build_draft2(draft_config(cfg, block_size=8, **overrides), seed=7, scale=setup["scale"])
+    if setup.get("echo"):
+        draft.update(tree_map_with_path(lambda p, w: w * 0.3 if "o_proj" in p or "down_proj" in p else w, draft.parameters()))
+    save_target(model, cfg, root / "target")
+    save_tiny_draft(draft, root / "draft")
+    ours = load_draft(root / "draft", target_hidden_size=64, target_vocab_size=96, target_num_layers=4)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ref, "snapshot_download", lambda *args, **kwargs: str(root / "draft"))
+    theirs = ref.load_draft("local/draft")
+    mp.undo()
+    assert isinstance(theirs, ref.DFlash2DraftModel)
+    yield load_target(root / "target"), load_target(root / "target"), ours, theirs, plain
+
+
+def test_dflash2_proposal_matches_the_reference(pair2: Pair) -> None:
+    """One draft forward and selector walk: the same hidden rows, unary logits and greedy path as theirs."""
+    our_model, ref_model, draft, ref_draft, plain = pair2
+    block_size = draft.config.block_size
+    ref._patch_model(ref_model, ref_draft.config.target_layer_ids)
+    _, ref_taps, _ = ref._prefill_target(ref_model, mx.array(PROMPT), make_prompt_cache(ref_model), None, 2048)
+    ref_draft.bind(ref_model)
+    block = mx.array([[plain[0]] + [draft.config.mask_token_id] * (block_size - 1)])
+    ref_hidden = ref_draft.hidden_states(block, ref_taps, ref_draft.make_cache(), logits_start=1)
+    ref_tokens, _, _ = ref_draft.propose(block, ref_taps, ref_draft.make_cache(), 0.0, logits_start=1)
+    target = Target(our_model, draft.config.target_layer_ids)
+    _, taps = target(mx.array(PROMPT)[None], target.make_cache(), taps=True)
+    hidden = draft(draft.noise_embedding(block, target.embed), draft.project_context(taps),
+                   cache=draft.make_cache(), q_offset=len(PROMPT))[:, 1:]
+    drafter = DFlashDrafter(draft, target)
+    drafter.begin(PROMPT, taps)
+    tokens = drafter.propose([plain[0]], None, block_size - 1, SamplingParams(temperature=0.0), TokenRng(0)).tokens
+    target.close()
+    assert mx.allclose(hidden, ref_hidden, atol=1e-4).item(), mx.abs(hidden - ref_hidden).max()
+    assert tokens.tolist() == ref_tokens[0].tolist()
+
+
+def test_dflash2_greedy_generation_matches_the_reference(pair2: Pair) -> None:
+    our_model, ref_model, draft, ref_draft, plain = pair2
+    block_size, max_tokens = draft.config.block_size, len(plain)
+    responses = ref.stream_generate(ref_model, ref_draft, _TokenIdsOnly(), mx.array(PROMPT),
+                                    block_size=block_size, max_tokens=max_tokens, temperature=0.0)
+    ref_steps = [r.tokens for r in responses if r.tokens]
+    target = Target(our_model, draft.config.target_layer_ids)
+    decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=block_size, adaptive=False)
+    steps = [s.tokens for s in decoder.generate(PROMPT, SamplingParams(temperature=0.0), max_tokens, TokenRng(0)) if s.tokens]
+    target.close()
+    assert sum(steps, []) == sum(ref_steps, []) == plain
+    assert steps == ref_steps  # the same proposals accepted in every cycle
+    if draft.config.mask_token_id == Counter(plain).most_common(1)[0][0]:  # the echo setup: drafts were kept
+        assert decoder.stats.accepted > 0

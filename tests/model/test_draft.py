@@ -78,10 +78,11 @@ def test_config_round_trips_through_the_published_layout() -> None:
     assert DraftConfig.from_dict(json.loads(json.dumps(raw))) == config
 
 
-def test_dflash2_checkpoints_are_refused() -> None:
+def test_a_dflash2_architecture_needs_the_dflash2_keys() -> None:
+    """DFlash 2 drafts load (tests/model/test_dflash2.py); one without its conv/selector keys is refused."""
     raw = draft_config(TARGET).to_dict()
     raw["architectures"] = ["DFlash2DraftModel"]
-    with pytest.raises(ValueError, match="DFlash 2.*not supported yet"):
+    with pytest.raises(ValueError, match=r"DFlash 2 draft config.json is missing dflash_config\.conv_kernel_size"):
         DraftConfig.from_dict(raw)
 
 

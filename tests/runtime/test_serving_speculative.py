@@ -12,7 +12,7 @@ from engine.runtime.async_engine import AsyncEngine
 from engine.runtime.config import EngineConfig, ServerConfig
 from engine.runtime.serving_model import ServingModel
 from server.app import create_app
-from tests.tiny_models import build_draft, draft_config, save_tiny_draft
+from tests.tiny_models import build_draft, build_draft2, draft_config, save_tiny_draft
 
 PROMPTS = [
     "What is the capital of France?",
@@ -30,6 +30,16 @@ def random_draft(tmp_path_factory: pytest.TempPathFactory) -> Path:
                           head_dim=64, num_attention_heads=9, num_key_value_heads=3, intermediate_size=256,
                           block_size=8)
     return save_tiny_draft(build_draft(config, seed=3), tmp_path_factory.mktemp("draft"))
+
+
+@pytest.fixture(scope="module")
+def random_dflash2_draft(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random DFlash 2 draft (random conv and selector too) for the embedded model, published layout."""
+    target = {"hidden_size": 576, "num_hidden_layers": 30, "vocab_size": 49152}
+    config = draft_config(target, num_hidden_layers=1, target_layer_ids=(1, 15, 27), mask_token_id=4,
+                          head_dim=64, num_attention_heads=9, num_key_value_heads=3, intermediate_size=256,
+                          block_size=8, conv_kernel_size=2, conv_group_size=16, selector_rank=16, selector_top_k=16)
+    return save_tiny_draft(build_draft2(config, seed=3, scale=0.05), tmp_path_factory.mktemp("draft2"))
 
 
 def serve(**engine: object) -> TestClient:
@@ -73,6 +83,19 @@ def test_greedy_speculative_equals_plain(engine: dict, plain: list, random_draft
         assert spec["decoder"] != "plain"
         assert usage["completion_tokens_details"]["accepted_prediction_tokens"] == spec["accepted_tokens"]
     # the width controller outlives a request: after a useless draft it may verify none in a short one
+    assert outs[0][1]["speculative"]["verify_steps"] > 0
+
+
+@pytest.mark.parametrize("tree_budget", [0, "auto"])
+def test_greedy_dflash2_equals_plain(plain: list, random_dflash2_draft: Path, tree_budget: int | str) -> None:
+    """--draft DIR with a DFlash 2 draft: /health names it, greedy output is --no-draft's, drafts were verified."""
+    with serve(draft=str(random_dflash2_draft), tree_budget=tree_budget) as client:
+        health = client.get("/health").json()["drafter"]
+        assert health.startswith(f"dflash2 ({random_dflash2_draft})")
+        if tree_budget == "auto":
+            assert health.endswith(", trees off (the DFlash 2 selector proposes one path: chains only)")
+        outs = greedy_outputs(client)
+    assert [text for text, _ in outs] == [text for text, _ in plain]
     assert outs[0][1]["speculative"]["verify_steps"] > 0
 
 

@@ -45,9 +45,15 @@ def test_a_draft_that_does_not_fit_the_target_is_one_line(tmp_path: Path) -> Non
     assert_one_clean_line(start("--draft", str(draft)), f"draft {draft}", "--no-draft")
 
 
-def test_an_unsupported_draft_is_one_line(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["DFlash2DraftModel"]}))
-    assert_one_clean_line(start("--draft", str(tmp_path)), "DFlash 2", "--no-draft")
+def test_a_bad_dflash2_draft_is_one_line(tmp_path: Path) -> None:
+    target = {"hidden_size": 576, "num_hidden_layers": 30, "vocab_size": 49152}  # the embedded model's shape
+    config = draft_config(target, target_layer_ids=(1, 27), head_dim=64, num_attention_heads=9,
+                          num_key_value_heads=3).to_dict()
+    config["architectures"] = ["DFlash2DraftModel"]
+    config["dflash_config"].update(conv_kernel_size=2, conv_group_size=7, selector_rank=8, selector_top_k=16)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert_one_clean_line(start("--draft", str(tmp_path)), "conv_group_size 7 does not divide hidden_size 576",
+                          "--no-draft")
 
 
 def test_a_port_in_use_is_one_line() -> None:
