@@ -13,6 +13,14 @@ per cycle; a number: that tree every cycle), and `reference` (dflash==0.1.0 `dfl
 DFlash drafter runs. The target is prepared as the server prepares it (packed projections unless
 --no-fuse; verify-width kernels on a GPU), shared by every row but the reference, which runs its
 own copy as dflash==0.1.0 loads it. JSON and a PNG chart go to --out. On Linux it re-execs with MKL or OpenBLAS.
+
+    python bench/bench.py --drafter dflash --draft engine/drafts/smollm2-135m-instruct-dflash \
+        --response-format bench/schemas/person.json --skip mlx_lm,reference,spec-dflash-fixed
+
+--response-format FILE (a response_format object, or a bare JSON Schema) adds a `+json` row for plain and each
+speculative row: the same decoder under the grammar (structured outputs), greedy, ending at EOS once the value
+is complete, on prompts that ask for JSON; `mask ms` is the host time of the constraint (checks, top-k, masks,
+draft checks) per generated token, `x unc` the row's speed against its unconstrained twin.
 """
 
 from __future__ import annotations
@@ -48,6 +56,14 @@ PROMPTS = {
     "math2": "Tom has 48 marbles. He gives a quarter of them to his sister and then buys 15 more. How "
              "many marbles does he have now? Think step by step.",
 }
+JSON_PROMPTS = {  # --response-format: prompts whose answer is the JSON object
+    "person": "Describe a fictional person as a JSON object.",
+    "book": "Describe a science fiction book as a JSON object.",
+    "city": "Describe a city you would like to visit, as JSON.",
+    "recipe": "Give me a simple pancake recipe as a JSON object.",
+    "product": "Describe a new smartphone as a JSON object.",
+    "event": "Describe a music festival as a JSON object.",
+}
 
 
 @dataclass
@@ -61,6 +77,7 @@ class Run:
     accepted: int = 0
     split_ms: dict[str, float] = field(default_factory=dict)  # per-cycle medians: draft, verify, other
     trees: int = 0  # cycles that verified a tree
+    mask_s: float = 0.0  # host time of the constraint (--response-format rows)
 
     @property
     def tps(self) -> float:
@@ -79,15 +96,34 @@ def timed(stream: Iterator[list[int]]) -> tuple[list[int], float, float]:
     return tokens, first - start, time.perf_counter() - first
 
 
-def decoder_stream(decoder: Any, ids: list[int], n: int) -> Iterator[list[int]]:
-    return (step.tokens for step in decoder.generate(ids, GREEDY, n, TokenRng(0)))
+def decoder_stream(decoder: Any, ids: list[int], n: int, constraint: Any = None) -> Iterator[list[int]]:
+    if constraint is None:
+        return (step.tokens for step in decoder.generate(ids, GREEDY, n, TokenRng(0)))
+    params = SamplingParams(temperature=0.0, grammar=constraint.grammar.key)
+    return (step.tokens for step in decoder.generate(ids, params, n, TokenRng(0, by_position=True),
+                                                     constraint=constraint))
 
 
-def split_ms(decoder: Any, ids: list[int], n: int) -> dict[str, float]:
+def read_response_format(path: Path) -> str:
+    """The grammar spec of a --response-format file: a response_format object or a bare JSON Schema."""
+    from engine.grammar.constraint import compile_spec, json_object_spec, json_schema_spec
+
+    data = json.loads(path.read_text())
+    if data.get("type") == "json_object":
+        spec = json_object_spec()
+    elif data.get("type") == "json_schema" and isinstance(data.get("json_schema"), dict):
+        spec = json_schema_spec(data["json_schema"]["schema"])
+    else:
+        spec = json_schema_spec(data)
+    compile_spec(spec)  # a SchemaError names what cannot be enforced
+    return spec
+
+
+def split_ms(decoder: Any, ids: list[int], n: int, constraint: Any = None) -> dict[str, float]:
     """A run with a sync after the draft and after the verify (costs the overlap; not timed)."""
     decoder.timing = "split"
     try:
-        timed(decoder_stream(decoder, ids, n))
+        timed(decoder_stream(decoder, ids, n, constraint))
     finally:
         decoder.timing = None
     timings = decoder.stats.timings
@@ -136,6 +172,9 @@ class Bench:
         self.plain_out: dict[str, list[int]] = {}
         self.measuring = False  # False in the warm-up round
         self.methods: dict[str, Callable[[str, list[int]], Run]] = {"plain": self.plain}
+        self.grammar = read_response_format(args.response_format) if args.response_format else None
+        if self.grammar is not None:
+            self.methods["plain+json"] = self.plain_json
         if "mlx_lm" not in args.skip:
             self.methods["mlx_lm"] = self.mlx_lm
         self.draft_dir: Path | None = None
@@ -158,6 +197,20 @@ class Bench:
         if len(tokens) > len(self.plain_out.get(name, [])):
             self.plain_out[name] = tokens
         return Run("plain", name, tokens, ttft, dec)
+
+    def constraint(self) -> Any:
+        from engine.grammar.constraint import make_constraint
+
+        tokenizer = self.loaded.tokenizer
+        return make_constraint(self.grammar, tokenizer, tokenizer.eos_token_ids)
+
+    def plain_json(self, name: str, ids: list[int]) -> Run:
+        from engine.decode.plain_decoder import PlainDecoder
+
+        constraint = self.constraint()
+        tokens, ttft, dec = timed(decoder_stream(PlainDecoder(self.model), ids, self.args.max_tokens, constraint))
+        self.plain_out[f"{name}+json"] = tokens
+        return Run("plain+json", f"{name}+json", tokens, ttft, dec, mask_s=constraint.stats.seconds)
 
     def mlx_lm(self, name: str, ids: list[int]) -> Run:
         from mlx_lm import stream_generate
@@ -194,21 +247,29 @@ class Bench:
             if budget and not decoder.tree_budgets:
                 raise SystemExit(f"{label}: trees are {decoder.tree_status}")
             self.methods[label] = self._speculative_runner(label, decoder, drafter == "oracle")
+            if self.grammar is not None and not budget:  # its own decoder: the width controller learns apart
+                twin = SpeculativeDecoder(target, make(), block_size=block, adaptive=adaptive)
+                self.methods[f"{label}+json"] = self._speculative_runner(f"{label}+json", twin, drafter == "oracle",
+                                                                         constrained=True)
 
-    def _speculative_runner(self, label: str, decoder: Any, oracle: bool) -> Callable[[str, list[int]], Run]:
+    def _speculative_runner(self, label: str, decoder: Any, oracle: bool,
+                            constrained: bool = False) -> Callable[[str, list[int]], Run]:
         from engine.decode.drafters import OracleDrafter
 
         splits: dict[str, dict[str, float]] = {}
+        suffix = "+json" if constrained else ""
 
         def run(name: str, ids: list[int]) -> Run:
             if oracle:  # the known continuation: plain decoding's output for this prompt
-                decoder.drafter = OracleDrafter(self.plain_out[name], vocab_size=self.loaded.tokenizer.vocab_size)
-            tokens, ttft, dec = timed(decoder_stream(decoder, ids, self.args.max_tokens))
+                decoder.drafter = OracleDrafter(self.plain_out[name + suffix], vocab_size=self.loaded.tokenizer.vocab_size)
+            constraint = self.constraint() if constrained else None
+            tokens, ttft, dec = timed(decoder_stream(decoder, ids, self.args.max_tokens, constraint))
             stats = decoder.stats
             if self.measuring and name not in splits and stats.cycles:
-                splits[name] = split_ms(decoder, ids, self.args.max_tokens)
+                splits[name] = split_ms(decoder, ids, self.args.max_tokens, self.constraint() if constrained else None)
             trees = sum(1 for b in stats.budgets if b)
-            return Run(label, name, tokens, ttft, dec, stats.cycles, stats.accepted, splits.get(name, {}), trees)
+            return Run(label, name + suffix, tokens, ttft, dec, stats.cycles, stats.accepted, splits.get(name, {}),
+                       trees, constraint.stats.seconds if constraint is not None else 0.0)
 
         return run
 
@@ -268,6 +329,9 @@ def summarize(runs: list[Run], plain_out: dict[str, list[int]]) -> list[dict[str
             "tree_share": sum(r.trees for r in mine) / cycles if cycles else None,
             **{f"{k}_ms": statistics.median(s[k] for s in splits) for k in ("draft", "verify", "other") if splits},
             "same_as_plain": sum(r.tokens == plain_out[r.prompt] for r in mine) / len(mine),
+            "mask_ms_per_token": (1e3 * sum(r.mask_s for r in mine) / sum(len(r.tokens) for r in mine)
+                                  if method.endswith("+json") else None),
+            "tokens": statistics.median(len(r.tokens) for r in mine),
         })
     base = {row["method"]: row["tok_s"] for row in rows}
     for row in rows:
@@ -277,6 +341,11 @@ def summarize(runs: list[Run], plain_out: dict[str, list[int]]) -> list[dict[str
         chain = row["method"].split("-tree-")[0]
         if chain != row["method"] and chain in base:  # a tree row against its drafter's adaptive chain
             row["x_chain"] = row["tok_s"] / base[chain]
+        twin = row["method"].removesuffix("+json")
+        if twin != row["method"] and twin in base:  # a constrained row against its unconstrained twin
+            row["x_unconstrained"] = row["tok_s"] / base[twin]
+            if "plain+json" in base:
+                row["x_plain"] = row["tok_s"] / base["plain+json"]
     return rows
 
 
@@ -284,13 +353,15 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     def fmt(v: Any, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 
-    print(f"\n{'method':<20} {'tok/s':>6} {'x plain':>7} {'x mlx_lm':>8} {'x ref':>6} {'TTFT ms':>8} {'tau':>5} "
-          f"{'draft':>6} {'verify':>6} {'other':>6} {'same':>5} {'trees':>5} {'x chain':>7}")
+    print(f"\n{'method':<25} {'tok/s':>6} {'x plain':>7} {'x mlx_lm':>8} {'x ref':>6} {'TTFT ms':>8} {'tau':>5} "
+          f"{'draft':>6} {'verify':>6} {'other':>6} {'same':>5} {'trees':>5} {'x chain':>7} {'mask ms':>7} {'x unc':>6} "
+          f"{'tokens':>6}")
     for r in rows:
-        print(f"{r['method']:<20} {r['tok_s']:6.2f} {fmt(r.get('x_plain'), '7.2f')} {fmt(r.get('x_mlx_lm'), '8.2f')} "
+        print(f"{r['method']:<25} {r['tok_s']:6.2f} {fmt(r.get('x_plain'), '7.2f')} {fmt(r.get('x_mlx_lm'), '8.2f')} "
               f"{fmt(r.get('x_reference'), '6.2f')} {r['ttft_ms']:8.0f} {fmt(r['tau'], '5.2f')} "
               f"{fmt(r.get('draft_ms'), '6.1f')} {fmt(r.get('verify_ms'), '6.1f')} {fmt(r.get('other_ms'), '6.1f')} "
-              f"{r['same_as_plain']:5.2f} {fmt(r.get('tree_share'), '5.2f')} {fmt(r.get('x_chain'), '7.3f')}")
+              f"{r['same_as_plain']:5.2f} {fmt(r.get('tree_share'), '5.2f')} {fmt(r.get('x_chain'), '7.3f')} "
+              f"{fmt(r.get('mask_ms_per_token'), '7.3f')} {fmt(r.get('x_unconstrained'), '6.3f')} {r['tokens']:6.0f}")
 
 
 def chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -328,13 +399,17 @@ def main() -> None:
                         help="block attention path (engine/model/attention.py; default: DFLASH_ATTENTION or auto)")
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds after the warm-up round")
-    parser.add_argument("--prompts", default=",".join(PROMPTS), help=f"comma list of {', '.join(PROMPTS)}")
+    parser.add_argument("--prompts", default=None, help=f"comma list of {', '.join(PROMPTS)} "
+                        f"(--response-format: of {', '.join(JSON_PROMPTS)})")
     parser.add_argument("--tree-budget", default="", metavar="auto|N[,..]",
                         help="also rows with tree verification: auto (the controller picks chain or tree per cycle), "
                              "or N nodes every cycle")
     parser.add_argument("--tree-spine", action="store_true", help="trees hold the top-1 chain first")
     parser.add_argument("--skip", type=lambda v: set(filter(None, v.split(","))), default=set(),
                         metavar="M1,M2", help="leave out these rows (mlx_lm, reference, spec-<drafter>-fixed, ...)")
+    parser.add_argument("--response-format", type=Path, default=None, metavar="FILE",
+                        help="also +json rows: the decoders under this response_format (or bare JSON Schema), on "
+                             "prompts asking for JSON (unless --prompts names others)")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "dflash-bench")
     args = parser.parse_args()
     maybe_reexec_with_blas()
@@ -345,8 +420,10 @@ def main() -> None:
     machine = f"MLX {mx.__version__} {mx.default_device()}, {blas_status()}"
     print(f"[bench] {bench.loaded.description}, {args.target_dtype}, {bench.prepared}, "
           f"attention {attention.mode()}; {machine}")
-    names = args.prompts.split(",")
-    ids = {n: bench.loaded.tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[n]}]) for n in names}
+    prompts = JSON_PROMPTS if args.response_format else PROMPTS
+    names = (args.prompts or ",".join(prompts)).split(",")
+    ids = {n: bench.loaded.tokenizer.apply_chat_template([{"role": "user", "content": {**PROMPTS, **JSON_PROMPTS}[n]}])
+           for n in names}
     runs: list[Run] = []
     max_tokens = args.max_tokens
     methods = list(bench.methods)
@@ -354,7 +431,9 @@ def main() -> None:
         args.max_tokens = max_tokens if round_ else min(16, max_tokens)  # a short warm-up round
         bench.measuring = round_ > 0
         for i, name in enumerate(names):
-            order = methods[:1] + [methods[1:][(j + i + round_) % (len(methods) - 1)] for j in range(len(methods) - 1)]
+            first = [m for m in methods if m in ("plain", "plain+json")]
+            rest = [m for m in methods if m not in first]
+            order = first + [rest[(j + i + round_) % len(rest)] for j in range(len(rest))]
             for method in order:  # plain first: the oracle needs its output
                 run = bench.methods[method](name, ids[name])
                 if round_:

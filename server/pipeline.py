@@ -5,6 +5,7 @@ in how they read a request and shape what comes back."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import uuid
@@ -18,6 +19,8 @@ from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
 from engine.decode.sampling import SamplingParams
+from engine.grammar.constraint import compile_spec, json_object_spec, json_schema_spec, tool_call_spec
+from engine.grammar.schema import SchemaError
 from engine.runtime.async_engine import AsyncEngine, EngineDead
 from engine.runtime.config import ServerConfig
 from engine.runtime.request import Request as EngineRequest
@@ -38,6 +41,8 @@ log = logging.getLogger("dflash.server")
 T = TypeVar("T")
 
 TOOLS_IGNORED_HEADER = "x-dflash-tools-ignored"
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>\n", "\n</tool_call>"  # what server/tool_calls.py parses
 
 
 class ChatRun(NamedTuple):
@@ -132,18 +137,73 @@ class Pipeline:
             raise OpenAIError(503, f"the engine is down: {e}", type="server_error") from None
 
     # --- chat ----------------------------------------------------------------------------
-    def start_chat(self, body: ChatCompletionRequest, limit_param: str = "max_tokens") -> ChatRun:
+    def start_chat(self, body: ChatCompletionRequest, limit_param: str = "max_tokens",
+                   format_param: str = "response_format") -> ChatRun:
         """Render, check and submit a chat request; raises OpenAIError before anything is sent."""
         self.check_model(body.model)
+        grammar = self.grammar(body, format_param)
         prompt_ids, renders_tools = self.prompt(body)
         params = self.sampling_params(body, body.logprobs, body.top_logprobs or 0)
+        params = dataclasses.replace(params, grammar=grammar)
         request = self.make_request(body, prompt_ids, body.token_limit, self.config.engine.default_max_tokens, params,
                                     limit_param)
         request.num_stable_prompt_tokens = self.stable_prefix(body, renders_tools, prompt_ids)
-        output = self.chat_output(prompt_ids, renders_tools)
+        output = self.chat_output(prompt_ids, renders_tools or body.forces_tool_call, constrained=grammar is not None)
         # the client sent tools that this template cannot show the model: say so, as a header
-        headers = {TOOLS_IGNORED_HEADER: "true"} if body.uses_tools and not renders_tools else {}
+        headers = {TOOLS_IGNORED_HEADER: "true"} if body.uses_tools and not renders_tools and not body.forces_tool_call else {}
         return ChatRun(self.submit(request), output, len(prompt_ids), headers)
+
+    # --- structured outputs ----------------------------------------------------------------
+    def grammar(self, body: ChatCompletionRequest, format_param: str = "response_format") -> str | None:
+        """The grammar the reply must follow (engine/grammar), compiled here so a bad schema is a 400 before
+        anything runs: a forced tool call's, else response_format's, else None."""
+        if body.forces_tool_call:
+            spec, param, what = self.tool_grammar(body), "tool_choice", "the tool's parameters"
+        else:
+            fmt = body.response_format
+            if fmt is None:
+                return None
+            kind = fmt.get("type", "text")
+            if kind not in RESPONSE_FORMATS:
+                raise OpenAIError(400, f"response_format type {kind!r} is not supported: use one of "
+                                  f"{', '.join(RESPONSE_FORMATS)}", param=format_param)
+            if kind == "text":
+                return None
+            if kind == "json_object":
+                spec, what = json_object_spec(), "JSON mode"
+            else:
+                inner = fmt.get("json_schema")
+                if not isinstance(inner, dict) or not isinstance(inner.get("schema"), dict):
+                    raise OpenAIError(400, 'response_format json_schema needs {"type": "json_schema", "json_schema": '
+                                      '{"name": ..., "schema": {...}}}', param=format_param)
+                spec, what = json_schema_spec(inner["schema"]), f"response_format {inner.get('name', 'schema')!r}"
+            param = format_param
+        try:
+            compile_spec(spec)
+        except SchemaError as e:
+            raise OpenAIError(400, f"invalid schema for {what}: {e}", param=param, code="invalid_schema") from None
+        except RecursionError:
+            raise OpenAIError(400, f"invalid schema for {what}: it nests too deeply", param=param,
+                              code="invalid_schema") from None
+        return spec
+
+    def tool_grammar(self, body: ChatCompletionRequest) -> str:
+        """A forced call: `<tool_call>{"name": ..., "arguments": ...}</tool_call>` of the named tool, or of any
+        of the tools for "required"; the arguments follow the tool's parameters schema."""
+        tools = []
+        for tool in body.tools or []:
+            function = tool.get("function") if isinstance(tool, dict) else None
+            if not isinstance(function, dict) or tool.get("type", "function") != "function" \
+                    or not isinstance(function.get("name"), str):
+                raise OpenAIError(400, 'a tool is {"type": "function", "function": {"name": ..., "parameters": {...}}}',
+                                  param="tools")
+            tools.append((function["name"], function.get("parameters")))
+        if isinstance(body.tool_choice, dict):
+            name = body.tool_choice["function"]["name"]
+            tools = [tool for tool in tools if tool[0] == name]
+            if not tools:
+                raise OpenAIError(400, f"tool_choice names function {name!r}, which is not in tools", param="tool_choice")
+        return tool_call_spec(tools[:1] if isinstance(body.tool_choice, dict) else tools, TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
 
     def prompt(self, body: ChatCompletionRequest) -> tuple[list[int], bool]:
         """The prompt's token ids, and whether the request's tools are in it."""
@@ -151,19 +211,19 @@ class Pipeline:
         return self.render_chat(body, renders_tools), renders_tools
 
     def renders_tools(self, body: ChatCompletionRequest) -> bool:
-        """Whether the request's tools go into the prompt; a forced call the template cannot render is a 400.
+        """Whether the template renders the request's tools into the prompt.
 
         Chat UIs (Open WebUI's native mode) send their tools with every chat whatever the model, as
-        mlx_lm.server and llama.cpp answer them: with tool_choice auto or none they are left out here.
+        mlx_lm.server and llama.cpp answer them: with tool_choice auto or none they are left out here. A
+        forced call on such a template is described in a system message instead (render_chat), and the
+        reply is constrained to the call.
         """
         if not body.uses_tools:
             return False
         if supports_tools(self.chat_template):
             return True
         if body.forces_tool_call:
-            raise OpenAIError(400, f"tool_choice {json.dumps(body.tool_choice)} forces a tool call, but this model's "
-                              "chat template does not support tools: send tool_choice \"auto\" or \"none\", or start "
-                              "the server with a --chat-template that renders tools", param="tool_choice")
+            return False
         if not self._warned_tools:
             self._warned_tools = True
             log.warning("this model's chat template does not support tools: requests' tools are left out of the "
@@ -181,6 +241,8 @@ class Pipeline:
             kwargs["tools"] = body.tools
         elif not supports_tools(self.chat_template):  # an earlier tool exchange, as plain turns
             messages = tool_history_as_text(messages)
+            if body.forces_tool_call:  # the template cannot show tools: a system message does
+                messages = with_tool_instructions(messages, body)
         if body.continue_final_message:  # assistant prefill: the reply continues the last message
             kwargs["continue_final_message"] = True
         try:
@@ -199,9 +261,10 @@ class Pipeline:
         head = self.render_chat(body, renders_tools, generation_prompt=False)
         return len(head) if 0 < len(head) < len(prompt_ids) and prompt_ids[: len(head)] == head else None
 
-    def chat_output(self, prompt_ids: list[int], renders_tools: bool) -> ChatOutput:
+    def chat_output(self, prompt_ids: list[int], renders_tools: bool, constrained: bool = False) -> ChatOutput:
+        """`constrained`: the grammar starts at the first generated token, so the reply has no reasoning part."""
         mode = self.config.reasoning
-        reasoning = mode == "on" or (mode == "auto" and thinks(self.chat_template))
+        reasoning = not constrained and (mode == "on" or (mode == "auto" and thinks(self.chat_template)))
         # some templates open <think> in the generation prompt: the reply starts mid-thought
         thinking = reasoning and self.served.tokenizer.decode(prompt_ids[-4:]).rstrip().endswith("<think>")
         return ChatOutput(reasoning=reasoning, thinking=thinking, tools=renders_tools)
@@ -212,6 +275,23 @@ class Pipeline:
         """SSE with keep-alives during long prefills (a comment unless `ping` makes an event)."""
         return EventSourceResponse(frames, ping=self.config.keepalive_seconds, sep="\n", ping_message_factory=ping,
                                    headers={"X-Accel-Buffering": "no", "Cache-Control": "no-cache", **(headers or {})})
+
+
+def with_tool_instructions(messages: list[dict[str, Any]], body: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """A forced tool call on a template without tools: the functions and the call's form, as a system message
+    (joined to the first one if there is one). The reply is constrained to the call anyway; this tells the
+    model what the arguments mean."""
+    tools = body.tools or []
+    if isinstance(body.tool_choice, dict):
+        name = body.tool_choice["function"]["name"]
+        tools = [t for t in tools if (t.get("function") or {}).get("name") == name]
+    listed = "\n".join(json.dumps(t.get("function"), ensure_ascii=False) for t in tools)
+    note = ("You call functions. Answer with one call, as JSON inside tags:\n"
+            '<tool_call>\n{"name": <function name>, "arguments": <the arguments as a JSON object>}\n</tool_call>\n'
+            f"Functions:\n{listed}")
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": f"{messages[0]['content']}\n\n{note}".strip()}, *messages[1:]]
+    return [{"role": "system", "content": note}, *messages]
 
 
 def chat_request(fields: dict[str, Any]) -> ChatCompletionRequest:

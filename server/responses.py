@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.decode.sampling import TokenLogprob
+from engine.model.tokenizer import byte_decoder
 from engine.runtime.request import FinishReason, Usage
 
 
@@ -74,27 +75,10 @@ def token_bytes(tokenizer: Any, token: int, text: str) -> bytes:
     if "\ufffd" not in text:
         return text.encode()
     piece = tokenizer.hf.convert_ids_to_tokens(token)
-    decoder = _byte_decoder()
+    decoder = byte_decoder()
     if all(ch in decoder for ch in piece):
         return bytes(decoder[ch] for ch in piece)
     return text.encode()
-
-
-_BYTE_DECODER: dict[str, int] = {}
-
-
-def _byte_decoder() -> dict[str, int]:
-    # GPT-2's printable mapping of the 256 byte values (used by byte-level BPE vocabularies)
-    if not _BYTE_DECODER:
-        visible = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-        chars, n = list(visible), 0
-        for b in range(256):
-            if b not in visible:
-                visible.append(b)
-                chars.append(256 + n)
-                n += 1
-        _BYTE_DECODER.update({chr(c): b for b, c in zip(visible, chars)})
-    return _BYTE_DECODER
 
 
 def chat_logprobs(entries: list[TokenLogprob], text_of: TokenText) -> dict[str, Any]:

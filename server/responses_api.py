@@ -45,7 +45,8 @@ class ResponsesApi:
 
     async def create(self, body: ResponsesRequest, raw: Request) -> Response:
         history = self.earlier_items(body.previous_response_id) + body.items
-        run = self.pipeline.start_chat(chat_request(body.chat_fields(history)), limit_param="max_output_tokens")
+        run = self.pipeline.start_chat(chat_request(body.chat_fields(history)), limit_param="max_output_tokens",
+                                    format_param="text.format")
         reply = Reply(body, history, self.pipeline.model_name, self.pipeline.config.engine.default_temperature)
         headers = dict(run.headers)
         if len(body.function_tools) < len(body.tools or []):  # hosted tools (web search...) cannot run here
@@ -155,7 +156,7 @@ class Reply:
             "max_output_tokens": body.max_output_tokens, "model": self.model, "output": output or [],
             "parallel_tool_calls": body.parallel_tool_calls, "previous_response_id": body.previous_response_id,
             "reasoning": {"effort": None, "summary": None}, "store": body.store, "temperature": self.temperature,
-            "text": {"format": {"type": "text"}}, "tool_choice": body.tool_choice or "auto",
+            "text": {"format": body.text.format.echo()}, "tool_choice": body.tool_choice or "auto",
             "tools": [tool.model_dump(exclude_none=True) for tool in body.tools or []],
             "top_p": body.top_p if body.top_p is not None else 1.0, "truncation": "disabled",
             "usage": usage, "user": body.user, "metadata": body.metadata or {},

@@ -1,7 +1,8 @@
 """OpenAI Responses API request (`POST /v1/responses`), read into the chat request it renders as.
 
 Unknown fields are ignored, like the chat route's (clients send `include`, `reasoning`, `truncation`...);
-what this server cannot do (images, files, structured output, hosted tools forced by tool_choice) is a 400.
+what this server cannot do (images, files, hosted tools forced by tool_choice) is a 400; `text.format` json_schema
+and json_object become chat's response_format (structured outputs).
 """
 
 from __future__ import annotations
@@ -91,21 +92,38 @@ class FunctionTool(BaseModel):
 
 
 class TextFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """`text`, `json_object`, or `json_schema` with its fields flat: {"type", "name", "schema", "strict"}."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
     type: str = "text"
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def known(self) -> TextFormat:
+        if self.type not in ("text", "json_object", "json_schema"):
+            raise ValueError(f"format type {self.type!r} is not supported: use text, json_object or json_schema")
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('a json_schema format needs its "schema"')
+        return self
+
+    def response_format(self) -> dict[str, Any] | None:
+        """As chat's response_format."""
+        if self.type == "json_schema":
+            return {"type": "json_schema", "json_schema": {"name": self.name or "schema", "schema": self.json_schema,
+                                                           "strict": self.strict}}
+        return {"type": self.type} if self.type != "text" else None
+
+    def echo(self) -> dict[str, Any]:
+        """The format as the response object shows it."""
+        return self.model_dump(by_alias=True, exclude_none=True)
 
 
 class TextConfig(BaseModel):
     model_config = ConfigDict(extra="ignore")
     format: TextFormat = Field(default_factory=TextFormat)
-
-    @field_validator("format")
-    @classmethod
-    def text_only(cls, fmt: TextFormat) -> TextFormat:
-        if fmt.type != "text":  # json_schema and json_object wait for structured outputs (constrained decoding)
-            raise ValueError(f"format type {fmt.type!r} is not supported: this server has no structured outputs "
-                             'yet; send {"type": "text"} or leave text.format out')
-        return fmt
 
 
 class ResponsesRequest(SamplingFields):
@@ -156,7 +174,8 @@ class ResponsesRequest(SamplingFields):
             choice = {"type": "function", "function": {"name": choice["name"]}}
         tools = [tool.for_chat() for tool in self.function_tools]
         return {**fields, "messages": chat_messages(self.instructions, history), "tools": tools or None,
-                "tool_choice": choice, "max_completion_tokens": self.max_output_tokens}
+                "tool_choice": choice, "max_completion_tokens": self.max_output_tokens,
+                "response_format": self.text.format.response_format()}
 
 
 def chat_messages(instructions: str | None, items: list[InputItem]) -> list[dict[str, Any]]:

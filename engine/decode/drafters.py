@@ -18,7 +18,7 @@ import mlx.core as mx
 from engine.decode.sampling import SamplingParams, TokenRng, filter_logprobs
 from engine.decode.tree import rank_scores
 from engine.decode.verify_width import CostCurve
-from engine.model.draft import DFlashDraft
+from engine.model.draft import DFlash2Draft, DFlashDraft, walk_lattice
 from engine.model.target import Target
 
 
@@ -72,7 +72,11 @@ def _deterministic(tokens: list[int]) -> Proposal:
 
 
 class DFlashDrafter:
-    """One draft forward per cycle over [pending, MASK × k] (spec §2.1 step 2)."""
+    """One draft forward per cycle over [pending, MASK × k] (spec §2.1 step 2).
+
+    A DFlash 2 draft (DFlash2Draft) proposes through its candidate selector instead of each slot's
+    argmax (dflash2.md §2.2, §3): see `_select`. Its proposals form one path, so it verifies chains only.
+    """
 
     name = "dflash"
     needs_taps = True
@@ -85,6 +89,12 @@ class DFlashDrafter:
             )
         self.draft = draft
         self.target = target
+        self.dflash2 = isinstance(draft, DFlash2Draft)
+        # SpeculativeDecoder reads this: trees rank each position's own scores, the selector proposes a path
+        self.no_trees = "the DFlash 2 selector proposes one path: chains only" if self.dflash2 else None
+        # a grammar may pick a row's proposal among its other candidates (speculative._launch_constrained): DFlash 1
+        # scores every position from the same context, so a replaced token leaves the later rows as they were
+        self.maskable = not getattr(self, "dflash2", False)
         self._cache: list | None = None
         self._unseen: list[mx.array] = []  # taps the draft cache has not ingested yet
 
@@ -109,6 +119,8 @@ class DFlashDrafter:
         if kept == 0:  # the forward above still feeds the new context rows to the draft cache
             return Proposal(mx.zeros((0,), dtype=mx.int32), None)
         logits = self.draft.logits(hidden[0, 1 : kept + 1], self.target.lm_head)  # (kept, V); row 0 is the anchor
+        if self.dflash2:
+            return self._select(hidden[0, 1 : kept + 1], logits, new_tokens[-1], anchor_position, params, rng)
         if params.is_greedy:
             return Proposal(mx.argmax(logits, axis=-1).astype(mx.int32), None)
         logprobs = filter_logprobs(logits, params)  # (k, V)
@@ -118,12 +130,59 @@ class DFlashDrafter:
         tokens = mx.random.categorical(logprobs, axis=-1, key=rng.next_key())
         return Proposal(tokens.astype(mx.int32), logprobs)
 
+    def _select(
+        self, hidden: mx.array, logits: mx.array, anchor: int, anchor_position: int, params: SamplingParams,
+        rng: TokenRng,
+    ) -> Proposal:
+        """DFlash 2: the selector's walk over each slot's top-K candidates (dflash2.md §2.2), on the device.
+
+        hidden (k, H) and logits (k, V) of the kept slots: the walk is causal, so slots past `keep` never
+        change the kept ones. Greedy: argmax chain. Position-keyed sampling: each slot draws from
+        q_t = softmax(S/T) with the target's own Gumbel noise of that position at the candidates, a
+        deterministic proposal verified by equality, as DFlash 1's. Otherwise a draw from q_t with the
+        request's key, and the realized q_t rows (scattered onto the vocabulary, -inf elsewhere) go to
+        rejection sampling, which keeps the target's distribution for any q (spec §3).
+        """
+        selector = self.draft.candidate_selector
+        rows, width = logits.shape
+        codebook_rows = selector.successor_codebook.shape[0]
+        if logits.shape[-1] > codebook_rows:  # a target head padded past vocab_size: no codebook rows there
+            logits = logits[:, :codebook_rows]
+        ids, scores = selector.lattice(hidden, logits, anchor)  # (k, K), (k, K, K)
+        if params.is_greedy:
+            picked, _ = walk_lattice(scores)
+            return Proposal(mx.take_along_axis(ids, picked[:, None], axis=-1)[:, 0], None)
+        scaled = scores / params.temperature
+        if rng.by_position:
+            noise = rng.gumbel(anchor_position + 1, rows, width)  # the verify's rows, at the candidates
+            picked, _ = walk_lattice(scaled, mx.take_along_axis(noise, ids, axis=-1))
+            return Proposal(mx.take_along_axis(ids, picked[:, None], axis=-1)[:, 0], None)
+        gumbel = mx.random.gumbel(shape=ids.shape, key=rng.next_key())  # argmax(s/T + G): a draw from q_t
+        picked, previous = walk_lattice(scaled, gumbel)
+        tokens = mx.take_along_axis(ids, picked[:, None], axis=-1)[:, 0]
+        realized = scaled[mx.arange(rows), previous]  # (k, K): the row of the predecessor actually chosen
+        logq = realized - mx.logsumexp(realized, axis=-1, keepdims=True)
+        dense = mx.put_along_axis(mx.full((rows, logits.shape[-1]), -mx.inf), ids, logq, axis=-1)
+        if dense.shape[-1] < width:  # as wide as the target's logits again
+            dense = mx.concatenate([dense, mx.full((rows, width - dense.shape[-1]), -mx.inf)], axis=-1)
+        return Proposal(tokens, dense)
+
     def propose_scores(
         self, new_tokens: list[int], taps: mx.array | None, num_tokens: int, params: SamplingParams, rng: TokenRng
     ) -> mx.array:
         """(num_tokens, V) log-probs of every block position, lazily, for a tree (engine/decode/tree.py)."""
         hidden, anchor_position = self._forward(new_tokens, taps, num_tokens)
         logits = self.draft.logits(hidden[0, 1:], self.target.lm_head)  # (k, V); row 0 is the anchor
+        noise = None if params.is_greedy or not rng.by_position else rng.gumbel(anchor_position + 1, *logits.shape)
+        return rank_scores(logits, params, noise)
+
+    def propose_rows(
+        self, new_tokens: list[int], taps: mx.array | None, num_tokens: int, params: SamplingParams, rng: TokenRng,
+        keep: int,
+    ) -> mx.array:
+        """As propose, but the (keep, V) scores whose row argmax is each proposal (rank_scores), lazily."""
+        hidden, anchor_position = self._forward(new_tokens, taps, num_tokens)
+        logits = self.draft.logits(hidden[0, 1 : keep + 1], self.target.lm_head)  # (keep, V)
         noise = None if params.is_greedy or not rng.by_position else rng.gumbel(anchor_position + 1, *logits.shape)
         return rank_scores(logits, params, noise)
 
@@ -138,6 +197,7 @@ class DFlashDrafter:
         anchor_position = self._cache[0].offset + context.shape[1]
         ids = mx.array([[new_tokens[-1]] + [self.draft.config.mask_token_id] * num_tokens], dtype=mx.int32)
         noise = self.draft.noise_embedding(ids, self.target.embed)  # (1, k+1, H)
+        # one block: DFlash 2's conv runs over its k+1 rows, the anchor's included
         return self.draft(noise, context, cache=self._cache, q_offset=anchor_position), anchor_position
 
     def end(self) -> None:

@@ -14,6 +14,8 @@ from engine.decode.sampling import (
     SamplingParams,
     TokenRng,
     apply_processors,
+    choice_scores,
+    fallback_scores,
     make_logits_processors,
     sample,
     to_token_logprobs,
@@ -22,6 +24,7 @@ from engine.decode.sampling import (
 
 if TYPE_CHECKING:
     from engine.decode.prefix_cache import PrefixLease
+    from engine.grammar.constraint import Constraint
 
 
 class PlainDecoder:
@@ -37,21 +40,17 @@ class PlainDecoder:
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, rng: TokenRng,
         prefix: PrefixLease | None = None,
+        constraint: Constraint | None = None,
     ) -> Generator[DecodeStep, None, None]:
         if max_tokens <= 0:
             return
+        if constraint is not None:
+            yield from self._constrained(prompt_ids, params, max_tokens, rng, prefix, constraint)
+            return
         cache = make_prompt_cache(self.model)
-        num_cached = 0 if prefix is None else prefix.restore(cache)[0]
-        processors = make_logits_processors(params, len(prompt_ids))
         history = mx.array(prompt_ids, dtype=mx.int32)
-        # Empty steps between prefill chunks let the scheduler notice a cancel mid-prefill;
-        # the last token is kept for the first sampling step.
-        for start, stop in prefill_spans(num_cached, len(prompt_ids) - 1, self.prefill_chunk, prefix and prefix.cut):
-            self.model(history[None, start:stop], cache=cache)
-            mx.eval([c.state for c in cache])
-            if prefix is not None:
-                prefix.reached(stop, cache)
-            yield DecodeStep([], None)
+        yield from self._prefill(history, cache, prefix)
+        processors = make_logits_processors(params, len(prompt_ids))
 
         def forward(token: mx.array, history: mx.array) -> tuple[mx.array, mx.array]:
             raw = self.model(token.reshape(1, -1), cache=cache)[:, -1, :]  # (1, V)
@@ -76,6 +75,62 @@ class PlainDecoder:
                 yield DecodeStep([token], self._logprobs(y, logits, params))
                 if n + 1 < max_tokens:
                     y, logits = next_y, next_logits
+        finally:
+            if prefix is not None:
+                prefix.offer(cache, num_rows)
+
+    def _prefill(self, history: mx.array, cache: list, prefix: PrefixLease | None) -> Generator[DecodeStep, None, None]:
+        """Restore the cached prefix and run the prompt but its last token (kept for the first step).
+
+        Empty steps between prefill chunks let the scheduler notice a cancel mid-prefill."""
+        num_cached = 0 if prefix is None else prefix.restore(cache)[0]
+        for start, stop in prefill_spans(num_cached, history.size - 1, self.prefill_chunk, prefix and prefix.cut):
+            self.model(history[None, start:stop], cache=cache)
+            mx.eval([c.state for c in cache])
+            if prefix is not None:
+                prefix.reached(stop, cache)
+            yield DecodeStep([], None)
+
+    def _constrained(
+        self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, rng: TokenRng,
+        prefix: PrefixLease | None, constraint: Constraint,
+    ) -> Generator[DecodeStep, None, None]:
+        """Each token is the best allowed one (Constraint.choose): one host sync per token, then the next
+        forward is launched with the chosen token before the step is yielded. Ends after EOS."""
+        cache = make_prompt_cache(self.model)
+        history = mx.array(prompt_ids, dtype=mx.int32)
+        yield from self._prefill(history, cache, prefix)
+        processors = make_logits_processors(params, len(prompt_ids))
+
+        def forward(token: mx.array, history: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+            raw = self.model(token.reshape(1, -1), cache=cache)[:, -1, :]  # (1, V)
+            logits = apply_processors(processors, history, raw)
+            scores = choice_scores(logits, params, rng, history.size)
+            return mx.argmax(scores, axis=-1), scores, logits, raw
+
+        state = constraint.state
+        pending = forward(history[-1:], history)
+        mx.async_eval(pending[0])
+        num_rows = len(prompt_ids)
+        try:
+            for n in range(max_tokens):
+                top, scores, logits, raw = pending
+                position = history.size
+                fallback = None if params.is_greedy else (lambda: fallback_scores(logits, params, rng, position)[0])
+                token, state = constraint.choose(state, int(top.item()), scores[0], fallback)
+                constraint.state = state
+                y = mx.array([token], dtype=mx.int32)
+                history = mx.concatenate([history, y])
+                done = constraint.finished(state)
+                if n + 1 < max_tokens and not done:
+                    pending = forward(y, history)  # queued before the caller's bookkeeping (sync elision)
+                    mx.async_eval(pending[0])
+                    num_rows += 1
+                if prefix is not None:
+                    prefix.record([token])
+                yield DecodeStep([token], self._logprobs(y, raw, params))
+                if done:
+                    return
         finally:
             if prefix is not None:
                 prefix.offer(cache, num_rows)

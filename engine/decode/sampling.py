@@ -31,6 +31,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: bool = False
     top_logprobs: int = 0
+    grammar: str | None = None  # a structured-output spec (engine/grammar/constraint.py): output must match it
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
@@ -175,6 +176,22 @@ def sample(logits: mx.array, params: SamplingParams, rng: TokenRng, position: in
     if rng.by_position:
         return mx.argmax(logprobs + rng.gumbel(position, *logprobs.shape), axis=-1)
     return mx.random.categorical(logprobs, axis=-1, key=rng.next_key())
+
+
+def choice_scores(logits: mx.array, params: SamplingParams, rng: TokenRng, position: int) -> mx.array:
+    """(N, V) scores whose row argmax is the token chosen at positions position..position+N-1: the logits for
+    greedy, else log q + the position's Gumbel noise (position-keyed sampling, as constrained decoding uses:
+    the argmax over any allowed subset is then an exact sample of q restricted to it)."""
+    if params.is_greedy:
+        return logits
+    assert rng.by_position, "constrained sampling draws position-keyed noise"
+    logprobs = filter_logprobs(logits, params)
+    return logprobs + rng.gumbel(position, *logprobs.shape)
+
+
+def fallback_scores(logits: mx.array, params: SamplingParams, rng: TokenRng, position: int) -> mx.array:
+    """choice_scores without top-k / top-p / min-p (when they leave no allowed token): temperature only."""
+    return logits.astype(mx.float32) / params.temperature + rng.gumbel(position, *logits.shape)
 
 
 def make_logits_processors(params: SamplingParams, num_prompt_tokens: int) -> list[LogitsProcessor]:

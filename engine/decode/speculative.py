@@ -20,6 +20,8 @@ from engine.decode.sampling import (
     SamplingParams,
     TokenLogprob,
     TokenRng,
+    choice_scores,
+    fallback_scores,
     filter_logprobs,
     sample,
     to_token_logprobs,
@@ -38,8 +40,10 @@ from engine.model.tree_attention import TreeRows
 
 if TYPE_CHECKING:
     from engine.decode.prefix_cache import PrefixLease
+    from engine.grammar.constraint import Constraint, State
 
 PREFILL_CHUNK = 512
+DRAFT_CANDIDATES = 8  # a draft row whose top token the grammar refuses proposes its best allowed one among these
 TIMING_MODES = (None, "overlap", "split")
 
 
@@ -145,6 +149,18 @@ class _TreePart(NamedTuple):
     spine: mx.array  # (2,) int32: top-1 chain nodes verified, and accepted
 
 
+class _Constrained(NamedTuple):
+    """What a constrained cycle adds to _Cycle: the drafts the grammar allowed, the matcher state before each
+    (states[i]: after the anchor and drafts[:i]), and the verify rows' scores, lazily."""
+
+    drafts: list[int]
+    states: list[State]
+    scores: mx.array  # (k+1, V): argmax of row i is the target's unconstrained token after drafts[:i]
+    logits: mx.array  # (k+1, V) raw target logits (logprobs, and the fallback scores)
+    position: int  # sequence position of the token row 0 chooses
+    cut: bool  # the draft block was cut at a draft the grammar refuses
+
+
 class _Cycle(NamedTuple):
     """A launched cycle: everything lazy except the block size, already in the target cache."""
 
@@ -159,6 +175,7 @@ class _Cycle(NamedTuple):
     launched_at: float  # perf_counter() when the launch returned (timing only)
     chained: bool = False  # launched by _chain, before the previous cycle's sync
     tree: _TreePart | None = None  # a tree cycle (engine/decode/tree.py); None: a chain
+    constrained: _Constrained | None = None  # a cycle under a grammar (structured outputs)
 
 
 class SpeculativeDecoder:
@@ -227,7 +244,7 @@ class SpeculativeDecoder:
             budgets = (tree_budget,)
         else:
             raise ValueError(f"tree_budget must be a positive number of nodes, 'auto' or 0, got {tree_budget!r}")
-        reason = self.target.tree_support()
+        reason = self.target.tree_support() or getattr(self.drafter, "no_trees", None)
         if reason is None and not hasattr(self.drafter, "propose_scores"):
             reason = f"the {self.drafter.name} drafter proposes one continuation: chains only"
         if reason is not None:
@@ -254,6 +271,7 @@ class SpeculativeDecoder:
         max_tokens: int,
         rng: TokenRng,
         prefix: PrefixLease | None = None,
+        constraint: Constraint | None = None,
     ) -> Generator[DecodeStep, None, None]:
         if reason := self.supports(params):
             raise ValueError(reason)
@@ -261,25 +279,17 @@ class SpeculativeDecoder:
             raise ValueError("prompt_ids is empty; speculative decoding needs at least one prompt token")
         if max_tokens <= 0:
             return
+        if constraint is not None:
+            yield from self._generate_constrained(prompt_ids, params, max_tokens, rng, prefix, constraint)
+            return
         self.stats = SpecStats()
         cache = self.target.make_cache()
         launched: list[_Cycle] = []  # in flight, oldest first; two only while width-0 cycles chain
         prefilled = False
         try:
-            first, first_logprobs, prompt_taps = yield from self._prefill(prompt_ids, cache, params, rng, prefix)
+            first, first_logprobs, prompt_taps, _ = yield from self._prefill(prompt_ids, cache, params, rng, prefix)
             prefilled = True
-            self.drafter.begin(prompt_ids, prompt_taps)
-            if prefix is not None:
-                prefix.record([first], prompt_taps)
-            if self.adaptive and self._width is None:
-                # one controller for the decoder's life: what it learned about the drafter and the
-                # costs carries over, so a useless drafter stays cheap from a request's first cycle
-                self._width = self._make_width(cache, prompt_ids[-1])
-            elif self._width is not None:
-                self._width.new_request()
-            self._held = ([], [])
-            self._drafted_last = False
-            self._sync_end = time.perf_counter()
+            self._begin(prompt_ids, prompt_taps, first, cache, prefix)
             num_committed = len(prompt_ids)  # rows in the target cache
             num_emitted = 1
             # the first token goes out before the first cycle is built: on the CPU backend async_eval
@@ -321,6 +331,184 @@ class SpeculativeDecoder:
             if prefix is not None and prefilled:
                 prefix.offer(cache, self.target.cache_length(cache))
 
+    def _begin(self, prompt_ids: list[int], prompt_taps: mx.array | None, first: int, cache: list[Any],
+               prefix: PrefixLease | None) -> None:
+        """After the prefill: the drafter, the prefix record and the width controller start the request."""
+        self.drafter.begin(prompt_ids, prompt_taps)
+        if prefix is not None:
+            prefix.record([first], prompt_taps)
+        if self.adaptive and self._width is None:
+            # one controller for the decoder's life: what it learned about the drafter and the
+            # costs carries over, so a useless drafter stays cheap from a request's first cycle
+            self._width = self._make_width(cache, prompt_ids[-1])
+        elif self._width is not None:
+            self._width.new_request()
+        self._held = ([], [])
+        self._drafted_last = False
+        self._sync_end = time.perf_counter()
+
+    # --- constrained decoding (structured outputs) ------------------------------------------
+    def _generate_constrained(
+        self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, rng: TokenRng,
+        prefix: PrefixLease | None, constraint: Constraint,
+    ) -> Generator[DecodeStep, None, None]:
+        """Speculative decoding under a grammar, lossless for the constrained target.
+
+        Per cycle: the drafts are checked against the matcher and the block is cut at the first one the
+        grammar does not allow (one extra host sync, before the verify forward: no verify rows are spent on
+        drafts that cannot be kept); the target verifies [anchor, allowed drafts]; at the sync, the host
+        walks the rows: row i's token is the constrained choice in the state after drafts[:i]
+        (Constraint.choose: the unconstrained argmax when allowed), a draft is kept while it equals it, and
+        the choice at the first mismatch (or after the last draft) is committed with them. So the output is
+        exactly the constrained plain decoder's, token for token, for greedy and for seeded sampling. The
+        matcher state after the cycle is the kept state snapshot advanced by that one token, the same value
+        as replaying the committed tokens from the start. Trees and chained width-0 cycles are off here (a
+        chained cycle would start from a token the host has not checked yet). Ends after EOS.
+        """
+        self.stats = SpecStats()
+        cache = self.target.make_cache()
+        cycle: _Cycle | None = None
+        prefilled = False
+        try:
+            first, first_logprobs, prompt_taps, state = yield from self._prefill(
+                prompt_ids, cache, params, rng, prefix, constraint)
+            prefilled = True
+            self._begin(prompt_ids, prompt_taps, first, cache, prefix)
+            num_committed = len(prompt_ids)  # rows in the target cache
+            num_emitted = 1
+            constraint.state = state
+            yield DecodeStep([first], first_logprobs)
+            if constraint.finished(state) or max_tokens == 1:
+                return
+            cycle = self._launch_constrained([first], None, max_tokens - 1, cache, params, rng, constraint, state)
+            while cycle is not None:
+                finished, cycle = cycle, None
+                accepted, tokens, logprobs, state = self._finish_constrained(finished, cache, params, rng, constraint)
+                num_committed += accepted + 1
+                assert self.target.cache_length(cache) == num_committed, (
+                    f"target cache holds {self.target.cache_length(cache)} rows, {num_committed} committed")
+                new_taps = None if finished.taps is None else finished.taps[:, : accepted + 1]
+                if prefix is not None:
+                    prefix.record(tokens, new_taps)
+                if len(tokens) > max_tokens - num_emitted:  # the block was sized to reach max_tokens: past it, cut
+                    tokens = tokens[: max_tokens - num_emitted]
+                    state = finished.constrained.states[len(tokens)]  # the snapshot after the kept drafts
+                num_emitted += len(tokens)
+                constraint.state = state
+                done = constraint.finished(state)
+                if num_emitted < max_tokens and not done:  # launched before the yield (sync elision)
+                    cycle = self._launch_constrained(tokens, new_taps, max_tokens - num_emitted, cache, params, rng,
+                                                     constraint, state)
+                shown = min(accepted, len(tokens))
+                yield DecodeStep(tokens, None if logprobs is None else logprobs[: len(tokens)],
+                                 drafted=finished.block - 1, accepted=shown, accepted_positions=tuple(range(shown)))
+        finally:
+            if cycle is not None:  # closed early: drop the verify rows nobody will accept
+                self.target.trim(cache, cycle.block)
+            self.drafter.end()
+            self._held = ([], [])
+            if prefix is not None and prefilled:
+                prefix.offer(cache, self.target.cache_length(cache))
+
+    def _launch_constrained(
+        self, new_tokens: list[int], new_taps: mx.array | None, remaining: int, cache: list[Any],
+        params: SamplingParams, rng: TokenRng, constraint: Constraint, state: State,
+    ) -> _Cycle:
+        """Draft, cut the block at the first draft the grammar refuses, launch the verify (a chain)."""
+        block = min(self.block_size, remaining + 1)
+        width = block - 1 if self._width is None else min(self._width.choose(), block - 1)
+        clock = time.perf_counter()
+        position = self.target.cache_length(cache) + 1  # of the token verify row 0 chooses
+        if width and getattr(self.drafter, "maskable", False):  # the draft's rows, masked by the grammar too
+            tokens_in, taps_in = self._with_held(new_tokens, new_taps)
+            rows = self.drafter.propose_rows(tokens_in, taps_in, block - 1, params, rng, width)  # (width, V)
+            best = mx.argmax(rows, axis=-1)
+            self.stats.syncs += 1
+            k = min(DRAFT_CANDIDATES, rows.shape[-1])
+
+            def candidates(i: int) -> tuple[list[int], list[float]]:  # one row's top k (a sync): rare
+                ids = mx.argpartition(-rows[i], kth=k - 1)[:k]
+                return ids.tolist(), rows[i][ids].tolist()
+
+            num_proposed = width
+            kept, states = constraint.mask_drafts(state, best.tolist(), candidates)  # the draft check's sync
+        else:
+            drafts, _ = self._draft(new_tokens, new_taps, block - 1, width, params, rng)
+            proposed = drafts.tolist() if drafts.size else []  # the draft check's host sync
+            self.stats.syncs += bool(proposed)
+            states = constraint.check_drafts(state, proposed)
+            kept = proposed[: len(states) - 1]
+            num_proposed = len(proposed)
+        draft_s = time.perf_counter() - clock if self.timing == "split" else 0.0
+        clock = time.perf_counter()
+        verify_ids = mx.array([new_tokens[-1], *kept], dtype=mx.int32)
+        logits, taps = self.target(verify_ids[None], cache, taps=self.drafter.needs_taps)
+        logits = logits[0]  # (k+1, V)
+        scores = choice_scores(logits, params, rng, position)
+        top = mx.argmax(scores, axis=-1).astype(mx.int32)  # (k+1,) the unconstrained choices
+        mx.async_eval(top, *([] if taps is None else [taps]))
+        verify_s = self._split_sync([top, taps], clock)
+        launched_at = time.perf_counter() if self.timing else 0.0
+        part = _Constrained(kept, states, scores, logits, position, len(kept) < num_proposed)
+        return _Cycle(len(kept) + 1, width, mx.array(0), top, taps, None, draft_s, verify_s, launched_at,
+                      constrained=part)
+
+    def _finish_constrained(
+        self, cycle: _Cycle, cache: list[Any], params: SamplingParams, rng: TokenRng, constraint: Constraint,
+    ) -> tuple[int, list[int], list[TokenLogprob] | None, State]:
+        """The cycle's sync and the host's acceptance walk; the target cache is trimmed even if it raises."""
+        part = cycle.constrained
+        assert part is not None
+        rejected = cycle.block  # on failure roll the whole block back
+        try:
+            clock = time.perf_counter()
+            self._sync(cycle.tokens, cycle.taps)
+            now = time.perf_counter()
+            top = cycle.tokens.tolist()
+            drafts, states = part.drafts, part.states
+            accepted = 0
+            tokens: list[int] | None = None
+            while True:
+                i = accepted
+                if constraint.finished(states[i]):  # an accepted EOS ends the reply: nothing after it
+                    tokens, state = drafts[:accepted], states[i]
+                    break
+                if i < len(drafts) and top[i] == drafts[i]:  # an allowed draft that is the argmax: the choice
+                    accepted += 1
+                    continue
+                fallback = None
+                if not params.is_greedy:
+                    fallback = lambda i=i: fallback_scores(part.logits[i : i + 1], params, rng, part.position + i)[0]
+                choice, state = constraint.choose(states[i], top[i], part.scores[i], fallback)
+                if i < len(drafts) and choice == drafts[i]:
+                    accepted += 1
+                    continue
+                break
+            if tokens is None:
+                tokens = [*drafts[:accepted], choice]
+            rejected = cycle.block - 1 - accepted
+        finally:
+            self.target.trim(cache, rejected)
+        if self._width is not None:
+            steady = cycle.block == 1 or self._drafted_last
+            # a refused draft counts as verified and rejected: the controller learns where drafts stop being kept
+            verified = cycle.block - 1 + (part.cut and accepted == cycle.block - 1)
+            self._width.update(verified, accepted, (now - self._sync_end) if steady else None)
+        if self.timing is not None:
+            launch_s = cycle.launched_at - self._sync_end
+            self.stats.timings.append(CycleTiming(cycle.draft_s, cycle.verify_s, launch_s, clock - cycle.launched_at,
+                                                  now - clock, now - self._sync_end))
+        self._drafted_last = cycle.block > 1
+        self._sync_end = now
+        self.stats.record(cycle.block - 1, accepted)
+        self.stats.widths.append(cycle.width)
+        self.stats.budgets.append(0)
+        logprobs = None
+        if params.logprobs:
+            chosen = token_logprobs(part.logits[: len(tokens)], mx.array(tokens, dtype=mx.int32), params.top_logprobs)
+            logprobs = self._to_list(tokens, chosen)
+        return accepted, tokens, logprobs, state
+
     def _chain(
         self, cycle: _Cycle, launched: list[_Cycle], remaining: int, cache: list[Any], params: SamplingParams,
         rng: TokenRng,
@@ -358,8 +546,8 @@ class SpeculativeDecoder:
 
     def _prefill(
         self, prompt_ids: list[int], cache: list[Any], params: SamplingParams, rng: TokenRng,
-        prefix: PrefixLease | None,
-    ) -> Generator[DecodeStep, None, tuple[int, list[TokenLogprob] | None, mx.array | None]]:
+        prefix: PrefixLease | None, constraint: Constraint | None = None,
+    ) -> Generator[DecodeStep, None, tuple[int, list[TokenLogprob] | None, mx.array | None, State | None]]:
         """Restore the cached prefix, run the rest with taps; the last token goes alone so only its
         logits are computed.
 
@@ -383,11 +571,21 @@ class SpeculativeDecoder:
         if last_taps is not None:
             taps.append(last_taps)
         last = logits[:, -1]  # (1, V)
-        first = sample(last, params, rng, len(prompt_ids)).astype(mx.int32)  # (1,)
+        prompt_taps = mx.concatenate(taps, axis=1) if taps else None  # (1, P, T*H)
+        state = None
+        if constraint is not None:
+            position = len(prompt_ids)
+            scores = choice_scores(last, params, rng, position)
+            top = mx.argmax(scores, axis=-1)
+            mx.eval(top, prompt_taps)
+            fallback = None if params.is_greedy else (lambda: fallback_scores(last, params, rng, position)[0])
+            token, state = constraint.choose(constraint.state, int(top.item()), scores[0], fallback)
+            first = mx.array([token], dtype=mx.int32)
+        else:
+            first = sample(last, params, rng, len(prompt_ids)).astype(mx.int32)  # (1,)
         logprobs = self._logprobs(last, first, params)
         mx.eval(first, logprobs)
-        prompt_taps = mx.concatenate(taps, axis=1) if taps else None  # (1, P, T*H)
-        return int(first.item()), self._to_list([int(first.item())], logprobs), prompt_taps
+        return int(first.item()), self._to_list([int(first.item())], logprobs), prompt_taps, state
 
     def _launch(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -221,3 +222,16 @@ def _generation_eos_ids(path: Path) -> list[int]:
             continue
         ids += value if isinstance(value, list) else [value] if isinstance(value, int) else []
     return ids
+
+
+@functools.cache
+def byte_decoder() -> dict[str, int]:
+    """GPT-2's printable stand-ins for the 256 byte values, back to the bytes (byte-level BPE pieces)."""
+    visible = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    chars, n = list(visible), 0
+    for b in range(256):
+        if b not in visible:
+            visible.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(visible, chars)}

@@ -145,7 +145,8 @@ class DistributedScheduler(Scheduler):
     def make_rng(self, request: Request) -> TokenRng:
         # the seed rank 0 announced: every rank draws the same numbers, seeded or not
         number = self._number(request)
-        return TokenRng(self._seeds.pop(number), by_position=request.params.seed is not None)
+        return TokenRng(self._seeds.pop(number),
+                        by_position=request.params.seed is not None or request.params.grammar is not None)
 
     # --- the message ----------------------------------------------------------------------
     def _outgoing(self) -> Control:

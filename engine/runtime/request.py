@@ -39,6 +39,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     last_token_time: float | None = None  # for inter-token latency in /metrics
+    constraint: object | None = None  # engine.grammar.constraint.Constraint of a structured-output request
 
     @property
     def num_prompt_tokens(self) -> int:

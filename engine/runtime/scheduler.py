@@ -125,13 +125,30 @@ class Scheduler:
                 return None
         decoder = self.choose_decoder(request)
         args = (request.prompt_ids, request.params, request.max_tokens, self.make_rng(request))
+        kwargs = {}
+        if request.params.grammar is not None:  # structured outputs: the decoder keeps to the grammar
+            try:
+                kwargs["constraint"] = request.constraint = self.make_constraint(request)
+            except Exception as e:  # the HTTP layer compiled it already: only a bug lands here
+                log.exception("request %s: cannot build its constraint", request.request_id)
+                self.emit(request, e)
+                self.emit(request, None)
+                return None
         if self.prefix_cache is None:
-            return Running(request, decoder.generate(*args), Detokenizer(self.tokenizer, request.stop))
+            return Running(request, decoder.generate(*args, **kwargs), Detokenizer(self.tokenizer, request.stop))
         prefix = self.prefix_cache.lease(request.prompt_ids, request.num_stable_prompt_tokens)
-        return Running(request, decoder.generate(*args, prefix=prefix), Detokenizer(self.tokenizer, request.stop), prefix)
+        return Running(request, decoder.generate(*args, prefix=prefix, **kwargs),
+                       Detokenizer(self.tokenizer, request.stop), prefix)
 
     def make_rng(self, request: Request) -> TokenRng:
-        return TokenRng(request.params.seed)
+        # constrained sampling takes the position-keyed noise (exact under a mask: engine/grammar/constraint.py)
+        return TokenRng(request.params.seed, by_position=True if request.params.grammar is not None else None)
+
+    def make_constraint(self, request: Request) -> object:
+        from engine.grammar.constraint import make_constraint
+
+        assert request.params.grammar is not None
+        return make_constraint(request.params.grammar, self.tokenizer, self.eos_token_ids)
 
     def close(self) -> None:
         """The loop has ended (engine shutdown); nothing to release in one process."""

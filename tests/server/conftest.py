@@ -31,8 +31,10 @@ class RecordingDecoder(ScriptedDecoder):
         self.prompts: list[list[int]] = []
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
-                 rng: TokenRng) -> Generator[DecodeStep, None, None]:
+                 rng: TokenRng, constraint: object = None) -> Generator[DecodeStep, None, None]:
+        """A constraint is ignored: the script is said as it is."""
         self.prompts.append(list(prompt_ids))
+        self.params = params
         yield from super().generate(prompt_ids, params, max_tokens, rng)
 
 

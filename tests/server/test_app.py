@@ -166,10 +166,15 @@ BAD = [
     ({"messages": MSG, "top_logprobs": 50, "logprobs": True}, "top_logprobs"),
     ({"messages": MSG, "stream": "yes"}, "stream"),
     ({"messages": MSG, "stop": ["a"] * 40}, "stop"),
-    ({"messages": MSG, "response_format": {"type": "json_object"}}, None),
+    ({"messages": MSG, "response_format": {"type": "yaml"}}, "response_format"),
+    ({"messages": MSG, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ({"messages": MSG, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "string", "pattern": "a+"}}}}, "response_format"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
-    ({"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"},
-     "tool_choice"),
+    ({"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+    ({"messages": MSG, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"oneOf": []}}}],
+      "tool_choice": "required"}, "tool_choice"),
     ({"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "sometimes"},
      "tool_choice"),
     ({"messages": "hello"}, "messages"),
@@ -214,13 +219,28 @@ def test_tools_on_a_template_without_tools_are_left_out(client: TestClient) -> N
     assert plain.headers.get("x-dflash-tools-ignored") is None
 
 
-def test_a_forced_tool_call_on_a_template_without_tools_is_400(client: TestClient) -> None:
-    tools = [{"type": "function", "function": {"name": "f"}}]
+def test_a_forced_tool_call_on_a_template_without_tools_is_constrained_to_the_call(client: TestClient) -> None:
+    """The tools go into a system message and the reply is constrained to the call (tests/server/
+    test_structured_outputs.py checks the real model's arguments against the schema)."""
+    parameters = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+                  "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": parameters}},
+             {"type": "function", "function": {"name": "g", "parameters": {"type": "object", "properties": {},
+                                                                             "additionalProperties": False}}}]
+    calls = 0
     for choice in ("required", {"type": "function", "function": {"name": "f"}}):
-        r = client.post("/v1/chat/completions", json={"messages": MSG, "tools": tools, "tool_choice": choice})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
-        message = r.json()["error"]["message"]
-        assert "does not support tools" in message and '"auto"' in message and "--chat-template" in message
+        body = {"messages": MSG, "tools": tools, "tool_choice": choice, "max_tokens": 110, "temperature": 0}
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert "x-dflash-tools-ignored" not in r.headers
+        choice_ = r.json()["choices"][0]
+        if choice_["finish_reason"] == "length":  # the random model may not finish inside max_tokens
+            continue
+        (call,) = choice_["message"]["tool_calls"]
+        assert choice_["finish_reason"] == "tool_calls" and choice_["message"]["content"] is None
+        assert call["function"]["name"] in ("f", "g") and isinstance(json.loads(call["function"]["arguments"]), dict)
+        calls += 1
+    assert calls
 
 
 def test_a_tool_exchange_in_history_renders_as_text_without_tool_support(client: TestClient) -> None:

@@ -58,7 +58,7 @@ class ScriptedDecoder:
         self.script = ""
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
-                 rng: TokenRng) -> Generator[DecodeStep, None, None]:
+                 rng: TokenRng, constraint: object = None) -> Generator[DecodeStep, None, None]:
         ids = self.tokenizer.encode(self.script) + [self.tokenizer.hf.convert_tokens_to_ids("<|im_end|>")]
         for token in ids[:max_tokens]:
             yield DecodeStep([token], None)

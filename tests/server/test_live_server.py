@@ -71,8 +71,12 @@ def test_tools_get_a_normal_answer_from_the_embedded_model(server: LiveServer) -
     r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200 and r.headers["x-dflash-tools-ignored"] == "true"
     assert "Paris" in r.json()["choices"][0]["message"]["content"]
-    r = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "tool_choice": "required"}, timeout=60)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+    # a forced call: the tools go into a system message and the reply is constrained to the call
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "tool_choice": "required", "max_tokens": 100},
+                   timeout=60)
+    assert r.status_code == 200 and "x-dflash-tools-ignored" not in r.headers
+    (call,) = r.json()["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "search_web" and isinstance(json.loads(call["function"]["arguments"]), dict)
     assert server.logs().count("does not support tools") == 1  # logged once per process
 
 

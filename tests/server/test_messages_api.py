@@ -193,9 +193,13 @@ def test_tools_on_a_template_without_tools(tiny_serving: ServingModel) -> None:
                  {"role": "user", "content": "Result from get_time:\n12:00"}]
         same = c.post("/v1/chat/completions", json={"messages": turns, "max_tokens": 2})
         assert r.json()["usage"]["input_tokens"] == same.json()["usage"]["prompt_tokens"]
-        r = c.post("/v1/messages", json={"max_tokens": 2, "messages": HI, "tools": TOOLS,
+        # a forced call: described in a system message, the reply constrained to it (a random model: it may
+        # not finish inside max_tokens, and then the cut call is text)
+        r = c.post("/v1/messages", json={"max_tokens": 150, "messages": HI, "tools": TOOLS, "temperature": 0,
                                          "tool_choice": {"type": "any"}})
-        assert r.status_code == 400 and "does not support tools" in r.json()["error"]["message"]
+        assert r.status_code == 200 and "x-dflash-tools-ignored" not in r.headers
+        if r.json()["stop_reason"] == "tool_use":
+            assert r.json()["content"][-1]["type"] == "tool_use"
 
 
 BAD = [

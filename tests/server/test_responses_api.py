@@ -239,7 +239,9 @@ BAD = [
     ({}, None),
     ({"input": []}, None),
     ({"input": 5}, "input"),
-    ({"input": "Hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "text.format"),
+    ({"input": "Hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"not": {}}}}}, "text.format"),
+    ({"input": "Hi", "text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
+    ({"input": "Hi", "text": {"format": {"type": "yaml"}}}, "text.format"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]}, "input"),
     ({"input": [{"role": "wizard", "content": "x"}]}, "input"),
     ({"input": [{"type": "function_call_output", "output": "x"}]}, "input"),
@@ -259,18 +261,29 @@ def test_bad_input_is_an_openai_400(tool_client: TestClient, body: dict, param: 
     assert_openai_400(tool_client.post("/v1/responses", json=body), param)
 
 
-def test_text_format_other_than_text_is_a_400_naming_it(sdk: OpenAI, tool_decoder: RecordingDecoder) -> None:
-    """Structured outputs are not built: json_schema and json_object are refused, never silently ignored."""
-    schema = {"type": "json_schema", "name": "city", "schema": {"type": "object"}, "strict": True}
-    for fmt in (schema, {"type": "json_object"}):
-        with pytest.raises(openai.BadRequestError) as e:
-            sdk.responses.create(model="scripted", input="Hi", text={"format": fmt})
-        assert e.value.param == "text.format" and e.value.code is None
-        assert e.value.body["message"].startswith(f"text.format: format type {fmt['type']!r} is not supported")
-        assert "structured outputs" in e.value.body["message"]
+def test_text_format_json_schema_constrains_the_reply(sdk: OpenAI, tool_decoder: RecordingDecoder) -> None:
+    """json_schema and json_object become the chat route's response_format: the engine request carries the
+    grammar (the scripted decoder says its script whatever it is), the response echoes the format, and a
+    schema the server cannot enforce is a 400 naming text.format and the keyword."""
+    from engine.grammar.constraint import json_object_spec, json_schema_spec
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+              "additionalProperties": False}
+    tool_decoder.script = '{"city": "Paris"}'
+    fmt = {"type": "json_schema", "name": "city", "schema": schema, "strict": True}
+    r = sdk.responses.create(model="scripted", input="Hi", text={"format": fmt})
+    assert json.loads(r.output_text) == {"city": "Paris"}
+    assert tool_decoder.params.grammar == json_schema_spec(schema)
+    assert r.text.format.type == "json_schema" and r.text.format.name == "city"
+    r = sdk.responses.create(model="scripted", input="Hi", text={"format": {"type": "json_object"}})
+    assert tool_decoder.params.grammar == json_object_spec() and r.text.format.type == "json_object"
+    with pytest.raises(openai.BadRequestError) as e:
+        sdk.responses.create(model="scripted", input="Hi", text={"format": {**fmt, "schema": {
+            "type": "object", "properties": {"city": {"type": "string", "pattern": "^P"}}}}})
+    assert e.value.param == "text.format" and "'pattern'" in e.value.body["message"]
     tool_decoder.script = "Plain."
     r = sdk.responses.create(model="scripted", input="Hi", text={"format": {"type": "text"}})
-    assert r.output_text == "Plain." and r.text.format.type == "text"
+    assert r.output_text == "Plain." and r.text.format.type == "text" and tool_decoder.params.grammar is None
 
 
 def test_sdk_errors(sdk: OpenAI) -> None:

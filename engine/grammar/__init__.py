@@ -1,0 +1,1 @@
+"""Structured outputs: JSON Schema compiled to a byte-level pushdown matcher, and token constraints over it."""
