@@ -77,6 +77,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--list-configs", action="store_true", help="show the known target/draft pairs and exit")
     p.add_argument("--config", type=Path, help="TOML config file (default: configs/default.toml)")
     p.add_argument("--max-waiting", type=int, help="queued requests before 503 (default 64)")
+    p.add_argument("--max-batch", "--max-running", dest="max_batch", type=int, metavar="N",
+                   help="requests decoded at once: a lone request decodes speculatively, several in batched "
+                        "plain steps (default 8; 1: one at a time, first come first served)")
     p.add_argument("--prefix-cache-bytes", type=byte_size, metavar="N[K|M|G]",
                    help="memory for cached prompt prefixes, reused across requests (default: 10%% of RAM, at most 4G)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None,
@@ -118,6 +121,7 @@ def build_config(args: argparse.Namespace) -> "ServerConfig":
         dequantize=args.dequantize, served_model_name=args.served_model_name,
         chat_template=args.chat_template, reasoning=args.reasoning, host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get("DFLASH_API_KEY") or None, max_waiting=args.max_waiting,
+        max_batch=args.max_batch,
         log_level=args.log_level, cors_origins=args.cors_origins,
         allowed_hosts=args.allowed_hosts or comma_list(os.environ.get("DFLASH_ALLOWED_HOSTS", "")) or None,
         drain_timeout_seconds=args.drain_timeout, prefix_cache=args.prefix_cache,

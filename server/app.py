@@ -135,7 +135,10 @@ class Routes:
             "model": self.model_name,
             "drafter": served.drafter,
             "backend": served.backend,
+            "running": engine.scheduler.num_running if engine.scheduler else 0,
             "waiting": engine.scheduler.num_waiting if engine.scheduler else 0,
+            "batching": served.batching,
+            "max_batch": served.max_batch,
             "prefix_cache": prefix_cache_health(served.prefix_cache),
             "tensor_parallel": engine.scheduler.group_health() if engine.scheduler else None,
         })

@@ -58,9 +58,8 @@ class Metrics:
         if scheduler is None:  # still loading: no engine series yet
             return
         model = self.model_name or self.engine.model.model_id
-        running = 1 if scheduler.running is not None else 0
-        yield gauge("num_requests_running", "Requests being decoded (DFlash decodes one at a time).", model, running)
-        yield gauge("num_requests_waiting", "Requests queued behind the running one.", model, scheduler.num_waiting)
+        yield gauge("num_requests_running", "Requests being decoded or prefilled.", model, scheduler.num_running)
+        yield gauge("num_requests_waiting", "Requests queued behind the running ones.", model, scheduler.num_waiting)
         yield from stats_families(scheduler.stats, model)
         if scheduler.prefix_cache is not None:
             yield from prefix_cache_families(scheduler.prefix_cache, model)
@@ -91,6 +90,15 @@ def stats_families(stats: SchedulerStats, model: str) -> Iterator[Metric]:
                     stats.inter_token_latency)
     yield histogram("e2e_request_latency_seconds", "Arrival to finish.", model, stats.e2e_request_latency)
     yield from speculative_families(stats, model)
+    yield from batch_families(stats, model)
+
+
+def batch_families(stats: SchedulerStats, model: str) -> Iterator[Metric]:
+    # tokens per batched step = batch_tokens / batch_steps; a lone request's steps are not counted here
+    yield counter("batch_steps", "Batched decode steps (one target forward for every running request).", model,
+                  stats.num_batch_steps)
+    yield counter("batch_tokens", "Tokens produced by batched decode steps.", model, stats.num_batch_tokens)
+    yield histogram("batch_size", "Requests decoded per batched step.", model, stats.batch_size)
 
 
 def speculative_families(stats: SchedulerStats, model: str) -> Iterator[Metric]:

@@ -40,6 +40,8 @@ def speculative_dict(usage: Usage) -> dict[str, Any]:
     }
     if usage.fallback_reason:
         speculative["fallback_reason"] = usage.fallback_reason
+    if usage.batched_tokens:
+        speculative["batched_tokens"] = usage.batched_tokens
     return speculative
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.models.cache import KVCache
 
 from engine.decode.cache_snapshot import (
     CacheSnapshot,
@@ -167,6 +168,19 @@ class PrefixCache:
         self.nbytes = total
 
 
+@dataclass
+class Resume:
+    """A request's own rows, for the decoder it continues in: the first `length` tokens of its lease."""
+
+    cache: list[Any]  # KVCache per layer holding exactly `length` rows
+    taps: mx.array | None  # (1, length, T*H) when it was decoded with taps
+    num_cached_tokens: int  # what its first restore took from the prefix cache (its usage keeps saying so)
+
+    @property
+    def length(self) -> int:
+        return int(self.cache[0].offset)
+
+
 class PrefixLease:
     """One request's use of the prefix cache, driven by its decoder; the scheduler commits it or drops it.
 
@@ -174,13 +188,20 @@ class PrefixLease:
     `cut` (recurrent targets) so reached() can copy the states there; record() follows the tokens and
     taps of committed rows; offer() hands over the cache when the decoder ends. Only a request that
     finished (stop or length) is committed, so a failed or cancelled one leaves nothing.
+    A lease is also how a request moves between decoders (engine/runtime/batch_scheduler.py): a lone
+    decoder's offer becomes a batch row's cache, and a row handed back restores its own rows (`resume`)
+    instead of looking anything up; with no store (no prefix cache) it only carries caches over.
     """
 
-    def __init__(self, store: PrefixCache, prompt_ids: list[int], boundary: int | None) -> None:
-        self.store = store
+    def __init__(
+        self, store: PrefixCache | None, prompt_ids: list[int], boundary: int | None, *,
+        resume: Resume | None = None,
+    ) -> None:
+        self.store = store  # None: nothing is looked up or committed; the lease only carries a cache over
         self.prompt_ids = prompt_ids
         self.boundary = boundary  # the prompt before its generation header: where the next turn diverges
-        self.num_cached_tokens = 0
+        self.resume = resume  # restored instead of a lookup: a request moving between decoders
+        self.num_cached_tokens = 0 if resume is None else resume.num_cached_tokens
         self.cut: int | None = None  # a prefill chunk ends here and the recurrent states are copied
         self.tap_layers: tuple[int, ...] = ()
         self.tokens: list[int] = list(prompt_ids)  # the prompt, then every emitted token
@@ -191,7 +212,9 @@ class PrefixLease:
     def restore(self, cache: list[Any], tap_layers: tuple[int, ...] = ()) -> tuple[int, mx.array | None]:
         """Fill `cache` with the longest stored prefix; returns its length and, with tap_layers, its taps."""
         self.tap_layers = tap_layers
-        hit = self.store.lookup(self.prompt_ids, tap_layers)
+        if self.resume is not None:
+            return self._restore_resumed(cache, tap_layers)
+        hit = None if self.store is None else self.store.lookup(self.prompt_ids, tap_layers)
         taps = None
         if hit is not None:
             entry, n = hit
@@ -203,6 +226,16 @@ class PrefixLease:
         if has_recurrent_layers(cache) and b is not None and self.num_cached_tokens < b < len(self.prompt_ids):
             self.cut = b
         return self.num_cached_tokens, taps
+
+    def _restore_resumed(self, cache: list[Any], tap_layers: tuple[int, ...]) -> tuple[int, mx.array | None]:
+        """The rows a request already has (engine/decode/batch.py hands a row back): adopted, not copied."""
+        resume, self.resume = self.resume, None
+        assert resume is not None and len(resume.cache) == len(cache)
+        assert not tap_layers or resume.taps is not None, "a resumed DFlash request needs the taps of its rows"
+        for c, rows in zip(cache, resume.cache):
+            assert type(c) is KVCache and type(rows) is KVCache, "only attention caches move between decoders"
+            c.keys, c.values, c.offset = rows.keys, rows.values, rows.offset
+        return resume.length, resume.taps if tap_layers else None
 
     def reached(self, length: int, cache: list[Any]) -> None:
         """A prefill chunk ended at `length` (its cache state evaluated)."""

@@ -4,12 +4,15 @@ MLX's CPU `mx.fast.rope` rebuilds its angles with scalar transcendental calls on
 calls of a SmolLM2-135M forward (context 300, 2 cores, MLX 0.32.4) took 6.9 ms of a 40 ms decode
 step and 9.7 ms at 16 rows. Slicing a table computed once (in float64, so at least as exact) and
 rotating with one compiled kernel took 2.3 and 3.4 ms. Like engine/model/transposed.py it is a swap of an
-exact type (nn.RoPE) at load time; any other call (array offsets, other widths) goes to mx.fast.rope.
+exact type (nn.RoPE) at load time. A batch's per-row offsets (an array) read the same table inside
+positions_below(); any other call (other widths, dtypes) goes to mx.fast.rope.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -53,6 +56,21 @@ class _Table:
 
 
 _tables: dict[tuple[int, float, float], _Table] = {}
+_bound: int | None = None  # set by positions_below(): array offsets read the table only inside it
+
+
+@contextmanager
+def positions_below(bound: int) -> Iterator[None]:
+    """While open, array offsets (a batch's per-row positions) read the table, which covers [0, bound).
+
+    The caller vouches for the bound (a BatchKVCache's write index): checking the offsets would sync.
+    """
+    global _bound
+    previous, _bound = _bound, bound
+    try:
+        yield
+    finally:
+        _bound = previous
 
 
 class TableRoPE(nn.Module):
@@ -69,9 +87,16 @@ class TableRoPE(nn.Module):
         return f"{self.dims}, traditional={self.traditional}, base={self.base}, scale={self.scale}, table"
 
     def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
-        if type(offset) is not int or x.shape[-1] != self.dims or x.dtype != mx.float32:
+        if x.shape[-1] != self.dims or x.dtype != mx.float32:
             return self._fast(x, offset)
-        return self._rotate(x, *self._table.rows(offset, x.shape[-2]))  # (L, D/2) each
+        if type(offset) is int:
+            return self._rotate(x, *self._table.rows(offset, x.shape[-2]))  # (L, D/2) each
+        if _bound is not None and x.ndim == 4 and offset.shape == (x.shape[0],):
+            # a batch's per-row offsets (mlx-lm's BatchKVCache): the same table rows a lone row reads
+            self._table.rows(0, _bound)  # grows the table to cover every position of the batch
+            positions = offset[:, None] + mx.arange(x.shape[-2])  # (B, L)
+            return self._rotate(x, self._table.cos[positions][:, None], self._table.sin[positions][:, None])
+        return self._fast(x, offset)
 
     def rotate_at(self, x: mx.array, positions: mx.array, end: int) -> mx.array:
         """Each row of x (..., T, D) at its own position, positions (T,) < end: a tree verify's rows."""

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 import mlx.core as mx
 
 from engine.model import progress
+from engine.runtime.batch_scheduler import BatchScheduler
 from engine.runtime.request import Request, RequestOutput
 from engine.runtime.scheduler import EngineBusy, Scheduler
 from engine.runtime.serving_model import ServingModel
@@ -29,10 +30,12 @@ class AsyncEngine:
     POLL_SECONDS = 1.0  # how often a waiting request checks that the MLX thread is alive
 
     def __init__(
-        self, load: Callable[[], ServingModel], *, max_waiting: int, make_scheduler: Callable[..., Scheduler] = Scheduler
+        self, load: Callable[[], ServingModel], *, max_waiting: int,
+        make_scheduler: Callable[..., Scheduler] | None = None,
     ) -> None:
         self._load = load
         self._make_scheduler = make_scheduler  # a tensor-parallel group's rank 0 passes DistributedScheduler
+        # (None: Scheduler, or BatchScheduler when the model batches)
         self.max_waiting = max_waiting
         self.model: ServingModel | None = None
         self.scheduler: Scheduler | None = None
@@ -80,10 +83,13 @@ class AsyncEngine:
         try:
             with progress.logging_redirected():  # a log line during loading must not land mid-bar
                 self.model = self._load()
-            self.scheduler = self._make_scheduler(
+            make, batching = self._make_scheduler or Scheduler, {}
+            if self._make_scheduler is None and self.model.batch is not None:
+                make, batching = BatchScheduler, {"batch": self.model.batch, "max_batch": self.model.max_batch}
+            self.scheduler = make(
                 self.model.plain, self.model.speculative, self.model.tokenizer,
                 self.model.tokenizer.eos_token_ids, self._emit, max_waiting=self.max_waiting,
-                prefix_cache=self.model.prefix_cache,
+                prefix_cache=self.model.prefix_cache, **batching,
             )
         except BaseException as e:
             self.error = e

@@ -36,6 +36,7 @@ class EngineConfig:
     dequantize: str = "auto"  # auto | yes | no: fp32 weights are faster on the CPU backend
     prefill_chunk: int = 512
     max_waiting: int = 64  # queued requests beyond this get 503 + Retry-After
+    max_batch: int = 8  # requests decoded at once (continuous batching); 1: one at a time, FIFO
     default_max_tokens: int = 4096
     default_temperature: float = 1.0  # OpenAI's default when a request omits it
     context_length: int | None = None  # None: the model's own
@@ -53,6 +54,8 @@ class EngineConfig:
             raise ValueError(f"drafter must be dflash or ngram, got {self.drafter!r}")
         if self.max_waiting < 0 or self.prefill_chunk < 1 or self.default_max_tokens < 1:
             raise ValueError("max_waiting, prefill_chunk and default_max_tokens must be positive")
+        if type(self.max_batch) is not int or self.max_batch < 1:
+            raise ValueError(f"max_batch must be a number of requests >= 1, got {self.max_batch!r}")
         if self.tree_budget != "auto" and (type(self.tree_budget) is not int or self.tree_budget < 0):
             raise ValueError(f"tree_budget must be a number of nodes >= 0 or 'auto', got {self.tree_budget!r}")
         if self.prefix_cache_bytes is not None and self.prefix_cache_bytes < 0:

@@ -32,6 +32,7 @@ class Request:
     num_verify_steps: int = 0
     num_drafted_tokens: int = 0
     num_accepted_tokens: int = 0
+    num_batched_tokens: int = 0  # produced by batched steps, next to other requests (plain decoding)
     decoder: str = ""
     fallback_reason: str | None = None
     finish_reason: FinishReason | None = None
@@ -63,6 +64,7 @@ class Request:
             decoder=self.decoder,
             fallback_reason=self.fallback_reason,
             cached_tokens=self.num_cached_tokens,
+            batched_tokens=self.num_batched_tokens,
         )
 
 
@@ -75,6 +77,7 @@ class Usage(NamedTuple):
     decoder: str
     fallback_reason: str | None
     cached_tokens: int = 0
+    batched_tokens: int = 0
 
 
 class RequestOutput(NamedTuple):

@@ -1,4 +1,7 @@
-"""The MLX thread's loop: FIFO admission, one running request, routing of committed tokens."""
+"""The MLX thread's loop: FIFO admission, one running request, routing of committed tokens.
+
+engine/runtime/batch_scheduler.py extends it to several running requests (continuous batching).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +11,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import Any
 
 from engine.decode.decoder import Decoder, DecodeStep
 from engine.decode.prefix_cache import PrefixCache, PrefixLease
 from engine.decode.sampling import TokenRng
 from engine.runtime.detokenizer import Decodes, Detokenizer
-from engine.runtime.histogram import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS, Histogram
+from engine.runtime.histogram import BATCH_BUCKETS, E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS, Histogram
 from engine.runtime.request import FinishReason, Request, RequestOutput
 
 log = logging.getLogger("dflash.scheduler")
@@ -26,12 +30,14 @@ class EngineBusy(RuntimeError):
     """The waiting queue is full; the HTTP layer answers 503 with Retry-After."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Running:
     request: Request
-    stream: Generator[DecodeStep, None, None]
+    stream: Generator[DecodeStep, None, None] | None  # None: a batched row between steps
     detokenizer: Detokenizer
     prefix: PrefixLease | None = None
+    rng: TokenRng | None = None  # kept for the request's life: a request may change decoders
+    row: Any = None  # engine.decode.batch.Row while it decodes in a batch
 
 
 class Scheduler:
@@ -77,8 +83,7 @@ class Scheduler:
     def abort_all(self) -> int:
         """Shutdown: cancel the running and every waiting request; each ends with finish_reason abort."""
         with self.wakeup:
-            running = self.running
-            requests = [*([running.request] if running else []), *self.waiting]
+            requests = [*(r.request for r in self.in_flight()), *self.waiting]
             for request in requests:
                 request.cancelled = True
             self.wakeup.notify()
@@ -87,6 +92,14 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.in_flight())
+
+    def in_flight(self) -> list[Running]:
+        """Requests started and not finished."""
+        return [] if self.running is None else [self.running]
 
     # --- the MLX thread ----------------------------------------------------------------
     def step(self) -> bool:
@@ -104,7 +117,7 @@ class Scheduler:
 
     def wait_for_work(self, timeout: float) -> None:
         with self.wakeup:
-            if self.running is None and not self.waiting:
+            if not self.in_flight() and not self.waiting:
                 self.wakeup.wait(timeout)
 
     def schedule(self) -> Running | None:
@@ -124,7 +137,8 @@ class Scheduler:
             else:
                 return None
         decoder = self.choose_decoder(request)
-        args = (request.prompt_ids, request.params, request.max_tokens, self.make_rng(request))
+        rng = self.make_rng(request)
+        args = (request.prompt_ids, request.params, request.max_tokens, rng)
         kwargs = {}
         if request.params.grammar is not None:  # structured outputs: the decoder keeps to the grammar
             try:
@@ -134,11 +148,16 @@ class Scheduler:
                 self.emit(request, e)
                 self.emit(request, None)
                 return None
+        detokenizer = Detokenizer(self.tokenizer, request.stop)
+        prefix = self.lease(request)
+        if prefix is None:
+            return Running(request, decoder.generate(*args, **kwargs), detokenizer, rng=rng)
+        return Running(request, decoder.generate(*args, prefix=prefix, **kwargs), detokenizer, prefix, rng)
+
+    def lease(self, request: Request) -> PrefixLease | None:
         if self.prefix_cache is None:
-            return Running(request, decoder.generate(*args, **kwargs), Detokenizer(self.tokenizer, request.stop))
-        prefix = self.prefix_cache.lease(request.prompt_ids, request.num_stable_prompt_tokens)
-        return Running(request, decoder.generate(*args, prefix=prefix, **kwargs),
-                       Detokenizer(self.tokenizer, request.stop), prefix)
+            return None
+        return self.prefix_cache.lease(request.prompt_ids, request.num_stable_prompt_tokens)
 
     def make_rng(self, request: Request) -> TokenRng:
         # constrained sampling takes the position-keyed noise (exact under a mask: engine/grammar/constraint.py)
@@ -220,8 +239,8 @@ class Scheduler:
         error: BaseException | None = None,
     ) -> None:
         request = running.request
-        self.running = None
-        running.stream.close()  # runs the decoder's `finally` (cache rewind, buffers)
+        keep = error is None and reason is not FinishReason.ABORT
+        self.release(running, keep=keep)
         if error is not None:
             self.emit(request, error)
         else:
@@ -232,11 +251,18 @@ class Scheduler:
             self.emit(request, RequestOutput(text, token_ids or [], logprobs, reason, request.usage()))
             self.stats.record_request(request)
         self.emit(request, None)
-        if running.prefix is not None and error is None and reason is not FinishReason.ABORT:
+        if running.prefix is not None and keep:
             self.store_prefix(running.prefix)
+
+    def release(self, running: Running, *, keep: bool) -> None:
+        """A finished request stops decoding; with `keep` its cache is offered to its lease."""
+        self.running = None
+        running.stream.close()  # runs the decoder's `finally` (cache rewind, buffers, the offer)
 
     def store_prefix(self, prefix: PrefixLease) -> None:
         # after the reply is out: the copy delays the next request, not this one
+        if self.prefix_cache is None:
+            return
         try:
             self.prefix_cache.commit(prefix)
         except Exception:  # a failed copy (memory) loses an entry, not the server
@@ -245,11 +271,9 @@ class Scheduler:
     def fail_all(self, error: BaseException) -> None:
         """The engine is going down: every request still here gets the error."""
         with self.wakeup:
-            pending = list(self.waiting)
+            pending = [*(r.request for r in self.in_flight()), *self.waiting]
             self.waiting.clear()
-        if self.running is not None:
-            pending.insert(0, self.running.request)
-            self.running = None
+        self.running = None
         for request in pending:
             self.emit(request, error)
             self.emit(request, None)
@@ -271,6 +295,9 @@ class SchedulerStats:
         self.time_to_first_token = Histogram(TTFT_BUCKETS)
         self.inter_token_latency = Histogram(ITL_BUCKETS)
         self.e2e_request_latency = Histogram(E2E_BUCKETS)
+        self.num_batch_steps = 0  # batched forwards (engine/runtime/batch_scheduler.py)
+        self.num_batch_tokens = 0  # tokens they produced
+        self.batch_size = Histogram(BATCH_BUCKETS)  # rows per batched forward
 
     def record_cycle(self, decoded: DecodeStep) -> None:
         self.num_drafts += 1
@@ -280,6 +307,11 @@ class SchedulerStats:
             while len(self.accepted_per_position) <= pos:
                 self.accepted_per_position.append(0)
             self.accepted_per_position[pos] += 1
+
+    def record_batch(self, rows: int, tokens: int) -> None:
+        self.num_batch_steps += 1
+        self.num_batch_tokens += tokens
+        self.batch_size.observe(rows)
 
     def record_tokens(self, request: Request, num_tokens: int) -> None:
         """Latencies of a step that committed `num_tokens`; a speculative step's interval is split evenly."""

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 
 from engine.backend.attention_kernel import default_kernel as default_attention_kernel
+from engine.decode.batch import BatchDecoder
 from engine.decode.decoder import Decoder
 from engine.decode.plain_decoder import PlainDecoder
 from engine.decode.prefix_cache import PrefixCache
@@ -35,6 +36,9 @@ class ServingModel:
     backend: str
     description: str
     prefix_cache: PrefixCache | None = None  # None: every request prefills its whole prompt
+    batch: BatchDecoder | None = None  # None: one request at a time (FIFO)
+    max_batch: int = 1  # requests decoded at once
+    batching: str = "off"  # what /health says about batching
 
     @classmethod
     def load(cls, config: EngineConfig, group: mx.distributed.Group | None = None) -> ServingModel:
@@ -58,6 +62,7 @@ class ServingModel:
         speculative, drafter = build_speculative(loaded, config, learn_overheads=not lockstep)
         if speculative is not None and default_attention_kernel().kernel is not None:
             warm_up(speculative)
+        batch, batching = build_batch(loaded.model, speculative, config, lockstep)
         return cls(
             model_id=loaded.model_id,
             tokenizer=loaded.tokenizer,
@@ -68,7 +73,23 @@ class ServingModel:
             backend=describe_backend() + (f", tensor parallel over {group.size()} ranks" if lockstep else ""),
             description=loaded.description,
             prefix_cache=None if lockstep else build_prefix_cache(loaded.model, config),
+            batch=batch,
+            max_batch=config.max_batch if batch is not None else 1,
+            batching=batching,
         )
+
+
+def build_batch(model: object, speculative: SpeculativeDecoder | None, config: EngineConfig, lockstep: bool
+                ) -> tuple[BatchDecoder | None, str]:
+    """The batched decoder for --max-batch N > 1, and what /health says about it."""
+    if config.max_batch < 2:
+        return None, "off (--max-batch 1)"
+    reason = "not under tensor parallel yet" if lockstep else BatchDecoder.unsupported(model)
+    if reason is not None:
+        log.warning("requests run one at a time: %s", reason)
+        return None, f"off ({reason})"
+    target = None if speculative is None else speculative.target  # taps: a lone row goes back to the drafter
+    return BatchDecoder(model, target=target, prefill_chunk=config.prefill_chunk), f"up to {config.max_batch} requests"
 
 
 def build_prefix_cache(model: object, config: EngineConfig) -> PrefixCache | None:

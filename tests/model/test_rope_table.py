@@ -17,7 +17,7 @@ from tiny_models import (
 )
 
 from engine.model.fused import fuse_projections
-from engine.model.rope_table import TableRoPE, use_table_rope
+from engine.model.rope_table import TableRoPE, positions_below, use_table_rope
 
 PROMPT = [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 3, 2, 3, 8, 4]
 
@@ -59,6 +59,21 @@ def test_other_calls_go_to_mlx() -> None:
     assert mx.array_equal(table(half, offset=3), rope(half, offset=3)).item()  # not float32
     partial = nn.RoPE(8, traditional=True, base=1e4)  # rotates only the first 8 of 16 features
     assert mx.array_equal(TableRoPE(partial)(x, offset=3), partial(x, offset=3)).item()
+
+
+@pytest.mark.parametrize("traditional", [True, False])
+def test_a_batch_of_offsets_reads_each_rows_table_rows(traditional: bool) -> None:
+    """Inside positions_below(), per-row array offsets (a BatchKVCache's) rotate each row exactly as a lone
+    row at its int offset does (engine/decode/batch.py relies on it); outside, they go to mx.fast.rope."""
+    rope = nn.RoPE(64, traditional=traditional, base=1e4)
+    table = TableRoPE(rope)
+    x = mx.random.normal((3, 5, 2, 64), key=mx.random.key(1))
+    offsets = [0, 4700, 37]  # past the table's first 4096 rows: positions_below grows it
+    with positions_below(4702):
+        batched = table(x, offset=mx.array(offsets))
+    rows = mx.concatenate([table(x[i : i + 1], offset=o) for i, o in enumerate(offsets)])
+    assert mx.array_equal(batched, rows).item()
+    assert mx.array_equal(table(x, offset=mx.array(offsets)), rope(x, offset=mx.array(offsets))).item()
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.decode.batch import BatchDecoder
 from engine.runtime.async_engine import AsyncEngine
 from engine.runtime.config import EngineConfig, ServerConfig
 from engine.runtime.histogram import Histogram
@@ -112,3 +115,22 @@ def test_speculative_counters_with_ngram_drafter() -> None:
     per_pos = [value(samples, "dflash:spec_decode_num_accepted_tokens_per_pos_total", position=str(i)) for i in range(16)]
     assert sum(per_pos) == accepted
     assert per_pos == sorted(per_pos, reverse=True)  # position i is accepted only after 0..i-1
+
+
+def test_batching_gauges_and_histogram(tiny_serving: ServingModel) -> None:
+    batching = dataclasses.replace(tiny_serving, batch=BatchDecoder(tiny_serving.plain.model, prefill_chunk=32),
+                                   max_batch=4, batching="up to 4 requests")
+    body = {"messages": MSG, "max_tokens": 12, "temperature": 0, "logit_bias": {"2": -100}}  # no early EOS
+    with make_client(batching) as c:
+        before = scrape(c)
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(lambda _: c.post("/v1/chat/completions", json=body).json(), range(4)))
+        after = scrape(c)
+        health = c.get("/health").json()
+    assert health["batching"] == "up to 4 requests" and health["max_batch"] == 4 and health["running"] == 0
+    steps = delta(before, after, "dflash:batch_steps_total")
+    batched = sum(r["usage"]["speculative"].get("batched_tokens", 0) for r in replies)
+    assert steps > 0 and delta(before, after, "dflash:batch_size_count") == steps
+    assert delta(before, after, "dflash:batch_tokens_total") == batched > 0
+    assert 1 <= delta(before, after, "dflash:batch_size_sum") / steps <= 4
+    assert len({r["choices"][0]["message"]["content"] for r in replies}) == 1  # the same prompt, greedy

@@ -8,6 +8,7 @@ the next turn does not re-render; then the embedded model with its shipped draft
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -116,9 +117,14 @@ def test_usage_reports_cached_tokens_everywhere(tiny_models: dict[str, Any], ggu
         prompt = gguf_tokenizer.decode(render(gguf_tokenizer, messages, None, True))
         text = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 4}).json()["usage"]
         assert text["prompt_tokens_details"]["cached_tokens"] > 0
-        health = client.get("/health").json()["prefix_cache"]
+        # the engine thread stores a reply's cache entry just after the reply is out: read once it settled
+        for _ in range(100):
+            health = client.get("/health").json()["prefix_cache"]
+            metrics = client.get("/metrics").text
+            if f'dflash:prefix_cache_bytes{{model_name="tiny"}} {float(health["bytes"])}' in metrics:
+                break
+            time.sleep(0.05)
         assert health["entries"] >= 1 and 0 < health["bytes"] <= health["max_bytes"]
-        metrics = client.get("/metrics").text
         assert 'dflash:prefix_cache_hits_total{model_name="tiny"} 3.0' in metrics
         assert 'dflash:prefix_cache_misses_total{model_name="tiny"} 1.0' in metrics
         assert f'dflash:prefix_cache_bytes{{model_name="tiny"}} {float(health["bytes"])}' in metrics

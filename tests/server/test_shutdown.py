@@ -72,10 +72,10 @@ def sigterm_and_wait(live: LiveServer) -> tuple[int, float, int | str]:
 
 
 def test_sigterm_aborts_what_the_timeout_cuts_off() -> None:
-    live = LiveServer("--no-draft", "--drain-timeout", str(DRAIN_SECONDS))
+    live = LiveServer("--no-draft", "--drain-timeout", str(DRAIN_SECONDS), "--max-batch", "2")
     started = threading.Event()
     with ThreadPoolExecutor(4) as pool:
-        # FIFO: the short stream runs first, the endless one next; the other two wait in the queue
+        # the short stream runs first, the two endless ones next (a batch of two); the last one waits
         short = pool.submit(stream_chat, live.url, {"temperature": 0, "max_tokens": 4}, started)
         assert started.wait(60)
         endless: list[Future] = [pool.submit(stream_chat, live.url, ENDLESS) for _ in range(2)]

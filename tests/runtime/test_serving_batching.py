@@ -1,0 +1,112 @@
+"""The served embedded model with its shipped draft: concurrent requests return their solo output.
+
+Alone, a greedy request decodes speculatively (the shipped DFlash draft, adaptive width); together,
+requests decode in batched plain steps (4- and 8-row float32 matmuls on this CPU). Each request's
+output must equal its solo output token for token: batched rows round differently from a lone row in
+the last bits (MKL), which could only flip a near-tie, and none of these prompts has one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from engine.decode.sampling import SamplingParams
+from engine.runtime.async_engine import AsyncEngine
+from engine.runtime.batch_scheduler import BatchScheduler
+from engine.runtime.config import EngineConfig
+from engine.runtime.request import FinishReason, Request
+from engine.runtime.serving_model import ServingModel
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a Python function that returns the square of a number.",
+    "Tom has 3 apples and buys 5 more. How many apples does he have?",
+    "Repeat after me: one two three, one two three, one two three.",
+    "Explain photosynthesis to a child.",
+    "List three prime numbers.",
+    "Write a haiku about the sea.",
+    "Why is the sky blue? Answer in two sentences.",
+]
+GREEDY = SamplingParams(temperature=0.0)
+PENALISED = SamplingParams(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.2)
+CANCELLED = 3  # this request's client leaves after 4 tokens
+
+
+@pytest.fixture(scope="module")
+def served() -> ServingModel:
+    model = ServingModel.load(EngineConfig(max_batch=8))
+    assert model.batch is not None and model.speculative is not None and model.batching == "up to 8 requests"
+    return model
+
+
+def requests(served: ServingModel, n: int, params: dict[int, SamplingParams], tag: str) -> list[Request]:
+    """Mixed prompt lengths and max_tokens (16 to 40)."""
+    tokenizer = served.tokenizer
+    ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in PROMPTS]
+    return [Request(f"{tag}{i}", ids[i], params.get(i, GREEDY), 16 + (i * 9) % 25) for i in range(n)]
+
+
+async def collect(engine: AsyncEngine, request: Request, leave_after: int | None = None) -> tuple[list[int], Any]:
+    tokens, last = [], None
+    stream = engine.submit(request)
+    async for out in stream:
+        tokens += out.token_ids
+        last = out
+        if leave_after is not None and len(tokens) >= leave_after:
+            await stream.aclose()  # what a client disconnect does
+            break
+    return tokens, last
+
+
+def run_all(served: ServingModel, reqs: list[Request], together: bool, leave: dict[int, int] | None = None
+            ) -> tuple[list[tuple[list[int], Any]], AsyncEngine]:
+    leave = leave or {}
+
+    async def main() -> tuple[list[tuple[list[int], Any]], AsyncEngine]:
+        engine = AsyncEngine(lambda: served, max_waiting=16)
+        await engine.start()
+        try:
+            if together:
+                outs = await asyncio.gather(*(collect(engine, r, leave.get(i)) for i, r in enumerate(reqs)))
+            else:
+                outs = [await collect(engine, r) for r in reqs]
+            return list(outs), engine
+        finally:
+            await engine.stop()
+
+    return asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def solo(served: ServingModel) -> list[tuple[list[int], Any]]:
+    outs, _ = run_all(served, requests(served, 8, {1: PENALISED}, "solo"), together=False)
+    assert outs[0][1].usage.decoder == "speculative-dflash" and outs[1][1].usage.decoder == "plain"
+    return outs
+
+
+@pytest.mark.parametrize("n", [4, 8])
+def test_concurrent_greedy_requests_equal_their_solo_output(served: ServingModel, solo: list, n: int) -> None:
+    reqs = requests(served, n, {1: PENALISED}, f"b{n}-")
+    outs, engine = run_all(served, reqs, together=True, leave={CANCELLED: 4})
+    assert isinstance(engine.scheduler, BatchScheduler)
+    for i, ((got, last), (want, _)) in enumerate(zip(outs, solo)):
+        if i == CANCELLED:
+            assert got == want[: len(got)] and len(got) >= 4
+            assert reqs[i].finish_reason is FinishReason.ABORT
+        else:
+            assert got == want, f"request {i}: batched output differs from its solo output"
+    assert sum(last.usage.batched_tokens for _, last in outs) > 0
+    assert outs[1][1].usage.batched_tokens > 0  # the penalised request decoded in the batch
+    assert engine.scheduler.stats.batch_size.snapshot().count > 0
+
+
+def test_seeded_sampled_requests_return_their_solo_text(served: ServingModel) -> None:
+    seeded = {i: SamplingParams(temperature=0.8, top_p=0.95, seed=40 + i) for i in range(4)}
+    want, _ = run_all(served, requests(served, 4, seeded, "ss"), together=False)
+    got, _ = run_all(served, requests(served, 4, seeded, "sb"), together=True)
+    text = served.tokenizer.decode
+    assert [text(t) for t, _ in got] == [text(t) for t, _ in want]
+    assert all(last.usage.batched_tokens > 0 for _, last in got[1:])
