@@ -45,6 +45,7 @@ MKL_LAYER_ENV = "MKL_THREADING_LAYER"
 # Spinning OpenMP threads stall when another process holds a core (2 cores, 2 busy loops: MKL decoded
 # 0.3-6 tok/s spinning, 8-10 sleeping; idle it costs 31 -> 21 tok/s; docs/benchmarks.md)
 WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
+WAIT_POLICY = "PASSIVE"
 MEASURE_ROUNDS = 2
 REASON_ENV = "DFLASH_BLAS_REASON"  # why the re-exec'd process has its BLAS (for the startup banner)
 CACHE_ENV = "DFLASH_BLAS_CACHE"  # the per-machine measurement cache (default: ~/.cache/dflash-server/blas.json)
@@ -163,11 +164,11 @@ def time_blas(blas: Blas) -> float:
 def thread_env(blas: Blas) -> dict[str, str]:
     """The threading variables a preloaded `blas` runs with where the user has not set them."""
     layer = {MKL_LAYER_ENV: "GNU"} if blas.name == "mkl" else {}
-    return {**layer, WAIT_POLICY_ENV: "PASSIVE"}  # also read by an OpenMP build of OpenBLAS
+    return {**layer, WAIT_POLICY_ENV: WAIT_POLICY}  # also read by an OpenMP build of OpenBLAS
 
 
 def machine_key(candidates: list[Blas]) -> str:
-    """What a cached measurement is valid for: this CPU, these libraries, this MLX."""
+    """What a cached measurement is valid for: this CPU, these libraries, this MLX, this OpenMP wait policy."""
     model = next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")),
                  platform.processor() or platform.machine())
     libraries = ",".join(f"{b.library}:{_size(b.library)}" for b in candidates)
@@ -175,7 +176,8 @@ def machine_key(candidates: list[Blas]) -> str:
         mlx_version = importlib.metadata.version("mlx")
     except importlib.metadata.PackageNotFoundError:
         mlx_version = "?"
-    return f"{model} x{os.cpu_count()} | {libraries} | mlx {mlx_version}"
+    waits = os.environ.get(WAIT_POLICY_ENV) or WAIT_POLICY  # spinning MKL times faster on an idle machine
+    return f"{model} x{os.cpu_count()} | {libraries} | mlx {mlx_version} | {WAIT_POLICY_ENV}={waits}"
 
 
 def _cpuinfo() -> str:

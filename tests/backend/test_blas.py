@@ -113,6 +113,15 @@ def test_the_faster_blas_is_measured_once_per_machine_and_cached(tmp_path: Path)
     assert measured_choice([MKL, other], timer=timer, path=cache).blas == MKL and len(calls) == 8
 
 
+def test_a_measurement_is_cached_per_openmp_wait_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(WAIT_POLICY_ENV, raising=False)
+    default = machine_key([MKL, OPENBLAS])
+    monkeypatch.setenv(WAIT_POLICY_ENV, "ACTIVE")  # spinning MKL may win where sleeping MKL loses
+    assert machine_key([MKL, OPENBLAS]) != default
+    monkeypatch.setenv(WAIT_POLICY_ENV, "PASSIVE")
+    assert machine_key([MKL, OPENBLAS]) == default
+
+
 def test_a_failed_timing_loses(tmp_path: Path) -> None:
     timer = lambda blas: float("inf") if blas.name == "mkl" else 50.0  # noqa: E731
     assert measured_choice([MKL, OPENBLAS], timer=timer, path=tmp_path / "c.json").blas == OPENBLAS
