@@ -16,7 +16,9 @@ Usage, first thing in a CLI entry point (before importing anything heavy):
     maybe_reexec_with_blas()        # may replace the process; returns if nothing to do
 
 DFLASH_BLAS=auto|mkl|openblas|none chooses (auto: the faster of those found, by measurement);
-DFLASH_NO_OPENBLAS=1 is the older spelling of none.
+DFLASH_NO_OPENBLAS=1 is the older spelling of none. The re-exec also sets OMP_WAIT_POLICY=PASSIVE
+unless the user set it: spinning OpenMP threads stall beside other busy processes
+(docs/benchmarks.md, bench/blas_threads.py).
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ OPT_OUT_ENV = "DFLASH_NO_OPENBLAS"
 REEXEC_MARKER_ENV = "DFLASH_OPENBLAS_REEXEC"
 # libmkl_rt's default layer needs Intel's libiomp5; GNU's libgomp ships with most Linux systems
 MKL_LAYER_ENV = "MKL_THREADING_LAYER"
+# Spinning OpenMP threads stall when another process holds a core (2 cores, 2 busy loops: MKL decoded
+# 0.3-6 tok/s spinning, 8-10 sleeping; idle it costs 31 -> 21 tok/s; docs/benchmarks.md)
+WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
+WAIT_POLICY = "PASSIVE"
 MEASURE_ROUNDS = 2
 REASON_ENV = "DFLASH_BLAS_REASON"  # why the re-exec'd process has its BLAS (for the startup banner)
 CACHE_ENV = "DFLASH_BLAS_CACHE"  # the per-machine measurement cache (default: ~/.cache/dflash-server/blas.json)
@@ -144,8 +150,8 @@ def time_blas(blas: Blas) -> float:
     """MEASURE_CODE's score in a child process with `blas` preloaded (inf if it fails)."""
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", CHOICE_ENV, OPT_OUT_ENV)}
     env.update({"LD_PRELOAD": str(blas.library), REEXEC_MARKER_ENV: "1"})
-    if blas.name == "mkl":
-        env.setdefault(MKL_LAYER_ENV, "GNU")
+    for name, value in thread_env(blas).items():  # timed as the server will run it
+        env.setdefault(name, value)
     try:
         done = subprocess.run([sys.executable, "-c", MEASURE_CODE], env=env, capture_output=True, text=True,
                               timeout=120, check=True)
@@ -155,8 +161,14 @@ def time_blas(blas: Blas) -> float:
         return float("inf")
 
 
+def thread_env(blas: Blas) -> dict[str, str]:
+    """The threading variables a preloaded `blas` runs with where the user has not set them."""
+    layer = {MKL_LAYER_ENV: "GNU"} if blas.name == "mkl" else {}
+    return {**layer, WAIT_POLICY_ENV: WAIT_POLICY}  # also read by an OpenMP build of OpenBLAS
+
+
 def machine_key(candidates: list[Blas]) -> str:
-    """What a cached measurement is valid for: this CPU, these libraries, this MLX."""
+    """What a cached measurement is valid for: this CPU, these libraries, this MLX, this OpenMP wait policy."""
     model = next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")),
                  platform.processor() or platform.machine())
     libraries = ",".join(f"{b.library}:{_size(b.library)}" for b in candidates)
@@ -164,7 +176,8 @@ def machine_key(candidates: list[Blas]) -> str:
         mlx_version = importlib.metadata.version("mlx")
     except importlib.metadata.PackageNotFoundError:
         mlx_version = "?"
-    return f"{model} x{os.cpu_count()} | {libraries} | mlx {mlx_version}"
+    waits = os.environ.get(WAIT_POLICY_ENV) or WAIT_POLICY  # spinning MKL times faster on an idle machine
+    return f"{model} x{os.cpu_count()} | {libraries} | mlx {mlx_version} | {WAIT_POLICY_ENV}={waits}"
 
 
 def _cpuinfo() -> str:
@@ -228,8 +241,8 @@ def blas_reexec_env(environ: Mapping[str, str], blas: Blas | None, *, on_cpu: bo
     preload = environ.get("LD_PRELOAD", "")
     env = dict(environ)
     env["LD_PRELOAD"] = f"{blas.library}:{preload}" if preload else str(blas.library)
-    if blas.name == "mkl":
-        env.setdefault(MKL_LAYER_ENV, "GNU")
+    for name, value in thread_env(blas).items():
+        env.setdefault(name, value)
     env[REEXEC_MARKER_ENV] = "1"
     if reason:
         env[REASON_ENV] = reason
@@ -297,9 +310,11 @@ def blas_status() -> str:
         marker = "libmkl_rt" if loaded.name == "mkl" else "openblas"
         how = "preloaded" if marker in os.environ.get("LD_PRELOAD", "") else "linked"
         why = f"; {os.environ[REASON_ENV]}" if os.environ.get(REASON_ENV) else ""
+        waits = f", {WAIT_POLICY_ENV}={os.environ[WAIT_POLICY_ENV]}" if os.environ.get(WAIT_POLICY_ENV) else ""
         if loaded.name == "mkl":
-            return f"MKL ({how}: {loaded.library}, {os.environ.get(MKL_LAYER_ENV, 'default')} threading{why})"
-        return f"OpenBLAS ({how}: {loaded.library}{why})"
+            layer = os.environ.get(MKL_LAYER_ENV, "default")
+            return f"MKL ({how}: {loaded.library}, {layer} threading{waits}{why})"
+        return f"OpenBLAS ({how}: {loaded.library}{waits}{why})"
     found = mkl_blas() or openblas_blas()
     if found is None:
         hint = "pip install mkl (x86-64) or apt-get install libopenblas0-pthread"

@@ -17,6 +17,7 @@ from engine.backend.blas import (
     OPT_OUT_ENV,
     REASON_ENV,
     REEXEC_MARKER_ENV,
+    WAIT_POLICY_ENV,
     Blas,
     Choice,
     blas_reexec_env,
@@ -41,7 +42,8 @@ CHILD = (
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux-only")
 def test_reexec_env_decision() -> None:
     env = blas_reexec_env({"PATH": "/bin"}, OPENBLAS, on_cpu=True)
-    assert env == {"PATH": "/bin", "LD_PRELOAD": str(OPENBLAS.library), REEXEC_MARKER_ENV: "1"}
+    assert env == {"PATH": "/bin", "LD_PRELOAD": str(OPENBLAS.library), REEXEC_MARKER_ENV: "1",
+                   WAIT_POLICY_ENV: "PASSIVE"}
     assert blas_reexec_env({"LD_PRELOAD": "/x.so"}, OPENBLAS, on_cpu=True)["LD_PRELOAD"] == f"{OPENBLAS.library}:/x.so"
     assert blas_reexec_env({}, OPENBLAS, on_cpu=False) is None
     assert blas_reexec_env({}, None, on_cpu=True) is None
@@ -50,6 +52,34 @@ def test_reexec_env_decision() -> None:
     mkl = blas_reexec_env({}, MKL, on_cpu=True)
     assert mkl["LD_PRELOAD"] == str(MKL.library) and mkl[MKL_LAYER_ENV] == "GNU"  # libgomp, not libiomp5
     assert blas_reexec_env({MKL_LAYER_ENV: "SEQUENTIAL"}, MKL, on_cpu=True)[MKL_LAYER_ENV] == "SEQUENTIAL"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux-only")
+@pytest.mark.parametrize("blas", [MKL, OPENBLAS], ids=lambda b: b.name)
+def test_reexec_sleeps_at_openmp_barriers_unless_the_user_says_otherwise(blas: Blas) -> None:
+    # spinning OpenMP threads stall each other when another process holds a core
+    assert blas_reexec_env({}, blas, on_cpu=True)[WAIT_POLICY_ENV] == "PASSIVE"
+    assert blas_reexec_env({WAIT_POLICY_ENV: "ACTIVE"}, blas, on_cpu=True)[WAIT_POLICY_ENV] == "ACTIVE"
+
+
+def test_the_timing_child_runs_with_the_servers_threading(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[dict[str, str]] = []
+
+    def fake_run(*args: object, env: dict[str, str], **kwargs: object) -> subprocess.CompletedProcess:
+        seen.append(env)
+        return subprocess.CompletedProcess(args, 0, stdout="12.5\n", stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.delenv(WAIT_POLICY_ENV, raising=False)
+    monkeypatch.delenv(MKL_LAYER_ENV, raising=False)
+    assert time_blas(MKL) == 12.5
+    server = blas_reexec_env({}, MKL, on_cpu=True)
+    threading = (WAIT_POLICY_ENV, MKL_LAYER_ENV)
+    assert {k: seen[0][k] for k in threading} == {k: server[k] for k in threading} == {
+        WAIT_POLICY_ENV: "PASSIVE", MKL_LAYER_ENV: "GNU"}
+    monkeypatch.setenv(WAIT_POLICY_ENV, "ACTIVE")  # the user's value, timed as the server will run it
+    time_blas(MKL)
+    assert seen[1][WAIT_POLICY_ENV] == "ACTIVE"
 
 
 def test_choice_follows_the_environment() -> None:
@@ -83,6 +113,15 @@ def test_the_faster_blas_is_measured_once_per_machine_and_cached(tmp_path: Path)
     assert measured_choice([MKL, other], timer=timer, path=cache).blas == MKL and len(calls) == 8
 
 
+def test_a_measurement_is_cached_per_openmp_wait_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(WAIT_POLICY_ENV, raising=False)
+    default = machine_key([MKL, OPENBLAS])
+    monkeypatch.setenv(WAIT_POLICY_ENV, "ACTIVE")  # spinning MKL may win where sleeping MKL loses
+    assert machine_key([MKL, OPENBLAS]) != default
+    monkeypatch.setenv(WAIT_POLICY_ENV, "PASSIVE")
+    assert machine_key([MKL, OPENBLAS]) == default
+
+
 def test_a_failed_timing_loses(tmp_path: Path) -> None:
     timer = lambda blas: float("inf") if blas.name == "mkl" else 50.0  # noqa: E731
     assert measured_choice([MKL, OPENBLAS], timer=timer, path=tmp_path / "c.json").blas == OPENBLAS
@@ -94,7 +133,7 @@ def test_timing_a_real_blas_in_a_child_process() -> None:
 
 
 def run_child(**env: str) -> str:
-    drop = ("LD_PRELOAD", OPT_OUT_ENV, REEXEC_MARKER_ENV, CHOICE_ENV, MKL_LAYER_ENV, REASON_ENV)
+    drop = ("LD_PRELOAD", OPT_OUT_ENV, REEXEC_MARKER_ENV, CHOICE_ENV, MKL_LAYER_ENV, REASON_ENV, WAIT_POLICY_ENV)
     clean = {k: v for k, v in os.environ.items() if k not in drop}
     done = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env={**clean, **env},
                           capture_output=True, text=True, timeout=60, check=True)
@@ -111,7 +150,8 @@ def test_reexec_preloads_openblas() -> None:
 @pytest.mark.skipif(find_mkl() is None, reason="no mkl wheel (x86-64 Linux) or no libgomp")
 def test_reexec_preloads_mkl_when_asked() -> None:
     status = run_child(**{CHOICE_ENV: "mkl"})
-    assert status.startswith("MKL (preloaded") and "GNU threading" in status
+    assert status.startswith("MKL (preloaded") and f"GNU threading, {WAIT_POLICY_ENV}=PASSIVE" in status
+    assert f"{WAIT_POLICY_ENV}=ACTIVE" in run_child(**{CHOICE_ENV: "mkl", WAIT_POLICY_ENV: "ACTIVE"})
 
 
 @pytest.mark.skipif(find_mkl() is None or find_openblas() is None, reason="needs both MKL and OpenBLAS")
