@@ -2,8 +2,10 @@
 
 Speculative verification multiplies 2..32 rows by every weight; MLX 0.32's quantized matmul costs
 about 3x one row at 16 rows. The kernels in kernels/verify_qmm.{cu,metal} read each weight once and
-reuse it across all rows. Whether they run is decided per (device, shape, dtypes, row bucket) at
-first use: numerics against a float32 dequantize+matmul, then speed against mx.quantized_matmul.
+reuse it across all rows. Whether they run is decided per (device, shape, dtypes, row bucket):
+numerics against a float32 dequantize+matmul, then speed against mx.quantized_matmul. `apply` decides
+at load, for the dtype one probe forward feeds each layer, every row bucket at once; a spec first seen
+later (another dtype) has all its buckets decided at that first use.
 The CPU backend always takes the reference path; so does any device where a kernel is wrong or
 slower. DFLASH_VERIFY_KERNEL=0 turns the kernels off entirely.
 
@@ -29,6 +31,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
+from mlx_lm.models.cache import make_prompt_cache
 
 from engine.backend.kernel_choice import SPEEDUP_MARGIN, pick_fastest
 
@@ -238,7 +241,9 @@ class VerifyMatmul:
         spec = self.spec_for(x_dtype, w, scales, group_size, bits)
         if bucket is None or spec is None:
             return None
-        tiling = self.decide(spec, bucket).tiling
+        if (spec, bucket) not in self.decisions:
+            self.decide_all(spec)
+        tiling = self.decisions[(spec, bucket)].tiling
         return None if tiling is None else Plan(spec, bucket, tiling)
 
     def run(self, plan: Plan | None, x: mx.array, w: mx.array, scales: mx.array,
@@ -259,6 +264,12 @@ class VerifyMatmul:
             return None
         k = w.shape[1] * 32 // bits
         return QuantSpec(w.shape[0], k, group_size, bits, x_dtype, scales.dtype)
+
+    def decide_all(self, spec: QuantSpec) -> None:
+        """Every row bucket's choice for `spec`: a new batch size or verify width later finds its
+        decision made, rather than timing tilings inside a request."""
+        for bucket in BUCKETS:
+            self.decide(spec, bucket)
 
     def decide(self, spec: QuantSpec, bucket: int) -> Decision:
         """The cached choice for (spec, bucket) on this device; checked and logged on first use."""
@@ -390,8 +401,9 @@ def swappable(module: object) -> bool:
 def apply(model: nn.Module, verify: VerifyMatmul | None = None, warm: bool = True) -> int:
     """Swap the model's affine quantized layers for the verify-width ones; returns how many.
 
-    With `warm`, the kernel decisions for every layer shape and row bucket are made now (at load
-    time, outside any mx.compile trace). engine/backend/verify_kernels.apply adds the dense layers.
+    With `warm`, one MIN_ROWS-token forward of `model` (a causal LM taking token ids and a cache)
+    makes the kernel decisions for every layer shape and row bucket now (at load time, outside any
+    mx.compile trace). engine/backend/verify_kernels.apply adds the dense layers.
     """
     verify = verify or default_verify_matmul()
     swapped: list[nn.Module] = []
@@ -404,12 +416,10 @@ def apply(model: nn.Module, verify: VerifyMatmul | None = None, warm: bool = Tru
         return swapped[-1]
 
     model.update_modules(tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module))
-    if warm and verify.kernel is not None:
-        specs = {verify.spec_for(m["scales"].dtype, m["weight"], m["scales"], m.group_size, m.bits)
-                 for m in swapped}
-        for spec in sorted((s for s in specs if s is not None), key=lambda s: (s.n, s.k)):
-            for bucket in BUCKETS:
-                verify.decide(spec, bucket)
+    if warm and verify.kernel is not None and swapped:
+        # A forward, not the scales' dtype: the activations are what the embedding and norms make them
+        # (a GGUF's float32 norms feed its float16-scaled layers float32); each layer's plan decides all buckets.
+        mx.eval(model(mx.zeros((1, MIN_ROWS), dtype=mx.int32), cache=make_prompt_cache(model)))
     log.info("verify matmul: %d quantized layers swapped (%s, kernels %s)", len(swapped),
              verify.backend, "on" if verify.kernel is not None else "off")
     return len(swapped)

@@ -155,13 +155,14 @@ def test_gpu_kernels_are_off_on_the_cpu_and_when_disabled(monkeypatch: pytest.Mo
     assert vm.VerifyMatmul(backend="cuda", kernel=FakeKernel("exact")).kernel is not None
 
 
-def tiny_quantized_llama(group_size: int = 32) -> nn.Module:
+def tiny_quantized_llama(group_size: int = 32, dtype: mx.Dtype = mx.float32) -> nn.Module:
     from mlx_lm.models.llama import Model, ModelArgs
 
     mx.random.seed(0)
     model = Model(ModelArgs(model_type="llama", hidden_size=128, num_hidden_layers=2,
                             intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
                             rms_norm_eps=1e-5, vocab_size=160, tie_word_embeddings=True))
+    model.set_dtype(dtype)
     nn.quantize(model, group_size=group_size, bits=4)
     mx.eval(model.parameters())
     return model
@@ -186,6 +187,55 @@ def test_swap_leaves_logits_unchanged(kernel: str) -> None:
     else:
         assert fake.calls > 0  # the 9-row forward went through the (exact) kernel
         assert rel_close(after, before)
+
+
+class CountingVerifyMatmul(vm.VerifyMatmul):
+    """A VerifyMatmul on a fake kernel that records every (spec, bucket) it checks."""
+
+    def __init__(self) -> None:
+        super().__init__(backend="cuda", kernel=FakeKernel("exact"), enabled=True, timer=fake_timer)
+        self.checked: list[tuple[vm.QuantSpec, int]] = []
+
+    def _check(self, spec: vm.QuantSpec, bucket: int) -> vm.Decision:
+        self.checked.append((spec, bucket))
+        return super()._check(spec, bucket)
+
+
+def gguf_like_llama() -> nn.Module:
+    """float16 scales with float32 norms, as a GGUF loads: every layer after the first norm gets float32 x."""
+    from mlx.utils import tree_map_with_path
+
+    model = tiny_quantized_llama(dtype=mx.float16)
+    model.update(tree_map_with_path(lambda path, p: p.astype(mx.float32) if "norm" in path else p,
+                                    model.parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+def test_load_decides_every_bucket_for_the_dtype_the_forward_feeds() -> None:
+    """Decisions at load are for float32 x, the dtype these layers really get (not their scales' float16),
+    so forwards of new widths and batches, as requests make them, check nothing more."""
+    model = gguf_like_llama()
+    verify = CountingVerifyMatmul()
+    vm.apply(model, verify)
+    specs = {spec for spec, _ in verify.checked}
+    assert specs and {spec.scales_dtype for spec in specs} == {mx.float16}
+    assert {spec.x_dtype for spec in specs} == {mx.float32}  # nothing decided for a dtype never used
+    assert sorted(verify.checked, key=str) == sorted(((s, b) for s in specs for b in vm.BUCKETS), key=str)
+    checked = len(verify.checked)
+    for rows in (1, 3, 9, 16, 17, 32):  # verify widths
+        mx.eval(model(mx.arange(rows)[None] % 160))
+    mx.eval(model(mx.arange(5)[:, None]))  # a batched step: 5 rows of one token
+    assert len(verify.checked) == checked and verify.kernel.calls > 0
+
+
+def test_a_spec_first_seen_later_has_all_its_buckets_decided_at_once() -> None:
+    verify = CountingVerifyMatmul()
+    w, s, b = quantized(64, 256)
+    verify(mx.random.normal((3, 256)), w, s, b, 64, 4)
+    assert sorted(bucket for _, bucket in verify.checked) == list(vm.BUCKETS)
+    verify(mx.random.normal((20, 256)), w, s, b, 64, 4)
+    assert len(verify.checked) == len(vm.BUCKETS)
 
 
 def test_kernel_sources_exist_and_split() -> None:
