@@ -60,7 +60,7 @@ class ServingModel:
         # lockstep ranks must choose the same verify widths: their controllers learn no costs from their
         # own clocks (engine/runtime/tensor_parallel.agree_on_costs); the prefix cache is off under TP
         speculative, drafter = build_speculative(loaded, config, learn_overheads=not lockstep)
-        if speculative is not None and default_attention_kernel().kernel is not None:
+        if speculative is not None and gpu_kernels_on():
             warm_up(speculative)
         batch, batching = build_batch(loaded.model, speculative, config, lockstep)
         return cls(
@@ -110,9 +110,19 @@ def build_prefix_cache(model: object, config: EngineConfig) -> PrefixCache | Non
     return PrefixCache(max_bytes, needs_boundaries=has_recurrent_layers(cache))
 
 
+def gpu_kernels_on() -> bool:
+    """Whether a GPU kernel is on whose compile or runtime choice warm_up keeps out of the first request."""
+    from engine.backend.verify_gemm import default_verify_gemm
+    from engine.backend.verify_matmul import default_verify_matmul
+
+    kernels = (default_attention_kernel(), default_verify_matmul(), default_verify_gemm())
+    return any(k.kernel is not None for k in kernels)
+
+
 def warm_up(decoder: SpeculativeDecoder) -> None:
     """A few greedy tokens at load: on CUDA the block-attention kernel is compiled (NVRTC) and checked,
-    and the verify cost curve measured, here rather than inside the first request's TTFT."""
+    the verify cost curve measured, and the verify matmuls decided for what the drafter feeds the shared
+    LM head (the draft's dtype), here rather than inside the first request's TTFT."""
     from engine.decode.sampling import SamplingParams, TokenRng
 
     start = time.perf_counter()

@@ -444,6 +444,7 @@ def test_swap_keeps_logits(tie: bool, fuse: bool) -> None:
             assert mx.array_equal(after, logits) and kernel.calls == calls, rows  # MLX's matmul, unchanged
         else:
             assert kernel.calls > calls and rel_close(after, logits, 3e-2), rows
+    assert len(gemm.decisions) == 3 * len(shapes)  # the forwards decided nothing more
     gemm.active = False  # paused: MLX's matmul everywhere, the decisions kept
     calls = kernel.calls
     assert mx.array_equal(model(mx.arange(16)[None] % 96), before[16]) and kernel.calls == calls

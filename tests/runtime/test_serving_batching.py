@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import mlx.core as mx
 import pytest
 
 from engine.decode.sampling import SamplingParams
@@ -110,3 +111,30 @@ def test_seeded_sampled_requests_return_their_solo_text(served: ServingModel) ->
     text = served.tokenizer.decode
     assert [text(t) for t, _ in got] == [text(t) for t, _ in want]
     assert all(last.usage.batched_tokens > 0 for _, last in got[1:])
+
+
+def test_no_verify_kernel_is_decided_inside_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded GGUF kept quantized (float16 scales, float32 norms, so float32 activations) on a
+    stand-in GPU kernel: every decision is made at load, none by solo, speculative or batched requests."""
+    from engine.backend import verify_matmul as vm
+
+    def exact(x: Any, w: Any, s: Any, b: Any, spec: vm.QuantSpec, bucket: int, tiling: vm.Tiling) -> Any:
+        return vm.reference_qmm(x, w, s, b, spec.group_size, spec.bits)
+
+    def timer(fn: Any) -> float:  # injected: a kernel always wins, so every decision is a real check
+        return {"bucket_reference": 1.0, "one_row_reference": 0.3}.get(fn.__name__, 0.5)
+
+    verify = vm.VerifyMatmul(backend="cuda", kernel=exact, enabled=True, timer=timer)
+    checked: list[tuple[vm.QuantSpec, int]] = []
+    check = verify._check
+    monkeypatch.setattr(verify, "_check", lambda spec, bucket: checked.append((spec, bucket)) or check(spec, bucket))
+    monkeypatch.setattr(vm, "_DEFAULT", verify)
+    served = ServingModel.load(EngineConfig(max_batch=4, dequantize="no"))
+    assert served.batch is not None and served.speculative is not None
+    assert served.speculative.cost_curve is not None  # warmed up at load, not in the first request
+    at_load = len(checked)
+    assert at_load and {spec.x_dtype for spec, _ in checked} == {mx.float32}
+    run_all(served, requests(served, 2, {1: PENALISED}, "solo"), together=False)
+    outs, _ = run_all(served, requests(served, 4, {1: PENALISED}, "kb"), together=True)
+    assert sum(last.usage.batched_tokens for _, last in outs) > 0
+    assert len(checked) == at_load
