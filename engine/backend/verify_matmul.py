@@ -419,7 +419,14 @@ def apply(model: nn.Module, verify: VerifyMatmul | None = None, warm: bool = Tru
     if warm and verify.kernel is not None and swapped:
         # A forward, not the scales' dtype: the activations are what the embedding and norms make them
         # (a GGUF's float32 norms feed its float16-scaled layers float32); each layer's plan decides all buckets.
-        mx.eval(model(mx.zeros((1, MIN_ROWS), dtype=mx.int32), cache=make_prompt_cache(model)))
+        try:
+            mx.eval(model(mx.zeros((1, MIN_ROWS), dtype=mx.int32), cache=make_prompt_cache(model)))
+        except (TypeError, ValueError, AttributeError) as e:  # not a causal LM (a draft): guess from the scales
+            log.info("verify matmul: no probe forward (%s); deciding for the scales' dtype", e)
+            for m in swapped:
+                spec = verify.spec_for(m["scales"].dtype, m["weight"], m["scales"], m.group_size, m.bits)
+                if spec is not None:
+                    verify.decide_all(spec)
     log.info("verify matmul: %d quantized layers swapped (%s, kernels %s)", len(swapped),
              verify.backend, "on" if verify.kernel is not None else "off")
     return len(swapped)

@@ -362,3 +362,23 @@ def test_device_kernel_numerics(k: int, n: int, dtype: mx.Dtype) -> None:
                 ref = vm.dequant_reference(x, w, s, b, group_size, bits)
                 err = (mx.max(mx.abs(y - ref)) / mx.max(mx.abs(ref))).item()
                 assert err < vm.TOLERANCE[dtype], (rows, tiling, group_size, err)
+
+
+def test_a_model_without_a_causal_lm_call_is_decided_from_its_scales() -> None:
+    """A draft (called with target taps, not token ids and a cache) cannot run the probe forward: its layers
+    are decided for their scales' dtype, every bucket, at load, and the swap still happens."""
+
+    class Block(nn.Module):  # a forward that needs more than token ids
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.QuantizedLinear(256, 64, bias=False, group_size=32, bits=4)
+
+        def __call__(self, x: mx.array, taps: mx.array) -> mx.array:
+            return self.proj(x + taps)
+
+    block = Block()
+    verify = CountingVerifyMatmul()
+    assert vm.apply(block, verify) == 1
+    specs = {spec for spec, _ in verify.checked}
+    assert len(specs) == 1 and next(iter(specs)).x_dtype == block.proj["scales"].dtype
+    assert sorted(b for _, b in verify.checked) == sorted(vm.BUCKETS)
