@@ -122,7 +122,8 @@ def test_one_cycle_matches_the_reference(pair: Pair) -> None:
     assert mx.allclose(logits, ref_logits, atol=1e-4).item(), mx.abs(logits - ref_logits).max()
 
 
-def test_greedy_generation_matches_the_reference(pair: Pair) -> None:
+def greedy_steps(pair: Pair) -> tuple[list[list[int]], list[list[int]], SpeculativeDecoder]:
+    """Per-cycle greedy tokens of the reference's loop and of our fixed-width decoder, on the same pair."""
     our_model, ref_model, draft, ref_draft, plain = pair
     block_size, max_tokens = draft.config.block_size, len(plain)
     responses = ref.stream_generate(ref_model, ref_draft, _TokenIdsOnly(), mx.array(PROMPT),
@@ -132,7 +133,12 @@ def test_greedy_generation_matches_the_reference(pair: Pair) -> None:
     decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=block_size, adaptive=False)
     steps = [s.tokens for s in decoder.generate(PROMPT, SamplingParams(temperature=0.0), max_tokens, TokenRng(0)) if s.tokens]
     target.close()
-    assert sum(steps, []) == sum(ref_steps, []) == plain
+    return steps, ref_steps, decoder
+
+
+def test_greedy_generation_matches_the_reference(pair: Pair) -> None:
+    steps, ref_steps, _ = greedy_steps(pair)
+    assert sum(steps, []) == sum(ref_steps, []) == pair[-1]
     assert steps == ref_steps  # the same acceptance decision in every cycle
 
 
@@ -191,15 +197,8 @@ def test_dflash2_proposal_matches_the_reference(pair2: Pair) -> None:
 
 
 def test_dflash2_greedy_generation_matches_the_reference(pair2: Pair) -> None:
-    our_model, ref_model, draft, ref_draft, plain = pair2
-    block_size, max_tokens = draft.config.block_size, len(plain)
-    responses = ref.stream_generate(ref_model, ref_draft, _TokenIdsOnly(), mx.array(PROMPT),
-                                    block_size=block_size, max_tokens=max_tokens, temperature=0.0)
-    ref_steps = [r.tokens for r in responses if r.tokens]
-    target = Target(our_model, draft.config.target_layer_ids)
-    decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=block_size, adaptive=False)
-    steps = [s.tokens for s in decoder.generate(PROMPT, SamplingParams(temperature=0.0), max_tokens, TokenRng(0)) if s.tokens]
-    target.close()
+    draft, plain = pair2[2], pair2[-1]
+    steps, ref_steps, decoder = greedy_steps(pair2)
     assert sum(steps, []) == sum(ref_steps, []) == plain
     assert steps == ref_steps  # the same proposals accepted in every cycle
     if draft.config.mask_token_id == Counter(plain).most_common(1)[0][0]:  # the echo setup: drafts were kept

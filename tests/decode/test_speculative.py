@@ -45,6 +45,14 @@ MIN_GAP = 1e-4
 Varied = tuple[dict[str, Any], nn.Module, list[int]]  # target config, model, greedy output
 
 
+def three_token_law(model: nn.Module, prompt: list[int], params: SamplingParams) -> dict[tuple[int, int, int], float]:
+    """The target's exact law of its first 3 tokens over the first 8 ids: all 64 (t0, t1) in one batched forward."""
+    pairs = [(a, b) for a in range(8) for b in range(8)]
+    logits = model(mx.array([prompt + [a, b] for a, b in pairs]))[:, len(prompt) - 1 :]  # (64, 3, V)
+    probs = mx.exp(filter_logprobs(logits, params)).tolist()
+    return {(a, b, c): probs[i][0][a] * probs[i][1][b] * probs[i][2][c] for i, (a, b) in enumerate(pairs) for c in range(8)}
+
+
 def _chi2_critical(df: int, z: float = 3.09) -> float:
     """Wilson–Hilferty: the chi-square quantile at normal quantile z (3.09: alpha = 1e-3)."""
     h = 2.0 / (9.0 * df)
@@ -338,11 +346,7 @@ def test_sampling_dflash_follows_the_truncated_target(by_position: bool) -> None
     decoder = SpeculativeDecoder(target, DFlashDrafter(build_draft(dcfg, seed=4), target), block_size=3, adaptive=False)
     params = SamplingParams(temperature=0.8, top_p=0.9)
     prompt = [1, 2, 3, 4]
-    # exact law: all 64 continuations (t0, t1) in one batched forward
-    pairs = [(a, b) for a in range(8) for b in range(8)]
-    logits = model(mx.array([prompt + [a, b] for a, b in pairs]))[:, len(prompt) - 1 :]  # (64, 3, V)
-    probs = mx.exp(filter_logprobs(logits, params)).tolist()
-    law = {(a, b, c): probs[i][0][a] * probs[i][1][b] * probs[i][2][c] for i, (a, b) in enumerate(pairs) for c in range(8)}
+    law = three_token_law(model, prompt, params)
     n = 600
     counts: Counter = Counter()
     accepted = 0

@@ -32,11 +32,7 @@ from engine.model.draft import DFlash2Draft
 from engine.model.target import Target
 from engine.runtime.config import EngineConfig
 from engine.runtime.serving_model import ServingModel
-from tests.decode.test_speculative import _chi2, _chi2_critical
-
-PROMPT = [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 3, 2, 3, 8, 4]
-GREEDY = SamplingParams(temperature=0.0)
-MIN_GAP = 1e-4
+from tests.decode.test_speculative import GREEDY, MIN_GAP, PROMPT, _chi2, _chi2_critical, three_token_law
 
 
 def _tokens(decoder: object, prompt: list[int], params: SamplingParams, max_tokens: int, rng: TokenRng) -> list[int]:
@@ -177,10 +173,7 @@ def test_sampling_follows_the_truncated_target(by_position: bool) -> None:
     decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=3, adaptive=False)
     params = SamplingParams(temperature=0.8, top_p=0.9)
     prompt = [1, 2, 3, 4]
-    pairs = [(a, b) for a in range(8) for b in range(8)]
-    logits = model(mx.array([prompt + [a, b] for a, b in pairs]))[:, len(prompt) - 1 :]  # (64, 3, V)
-    probs = mx.exp(filter_logprobs(logits, params)).tolist()
-    law = {(a, b, c): probs[i][0][a] * probs[i][1][b] * probs[i][2][c] for i, (a, b) in enumerate(pairs) for c in range(8)}
+    law = three_token_law(model, prompt, params)
     n = 600
     counts: Counter = Counter()
     accepted = 0

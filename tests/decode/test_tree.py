@@ -26,6 +26,7 @@ from test_speculative import (
     _chi2_critical,
     _run,
     _seeded_plain,
+    three_token_law,
     varied_target,
 )
 from tiny_models import (
@@ -40,7 +41,6 @@ from engine.decode.drafters import DFlashDrafter, NgramDrafter, OracleDrafter
 from engine.decode.sampling import (
     SamplingParams,
     TokenRng,
-    filter_logprobs,
     token_logprobs,
 )
 from engine.decode.speculative import SpeculativeDecoder
@@ -300,10 +300,7 @@ def test_unseeded_tree_sampling_follows_the_truncated_target() -> None:
     decoder = _tree_decoder(target, DFlashDrafter(build_draft(dcfg, seed=4), target), 6, block_size=3)
     params = SamplingParams(temperature=0.8, top_p=0.9)
     prompt = [1, 2, 3, 4]
-    pairs = [(a, b) for a in range(8) for b in range(8)]
-    logits = model(mx.array([prompt + [a, b] for a, b in pairs]))[:, len(prompt) - 1 :]  # (64, 3, V)
-    probs = mx.exp(filter_logprobs(logits, params)).tolist()
-    law = {(a, b, c): probs[i][0][a] * probs[i][1][b] * probs[i][2][c] for i, (a, b) in enumerate(pairs) for c in range(8)}
+    law = three_token_law(model, prompt, params)
     n, accepted = 600, 0
     counts: Counter = Counter()
     for seed in range(n):
