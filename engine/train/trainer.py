@@ -85,16 +85,22 @@ class TrainConfig:
 
 
 class LrSchedule:
-    """Linear warm-up, then cosine decay to `min_lr_ratio` at step `total`.
+    """Linear warm-up over a `warmup` share of the steps, then cosine decay to `min_lr_ratio` at step `total`.
 
     `total` may shrink once training has timed a few steps, so a --time-limit run still ends its
-    decay inside the limit instead of being cut off at a high learning rate.
+    decay inside the limit instead of being cut off at a high learning rate; the warm-up shrinks with it.
     """
 
     def __init__(self, config: TrainConfig) -> None:
         self.peak, self.floor = config.lr, config.lr * config.min_lr_ratio
-        self.warmup = max(1, int(config.warmup * config.steps))
+        self.warmup_fraction = config.warmup
         self.total = config.steps
+
+    @property
+    def warmup(self) -> int:
+        # a share of the schedule as it ends now: a --time-limit fit of --steps 200000 that has time for 2,000
+        # steps must warm up over 80 of them, not spend all 2,000 inside a warm-up of 8,000
+        return max(1, int(self.warmup_fraction * self.total))
 
     def __call__(self, step: mx.array) -> mx.array:
         step = step.astype(mx.float32)

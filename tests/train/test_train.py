@@ -191,8 +191,20 @@ def test_lr_schedule_warms_up_decays_and_can_end_sooner() -> None:
     assert lr(0) == pytest.approx(1e-5) and lr(100) == pytest.approx(1e-3)
     assert lr(50) < lr(99) < lr(100) and lr(550) == pytest.approx(0.55e-3, rel=1e-3)
     assert lr(1000) == pytest.approx(1e-4) and lr(5000) == pytest.approx(1e-4)
-    schedule.total = 400  # what a time limit does after timing the first steps
-    assert lr(250) == pytest.approx(0.55e-3, rel=1e-3) and lr(400) == pytest.approx(1e-4)
+    schedule.total = 400  # what a time limit does after timing the first steps: the warm-up shrinks with it
+    assert lr(20) == pytest.approx(0.505e-3, rel=1e-3) and lr(40) == pytest.approx(1e-3)
+    assert lr(220) == pytest.approx(0.55e-3, rel=1e-3) and lr(400) == pytest.approx(1e-4)
+
+
+def test_time_limited_fit_of_many_steps_reaches_the_peak_learning_rate() -> None:
+    from engine.train.trainer import LrSchedule
+
+    # --steps 200000 --time-limit T with time for 2,000 steps: peak at step 80, floor at 2,000
+    schedule = LrSchedule(TrainConfig(steps=200_000, lr=6e-4, warmup=0.04, min_lr_ratio=0.1))
+    schedule.total = 2000
+    lr = lambda step: schedule(mx.array(step)).item()
+    assert lr(80) == pytest.approx(6e-4) and lr(1040) == pytest.approx(3.3e-4, rel=1e-3)
+    assert lr(2000) == pytest.approx(6e-5)
 
 
 def test_job_plan_alternates_modes_so_a_cut_run_holds_both(gguf_tokenizer: Tokenizer) -> None:
