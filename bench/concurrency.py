@@ -194,6 +194,9 @@ def main() -> None:
         print(f"[concurrency] {health['draft']['model']}: drafter {health['draft']['drafter']}, batching "
               f"{health['draft']['batching']}; {platform.machine()} {os.cpu_count()} CPUs; {health['draft']['backend']}",
               flush=True)
+        if health["draft"]["drafter"] in (None, "none"):  # the comparison would be plain against plain
+            raise SystemExit("[concurrency] the draft server runs without a draft: name one with "
+                             "--server-args '--draft DIR'")
         for server in servers.values():  # one-off costs (the verify cost curve) stay out of the runs
             run_streams(server, 2, 0, 16, count_tokens)
         for round_ in range(args.rounds):

