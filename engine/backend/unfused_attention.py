@@ -17,10 +17,16 @@ def unfused_attention(
     queries: mx.array, keys: mx.array, values: mx.array, *, scale: float, mask: mx.array | str | None
 ) -> mx.array:
     """The same product as mx.fast.scaled_dot_product_attention, as plain ops (no per-shape plans)."""
+    weights = fast_exp.softmax(masked_scores(queries, keys, scale, mask), axis=-1)  # float32 (precise off the CPU)
+    return (weights @ values).reshape(queries.shape)  # (B, H, L, D)
+
+
+def masked_scores(queries: mx.array, keys: mx.array, scale: float, mask: mx.array | str | None) -> mx.array:
+    """scale · q kᵀ + mask as (B, Hkv, G*L, S): the G query heads of a KV head stack into one (G*L)-row
+    product, so K and V are never broadcast (multiply the weights by V as (B, Hkv, S, D), reshape to (B, H, L, D))."""
     b, heads, rows, dim = queries.shape  # (B, H, L, D)
     kv_heads, length = keys.shape[1], keys.shape[2]  # keys, values: (B, Hkv, S, D)
     group = heads // kv_heads
-    # the G query heads of a KV head stack into one (G*L)-row product: K and V are never broadcast
     q = (queries * scale).reshape(b, kv_heads, group * rows, dim)  # (B, Hkv, G*L, D)
     scores = q @ keys.swapaxes(-1, -2)  # (B, Hkv, G*L, S)
     if mask is not None:
@@ -29,8 +35,7 @@ def unfused_attention(
             scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
         else:
             scores = scores + mask
-    weights = fast_exp.softmax(scores, axis=-1)  # float32 softmax (mx.softmax(precise=True) off the CPU)
-    return (weights @ values).reshape(b, heads, rows, dim)  # (B, H, L, D)
+    return scores
 
 
 _causal: dict[tuple[int, int, int, int], mx.array] = {}

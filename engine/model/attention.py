@@ -9,7 +9,8 @@ repeated one, and the draft's forward 42 ms (bench/attention_shapes.py). The exp
 and 1.4 ms; engine/backend/attention_kernel.py does the same in one CUDA kernel launch per layer
 where its runtime check passes (4.9 ms and 1.5 ms).
 On the CPU the explicit composition's softmax uses engine/backend/fast_exp.py (MLX's CPU exp is scalar): a
-16-row verify 172 -> 155 ms, decode rows unchanged (68 ms), so the CPU takes it for 1..64 rows.
+16-row verify 172 -> 155 ms, decode rows unchanged (68 ms), so the CPU takes it for 1..64 rows; a target's
+prefill chunk of 128 rows or more takes NumPy's softmax there (engine/backend/host_softmax.py).
 `DFLASH_ATTENTION` picks: auto (the kernel, else explicit, on CUDA for query blocks; explicit on the
 CPU for up to 64 rows; fused elsewhere), fused, or unfused (explicit, never the kernel).
 """
@@ -22,6 +23,8 @@ from typing import Literal
 import mlx.core as mx
 
 from engine.backend import attention_kernel, fast_exp
+from engine.backend.host_softmax import MIN_ROWS as HOST_SOFTMAX_MIN_ROWS
+from engine.backend.host_softmax import host_softmax_attention
 from engine.backend.unfused_attention import unfused_attention
 
 Mode = Literal["auto", "fused", "unfused"]
@@ -65,9 +68,15 @@ def use_unfused(query_rows: int) -> bool:
 
 
 def block_attention(
-    queries: mx.array, keys: mx.array, values: mx.array, *, scale: float, mask: mx.array | str | None
+    queries: mx.array, keys: mx.array, values: mx.array, *, scale: float, mask: mx.array | str | None,
+    prefill_on_host: bool = False,
 ) -> mx.array:
-    """softmax(scale · q kᵀ + mask) v with mx.fast's conventions (GQA, "causal", bool or additive masks)."""
+    """softmax(scale · q kᵀ + mask) v with mx.fast's conventions (GQA, "causal", bool or additive masks).
+
+    `prefill_on_host`: the caller is a target layer outside any gradient or compile trace, so a prefill chunk on
+    the CPU may take NumPy's softmax (engine/backend/host_softmax.py)."""
+    if prefill_on_host and queries.shape[2] >= HOST_SOFTMAX_MIN_ROWS and mode() == "auto" and fast_exp.enabled():
+        return host_softmax_attention(queries, keys, values, scale=scale, mask=mask)
     if use_unfused(queries.shape[2]):
         if mode() == "auto" and _on_cuda():
             kernel = attention_kernel.default_kernel()
