@@ -84,6 +84,25 @@ class Run:
         return (len(self.tokens) - 1) / max(self.decode_s, 1e-9)
 
 
+def adaptive_against_best(runs: list[Run]) -> dict[str, dict[str, float]]:
+    """Per drafter with fixed-width rows, per prompt: the adaptive row's tok/s over the best of plain and the
+    fixed rows (all rounds pooled: tokens over decode seconds)."""
+    pooled: dict[tuple[str, str], list[float]] = {}
+    for r in runs:
+        tokens_seconds = pooled.setdefault((r.method, r.prompt), [0.0, 0.0])
+        tokens_seconds[0] += len(r.tokens) - 1
+        tokens_seconds[1] += r.decode_s
+    tps = {key: t / max(sec, 1e-9) for key, (t, sec) in pooled.items()}
+    out: dict[str, dict[str, float]] = {}
+    for method, prompt in tps:
+        if not (method.startswith("spec-") and method.count("-") == 1):  # the adaptive row: spec-<drafter>
+            continue
+        rivals = [v for (m, p), v in tps.items() if p == prompt and (m == "plain" or m.startswith(f"{method}-fixed"))]
+        if any(m.startswith(f"{method}-fixed-") for m, _ in tps):
+            out.setdefault(method, {})[prompt] = tps[(method, prompt)] / max(rivals)
+    return out
+
+
 def timed(stream: Iterator[list[int]]) -> tuple[list[int], float, float]:
     """Drain a stream of token lists: (tokens, ttft, decode seconds)."""
     start = time.perf_counter()
@@ -235,14 +254,16 @@ class Bench:
             make = NgramDrafter if drafter == "ngram" else lambda: OracleDrafter([], vocab_size=vocab)
         else:
             raise SystemExit(f"unknown --drafter {drafter!r}; use ngram, oracle or dflash")
-        variants = [(f"spec-{drafter}", True, 0), (f"spec-{drafter}-fixed", False, 0)]
+        variants = [(f"spec-{drafter}", True, 0, block), (f"spec-{drafter}-fixed", False, 0, block)]
+        for width in self.args.fixed_widths:  # a fixed chain of `width` drafts: block width + 1
+            variants.append((f"spec-{drafter}-fixed-{width}", False, 0, width + 1))
         for budget in filter(None, self.args.tree_budget.split(",")):
             auto = budget == "auto"
-            variants.append((f"spec-{drafter}-tree-{budget}", auto, budget if auto else int(budget)))
-        for label, adaptive, budget in variants:
+            variants.append((f"spec-{drafter}-tree-{budget}", auto, budget if auto else int(budget), block))
+        for label, adaptive, budget, size in variants:
             if label in self.args.skip:
                 continue
-            decoder = SpeculativeDecoder(target, make(), block_size=block, adaptive=adaptive, tree_budget=budget,
+            decoder = SpeculativeDecoder(target, make(), block_size=size, adaptive=adaptive, tree_budget=budget,
                                          tree_spine=self.args.tree_spine)
             if budget and not decoder.tree_budgets:
                 raise SystemExit(f"{label}: trees are {decoder.tree_status}")
@@ -405,6 +426,9 @@ def main() -> None:
                         help="also rows with tree verification: auto (the controller picks chain or tree per cycle), "
                              "or N nodes every cycle")
     parser.add_argument("--tree-spine", action="store_true", help="trees hold the top-1 chain first")
+    parser.add_argument("--fixed-widths", type=lambda v: [int(w) for w in v.split(",") if w], default=[],
+                        metavar="W[,..]", help="also rows that verify a fixed chain of W drafts every cycle "
+                        "(spec-<drafter>-fixed-W); the adaptive row is then checked per prompt against the best fixed one")
     parser.add_argument("--skip", type=lambda v: set(filter(None, v.split(","))), default=set(),
                         metavar="M1,M2", help="leave out these rows (mlx_lm, reference, spec-<drafter>-fixed, ...)")
     parser.add_argument("--response-format", type=Path, default=None, metavar="FILE",
@@ -442,12 +466,18 @@ def main() -> None:
                                                               if round_), flush=True)
     rows = summarize(runs, bench.plain_out)
     print_table(rows)
+    against_best = adaptive_against_best(runs)
+    for drafter, ratios in against_best.items():
+        print(f"[bench] {drafter} adaptive / max(plain, fixed widths) per prompt: "
+              + ", ".join(f"{p} {r:.3f}" for p, r in ratios.items())
+              + f"; >= 0.97 on every prompt: {all(r >= 0.97 for r in ratios.values())}")
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"machine": machine, "model": bench.loaded.description, "prepared": bench.prepared, "args": {k: str(v) for k, v in vars(args).items()},
             "attention_kernel": default_attention_kernel().summary()}
     for name, decision in meta["attention_kernel"].items():
         print(f"[bench] attention kernel, {name}: {decision['reason'] or 'explicit'}")
-    (args.out / "bench.json").write_text(json.dumps({**meta, "summary": rows, "runs": [asdict(r) for r in runs]}, indent=1))
+    (args.out / "bench.json").write_text(json.dumps({**meta, "summary": rows, "adaptive_against_best": against_best,
+                                                     "runs": [asdict(r) for r in runs]}, indent=1))
     chart(rows, args.out / "bench.png", f"{bench.loaded.description}, {args.max_tokens} tokens, greedy")
     print(f"[bench] wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
 
