@@ -35,7 +35,8 @@ def host_softmax_attention(
     s = np.asarray(scores)  # a view of MLX's buffer: read, never written
     weights = _take_buffer(s.shape)
     sums = np.empty((*s.shape[:-1], 1), np.float32)
-    parts = [(lo, min(lo + _chunk(s), s.shape[-2])) for lo in range(0, s.shape[-2], _chunk(s))]
+    step = max(1, -(-s.shape[-2] // THREADS))  # stacked rows per thread
+    parts = [(lo, min(lo + step, s.shape[-2])) for lo in range(0, s.shape[-2], step)]
     list(_threads().map(lambda part: _exp_rows(s, weights, sums, part, rows, causal), parts))
     # dividing the (G*L, D) product instead of the (G*L, S) weights saves a pass over the scores
     out = (mx.array(weights) @ values.astype(mx.float32)) / mx.array(sums)
@@ -59,10 +60,6 @@ def _exp_rows(s: np.ndarray, weights: np.ndarray, sums: np.ndarray, part: tuple[
         np.subtract(src, src.max(axis=-1, keepdims=True), out=dst)
     np.exp(dst, out=dst)
     dst.sum(axis=-1, keepdims=True, out=sums[..., lo:hi, :])
-
-
-def _chunk(s: np.ndarray) -> int:
-    return max(1, -(-s.shape[-2] // THREADS))
 
 
 def _take_buffer(shape: tuple[int, ...]) -> np.ndarray:
