@@ -7,7 +7,8 @@ from pathlib import Path
 
 from engine.runtime.config import config_dir, tomllib
 
-EMBEDDED_ID = "SmolLM2-135M-Instruct"  # engine.model.loader.EMBEDDED_MODEL_ID, not imported: --list-configs loads no MLX
+# engine.model.loader.EMBEDDED_MODEL_ID, not imported: --list-configs loads no MLX
+EMBEDDED_ID = "SmolLM2-135M-Instruct"
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # holds engine/, so shipped draft paths resolve in a wheel too
 
 
