@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--max-len", type=int, default=1024, help="truncate sequences to this many tokens")
     opt.add_argument("--blocks-per-seq", type=int, default=32, help="random anchors per sequence per step")
     opt.add_argument("--gamma", type=float, default=7.0, help="loss decay over block positions")
+    opt.add_argument("--loss", choices=("ce", "kl"), default="ce",
+                     help="ce: cross entropy to the data's tokens; kl: KL to the target's next-token distribution")
     opt.add_argument("--selector-loss-weight", type=float, default=1.0,
                      help="dflash2: weight of the selector's K-way CE next to the block CE")
     opt.add_argument("--lr", type=float, default=6e-4)
@@ -312,7 +314,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     config = TrainConfig(
         steps=args.steps, batch_tokens=args.batch_tokens, max_len=args.max_len, blocks_per_seq=args.blocks_per_seq,
-        gamma=args.gamma, selector_loss_weight=args.selector_loss_weight, lr=args.lr, warmup=args.warmup,
+        gamma=args.gamma, selector_loss_weight=args.selector_loss_weight, loss=args.loss, lr=args.lr, warmup=args.warmup,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         dtype=args.dtype, seed=args.seed, modes=tuple(args.modes.split(",")),
         val_modes=tuple(args.val_modes.split(",")), max_train_sequences=args.max_train_sequences,

@@ -8,6 +8,9 @@ selector term: loss = block CE + λ · selector CE, the selector's K-way cross-e
 top-K draft candidates, scored with the true predecessor (teacher forcing; slot 1: the anchor), with the
 block CE's decay weights; slots whose true token is not among the K are dropped from that term. The conv
 has no loss of its own. Correctness and τ then follow the selector's path, as decoding does.
+
+`--loss kl` replaces the block CE by the KL divergence from the frozen target's next-token distribution
+at each row (soft labels; z-lab found it about equal to CE, converging slower). Validation keeps the CE.
 """
 
 from __future__ import annotations
@@ -85,11 +88,28 @@ def draft_hidden(draft: DFlashDraft, noise: mx.array, context: mx.array, positio
     return mx.vmap(one)(noise, context, positions, mask)  # (b, N*B, H)
 
 
+def soft_targets(target_logits: mx.array, blocks: BlockTargets, block_size: int) -> mx.array:
+    """The target's log-probs for every supervised block row: (b, S, V) -> (b, N, B−1, V) float32.
+
+    Row k ≥ 1 of a block predicts the token at anchor + k, which the target scores at position
+    anchor + k − 1. Rows past a sequence's end read its last position; their loss weight is 0.
+    """
+    b, seq_len, _ = target_logits.shape
+    before = blocks.positions.reshape(b, -1, block_size)[:, :, 1:] - 1  # (b, N, B−1)
+    rows = mx.clip(before, 0, seq_len - 1).reshape(b, -1)
+    picked = target_logits[mx.arange(b)[:, None], rows].astype(mx.float32)  # (b, N*(B−1), V)
+    logp = picked - mx.logsumexp(picked, axis=-1, keepdims=True)
+    return mx.stop_gradient(logp.reshape(*before.shape, -1))
+
+
 def dflash_loss(
-    draft: DFlashDraft, target: Target, taps: mx.array, blocks: BlockTargets, selector_weight: float = 1.0
+    draft: DFlashDraft, target: Target, taps: mx.array, blocks: BlockTargets, selector_weight: float = 1.0,
+    soft: mx.array | None = None,
 ) -> tuple[mx.array, mx.array, mx.array]:
     """Weighted CE over block rows 1..B−1; also returns correctness (b, N, B−1) and its weights.
 
+    soft: the target's log-probs per row (soft_targets): the loss is then KL(target ‖ draft), which
+    teaches the target's whole next-token distribution rather than the one token the data holds.
     A DFlash 2 draft adds `selector_weight` × the selector CE (selector_loss), and its correctness is the
     selector's choice along the true path: a block's leading correct slots are what its greedy walk accepts.
     """
@@ -102,8 +122,12 @@ def dflash_loss(
     labels = blocks.labels.reshape(b, -1, bs)[:, :, 1:]  # (b, N, B−1)
     weights = blocks.weights.reshape(b, -1, bs)[:, :, 1:]
     logits = draft.logits(hidden, target.lm_head)  # (b, N, B−1, V) float32
-    ce = nn.losses.cross_entropy(logits, labels)  # (b, N, B−1)
-    loss = (ce * weights).sum() / mx.maximum(weights.sum(), 1e-6)
+    if soft is None:
+        per_row = nn.losses.cross_entropy(logits, labels)  # (b, N, B−1)
+    else:
+        logq = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        per_row = (mx.exp(soft) * (soft - logq)).sum(axis=-1)
+    loss = (per_row * weights).sum() / mx.maximum(weights.sum(), 1e-6)
     if isinstance(draft, DFlash2Draft):
         predecessors = blocks.labels.reshape(b, -1, bs)[:, :, :-1]  # slot k follows the token at k−1 (the anchor first)
         selector_loss, choice = selector_loss_and_choice(draft, hidden, logits, predecessors, labels, weights)

@@ -31,6 +31,7 @@ from engine.train.objective import (
     block_metrics,
     block_targets,
     dflash_loss,
+    soft_targets,
     walk,
 )
 
@@ -43,6 +44,7 @@ class TrainConfig:
     blocks_per_seq: int = 32
     gamma: float = 7.0  # loss decay over block positions (spec §3.3: 7 for B = 16)
     selector_loss_weight: float = 1.0  # DFlash 2: λ of the selector's CE (NeMo's default; objective.py)
+    loss: str = "ce"  # "kl": KL to the target's next-token distribution (soft labels) instead of CE to the data
     lr: float = 6e-4
     min_lr_ratio: float = 0.1
     warmup: float = 0.04  # fraction of steps
@@ -68,6 +70,8 @@ class TrainConfig:
             raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
         if self.max_train_sequences < 0:
             raise ValueError(f"max_train_sequences must be >= 0, got {self.max_train_sequences}")
+        if self.loss not in ("ce", "kl"):
+            raise ValueError(f"loss must be ce or kl, got {self.loss!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 
@@ -140,11 +144,11 @@ class Trainer:
         _, taps = self.target(mx.array(tokens), None, taps=True)
         return mx.stop_gradient(taps).astype(self.dtype)
 
-    def _loss_and_grad(self, taps: mx.array, blocks: BlockTargets) -> tuple[Any, dict]:
+    def _loss_and_grad(self, taps: mx.array, blocks: BlockTargets, soft: mx.array | None) -> tuple[Any, dict]:
         def loss_of(params: dict) -> tuple[mx.array, mx.array, mx.array]:
             # float32 master weights, compute in self.dtype; grads come back float32 through astype
             self.draft.update(tree_map(lambda p: p.astype(self.dtype), params))
-            return dflash_loss(self.draft, self.target, taps, blocks, self.config.selector_loss_weight)
+            return dflash_loss(self.draft, self.target, taps, blocks, self.config.selector_loss_weight, soft)
 
         master = self.draft.trainable_parameters()
         outputs, grads = mx.value_and_grad(loss_of)(master)
@@ -154,7 +158,13 @@ class Trainer:
     def train_step(self, batch: BlockBatch) -> dict[str, mx.array]:
         cfg = self.config
         blocks = block_targets(batch, self.draft.config.block_size, self.draft.config.mask_token_id, cfg.gamma)
-        (loss, correct, weights), grads = self._loss_and_grad(self.taps(batch.tokens), blocks)
+        if cfg.loss == "kl":  # the same target forward, its logits evaluated this time
+            logits, taps = self.target(mx.array(batch.tokens), None, taps=True)
+            taps = mx.stop_gradient(taps).astype(self.dtype)
+            soft = soft_targets(logits, blocks, self.draft.config.block_size)
+        else:
+            taps, soft = self.taps(batch.tokens), None
+        (loss, correct, weights), grads = self._loss_and_grad(taps, blocks, soft)
         grads, grad_norm = optim.clip_grad_norm(grads, cfg.grad_clip)
         self.optimizer.update(self.draft, grads)
         metrics = {"loss": loss, "grad_norm": grad_norm, **block_metrics(correct, weights)}

@@ -40,8 +40,10 @@ from engine.train.objective import (
     anchor_runs,
     block_attention_mask,
     block_targets,
+    dflash_loss,
     draft_hidden,
     loss_weights,
+    soft_targets,
     walk,
 )
 from engine.train.prompts import (
@@ -475,3 +477,32 @@ def test_walked_tau_is_what_live_decoding_gets() -> None:
     assert live[1] > live[0]  # the trained draft accepts more than one token per cycle here
     # only the last cycle may differ: near max_tokens the decoder drafts a shorter block
     assert abs(walked[0] - live[0]) <= 1 and abs(walked[1] - live[1]) <= 15, (walked, live)
+
+
+def test_kl_to_a_target_sure_of_each_next_token_is_the_ce(tiny: tuple[Target, object]) -> None:
+    """soft_targets reads the target at the position before each label: KL to a one-hot target is the CE."""
+    target, draft = tiny
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, VOCAB - 1, size=(1, 12)).astype(np.int32)
+    batch = BlockBatch(tokens, np.array([11]), np.array([2]), np.array([[3, 8]], dtype=np.int32), np.array([[True, True]]))
+    blocks = block_targets(batch, block_size=4, mask_token_id=draft.config.mask_token_id, gamma=2.0)
+    sure = np.zeros((1, 12, VOCAB), dtype=np.float32)
+    sure[0, np.arange(11), tokens[0, 1:]] = 60.0  # position p is sure of the token at p + 1
+    soft = soft_targets(mx.array(sure), blocks, 4)
+    assert soft.shape == (1, 2, 3, VOCAB)
+    _, taps = target(mx.array(tokens), None, taps=True)
+    ce, correct, _ = dflash_loss(draft, target, taps, blocks)
+    kl, correct_kl, _ = dflash_loss(draft, target, taps, blocks, soft=soft)
+    assert kl.item() == pytest.approx(ce.item(), rel=1e-4)
+    assert mx.array_equal(correct, correct_kl).item()
+    unsure = soft_targets(mx.zeros((1, 12, VOCAB)), blocks, 4)  # a uniform target: another loss
+    assert dflash_loss(draft, target, taps, blocks, soft=unsure)[0].item() != pytest.approx(ce.item(), rel=1e-2)
+
+
+def test_a_kl_fit_lowers_its_loss(tiny: tuple[Target, object], tmp_path: Path) -> None:
+    trainer = make_trainer(tiny, tmp_path, steps=30, loss="kl")
+    trainer.fit()
+    losses = [r["loss"] for r in trainer.history]
+    assert losses[-1] < 0.8 * losses[0]
+    with pytest.raises(ValueError, match="loss must be ce or kl"):
+        TrainConfig(loss="mse")
