@@ -144,7 +144,14 @@ class Trainer:
         _, taps = self.target(mx.array(tokens), None, taps=True)
         return mx.stop_gradient(taps).astype(self.dtype)
 
-    def _loss_and_grad(self, taps: mx.array, blocks: BlockTargets, soft: mx.array | None) -> tuple[Any, dict]:
+    def _target_states(self, batch: BlockBatch, blocks: BlockTargets) -> tuple[mx.array, mx.array | None]:
+        """The tapped states and, with --loss kl, the target's log-probs per block row: one target forward."""
+        if self.config.loss == "ce":
+            return self.taps(batch.tokens), None
+        logits, taps = self.target(mx.array(batch.tokens), None, taps=True)
+        return mx.stop_gradient(taps).astype(self.dtype), soft_targets(logits, blocks, self.draft.config.block_size)
+
+    def _loss_and_grad(self, taps: mx.array, soft: mx.array | None, blocks: BlockTargets) -> tuple[Any, dict]:
         def loss_of(params: dict) -> tuple[mx.array, mx.array, mx.array]:
             # float32 master weights, compute in self.dtype; grads come back float32 through astype
             self.draft.update(tree_map(lambda p: p.astype(self.dtype), params))
@@ -158,13 +165,7 @@ class Trainer:
     def train_step(self, batch: BlockBatch) -> dict[str, mx.array]:
         cfg = self.config
         blocks = block_targets(batch, self.draft.config.block_size, self.draft.config.mask_token_id, cfg.gamma)
-        if cfg.loss == "kl":  # the same target forward, its logits evaluated this time
-            logits, taps = self.target(mx.array(batch.tokens), None, taps=True)
-            taps = mx.stop_gradient(taps).astype(self.dtype)
-            soft = soft_targets(logits, blocks, self.draft.config.block_size)
-        else:
-            taps, soft = self.taps(batch.tokens), None
-        (loss, correct, weights), grads = self._loss_and_grad(taps, blocks, soft)
+        (loss, correct, weights), grads = self._loss_and_grad(*self._target_states(batch, blocks), blocks)
         grads, grad_norm = optim.clip_grad_norm(grads, cfg.grad_clip)
         self.optimizer.update(self.draft, grads)
         metrics = {"loss": loss, "grad_norm": grad_norm, **block_metrics(correct, weights)}
