@@ -13,6 +13,10 @@ On the CPU the explicit composition's softmax uses engine/backend/fast_exp.py (M
 prefill chunk of 128 rows or more takes NumPy's softmax there (engine/backend/host_softmax.py).
 `DFLASH_ATTENTION` picks: auto (the kernel, else explicit, on CUDA for query blocks; explicit on the
 CPU for up to 64 rows; fused elsewhere), fused, or unfused (explicit, never the kernel).
+Prefill chunks (more than 64 rows) meet the same per-shape plan on CUDA: a request's last chunk has a
+(rows, keys) shape of its own, and a prefix-cache hit's remainder always does. A layer that has not met a
+chunk's shape before takes the explicit path; from its second sighting on, fused attention's plan pays
+for itself (PrefillPlans). `DFLASH_PREFILL_ATTENTION=fused` turns that off.
 """
 
 from __future__ import annotations
@@ -30,7 +34,10 @@ from engine.backend.unfused_attention import unfused_attention
 Mode = Literal["auto", "fused", "unfused"]
 MODES: tuple[str, ...] = ("auto", "fused", "unfused")
 ENV = "DFLASH_ATTENTION"
-MAX_BLOCK_ROWS = 64  # query rows that count as a verify/draft block; prefill chunks stay fused
+MAX_BLOCK_ROWS = 64  # query rows that count as a verify/draft block
+PREFILL_ENV = "DFLASH_PREFILL_ATTENTION"  # auto (explicit at a layer's new chunk shape on CUDA) or fused
+# The explicit path holds (B, H, L, S) float32 scores; past this the plan costs less than the memory traffic.
+PREFILL_SCORES_BYTES = 256 << 20
 
 _mode: Mode | None = None
 _cuda: bool | None = None  # MLX's default device is a CUDA GPU (read once)
@@ -67,16 +74,56 @@ def use_unfused(query_rows: int) -> bool:
     return chosen == "unfused" and query_rows > 1
 
 
+class PrefillPlans:
+    """The prefill-chunk shapes each target layer has met, so that fused attention runs only at shapes it
+    has planned (or will plan once and reuse). Sightings are kept per layer because all of a forward's
+    layers meet its shape at once: a layer's second sighting is a later forward."""
+
+    MAX_SIGHTINGS = 1 << 16  # (layer, shape) pairs kept; a long-running server forgets them all past this
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[object, ...]] = set()
+
+    def explicit(self, site: object, queries: mx.array, keys: mx.array, mask: mx.array | str | None) -> bool:
+        """Whether this chunk takes the explicit path: its shape is new at this layer and its scores fit."""
+        b, heads, rows, _ = queries.shape
+        if 4 * b * heads * rows * keys.shape[2] > PREFILL_SCORES_BYTES:
+            return False
+        shape = mask if isinstance(mask, str) or mask is None else (mask.dtype, tuple(mask.shape))
+        key = (id(site), tuple(queries.shape), tuple(keys.shape), queries.dtype, shape)
+        if key in self._seen:
+            return False
+        if len(self._seen) >= self.MAX_SIGHTINGS:
+            self._seen.clear()
+        self._seen.add(key)
+        return True
+
+
+_prefill_plans = PrefillPlans()
+
+
+def _prefill_explicit(site: object | None, queries: mx.array, keys: mx.array, mask: mx.array | str | None) -> bool:
+    if site is None or queries.shape[2] <= MAX_BLOCK_ROWS or mode() != "auto" or not _on_cuda():
+        return False
+    if os.environ.get(PREFILL_ENV, "auto").strip().lower() == "fused":
+        return False
+    return _prefill_plans.explicit(site, queries, keys, mask)
+
+
 def block_attention(
     queries: mx.array, keys: mx.array, values: mx.array, *, scale: float, mask: mx.array | str | None,
-    prefill_on_host: bool = False,
+    prefill_on_host: bool = False, site: object | None = None,
 ) -> mx.array:
     """softmax(scale · q kᵀ + mask) v with mx.fast's conventions (GQA, "causal", bool or additive masks).
 
     `prefill_on_host`: the caller is a target layer outside any gradient or compile trace, so a prefill chunk on
-    the CPU may take NumPy's softmax (engine/backend/host_softmax.py)."""
+    the CPU may take NumPy's softmax (engine/backend/host_softmax.py).
+    `site`: the calling layer (any object that lives as long as it), which lets a CUDA prefill chunk at a
+    shape new to that layer skip fused attention's per-shape plan (PrefillPlans)."""
     if prefill_on_host and queries.shape[2] >= HOST_SOFTMAX_MIN_ROWS and mode() == "auto" and fast_exp.enabled():
         return host_softmax_attention(queries, keys, values, scale=scale, mask=mask)
+    if _prefill_explicit(site, queries, keys, mask):
+        return unfused_attention(queries, keys, values, scale=scale, mask=mask)
     if use_unfused(queries.shape[2]):
         if mode() == "auto" and _on_cuda():
             kernel = attention_kernel.default_kernel()

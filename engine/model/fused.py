@@ -147,7 +147,7 @@ def _fused_attention_call(
     if hasattr(cache, "bits"):  # a quantized KV cache: mlx-lm's quantized attention
         output = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=self.scale, mask=mask)
     else:
-        output = block_attention(queries, keys, values, scale=self.scale, mask=mask, prefill_on_host=True)
+        output = block_attention(queries, keys, values, scale=self.scale, mask=mask, prefill_on_host=True, site=self)
     return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))  # (B, L, H)
 
 
