@@ -13,8 +13,9 @@ from engine.backend import fast_exp
 
 
 @pytest.fixture
-def forced_on() -> Iterator[None]:
+def forced_on(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     fast_exp.set_enabled(True)  # the polynomial path on any backend: it is plain MLX ops
+    monkeypatch.setattr(fast_exp, "MIN_ELEMENTS", 0)  # at every size
     yield
     fast_exp.set_enabled(None)
 
@@ -63,6 +64,22 @@ def test_switched_off_uses_mlx_ops() -> None:
         scores = mx.random.normal((4, 40), key=mx.random.key(4))
         assert mx.array_equal(fast_exp.softmax(scores), mx.softmax(scores, axis=-1, precise=True))
         assert mx.array_equal(fast_exp.swiglu(scores, scores), mlx_swiglu(scores, scores))
+    finally:
+        fast_exp.set_enabled(None)
+
+
+def test_small_tensors_take_mlx_ops() -> None:
+    """Below MIN_ELEMENTS (a decode row) MLX's own ops run; from it on (a verify block) the polynomial."""
+    fast_exp.set_enabled(True)
+    try:
+        n = fast_exp.MIN_ELEMENTS
+        small = mx.random.normal((1, n - 1), key=mx.random.key(7)) * 6
+        large = mx.random.normal((1, n), key=mx.random.key(8)) * 6
+        assert mx.array_equal(fast_exp.softmax(small), mx.softmax(small, axis=-1, precise=True))
+        assert mx.array_equal(fast_exp.swiglu(small, small), mlx_swiglu(small, small))
+        # the polynomial rounds differently from MLX's exp somewhere in 16K normal draws
+        assert not mx.array_equal(fast_exp.softmax(large), mx.softmax(large, axis=-1, precise=True))
+        assert not mx.array_equal(fast_exp.swiglu(large, large), mlx_swiglu(large, large))
     finally:
         fast_exp.set_enabled(None)
 
