@@ -30,6 +30,7 @@ from engine.model.attention import block_attention
 from engine.model.gguf import (
     materialize,  # one per-layer loading bar for targets and drafts
 )
+from engine.model.compiled_norm import compile_norms
 from engine.model.rope_table import use_table_rope
 from engine.model.transposed import transpose_linears, untransposed_parameters
 
@@ -696,9 +697,10 @@ def load_draft(
     # 16-row block took 16.9 ms in bf16, 2.3 ms in float32 with OpenBLAS)
     on_cpu = mx.default_device() == mx.cpu
     draft = materialize(draft, dequantize=on_cpu, desc=f"loading draft {Path(path).name}" + (" (to float32)" if on_cpu else ""))
-    if on_cpu:  # stored transposed and with table RoPE, as the target (engine/model/transposed.py, rope_table.py)
+    if on_cpu:  # as the target: transposed, table RoPE, compiled norms (transposed.py, rope_table.py, compiled_norm.py)
         transpose_linears(draft)
         use_table_rope(draft)
+        compile_norms(draft)
     return draft
 
 

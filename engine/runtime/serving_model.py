@@ -134,9 +134,10 @@ def warm_up(decoder: SpeculativeDecoder) -> None:
 
 def prepare_model(model: object, *, fuse: bool) -> str:
     """Packed Q/K/V and gate/up projections, then verify-width kernels on a GPU or transposed float
-    weights and table RoPE on the CPU; says what was done."""
+    weights, table RoPE and compiled norms on the CPU; says what was done."""
     from engine.backend.verify_kernels import apply as use_verify_kernels
     from engine.backend.verify_matmul import default_verify_matmul
+    from engine.model.compiled_norm import compile_norms
     from engine.model.fused import fuse_projections
     from engine.model.rope_table import use_table_rope
     from engine.model.transposed import transpose_linears
@@ -145,6 +146,7 @@ def prepare_model(model: object, *, fuse: bool) -> str:
     if mx.default_device() == mx.cpu:  # after fusing: the packed layers are the ones transposed
         notes.append(f"{transpose_linears(model)} float32 matrices stored transposed")
         notes.append(f"{use_table_rope(model)} RoPE modules read a cos/sin table")
+        notes.append(f"{compile_norms(model)} RMSNorms compiled")
     if default_verify_matmul().kernel is not None:  # a GPU backend; the CPU keeps MLX's own matmul
         # after fusing, so the packed layers are the ones swapped
         notes.append(f"verify kernels considered for {use_verify_kernels(model)} layers")

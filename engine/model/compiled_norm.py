@@ -1,0 +1,43 @@
+"""RMSNorm as one compiled kernel pair for MLX's CPU backend.
+
+MLX's CPU `mx.fast.rms_norm` falls back to eleven graph nodes (square, sum, the broadcasts of eps and the
+weight, rsqrt, three multiplies), and each node costs ~5 us to schedule on this backend whatever its size:
+two norms a layer were a fifth of a decode step's ~73 nodes. The same formula under `mx.compile` is a sum
+and two fused elementwise kernels. Like engine/model/transposed.py it is a swap of an exact type
+(nn.RMSNorm) at load time, for float32 inputs up to MAX_ELEMENTS (decode rows and verify blocks); larger
+ones (prefill chunks) keep MLX's own, whose vectorized ops win once the tensor is big.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+MAX_ELEMENTS = 16384  # a 16-row block of a 1,024-wide model; prefill chunks are far above it
+
+
+def _rms_norm(x: mx.array, weight: mx.array, eps: mx.array) -> mx.array:
+    return weight * (x * mx.rsqrt(mx.mean(mx.square(x), axis=-1, keepdims=True) + eps))
+
+
+# shapeless: one compile per rank, whatever the rows
+_compiled = mx.compile(_rms_norm, shapeless=True)
+
+
+class CompiledRMSNorm(nn.RMSNorm):
+    """nn.RMSNorm whose small float32 calls run the compiled formula (installed by class swap)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if x.dtype != mx.float32 or x.size > MAX_ELEMENTS or self.weight.dtype != mx.float32:
+            return super().__call__(x)
+        return _compiled(x, self.weight, mx.array(self.eps, dtype=mx.float32))
+
+
+def compile_norms(model: nn.Module) -> int:
+    """Swap every exact nn.RMSNorm under `model` for CompiledRMSNorm, in place; returns how many."""
+    swapped = 0
+    for _, module in model.named_modules():
+        if type(module) is nn.RMSNorm:
+            module.__class__ = CompiledRMSNorm
+            swapped += 1
+    return swapped
