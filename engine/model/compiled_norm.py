@@ -3,7 +3,7 @@
 MLX's CPU `mx.fast.rms_norm` falls back to eleven graph nodes (square, sum, the broadcasts of eps and the
 weight, rsqrt, three multiplies), and each node costs ~5 us to schedule on this backend whatever its size:
 a decoder layer's two norms were 22 of the 73 nodes of its decode step. The same formula under `mx.compile`
-is four (square, sum, the element count, one fused elementwise kernel). Like engine/model/transposed.py it
+is three (square, sum, one fused elementwise kernel). Like engine/model/transposed.py it
 is a swap of an exact type (nn.RMSNorm) at load time, for float32 inputs up to MAX_ELEMENTS (decode rows
 and verify blocks); larger ones (prefill chunks) keep MLX's own: there the node count is a small share of
 the work, and only the small calls were measured (docs/benchmarks.md).
@@ -17,12 +17,20 @@ import mlx.nn as nn
 MAX_ELEMENTS = 16384  # a 16-row block of a 1,024-wide model; prefill chunks are far above it
 
 
-def _rms_norm(x: mx.array, weight: mx.array, eps: mx.array) -> mx.array:
-    return weight * (x * mx.rsqrt(mx.mean(mx.square(x), axis=-1, keepdims=True) + eps))
+def _rms_norm(x: mx.array, weight: mx.array, eps: mx.array, inverse_dims: mx.array) -> mx.array:
+    # mean as MLX computes it (the sum times 1/n), with 1/n an input: a shapeless mean would add a node
+    return weight * (x * mx.rsqrt(mx.sum(mx.square(x), axis=-1, keepdims=True) * inverse_dims + eps))
 
 
 # shapeless: one compile per rank, whatever the rows
 _compiled = mx.compile(_rms_norm, shapeless=True)
+_constants: dict[tuple[float, int], tuple[mx.array, mx.array]] = {}  # (eps, dims) -> the two scalars
+
+
+def _scalars(eps: float, dims: int) -> tuple[mx.array, mx.array]:
+    if (eps, dims) not in _constants:  # built once, not on every call of every layer
+        _constants[(eps, dims)] = (mx.array(eps, dtype=mx.float32), mx.array(1.0 / dims, dtype=mx.float32))
+    return _constants[(eps, dims)]
 
 
 class CompiledRMSNorm(nn.RMSNorm):
@@ -31,7 +39,7 @@ class CompiledRMSNorm(nn.RMSNorm):
     def __call__(self, x: mx.array) -> mx.array:
         if x.dtype != mx.float32 or x.size > MAX_ELEMENTS or self.weight.dtype != mx.float32:
             return super().__call__(x)
-        return _compiled(x, self.weight, mx.array(self.eps, dtype=mx.float32))
+        return _compiled(x, self.weight, *_scalars(self.eps, x.shape[-1]))
 
 
 def compile_norms(model: nn.Module) -> int:

@@ -23,39 +23,55 @@ from engine.model.tree_attention import rotate_rows
 _MIN_POSITIONS = 4096
 
 
-def _rotate_pairs(x0: mx.array, x1: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    return mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)  # (..., L, D/2, 2)
-
-
-def _rotate_halves(x0: mx.array, x1: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    return mx.concatenate([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1)  # (..., L, D)
+def _rotate(x: mx.array, swapped: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    # swapped is x with each feature's rotation partner in its place and sin carries the sign, so
+    # x0*cos + x1*(-sin) is bitwise x0*cos - x1*sin: one elementwise kernel, no halves to split and join
+    return x * cos + swapped * sin
 
 
 # shapeless: one kernel whatever the rows and heads (a new shape would mean a new JIT compile)
-_pairs = mx.compile(_rotate_pairs, shapeless=True)
-_halves = mx.compile(_rotate_halves, shapeless=True)
+_rotated = mx.compile(_rotate, shapeless=True)
 
 
 class _Table:
-    """cos and sin of every (position, frequency), grown by doubling; shared by every layer."""
+    """Per (position, feature) cos and signed sin, grown by doubling; shared by every layer.
 
-    def __init__(self, dims: int, base: float, scale: float) -> None:
+    Laid out at full width, in the feature order of the rotation (halves, or adjacent pairs for
+    `traditional`), with `partner` the index of each feature's partner.
+    """
+
+    def __init__(self, dims: int, base: float, scale: float, traditional: bool) -> None:
         self.inv_freq = base ** (-np.arange(0, dims, 2, dtype=np.float64) / dims)  # (D/2,)
-        self.scale = scale
-        self.cos = self.sin = mx.zeros((0, dims // 2), dtype=mx.float32)
+        self.scale, self.traditional = scale, traditional
+        half = np.arange(dims // 2)
+        partner = np.stack([2 * half + 1, 2 * half], axis=-1).reshape(-1) if traditional else np.roll(np.arange(dims), dims // 2)
+        self.partner = mx.array(partner.astype(np.int32))
+        self.cos = self.sin = mx.zeros((0, dims), dtype=mx.float32)
+        self._last: tuple[int, int, mx.array, mx.array] | None = None
 
     def rows(self, start: int, count: int) -> tuple[mx.array, mx.array]:
         end = start + count
         if end > self.cos.shape[0]:
             size = max(_MIN_POSITIONS, 1 << math.ceil(math.log2(end)))
             angles = (np.arange(size, dtype=np.float64) * self.scale)[:, None] * self.inv_freq[None]  # (P, D/2)
-            self.cos = mx.array(np.cos(angles), dtype=mx.float32)
-            self.sin = mx.array(np.sin(angles), dtype=mx.float32)
+            cos, sin = np.cos(angles), np.sin(angles)
+            if self.traditional:  # (x0, x1) pairs: cos, cos and -sin, sin interleaved
+                cos, sin = np.repeat(cos, 2, axis=-1), np.stack([-sin, sin], axis=-1).reshape(size, -1)
+            else:
+                cos, sin = np.concatenate([cos, cos], axis=-1), np.concatenate([-sin, sin], axis=-1)
+            self.cos, self.sin = mx.array(cos, dtype=mx.float32), mx.array(sin, dtype=mx.float32)
             mx.eval(self.cos, self.sin)
-        return self.cos[start:end], self.sin[start:end]  # (L, D/2) each
+            self._last = None
+        if self._last is None or self._last[:2] != (start, count):
+            # every layer of a forward reads the same rows: one pair of slices in the graph, not one per layer
+            self._last = (start, count, self.cos[start:end], self.sin[start:end])
+        return self._last[2], self._last[3]  # (L, D) each
+
+    def rotate(self, x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+        return _rotated(x, mx.take(x, self.partner, axis=-1), cos, sin)
 
 
-_tables: dict[tuple[int, float, float], _Table] = {}
+_tables: dict[tuple[int, float, float, bool], _Table] = {}
 _bound: int | None = None  # set by positions_below(): array offsets read the table only inside it
 
 
@@ -79,9 +95,11 @@ class TableRoPE(nn.Module):
     def __init__(self, rope: nn.RoPE) -> None:
         super().__init__()
         self.dims, self.traditional, self.base, self.scale = rope.dims, rope.traditional, rope.base, rope.scale
-        key = (self.dims, float(self.base), float(self.scale))
+        key = (self.dims, float(self.base), float(self.scale), bool(self.traditional))
         # a plain object, not an mx.array attribute: the table must not become a parameter
-        self._table = _tables.setdefault(key, _Table(self.dims, float(self.base), float(self.scale)))
+        if key not in _tables:
+            _tables[key] = _Table(*key)
+        self._table = _tables[key]
 
     def _extra_repr(self) -> str:
         return f"{self.dims}, traditional={self.traditional}, base={self.base}, scale={self.scale}, table"
@@ -90,12 +108,12 @@ class TableRoPE(nn.Module):
         if x.shape[-1] != self.dims or x.dtype != mx.float32:
             return self._fast(x, offset)
         if type(offset) is int:
-            return self._rotate(x, *self._table.rows(offset, x.shape[-2]))  # (L, D/2) each
+            return self._table.rotate(x, *self._table.rows(offset, x.shape[-2]))  # (L, D) each
         if _bound is not None and x.ndim == 4 and offset.shape == (x.shape[0],):
             # a batch's per-row offsets (mlx-lm's BatchKVCache): the same table rows a lone row reads
             self._table.rows(0, _bound)  # grows the table to cover every position of the batch
             positions = offset[:, None] + mx.arange(x.shape[-2])  # (B, L)
-            return self._rotate(x, self._table.cos[positions][:, None], self._table.sin[positions][:, None])
+            return self._table.rotate(x, self._table.cos[positions][:, None], self._table.sin[positions][:, None])
         return self._fast(x, offset)
 
     def rotate_at(self, x: mx.array, positions: mx.array, end: int) -> mx.array:
@@ -103,17 +121,10 @@ class TableRoPE(nn.Module):
         if x.shape[-1] != self.dims or x.dtype != mx.float32:
             return rotate_rows(self._fast, x, positions)
         self._table.rows(0, end)  # grows the table to cover every position
-        return self._rotate(x, self._table.cos[positions], self._table.sin[positions])
+        return self._table.rotate(x, self._table.cos[positions], self._table.sin[positions])
 
     def _fast(self, x: mx.array, offset: int | mx.array) -> mx.array:
         return mx.fast.rope(x, self.dims, traditional=self.traditional, base=self.base, scale=self.scale, offset=offset)
-
-    def _rotate(self, x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-        half = self.dims // 2
-        if self.traditional:  # rotated pairs are adjacent: (x0, x1), (x2, x3), ...
-            pairs = x.reshape(*x.shape[:-1], half, 2)
-            return _pairs(pairs[..., 0], pairs[..., 1], cos, sin).reshape(x.shape)
-        return _halves(x[..., :half], x[..., half:], cos, sin)
 
 
 def use_table_rope(model: nn.Module) -> int:

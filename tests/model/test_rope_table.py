@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -98,3 +100,20 @@ def test_greedy_speculative_decoding_still_equals_plain() -> None:
     assert use_table_rope(draft) == 1  # the draft's one rope, as load_draft swaps it on the CPU
     got = speculative_greedy(swapped, draft, PROMPT, 24)
     assert got == want and len(want) == 24
+
+
+@pytest.mark.parametrize("traditional", [True, False])
+def test_layers_at_one_offset_share_the_tables_rows(traditional: bool, tmp_path) -> None:
+    """Every layer of a forward reads the same table rows: one pair of slices in the graph, and each
+    rotation is a gather of the partner features plus one kernel (graph nodes cost ~5 us each on the CPU)."""
+    rope = nn.RoPE(64, traditional=traditional, base=1e4)
+    layers = [TableRoPE(rope) for _ in range(3)]
+    x = mx.random.normal((1, 4, 1, 64), key=mx.random.key(2))
+    mx.eval(x)
+    outs = [layer(x * (i + 1), offset=123) for i, layer in enumerate(layers)]
+    path = tmp_path / "graph.dot"
+    mx.export_to_dot(str(path), *outs)
+    nodes = re.findall(r'label ="([^"]+)"', path.read_text())
+    assert nodes.count("Slice") == 2 and "Concatenate" not in nodes, nodes
+    for i, out in enumerate(outs):
+        assert np.abs(np.array(out) - exact_rope(x * (i + 1), 123, traditional, 1e4)).max() < 2e-6
