@@ -8,7 +8,8 @@ For each draft (the given directories, and random drafts of the shipped draft's 
 each one's DFlash 2 wrapper), prefill a `--context`-token prompt, then time `DFlashDrafter.propose`
 of `--rows` kept rows, one new context row per call as a cycle that accepted one token feeds it, and
 the target's one-row decode step beside it. Weights do not change the cost, so random drafts price an
-architecture before it is trained (they take the listed draft's shape: a target with none gets only `--draft`). Prints median ms and the draft's share of a plain step.
+architecture before it is trained (they take the listed draft's shape: a target with none gets only
+`--draft`). Prints median ms and the draft's share of a plain step.
 On Linux the process re-execs with MKL or OpenBLAS preloaded, as the server does.
 """
 
@@ -77,7 +78,8 @@ def median_ms(step: object, iters: int, warmup: int = 5) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded")
-    parser.add_argument("--draft", action="append", default=[], help="a draft directory (repeatable; default: the shipped one)")
+    parser.add_argument("--draft", action="append", default=[],
+                        help="a draft directory (repeatable; default: the shipped one)")
     parser.add_argument("--layers", default="3,5", help="random drafts with these layer counts ('' for none)")
     parser.add_argument("--dflash2", action="store_true", help="also each random draft's DFlash 2 wrapper")
     parser.add_argument("--context", type=int, default=300)
@@ -91,7 +93,8 @@ def main() -> None:
 
     loaded = load_model(args.model, dequantize=True if args.target_dtype != "native" else None)
     model = cast_model(loaded.model, args.target_dtype)
-    print(f"[draft_cost] {loaded.description}, {args.target_dtype}, {prepare_model(model, fuse=True)}, {mx.default_device()}")
+    prepared = prepare_model(model, fuse=True)  # as the server prepares it
+    print(f"[draft_cost] {loaded.description}, {args.target_dtype}, {prepared}, {mx.default_device()}")
     listed = default_draft_for(args.model, loaded.model_id)
     shipped = resolve_local_path(listed) if listed else None
     drafts = {d: Path(d) for d in args.draft} or ({"shipped": Path(shipped)} if shipped else {})
@@ -99,7 +102,8 @@ def main() -> None:
     prompt = [(7 * i + 11) % 1000 + 100 for i in range(args.context)]  # any ids: the cost does not read them
     with tempfile.TemporaryDirectory() as tmp:
         if args.layers and shipped:
-            drafts.update(random_drafts(Path(shipped), [int(n) for n in args.layers.split(",")], args.dflash2, Path(tmp)))
+            layers = [int(n) for n in args.layers.split(",")]
+            drafts.update(random_drafts(Path(shipped), layers, args.dflash2, Path(tmp)))
         plain_ms = None
         for name, path in drafts.items():
             draft = load_draft(path, target_hidden_size=dims["hidden_size"], target_vocab_size=dims["vocab_size"],
@@ -120,7 +124,8 @@ def main() -> None:
             ms = median_ms(lambda: drafter.propose([prompt[-1]], row, args.rows, GREEDY, rng).tokens, args.iters)
             params = sum(v.size for _, v in tree_flatten(draft.parameters()))
             print(f"{name:<36} {draft.config.num_hidden_layers} layers, taps {list(draft.config.target_layer_ids)}, "
-                  f"{params / 1e6:.1f}M params: draft {ms:.2f} ms = {ms / plain_ms:.2f} of a plain step ({plain_ms:.2f} ms)")
+                  f"{params / 1e6:.1f}M params: draft {ms:.2f} ms = {ms / plain_ms:.2f} of a plain step "
+                  f"({plain_ms:.2f} ms)")
             target.close()
 
 

@@ -44,7 +44,10 @@ class _Table:
         self.inv_freq = base ** (-np.arange(0, dims, 2, dtype=np.float64) / dims)  # (D/2,)
         self.scale, self.traditional = scale, traditional
         half = np.arange(dims // 2)
-        partner = np.stack([2 * half + 1, 2 * half], axis=-1).reshape(-1) if traditional else np.roll(np.arange(dims), dims // 2)
+        if traditional:  # (x0, x1), (x2, x3), ...
+            partner = np.stack([2 * half + 1, 2 * half], axis=-1).reshape(-1)
+        else:  # the other half
+            partner = np.roll(np.arange(dims), dims // 2)
         self.partner = mx.array(partner.astype(np.int32))
         self.cos = self.sin = mx.zeros((0, dims), dtype=mx.float32)
         self._last: tuple[int, int, mx.array, mx.array] | None = None
