@@ -15,6 +15,7 @@ from typing import NamedTuple, Protocol
 
 import mlx.core as mx
 
+from engine.decode.proposal_head import ProposalHead
 from engine.decode.sampling import SamplingParams, TokenRng, filter_logprobs
 from engine.decode.tree import rank_scores
 from engine.decode.verify_width import CostCurve
@@ -81,7 +82,7 @@ class DFlashDrafter:
     name = "dflash"
     needs_taps = True
 
-    def __init__(self, draft: DFlashDraft, target: Target) -> None:
+    def __init__(self, draft: DFlashDraft, target: Target, proposal_head: ProposalHead | None = None) -> None:
         if target.layer_ids != draft.config.target_layer_ids:
             raise ValueError(
                 f"target taps {target.layer_ids} != draft target_layer_ids "
@@ -90,6 +91,8 @@ class DFlashDrafter:
         self.draft = draft
         self.target = target
         self.dflash2 = isinstance(draft, DFlash2Draft)
+        # greedy DFlash 1 proposals from the most frequent tokens only (engine/decode/proposal_head.py)
+        self.proposal_head = None if self.dflash2 else proposal_head
         # SpeculativeDecoder reads this: trees rank each position's own scores, the selector proposes a path
         self.no_trees = "the DFlash 2 selector proposes one path: chains only" if self.dflash2 else None
         # a grammar may pick a row's proposal among its other candidates (speculative._launch_constrained): DFlash 1
@@ -118,6 +121,8 @@ class DFlashDrafter:
         kept = num_tokens if keep is None else min(keep, num_tokens)
         if kept == 0:  # the forward above still feeds the new context rows to the draft cache
             return Proposal(mx.zeros((0,), dtype=mx.int32), None)
+        if params.is_greedy and self.proposal_head is not None:
+            return Proposal(self.proposal_head(hidden[0, 1 : kept + 1]).astype(mx.int32), None)
         logits = self.draft.logits(hidden[0, 1 : kept + 1], self.target.lm_head)  # (kept, V); row 0 is the anchor
         if self.dflash2:
             return self._select(hidden[0, 1 : kept + 1], logits, new_tokens[-1], anchor_position, params, rng)
@@ -204,7 +209,7 @@ class DFlashDrafter:
         self._cache, self._unseen = None, []
 
     def kept_row_seconds(self, max_rows: int) -> float:
-        """What each verified proposal adds to a draft forward: its LM-head row (V wide) and argmax.
+        """What each verified proposal adds to a draft forward: its LM-head row and argmax.
 
         Timed once on zeros (the cost does not depend on the values), as the target's cost curve is.
         """
@@ -213,7 +218,10 @@ class DFlashDrafter:
         hidden = mx.zeros((max_rows, self.draft.config.hidden_size), dtype=self.draft.norm.weight.dtype)
 
         def lm_head_rows(rows: int) -> None:
-            mx.eval(mx.argmax(self.draft.logits(hidden[:rows], self.target.lm_head), axis=-1))
+            if self.proposal_head is not None:  # what greedy requests pay; sampled ones pay the full head
+                mx.eval(self.proposal_head(hidden[:rows]))
+            else:
+                mx.eval(mx.argmax(self.draft.logits(hidden[:rows], self.target.lm_head), axis=-1))
 
         curve = CostCurve.measure(lm_head_rows, max_rows)
         return max(curve(max_rows) - curve(1), 0.0) / (max_rows - 1)

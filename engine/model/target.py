@@ -186,6 +186,11 @@ class Target:
     def lm_head(self, hidden: mx.array) -> mx.array:
         return self._lm_head(hidden)
 
+    @property
+    def output_head(self) -> Any:
+        """The LM head itself (a module, or a tied embedding's bound `as_linear`), for its weights."""
+        return self._lm_head
+
     def make_cache(self) -> list[Any]:
         return wrap_caches(make_prompt_cache(self.model), self._recurrent_ids)
 

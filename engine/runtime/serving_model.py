@@ -185,12 +185,19 @@ def build_speculative(
     path = resolve_draft(config.draft, config.model, loaded.model_id)
     if path is None:
         return None, "none"
+    from engine.decode.proposal_head import FILE as PROPOSAL_FILE
+    from engine.decode.proposal_head import load_proposal_head
     from engine.model.draft import load_draft
+    from engine.model.loader import resolve_local_path
 
-    draft = load_draft_for(path, loaded, load_draft)
+    local = resolve_local_path(path)
+    draft = load_draft_for(str(local), loaded, load_draft)
     target = Target(loaded.model, layer_ids=draft.config.target_layer_ids)
     block_size = config.block_size or draft.config.block_size
-    decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=block_size,
+    head = load_proposal_head(local, target.output_head, output_multiplier=draft.config.output_multiplier)
+    if head is not None:
+        log.info("draft: greedy proposals from the %d most frequent answer tokens (%s)", len(head.ids), PROPOSAL_FILE)
+    decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target, head), block_size=block_size,
                                  prefill_chunk=config.prefill_chunk, adaptive=adaptive,
                                  tree_budget=_tree_budget(config, adaptive), learn_overheads=learn_overheads)
     kind = "dflash2" if draft.config.is_dflash2 else "dflash"  # DFlash 2: conv + selector (docs/architecture.md)

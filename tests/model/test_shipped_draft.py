@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from engine.runtime.pairs import default_draft_for
 from tests.runtime.test_serving_speculative import greedy_outputs, serve
 
@@ -23,6 +25,9 @@ def test_the_draft_ships_in_the_published_layout_and_small() -> None:
     assert config["torch_dtype"] == "bfloat16"
     assert (SHIPPED / "model.safetensors").stat().st_size < 25_000_000  # bf16, fits in git
     assert Path(default_draft_for("embedded", "SmolLM2-135M-Instruct")) == SHIPPED
+    vocab = np.load(SHIPPED / "proposal_vocab.npy")  # engine/decode/proposal_head.py
+    assert len(set(vocab.tolist())) == len(vocab) == 16384 and 0 <= vocab.min() and vocab.max() < 49152
+    assert 2 in vocab  # <|im_end|>: answers end with it
 
 
 def test_the_embedded_gguf_loaded_from_its_path_takes_the_shipped_draft() -> None:

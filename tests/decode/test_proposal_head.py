@@ -1,0 +1,92 @@
+"""engine/decode/proposal_head.py: greedy proposals over a token subset, lossless through verification."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from tiny_models import build_draft, build_target, draft_config, speculative_greedy, target_config
+
+from engine.decode.drafters import DFlashDrafter
+from engine.decode.proposal_head import FILE, ProposalHead, head_matrix, load_proposal_head
+from engine.decode.sampling import SamplingParams, TokenRng
+from engine.decode.speculative import SpeculativeDecoder
+from engine.model.fused import fuse_projections
+from engine.model.target import Target
+from engine.model.transposed import transpose_linears
+
+PROMPT = [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 3, 2, 3, 8, 4]
+
+
+def test_argmax_over_the_subset_mapped_back_to_token_ids() -> None:
+    matrix = mx.random.normal((8, 50), key=mx.random.key(0))
+    hidden = mx.random.normal((6, 8), key=mx.random.key(1))
+    ids = np.array([41, 3, 17, 29, 8, 0, 33], dtype=np.int32)
+    got = np.array(ProposalHead(ids, matrix)(hidden))
+    scores = np.array(hidden) @ np.array(matrix)[:, ids]
+    assert got.tolist() == ids[scores.argmax(axis=-1)].tolist()
+    full = ProposalHead(np.arange(50), matrix)(hidden)  # the whole vocabulary: the plain argmax
+    assert mx.array_equal(full, mx.argmax(hidden @ matrix, axis=-1)).item()
+
+
+@pytest.mark.parametrize("ids", [np.array([], dtype=np.int32), np.array([3, 50]), np.array([-1, 2]), np.array([4, 4])])
+def test_bad_vocabularies_are_refused(ids: np.ndarray) -> None:
+    with pytest.raises(ValueError, match=FILE):
+        ProposalHead(ids, mx.zeros((8, 50)))
+
+
+def test_the_head_matrix_of_each_kind_of_lm_head() -> None:
+    linear = nn.Linear(8, 50, bias=False)
+    assert mx.array_equal(head_matrix(linear), linear.weight.T).item()
+    embedding = nn.Embedding(50, 8)
+    assert mx.array_equal(head_matrix(embedding.as_linear), embedding.weight.T).item()  # a tied head
+    holder = nn.Module()
+    holder.head = linear
+    transpose_linears(holder)
+    assert mx.array_equal(head_matrix(holder.head), linear.weight.T).item()  # stored transposed
+    assert head_matrix(nn.Linear(8, 50, bias=True)) is None
+    assert head_matrix(nn.QuantizedLinear.from_linear(nn.Linear(64, 64, bias=False))) is None
+
+
+def test_loaded_only_from_a_file_beside_the_draft(tmp_path: Path) -> None:
+    linear = nn.Linear(8, 50, bias=False)
+    assert load_proposal_head(tmp_path, linear) is None  # no file: the whole vocabulary
+    np.save(tmp_path / FILE, np.array([5, 7, 9], dtype=np.int32))
+    head = load_proposal_head(tmp_path, linear)
+    assert head is not None and head.ids.tolist() == [5, 7, 9]
+    assert load_proposal_head(tmp_path, linear, output_multiplier=-1.0) is None  # argmax would flip
+
+
+def test_greedy_speculative_decoding_with_a_subset_head_equals_plain() -> None:
+    """Proposals from half the vocabulary: tokens outside it are never proposed, and the output is the
+    target's greedy output all the same (verification decides)."""
+    config = target_config("llama")
+    model = build_target(config, seed=2)
+    fuse_projections(model)
+    transpose_linears(model)
+    draft = build_draft(draft_config(config), seed=3)
+    want = speculative_greedy(model, draft, PROMPT, 32)
+    target = Target(model, draft.config.target_layer_ids)
+    try:
+        ids = np.array(sorted(set(range(0, config["vocab_size"], 2)) | set(want[:8])), dtype=np.int32)
+        head = ProposalHead(ids, head_matrix(target.output_head))
+        drafter = DFlashDrafter(draft, target, head)
+        proposed: list[int] = []
+        propose = drafter.propose
+
+        def recording(*args: object, **kwargs: object) -> object:
+            proposal = propose(*args, **kwargs)
+            proposed.extend(np.array(proposal.tokens).tolist())
+            return proposal
+
+        drafter.propose = recording  # type: ignore[method-assign]
+        decoder = SpeculativeDecoder(target, drafter, block_size=draft.config.block_size, adaptive=False)
+        steps = decoder.generate(PROMPT, SamplingParams(temperature=0.0), 32, TokenRng(0))
+        got = [t for step in steps for t in step.tokens]
+    finally:
+        target.close()
+    assert got == want and len(want) == 32
+    assert proposed and set(proposed) <= set(ids.tolist())
