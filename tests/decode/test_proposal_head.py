@@ -48,6 +48,10 @@ def test_the_head_matrix_of_each_kind_of_lm_head() -> None:
     transpose_linears(holder)
     assert mx.array_equal(head_matrix(holder.head), linear.weight.T).item()  # stored transposed
     assert head_matrix(nn.Linear(8, 50, bias=True)) is None
+    biased = nn.Module()
+    biased.head = nn.Linear(8, 50, bias=True)
+    transpose_linears(biased)
+    assert head_matrix(biased.head) is None  # transposed, and still biased
     assert head_matrix(nn.QuantizedLinear.from_linear(nn.Linear(64, 64, bias=False))) is None
 
 
