@@ -191,12 +191,12 @@ def build_speculative(
     from engine.model.loader import resolve_local_path
 
     local = resolve_local_path(path)
-    draft = load_draft_for(str(local), loaded, load_draft)
+    draft = load_draft_for(path, loaded, load_draft, local=local)
     target = Target(loaded.model, layer_ids=draft.config.target_layer_ids)
     block_size = config.block_size or draft.config.block_size
     head = load_proposal_head(local, target.output_head, output_multiplier=draft.config.output_multiplier)
     if head is not None:
-        log.info("draft: greedy proposals from the %d most frequent answer tokens (%s)", len(head.ids), PROPOSAL_FILE)
+        log.info("draft: greedy proposals from the %d most frequent answer tokens (%s)", head.ids.size, PROPOSAL_FILE)
     decoder = SpeculativeDecoder(target, DFlashDrafter(draft, target, head), block_size=block_size,
                                  prefill_chunk=config.prefill_chunk, adaptive=adaptive,
                                  tree_budget=_tree_budget(config, adaptive), learn_overheads=learn_overheads)
@@ -214,10 +214,11 @@ def _tree_note(decoder: SpeculativeDecoder) -> str:
     return "" if decoder.tree_status == "off" else f", trees {decoder.tree_status}"
 
 
-def load_draft_for(path: str, loaded: object, load_draft: object) -> object:
+def load_draft_for(path: str, loaded: object, load_draft: object, local: Path | None = None) -> object:
+    """`local`: the path already resolved from `path` (an HF repo id is resolved once)."""
     from engine.model.loader import resolve_local_path
 
-    local = resolve_local_path(path)
+    local = local if local is not None else resolve_local_path(path)
     args = vars(loaded.model.args)
     args = {**args, **(args.get("text_config") or {})}  # multimodal families (qwen3_5) nest the LM's dims
     try:
