@@ -240,6 +240,7 @@ class Bench:
 
     def _add_speculative(self, drafter: str) -> None:
         from engine.decode.drafters import DFlashDrafter, NgramDrafter, OracleDrafter
+        from engine.decode.proposal_head import load_proposal_head
         from engine.decode.speculative import SpeculativeDecoder
         from engine.model.target import Target
 
@@ -247,7 +248,10 @@ class Bench:
         if drafter == "dflash":
             draft = self._draft()
             target = Target(self.model, draft.config.target_layer_ids)
-            make = lambda: DFlashDrafter(draft, target)
+            # as the server builds it: greedy proposals over the draft's proposal vocabulary, where it ships one
+            head = load_proposal_head(self.draft_dir, target.output_head,
+                                      output_multiplier=draft.config.output_multiplier)
+            make = lambda: DFlashDrafter(draft, target, head)
         elif drafter in ("ngram", "oracle"):
             target = Target(self.model)
             vocab = self.loaded.tokenizer.vocab_size  # the oracle's continuation is set per prompt
