@@ -52,6 +52,22 @@ class ProposalHead:
         return self.ids[mx.argmax(hidden @ self.matrix, axis=-1)]
 
 
+def proposal_vocab(counts: np.ndarray, coverage: float) -> np.ndarray | None:
+    """The fewest token ids, most frequent first, that cover `coverage` of the counted tokens; None where
+    that takes over half the vocabulary (too little of the head saved to be worth a copy of it)."""
+    if not 0 < coverage < 1 or counts.sum() == 0:
+        return None
+    order = np.argsort(-counts, kind="stable")
+    k = int(np.searchsorted(np.cumsum(counts[order]), coverage * counts.sum())) + 1
+    return order[:k].astype(np.int32) if k <= len(counts) // 2 else None
+
+
+def save_proposal_vocab(ids: np.ndarray, draft_dir: str | Path) -> Path:
+    path = Path(draft_dir) / FILE
+    np.save(path, ids.astype(np.int32))
+    return path
+
+
 def load_proposal_head(draft_dir: str | Path, lm_head: Callable[[mx.array], mx.array], *,
                        output_multiplier: float = 1.0) -> ProposalHead | None:
     """The draft directory's proposal vocabulary over the target's head, where it applies.

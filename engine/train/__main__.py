@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="which to validate on (validation also reports tau per mode); keep it fixed when comparing --modes")
     opt.add_argument("--max-train-sequences", type=int, default=0,
                      help="train on a seeded random subset of this many sequences (0: all); equal data across --modes")
+    opt.add_argument("--proposal-coverage", type=float, default=0.985,
+                     help="ship beside the draft the most frequent answer tokens covering this share, the CPU's "
+                     "greedy proposal vocabulary (0: none)")
     opt.add_argument("--seed", type=int, default=0)
     run = p.add_argument_group("bookkeeping")
     run.add_argument("--val-permille", type=int, default=10, help="sequences held back for validation")
@@ -318,6 +321,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         dtype=args.dtype, seed=args.seed, modes=tuple(args.modes.split(",")),
         val_modes=tuple(args.val_modes.split(",")), max_train_sequences=args.max_train_sequences,
+        proposal_coverage=args.proposal_coverage,
         val_permille=args.val_permille, val_walk_sequences=args.val_walk_sequences, log_every=args.log_every, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
         time_limit=args.time_limit,
     )

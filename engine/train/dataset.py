@@ -166,6 +166,12 @@ class TokenDataset:
     def sequence(self, i: int) -> np.ndarray:
         return self.tokens[self.offsets[i] : self.offsets[i + 1]]
 
+    def answer_token_counts(self, indices: np.ndarray, vocab_size: int) -> np.ndarray:
+        """How often each token id occurs in the answers (not the prompts) of these sequences."""
+        parts = [self.tokens[self.offsets[i] + self.response_start[i] : self.offsets[i + 1]] for i in indices]
+        flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+        return np.bincount(flat, minlength=vocab_size)[:vocab_size]
+
     def split(self, permille: int) -> tuple[np.ndarray, np.ndarray]:
         """(train, validation) indices, by prompt key so both modes of a prompt stay together."""
         val = (self.keys % 1000) < permille

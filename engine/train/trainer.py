@@ -21,6 +21,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from engine.decode.proposal_head import FILE as PROPOSAL_FILE
+from engine.decode.proposal_head import proposal_vocab, save_proposal_vocab
 from engine.model.draft import DFlashDraft, save_draft
 from engine.model.target import Target
 from engine.train import progress_bar
@@ -55,6 +57,7 @@ class TrainConfig:
     modes: tuple[str, ...] = MODES  # which generated sequences to train on
     val_modes: tuple[str, ...] = MODES  # which to validate on: fits on different modes compare on the same ones
     max_train_sequences: int = 0  # 0: all; else a seeded random subset, so fits on different modes see equal data
+    proposal_coverage: float = 0.985  # published drafts ship the answer tokens covering this share (0: none)
     val_permille: int = 10
     val_batches: int = 8
     val_walk_sequences: int = 24  # greedy validation sequences decoded by walk(): the τ decoding gets; 0: none
@@ -70,6 +73,8 @@ class TrainConfig:
             raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
         if self.max_train_sequences < 0:
             raise ValueError(f"max_train_sequences must be >= 0, got {self.max_train_sequences}")
+        if not 0 <= self.proposal_coverage < 1:
+            raise ValueError(f"proposal_coverage must be in [0, 1), got {self.proposal_coverage}")
         if self.loss not in ("ce", "kl"):
             raise ValueError(f"loss must be ce or kl, got {self.loss!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -137,6 +142,9 @@ class Trainer:
         self.val_idx = val_idx[np.isin(data.modes[val_idx], [MODES.index(m) for m in config.val_modes])]
         if len(self.train_idx) == 0:
             raise ValueError("no training sequences (all went to validation); lower --val-permille")
+        # the CPU's greedy proposals read only these columns of the head (engine/decode/proposal_head.py)
+        counts = data.answer_token_counts(self.train_idx, target.vocab_size)
+        self.proposal_ids = proposal_vocab(counts, config.proposal_coverage)
 
     # ---- one step -------------------------------------------------------------------------
     def taps(self, tokens: np.ndarray) -> mx.array:
@@ -375,6 +383,10 @@ class Trainer:
         """The trained draft in the published layout (bf16), ready for `--draft`."""
         path = self.out_dir / "draft"
         save_draft(self.draft, path, dtype=mx.bfloat16)
+        if self.proposal_ids is not None:
+            save_proposal_vocab(self.proposal_ids, path)
+        else:  # a vocabulary left by an earlier fit into this directory would not be this data's
+            (path / PROPOSAL_FILE).unlink(missing_ok=True)
         return path
 
     def write_curves(self) -> None:

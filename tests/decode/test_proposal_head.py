@@ -11,7 +11,7 @@ import pytest
 from tiny_models import build_draft, build_target, draft_config, speculative_greedy, target_config
 
 from engine.decode.drafters import DFlashDrafter
-from engine.decode.proposal_head import FILE, ProposalHead, head_matrix, load_proposal_head
+from engine.decode.proposal_head import FILE, ProposalHead, head_matrix, load_proposal_head, proposal_vocab
 from engine.decode.sampling import SamplingParams, TokenRng
 from engine.decode.speculative import SpeculativeDecoder
 from engine.model.fused import fuse_projections
@@ -94,3 +94,14 @@ def test_greedy_speculative_decoding_with_a_subset_head_equals_plain() -> None:
         target.close()
     assert got == want and len(want) == 32
     assert proposed and set(proposed) <= set(ids.tolist())
+
+
+def test_the_vocabulary_is_the_fewest_most_frequent_tokens_covering_the_share() -> None:
+    counts = (1000 / np.arange(1, 1001) ** 1.2).astype(np.int64)[np.random.default_rng(0).permutation(1000)]
+    ids = proposal_vocab(counts, 0.9)
+    assert ids is not None and ids.dtype == np.int32
+    assert counts[ids].tolist() == sorted(counts[ids].tolist(), reverse=True)  # most frequent first
+    assert counts[ids].sum() >= 0.9 * counts.sum() > counts[ids[:-1]].sum()  # covers it, one fewer does not
+    assert set(counts[ids]) >= {c for c in counts if c > counts[ids[-1]]}  # nothing more frequent left out
+    assert proposal_vocab(np.ones(1000, dtype=np.int64), 0.9) is None  # 900 of 1000 tokens: not worth a copy
+    assert proposal_vocab(counts, 0.0) is None and proposal_vocab(np.zeros(10, dtype=np.int64), 0.9) is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -295,6 +296,29 @@ def test_tiny_fit_lowers_the_loss_and_publishes(tiny: tuple[Target, object], tmp
     assert (tmp_path / "draft" / "config.json").exists() and (tmp_path / "curves.json").exists()
     published = json.loads((tmp_path / "draft" / "config.json").read_text())
     assert published["dflash_config"]["mask_token_id"] == trainer.draft.config.mask_token_id
+
+
+def test_a_fit_publishes_the_answers_most_frequent_tokens_as_the_proposal_vocabulary(
+    tiny: tuple[Target, object], tmp_path: Path
+) -> None:
+    """Answers over 6 tokens, one of them in half the answer positions: the published draft ships those,
+    most frequent first, and a later fit that ships none removes the stale file."""
+    target, reference = tiny
+    rng = np.random.default_rng(0)
+    common, rare = 40, [41, 42, 43, 44, 45]
+    samples = []
+    for i in range(24):
+        prompt = rng.integers(0, VOCAB - 1, size=8).tolist()
+        answer = [common if j % 2 else int(rng.choice(rare)) for j in range(30)]
+        samples.append(Sample(prompt + answer, len(prompt), 7919 * (i + 1), 0, True))
+    config = TrainConfig(steps=2, batch_tokens=640, blocks_per_seq=4, log_every=1, eval_every=1000,
+                         checkpoint_every=1000, val_permille=0)
+    Trainer(target, build_draft(reference.config), TokenDataset(samples, max_len=64), config, tmp_path).fit()
+    ids = np.load(tmp_path / "draft" / "proposal_vocab.npy")
+    assert ids[0] == common and sorted(ids.tolist()) == [common, *rare]
+    none = replace(config, proposal_coverage=0.0)
+    Trainer(target, build_draft(reference.config), TokenDataset(samples, max_len=64), none, tmp_path).publish()
+    assert (tmp_path / "draft" / "config.json").exists() and not (tmp_path / "draft" / "proposal_vocab.npy").exists()
 
 
 def test_a_fit_validates_its_starting_draft_before_the_first_step(tiny: tuple[Target, object], tmp_path: Path) -> None:
