@@ -417,7 +417,13 @@ def main(argv: list[str] | None = None) -> int:
 
         maybe_reexec_with_blas()  # may replace the process; no-op on a GPU
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    from engine.model.loader import ModelLoadError
+
+    try:
+        return int(args.func(args))
+    except (ModelLoadError, FileNotFoundError) as exc:  # what the user must fix: one line, not a traceback
+        print(f"engine.train {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

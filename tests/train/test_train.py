@@ -18,7 +18,7 @@ from engine.decode.drafters import DFlashDrafter
 from engine.decode.speculative import SpeculativeDecoder
 from engine.model.target import Target
 from engine.model.tokenizer import Tokenizer
-from engine.train.__main__ import build_parser
+from engine.train.__main__ import build_parser, main
 from engine.train.dataset import (
     BlockBatch,
     Sample,
@@ -436,6 +436,15 @@ def test_cli_help_lists_every_phase(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert all(phase in text for phase in ("prompts", "generate", "fit", "eval", "--out DIR"))
+
+
+def test_cli_mistakes_are_one_line_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["fit", "--out", str(tmp_path)]) == 2  # no generated data yet
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("engine.train fit: error: no ") and "engine.train generate" in err and "\n" not in err
+    assert main(["eval", "--out", str(tmp_path), "--model", str(tmp_path / "missing.gguf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("engine.train eval: error: ") and "missing.gguf" in err and "Traceback" not in err
 
 
 def test_training_blocks_match_what_the_drafter_proposes(tiny: tuple[Target, object]) -> None:
