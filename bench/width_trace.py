@@ -53,13 +53,16 @@ def main() -> None:
 
     from engine.decode.drafters import DFlashDrafter
     from engine.decode.plain_decoder import PlainDecoder
+    from engine.decode.proposal_head import load_proposal_head
     from engine.decode.speculative import SpeculativeDecoder
     from engine.model.target import Target
 
     loaded, model, draft, prepared = load_target_and_draft(args)
     print(f"[trace] {loaded.description}, {args.target_dtype}, {prepared}", flush=True)
     target = Target(model, draft.config.target_layer_ids)
-    spec = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=args.block_size)
+    # as the server builds it: greedy proposals over the draft's proposal vocabulary, where it ships one
+    head = load_proposal_head(args.draft, target.output_head, output_multiplier=draft.config.output_multiplier)
+    spec = SpeculativeDecoder(target, DFlashDrafter(draft, target, head), block_size=args.block_size)
     plain = PlainDecoder(model)
     records = []
     for round_ in range(args.rounds):
