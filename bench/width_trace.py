@@ -37,7 +37,7 @@ def controller_state(decoder: Any) -> dict[str, Any]:
     width = decoder.verify_width
     if width is None:
         return {}
-    return {"accept": [round(p, 3) for p in width.accept], "seen": list(width.seen),
+    return {"trials": [round(t, 2) for t in width.trials], "hits": [round(h, 2) for h in width.hits],
             "estimates": [round(p, 3) for p in width.estimates()], "draft_ms": width.draft_s * 1e3,
             "draft_row_ms": width.draft_row_s * 1e3, "host_ms": width.host_s * 1e3,
             "curve_ms": [round(s * 1e3, 2) for s in width.curve.seconds], "probe_every": width.probe_every}

@@ -45,31 +45,37 @@ class CostCurve:
 
     @classmethod
     def from_points(cls, points: dict[int, float], max_rows: int) -> CostCurve:
-        """Interpolate measured (rows -> seconds) linearly; made non-decreasing against noise."""
+        """Interpolate measured (rows -> seconds) linearly between the measured row counts.
+
+        Not forced to rise with rows: on this CPU OpenBLAS runs 16 rows as fast as 8 and 10-14 rows up to
+        1.5x slower (min ms 1:62 8:116 12:164 16:109), and pricing that as monotonic hid the cheap 16.
+        """
         xs = sorted(points)
-        seconds, best = [], 0.0
+        seconds = []
         for r in range(1, max_rows + 1):
             hi = next((x for x in xs if x >= r), xs[-1])
             lo = max((x for x in xs if x <= r), default=xs[0])
-            t = points[lo] if hi == lo else points[lo] + (points[hi] - points[lo]) * (r - lo) / (hi - lo)
-            best = max(best, t)
-            seconds.append(best)
+            seconds.append(points[lo] if hi == lo else points[lo] + (points[hi] - points[lo]) * (r - lo) / (hi - lo))
         return cls(tuple(seconds))
 
     @classmethod
-    def measure(cls, forward: Callable[[int], None], max_rows: int, repeats: int = 3) -> CostCurve:
-        """Time `forward(rows)` (which must block until done) at powers of two up to max_rows."""
-        widths = sorted({min(2**i, max_rows) for i in range(max_rows.bit_length() + 1)})
+    def measure(cls, forward: Callable[[int], None], max_rows: int, repeats: int = 3, exact: int = 16) -> CostCurve:
+        """Time `forward(rows)` (which must block until done) at every row count up to `exact`, and at
+        powers of two and max_rows beyond (tree budgets); interpolated between the powers of two only.
+
+        Every row count, since the cost by rows need not be smooth (from_points). Passes are interleaved
+        so that a burst of load on a shared CPU disturbs one sample of many widths, not all of one.
+        """
+        widths = sorted({*range(1, min(exact, max_rows) + 1), max_rows,
+                         *(2**i for i in range(max_rows.bit_length()) if 2**i <= max_rows)})
         forward(widths[-1])  # warm up kernels and allocations
-        points = {}
-        for rows in widths:
-            samples = []
-            for _ in range(repeats):
+        samples: dict[int, list[float]] = {rows: [] for rows in widths}
+        for _ in range(repeats):
+            for rows in widths:
                 start = time.perf_counter()
                 forward(rows)
-                samples.append(time.perf_counter() - start)
-            points[rows] = min(samples)  # the least disturbed run on a shared CPU
-        return cls.from_points(points, max_rows)
+                samples[rows].append(time.perf_counter() - start)
+        return cls.from_points({rows: min(s) for rows, s in samples.items()}, max_rows)  # least disturbed
 
 
 class Plan(NamedTuple):
@@ -121,10 +127,10 @@ class Calibration:
 
 
 class VerifyWidth:
-    """Chooses the verify width from per-position acceptance EWMAs and a cost model.
+    """Chooses the verify width from per-position acceptance estimates and a cost model.
 
-    p[i] estimates P(draft i accepted | drafts before it accepted); positions past the last
-    rejection are unobserved that cycle and keep their value. Expected tokens for cap c:
+    p[i] estimates P(draft i accepted | drafts before it accepted) from decayed counts of the cycles
+    that reached position i, shrunk toward p[i - 1] (see estimates). Expected tokens for cap c:
     1 + sum_{i<c} prod_{j<=i} p[j]. Cost: curve(c + 1) + host, + draft + c * draft_row when c > 0
     (the draft's LM head runs on the verified rows only, so a narrow cycle drafts cheaper).
     """
@@ -136,10 +142,15 @@ class VerifyWidth:
         *,
         alpha: float = 0.3,
         prior: float = 1.0,
-        margin: float = 0.05,
-        probe_every: int = 8,
+        decay: float = 0.9,
+        prior_weight: float = 1.0,
+        carry: float = 0.25,
+        margin: float = 0.02,
+        probe_every: int = 16,
         max_probe_every: int = 128,
         overhead_alpha: float = 0.1,
+        fit_alpha: float = 0.05,
+        slope_ridge: float = 1.0,
         learn_overheads: bool = True,
         draft_row_s: float = 0.0,
         tree_budgets: Sequence[int] = (),
@@ -151,14 +162,26 @@ class VerifyWidth:
             raise ValueError(f"tree budgets must be >= 1 and chains=False needs one, got {tuple(tree_budgets)}")
         self.max_drafts = max_drafts
         self.curve = curve
-        self.alpha = alpha
+        self.alpha = alpha  # tree nodes' acceptance EWMA
+        self.prior = prior  # optimistic: a drafter starts at full width
+        self.decay = decay  # what a drafting cycle keeps of the counts before it
+        self.prior_weight = prior_weight  # in cycles: how much p[i] leans on p[i - 1]
+        self.carry = carry  # what a new request keeps of the counts: new content, new rates
         self.margin = margin
         self.overhead_alpha = overhead_alpha
+        self.fit_alpha = fit_alpha  # what a drafting cycle's excess weighs in the fit against those before it
+        self.slope_ridge = slope_ridge  # in width^2 per cycle: how firmly the slope keeps the measured row cost
         self.learn_overheads = learn_overheads  # False: price cycles by the curve alone
-        self.accept = [prior] * max_drafts  # optimistic: a drafter starts at full width
-        self.seen = [0] * max_drafts  # cycles that observed each position (it was verified, all before accepted)
-        self.draft_s = 0.0  # drafting + slicing cost of a cycle that verifies drafts, its fixed part
-        self.draft_row_s = max(draft_row_s, 0.0)  # what each verified draft adds to it (measured, not learned)
+        # decayed counts of the cycles that verified draft i with all before it accepted, and of those that
+        # accepted it; draft 1 starts at `prior_weight` pseudo-cycles of `prior`, which age like real ones
+        self.trials = [prior_weight] + [0.0] * (max_drafts - 1)
+        self.hits = [prior * prior_weight] + [0.0] * (max_drafts - 1)
+        # what a drafting cycle costs beyond curve(width + 1) + host: draft_s + draft_row_s * width, fitted to
+        # live cycles by least squares (decayed sums below), the slope held near the measured per-row draft
+        # cost unless cycles of several widths show another
+        self.draft_s = 0.0
+        self.draft_row_s = self.measured_row_s = max(draft_row_s, 0.0)
+        self._fit = [0.0] * 5  # decayed sums of 1, w, w^2, r, w * r over drafting cycles (w width, r excess)
         self.host_s = 0.0  # per-cycle cost outside the target forward (learned at width 0)
         self.cap = max_drafts
         self.base_probe_every = probe_every
@@ -180,14 +203,18 @@ class VerifyWidth:
         self._tree_probing = False
 
     def estimates(self) -> list[float]:
-        """accept[], except that a position never observed is trusted no more than the one before it.
+        """p[0] = hits[0] / trials[0]; p[i] = (hits[i] + w * p[i - 1]) / (trials[i] + w), w = prior_weight.
 
-        Positions past the usual rejection point are never verified-and-reached, so their optimistic
-        prior would stay 1.0: on the CPU that priced a full block (88 ms) near a 3-draft cycle (63 ms).
+        Deep positions are reached in few cycles: per-position EWMAs kept stale lucky values there (1.0),
+        which priced a full block ~1 token too high and chose it where 4 drafts were best. Shrinking each
+        toward the position before, by how often it was seen, does not. bench/width_replay.py, six bench
+        prompts x 9 orders, this CPU's costs by every row count: 1.154x -> 1.243x plain; worst prompt against
+        its best fixed width 0.849 -> 0.948 (with carry, margin and probe_every as set here).
         """
-        out, last = [], 1.0
-        for p, n in zip(self.accept, self.seen):
-            last = p if n else min(p, last)
+        last = self.hits[0] / self.trials[0] if self.trials[0] > 0 else self.prior
+        out = [last]
+        for hits, trials in zip(self.hits[1:], self.trials[1:]):
+            last = (hits + self.prior_weight * last) / (trials + self.prior_weight)
             out.append(last)
         return out
 
@@ -237,11 +264,14 @@ class VerifyWidth:
     def new_request(self) -> None:
         """A new request is new content: its first narrower-than-full cycle probes, whatever the backoff.
 
-        What earlier requests taught (acceptance, costs, backoff) is kept. bench/width_replay.py over the
-        six bench prompts in 9 orders: CPU costs 1.163 -> 1.200x plain, H200 costs 1.196 -> 1.277x; a useless
-        or weak drafter within 0.3% (one narrow cycle per request).
+        Costs and backoff are kept, acceptance counts at `carry` weight: what earlier requests taught is
+        the starting point, but a few cycles of the new content outweigh it (a chat answer after code drafted
+        13 cycles at width 4 where plain steps were best). bench/width_replay.py over the six bench prompts
+        in 9 orders: the probe 1.163 -> 1.200x plain (CPU costs), 1.196 -> 1.277x (H200 costs).
         """
         self._since_probe = max(self._since_probe, self.probe_every - 1)
+        self.hits = [h * self.carry for h in self.hits]
+        self.trials = [t * self.carry for t in self.trials]
 
     def peek(self) -> int:
         """What choose() would return now, without moving the probe counter."""
@@ -277,18 +307,39 @@ class VerifyWidth:
             self.probe_every = self.base_probe_every if accepted else min(2 * self.probe_every, self.max_probe_every)
 
     def _observe(self, verified: int, accepted: int) -> None:
+        if not verified:  # a plain step shows nothing about the drafts, so it ages nothing either
+            return
+        self.hits = [h * self.decay for h in self.hits]
+        self.trials = [t * self.decay for t in self.trials]
         for i in range(min(accepted + 1, verified)):
-            hit = 1.0 if i < accepted else 0.0
-            self.accept[i] += self.alpha * (hit - self.accept[i])
-            self.seen[i] += 1
+            self.hits[i] += float(i < accepted)
+            self.trials[i] += 1.0
 
     def _learn_overheads(self, verified: int, seconds: float) -> None:
         residual = seconds - self.curve(verified + 1)
         if verified == 0:
-            self.host_s = self._ewma(self.host_s, max(residual, 0.0), "host")
+            # from zero, not from a first sample: plain steps are rare while drafting pays, and one that
+            # followed a drafting cycle (36.8 ms where they take ~9) priced plain steps out for good
+            self.host_s += self.overhead_alpha * (max(residual, 0.0) - self.host_s)
         else:
-            fixed = residual - self.host_s - self.draft_row_s * verified
-            self.draft_s = self._ewma(self.draft_s, max(fixed, 0.0), "draft")
+            self._fit_excess(verified, residual - self.host_s)
+
+    def _fit_excess(self, width: int, excess: float) -> None:
+        """One drafting cycle's excess over the curve: refit draft_s + draft_row_s * width.
+
+        On this CPU the excess grew with the width (median ms at widths 1 / 3-4 / 6-7 / 15: 27 / 38 / 55 / 57)
+        while a flat one learned from mostly full-width cycles priced narrow ones 20-30 ms too dear, and the
+        controller chose between the full block and plain steps only. The ridge keeps the slope at the
+        measured draft row cost until cycles of other widths say otherwise.
+        """
+        keep = 1.0 - self.fit_alpha
+        n, sw, sww, sr, swr = (x * keep for x in self._fit)
+        self._fit = [n + 1.0, sw + width, sww + width * width, sr + excess, swr + width * excess]
+        n, sw, sww, sr, swr = self._fit
+        ridge = self.slope_ridge * n
+        slope = (n * (swr + ridge * self.measured_row_s) - sw * sr) / (n * (sww + ridge) - sw * sw)
+        self.draft_row_s = max(slope, 0.0)
+        self.draft_s = max((sr - self.draft_row_s * sw) / n, 0.0)
 
     def _ewma(self, value: float, sample: float, name: str) -> float:
         if name not in self._learned:  # the first sample replaces the unknown starting value
