@@ -121,9 +121,9 @@ def gpu_kernels_on() -> bool:
 
 def warm_up(decoder: SpeculativeDecoder) -> None:
     """A few greedy tokens at load, here rather than inside the first request's TTFT: the verify cost
-    curve is measured (every row count; the warm-up takes 7.9 s for the 135M on 2 CPU cores), and on CUDA the block-attention
-    kernel is compiled (NVRTC) and checked and the verify matmuls decided for what the drafter feeds the
-    shared LM head (the draft's dtype)."""
+    curve is measured (every row count; the warm-up takes 7.9 s for the 135M on 2 CPU cores), and on
+    CUDA the block-attention kernel is compiled (NVRTC) and checked and the verify matmuls decided for
+    what the drafter feeds the shared LM head (the draft's dtype)."""
     from engine.decode.sampling import SamplingParams, TokenRng
 
     start = time.perf_counter()

@@ -35,7 +35,7 @@ GREEDY = SamplingParams(temperature=0.0)
 Rule = Callable[[int], int]  # verified drafts -> accepted drafts
 
 
-def _teach(controller: VerifyWidth, rates: list[float], cycles: float = 1e9) -> None:
+def _teach(controller: VerifyWidth, rates: list[float | None], cycles: float = 1e9) -> None:
     """As if each position had been reached in `cycles` cycles and accepted at these rates (0: never reached)."""
     controller.trials = [cycles if p is not None else 0.0 for p in rates]
     controller.hits = [cycles * p if p is not None else 0.0 for p in rates]
