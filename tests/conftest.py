@@ -4,22 +4,33 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
 
 from engine.backend.blas import blas_reexec_env, find_blas, maybe_reexec_with_blas
+from engine.runtime.cost_cache import CACHE_ENV as COST_CACHE_ENV
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Run the suite with MKL or OpenBLAS preloaded, as the server runs (a no-op where it is not wanted)."""
+    """Run the suite with MKL or OpenBLAS preloaded, as the server runs (a no-op where it is not wanted),
+    and with its own verify-cost cache: the first real-model load times the costs, the others (servers
+    started as subprocesses too) read them, and the user's cache is left alone."""
+    os.environ.setdefault(COST_CACHE_ENV, str(Path(tempfile.gettempdir()) / f"dflash-test-costs-{os.getpid()}.json"))
     if blas_reexec_env(os.environ, find_blas(), on_cpu=mx.default_device() == mx.cpu) is None:
         return
     capture = config.pluginmanager.getplugin("capturemanager")
     if capture is not None:
         capture.stop_global_capturing()  # give the re-exec'd run the real stdout/stderr
     maybe_reexec_with_blas()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    path = Path(os.environ.get(COST_CACHE_ENV, ""))
+    if path.name.startswith("dflash-test-costs-"):  # the suite's own (pytest_configure), not one the user named
+        path.unlink(missing_ok=True)
 
 from engine.decode.plain_decoder import PlainDecoder
 from engine.model.gguf import read_gguf

@@ -207,6 +207,7 @@ class SpeculativeDecoder:
         self.timing = timing
         self.adaptive = adaptive
         self.cost_curve = cost_curve  # target seconds by rows; measured once, on first use
+        self.draft_row_s: float | None = None  # what each verified draft row adds to a draft; measured with it
         self.learn_overheads = learn_overheads  # draft/host seconds from live cycle times
         # width-0 cycles queue the next one before their sync, as plain decoding does (hybrid targets
         # roll back by replaying the last verify only, so they keep one cycle in flight). On the CPU
@@ -538,10 +539,11 @@ class SpeculativeDecoder:
         rows = max(self.block_size, self.max_budget + 1)
         if self.cost_curve is None or len(self.cost_curve.seconds) < rows:
             self.cost_curve = CostCurve.measure(forward, rows)
-        row_cost = getattr(self.drafter, "kept_row_seconds", None)
-        draft_row_s = row_cost(self.block_size - 1) if row_cost is not None and self.learn_overheads else 0.0
+        if self.draft_row_s is None:
+            row_cost = getattr(self.drafter, "kept_row_seconds", None)
+            self.draft_row_s = row_cost(self.block_size - 1) if row_cost is not None and self.learn_overheads else 0.0
         return VerifyWidth(self.block_size - 1, self.cost_curve, learn_overheads=self.learn_overheads,
-                           draft_row_s=draft_row_s, tree_budgets=self.tree_budgets,
+                           draft_row_s=self.draft_row_s, tree_budgets=self.tree_budgets,
                            chains=not self.tree_budgets or len(self.tree_budgets) > 1)
 
     def _prefill(

@@ -16,6 +16,7 @@ from engine.decode.decoder import Decoder
 from engine.decode.plain_decoder import PlainDecoder
 from engine.decode.prefix_cache import PrefixCache
 from engine.runtime.config import EngineConfig
+from engine.runtime.cost_cache import CostCache, Costs
 from engine.runtime.pairs import default_draft_for, load_pairs
 
 if TYPE_CHECKING:
@@ -61,7 +62,9 @@ class ServingModel:
         # own clocks (engine/runtime/tensor_parallel.agree_on_costs); the prefix cache is off under TP
         speculative, drafter = build_speculative(loaded, config, learn_overheads=not lockstep)
         if speculative is not None and (not lockstep or gpu_kernels_on()):
-            warm_up(speculative)  # lockstep ranks measure an agreed curve (tensor_parallel.agree_on_costs)
+            # lockstep ranks measure an agreed curve (tensor_parallel.agree_on_costs)
+            on_cpu = mx.default_device() == mx.cpu and not lockstep
+            warm_up(speculative, CostCache.default() if on_cpu else None, cost_key(loaded, config, drafter))
         batch, batching = build_batch(loaded.model, speculative, config, lockstep)
         return cls(
             model_id=loaded.model_id,
@@ -119,18 +122,43 @@ def gpu_kernels_on() -> bool:
     return any(k.kernel is not None for k in kernels)
 
 
-def warm_up(decoder: SpeculativeDecoder) -> None:
-    """A few greedy tokens at load, here rather than inside the first request's TTFT: the verify cost
-    curve is measured (every row count; the warm-up takes 7.9 s for the 135M on 2 CPU cores), and on
-    CUDA the block-attention kernel is compiled (NVRTC) and checked and the verify matmuls decided for
-    what the drafter feeds the shared LM head (the draft's dtype)."""
+def warm_up(decoder: SpeculativeDecoder, costs: CostCache | None = None, key: str = "") -> None:
+    """A few greedy tokens at load, here rather than inside the first request's TTFT: the verify costs
+    are measured or read from `costs` (timing every row count takes ~8 s for the 135M on 2 CPU cores),
+    and on CUDA the block-attention kernel is compiled (NVRTC) and checked and the verify matmuls
+    decided for what the drafter feeds the shared LM head (the draft's dtype)."""
     from engine.decode.sampling import SamplingParams, TokenRng
 
     start = time.perf_counter()
+    cached = None if costs is None or not decoder.adaptive else costs.get(key)
+    if cached is not None:
+        decoder.cost_curve, decoder.draft_row_s = cached.curve, cached.draft_row_s
     for _ in decoder.generate([1, 2, 3, 4, 5, 6, 7, 8], SamplingParams(temperature=0.0), 4, TokenRng(0)):
         pass
     decoder.forget_acceptance()  # what the dummy prompt's drafts taught is not the drafter's rate
-    log.info("speculative decoder warmed up in %.1f s", time.perf_counter() - start)
+    if costs is not None and cached is None and decoder.cost_curve is not None and decoder.draft_row_s is not None:
+        costs.put(key, Costs(decoder.cost_curve, decoder.draft_row_s))
+    how = "none measured" if not decoder.adaptive else "costs read from" if cached else "costs measured"
+    where = f" {costs.path}" if costs is not None and decoder.adaptive else ""
+    log.info("speculative decoder warmed up in %.1f s (verify %s%s)", time.perf_counter() - start, how, where)
+
+
+def cost_key(loaded: object, config: EngineConfig, drafter: str) -> str:
+    """What measured verify costs hold for: this machine and backend, the model files, the settings."""
+    from engine.backend.blas import loaded_blas, machine_key
+
+    blas = loaded_blas()  # not blas_status(): its words change once the BLAS choice is cached
+    draft = resolve_draft(config.draft, config.model, loaded.model_id) if config.drafter == "dflash" else None
+    paths = [loaded.path, *([] if draft is None else [Path(draft).expanduser()])]
+    stamps = [f"{p}:{_stamp(p)}" for p in paths if p.exists()]
+    return " | ".join([machine_key([] if blas is None else [blas]), str(mx.default_device()), loaded.model_id, loaded.description, drafter, *stamps,
+                       f"block {config.block_size} dequantize {config.dequantize} fuse {config.fuse_projections}"])
+
+
+def _stamp(path: Path) -> str:
+    """Size and modification time of a file, or of a directory's files: a changed model is measured again."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return ",".join(f"{p.stat().st_size}@{int(p.stat().st_mtime)}" for p in files[:64])
 
 
 def prepare_model(model: object, *, fuse: bool) -> str:

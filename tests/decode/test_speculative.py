@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -34,9 +35,11 @@ from engine.decode.sampling import (
     token_logprobs,
 )
 from engine.decode.speculative import SpeculativeDecoder, accept_draft
+from engine.decode.verify_width import CostCurve
 from engine.model import attention
 from engine.model.fused import fuse_projections
 from engine.model.target import Target
+from engine.runtime.cost_cache import CostCache, Costs
 from engine.runtime.serving_model import warm_up
 
 PROMPT = [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 3, 2, 3, 8, 4]
@@ -547,3 +550,30 @@ def test_warm_up_measures_the_cost_curve_and_leaves_the_decoder_usable() -> None
     out, _ = _run(decoder, 12)
     target.close()
     assert out == ref
+
+
+def test_warm_up_stores_the_measured_costs_and_a_later_start_reads_them(tmp_path: Path) -> None:
+    """On the CPU the costs are cached per machine and model (cost_cache.py): a restart does not time them."""
+    cfg = target_config("llama", tie_word_embeddings=False)
+    model = build_target(cfg, seed=1)
+    dcfg = draft_config(cfg, block_size=8)
+    target = Target(model, dcfg.target_layer_ids)
+    draft = build_draft(dcfg, seed=2)
+    costs = CostCache(tmp_path / "costs.json")
+    first = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=8)
+    warm_up(first, costs, "this machine, this model")
+    stored = costs.get("this machine, this model")
+    assert stored is not None and stored.curve == first.cost_curve and stored.draft_row_s == first.draft_row_s
+    assert costs.get("another model") is None
+    costs.put("another model", Costs(CostCurve((9.0,) * 8), 0.5))  # a second entry leaves the first alone
+    later = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=8)
+    warm_up(later, costs, "this machine, this model")
+    assert later.cost_curve == first.cost_curve and later.draft_row_s == first.draft_row_s  # read, not timed again
+    ref, _ = plain_greedy(model, PROMPT, 12)
+    out, _ = _run(later, 12)
+    target.close()
+    assert out == ref
+    (tmp_path / "costs.json").write_text("{not json")
+    assert costs.get("this machine, this model") is None  # a damaged file means measuring again, not failing
+    assert CostCache.default({"DFLASH_COST_CACHE": "off"}) is None
+    assert CostCache.default({"XDG_CACHE_HOME": str(tmp_path)}).path == tmp_path / "dflash-server" / "costs.json"

@@ -9,15 +9,18 @@ the last bits (MKL), which could only flip a near-tie, and none of these prompts
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
 import pytest
 
 from engine.decode.sampling import SamplingParams
+from engine.decode.verify_width import CostCurve
 from engine.runtime.async_engine import AsyncEngine
 from engine.runtime.batch_scheduler import BatchScheduler
 from engine.runtime.config import EngineConfig
+from engine.runtime.cost_cache import CACHE_ENV as COST_CACHE_ENV
 from engine.runtime.request import FinishReason, Request
 from engine.runtime.serving_model import ServingModel
 
@@ -129,6 +132,13 @@ def test_no_verify_kernel_is_decided_inside_requests(monkeypatch: pytest.MonkeyP
     check = verify._check
     monkeypatch.setattr(verify, "_check", lambda spec, bucket: checked.append((spec, bucket)) or check(spec, bucket))
     monkeypatch.setattr(vm, "_DEFAULT", verify)
+
+    def one_forward(cls: type, forward: Callable[[int], None], max_rows: int, **_: Any) -> CostCurve:
+        forward(max_rows)  # the widest shape still runs (its kernels decided); timing every width would take
+        return CostCurve.linear(0.05, 0.002, max_rows)  # minutes on the reference kernel
+
+    monkeypatch.setattr(CostCurve, "measure", classmethod(one_forward))
+    monkeypatch.setenv(COST_CACHE_ENV, "off")  # a made-up curve must not be kept for later loads
     served = ServingModel.load(EngineConfig(max_batch=4, dequantize="no"))
     assert served.batch is not None and served.speculative is not None
     assert served.speculative.cost_curve is not None  # warmed up at load, not in the first request
