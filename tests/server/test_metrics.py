@@ -102,7 +102,9 @@ def test_speculative_counters_with_ngram_drafter() -> None:
     config = ServerConfig(engine=EngineConfig(drafter="ngram"))
     engine = AsyncEngine(lambda: ServingModel.load(config.engine), max_waiting=4)
     with TestClient(create_app(config, engine), base_url="http://localhost") as c:
-        prompt = "Repeat after me: one two three, one two three, one two three."
+        # a reply that copies the prompt: its first drafts are accepted whatever widths the timing picks later
+        # (a "one two three" prompt drafted "three." where the reply had "three," and then drafted no more)
+        prompt = "Repeat this sentence exactly: The quick brown fox jumps over the lazy dog near the riverbank."
         body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 24, "temperature": 0}
         spec = [c.post("/v1/chat/completions", json=body).json()["usage"]["speculative"] for _ in range(2)]
         samples = scrape(c)
