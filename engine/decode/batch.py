@@ -39,6 +39,7 @@ from engine.decode.sampling import (
     token_logprobs,
 )
 from engine.model import rope_table
+from engine.model.split_head import SplitHead
 from engine.model.target import Target
 
 Logprobs = tuple[mx.array, mx.array, mx.array]  # chosen (1,), top ids (1, k), top logprobs (1, k)
@@ -90,6 +91,7 @@ class BatchDecoder:
         self.model = model
         self.target = target  # the speculative decoder's: its taps feed a drafter when a row goes back to it
         self.prefill_chunk = prefill_chunk
+        self.split = SplitHead.probe(model)  # the same model as the target's, so the same answer
         self.rows: list[Row] = []
         self.cache: list[BatchKVCache] | None = None
         self.tokens: mx.array | None = None  # (B,) int32: each row's latest token, which the next step feeds
@@ -114,22 +116,29 @@ class BatchDecoder:
     # --- joining -------------------------------------------------------------------------
     def prefill(self, row: Row, prompt_ids: list[int]) -> Generator[DecodeStep, None, None]:
         """The row's prompt alone, as its solo decoder would run it: the prefix cache, then chunks of
-        `prefill_chunk` (an empty step after each, so a cancel is noticed), then the last token, whose
-        logits give the first token. Yields the first token last; join() then takes the row in."""
+        `prefill_chunk` (an empty step after each but the last, so a cancel is noticed), the last
+        chunk's head on its last row, whose logits give the first token (or, where the head cannot be
+        split off, the last token alone). Yields the first token last; join() then takes the row in."""
         cache = make_prompt_cache(self.model)
         num_cached, cached_taps = row.lease.restore(cache, self.tap_layers if row.wants_taps else ())
         ids = mx.array(prompt_ids, dtype=mx.int32)[None]  # (1, P)
         taps = [] if cached_taps is None else [cached_taps]
         end = len(prompt_ids)
-        for start, stop in prefill_spans(num_cached, end - 1, self.prefill_chunk, row.lease.cut):
-            _, chunk_taps = self._forward(ids[:, start:stop], cache, row.wants_taps)
+        logits = None
+        for start, stop in prefill_spans(num_cached, end if self.split else end - 1, self.prefill_chunk, row.lease.cut):
+            logits, chunk_taps = self._forward(ids[:, start:stop], cache, row.wants_taps, last=stop == end)
             taps += [] if chunk_taps is None else [chunk_taps]
+            row.prefilled += stop - start
+            if stop == end:
+                break  # its logits are read with the first token: one sync for both
             mx.eval([c.state for c in cache], taps[-1:])  # bound the graph per chunk
             row.lease.reached(stop, cache)
-            row.prefilled += stop - start
             yield DecodeStep([], None)
-        logits, last_taps = self._forward(ids[:, end - 1 :], cache, row.wants_taps)
-        taps += [] if last_taps is None else [last_taps]
+        if not self.split:
+            logits, last_taps = self._forward(ids[:, end - 1 :], cache, row.wants_taps)
+            taps += [] if last_taps is None else [last_taps]
+            row.prefilled += 1
+        assert logits is not None
         row.history = ids[0] if row.processors else None  # what the cache holds; a step appends what it feeds
         row.position = end
         first, logprobs = self._sample_row(row, logits[:, -1])
@@ -137,7 +146,6 @@ class BatchDecoder:
         token = int(first.item())
         row.lease.record([token], mx.concatenate(taps, axis=1) if taps else None)
         row.own_cache, row.first, row.position = cache, first, row.num_tokens
-        row.prefilled += 1
         yield DecodeStep([token], self._to_list(token, logprobs))
 
     def adopt(self, row: Row, cache: list[Any], length: int) -> None:
@@ -258,9 +266,14 @@ class BatchDecoder:
         self.stats.rows = [*self.stats.rows[-self.MAX_HISTORY + 1 :], len(rows)]
         return out
 
-    def _forward(self, tokens: mx.array, cache: list[Any], taps: bool) -> tuple[mx.array, mx.array | None]:
+    def _forward(self, tokens: mx.array, cache: list[Any], taps: bool, last: bool = False
+                 ) -> tuple[mx.array, mx.array | None]:
+        """Logits (1, L, V), or (1, 1, V) of the last row with `last`, and the rows' taps where asked."""
         if self.target is not None:
-            return self.target(tokens, cache, taps=taps)
+            return self.target(tokens, cache, taps=taps, last=last)
+        if last:
+            assert self.split is not None
+            return self.split.last_logits(tokens, cache), None
         return self.model(tokens, cache=cache), None
 
     def _sample(self, raw: mx.array) -> tuple[mx.array, list[Logprobs | None]]:

@@ -21,6 +21,7 @@ from engine.decode.sampling import (
     to_token_logprobs,
     token_logprobs,
 )
+from engine.model.split_head import SplitHead
 
 if TYPE_CHECKING:
     from engine.decode.prefix_cache import PrefixLease
@@ -33,6 +34,7 @@ class PlainDecoder:
     def __init__(self, model: nn.Module, *, prefill_chunk: int = 512) -> None:
         self.model = model
         self.prefill_chunk = prefill_chunk
+        self.split = SplitHead.probe(model)
 
     def supports(self, params: SamplingParams) -> str | None:
         return None
@@ -49,47 +51,60 @@ class PlainDecoder:
             return
         cache = make_prompt_cache(self.model)
         history = mx.array(prompt_ids, dtype=mx.int32)
-        yield from self._prefill(history, cache, prefix)
+        raw = yield from self._prefill(history, cache, prefix)
         processors = make_logits_processors(params, len(prompt_ids))
 
-        def forward(token: mx.array, history: mx.array) -> tuple[mx.array, mx.array]:
-            raw = self.model(token.reshape(1, -1), cache=cache)[:, -1, :]  # (1, V)
+        def pick(raw: mx.array, history: mx.array) -> tuple[mx.array, mx.array]:
             # logprobs report the raw model distribution, as vLLM does by default
             # the token sampled here takes sequence position history.size (the seeded noise's key)
             return sample(apply_processors(processors, history, raw), params, rng, history.size), raw
 
-        y, logits = forward(history[-1:], history)
+        def forward(token: mx.array, history: mx.array) -> tuple[mx.array, mx.array]:
+            return pick(self.model(token.reshape(1, -1), cache=cache)[:, -1, :], history)  # (1, V)
+
+        y, logits = forward(history[-1:], history) if raw is None else pick(raw, history)
         mx.async_eval(y)
         num_rows = len(prompt_ids)  # in the cache: the prompt, then each token fed back
         try:
             for n in range(max_tokens):
                 history = mx.concatenate([history, y])
+                if n == 0:
+                    # the first token goes out before the next forward is launched: on the CPU backend
+                    # async_eval runs most of a launched graph before returning (a step in the TTFT)
+                    yield self._commit(y, logits, params, prefix)
                 if n + 1 < max_tokens:
                     # queue the next forward before the host reads this token (sync elision)
                     next_y, next_logits = forward(y, history)
                     mx.async_eval(next_y)
                     num_rows += 1
-                token = y.item()
-                if prefix is not None:
-                    prefix.record([token])
-                yield DecodeStep([token], self._logprobs(y, logits, params))
+                if n > 0:
+                    yield self._commit(y, logits, params, prefix)
                 if n + 1 < max_tokens:
                     y, logits = next_y, next_logits
         finally:
             if prefix is not None:
                 prefix.offer(cache, num_rows)
 
-    def _prefill(self, history: mx.array, cache: list, prefix: PrefixLease | None) -> Generator[DecodeStep, None, None]:
-        """Restore the cached prefix and run the prompt but its last token (kept for the first step).
+    def _prefill(self, history: mx.array, cache: list, prefix: PrefixLease | None
+                 ) -> Generator[DecodeStep, None, mx.array | None]:
+        """Restore the cached prefix and run the rest of the prompt; returns the last row's raw logits
+        (1, V), lazy. Where the model's head cannot be split off (engine/model/split_head.py), the
+        last token is kept for the first step's forward instead, and None is returned.
 
         Empty steps between prefill chunks let the scheduler notice a cancel mid-prefill."""
         num_cached = 0 if prefix is None else prefix.restore(cache)[0]
-        for start, stop in prefill_spans(num_cached, history.size - 1, self.prefill_chunk, prefix and prefix.cut):
+        end = history.size
+        for start, stop in prefill_spans(num_cached, end if self.split else end - 1, self.prefill_chunk,
+                                         prefix and prefix.cut):
+            if stop == end:
+                assert self.split is not None
+                return self.split.last_logits(history[None, start:stop], cache)[:, -1, :]
             self.model(history[None, start:stop], cache=cache)
             mx.eval([c.state for c in cache])
             if prefix is not None:
                 prefix.reached(stop, cache)
             yield DecodeStep([], None)
+        return None
 
     def _constrained(
         self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, rng: TokenRng,
@@ -99,17 +114,19 @@ class PlainDecoder:
         forward is launched with the chosen token before the step is yielded. Ends after EOS."""
         cache = make_prompt_cache(self.model)
         history = mx.array(prompt_ids, dtype=mx.int32)
-        yield from self._prefill(history, cache, prefix)
+        raw = yield from self._prefill(history, cache, prefix)
         processors = make_logits_processors(params, len(prompt_ids))
 
-        def forward(token: mx.array, history: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
-            raw = self.model(token.reshape(1, -1), cache=cache)[:, -1, :]  # (1, V)
+        def pick(raw: mx.array, history: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
             logits = apply_processors(processors, history, raw)
             scores = choice_scores(logits, params, rng, history.size)
             return mx.argmax(scores, axis=-1), scores, logits, raw
 
+        def forward(token: mx.array, history: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+            return pick(self.model(token.reshape(1, -1), cache=cache)[:, -1, :], history)  # (1, V)
+
         state = constraint.state
-        pending = forward(history[-1:], history)
+        pending = forward(history[-1:], history) if raw is None else pick(raw, history)
         mx.async_eval(pending[0])
         num_rows = len(prompt_ids)
         try:
@@ -134,6 +151,12 @@ class PlainDecoder:
         finally:
             if prefix is not None:
                 prefix.offer(cache, num_rows)
+
+    def _commit(self, y: mx.array, logits: mx.array, params: SamplingParams, prefix: PrefixLease | None) -> DecodeStep:
+        token = y.item()
+        if prefix is not None:
+            prefix.record([token])
+        return DecodeStep([token], self._logprobs(y, logits, params))
 
     @staticmethod
     def _logprobs(y: mx.array, logits: mx.array, params: SamplingParams) -> list | None:

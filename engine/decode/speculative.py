@@ -550,10 +550,10 @@ class SpeculativeDecoder:
         self, prompt_ids: list[int], cache: list[Any], params: SamplingParams, rng: TokenRng,
         prefix: PrefixLease | None, constraint: Constraint | None = None,
     ) -> Generator[DecodeStep, None, tuple[int, list[TokenLogprob] | None, mx.array | None, State | None]]:
-        """Restore the cached prefix, run the rest with taps; the last token goes alone so only its
-        logits are computed.
+        """Restore the cached prefix, run the rest with taps; the last chunk's head runs on its last row
+        (or, where the model's head cannot be split off, the last token goes alone).
 
-        Yields an empty step after each chunk, as plain decoding does, so a cancel is noticed.
+        Yields an empty step after each chunk but the last, as plain decoding does, so a cancel is noticed.
         """
         needs_taps = self.drafter.needs_taps
         tap_layers = self.target.layer_ids if needs_taps else ()
@@ -561,17 +561,23 @@ class SpeculativeDecoder:
         ids = mx.array(prompt_ids, dtype=mx.int32)[None]  # (1, P)
         taps: list[mx.array] = [] if cached_taps is None else [cached_taps]
         end = len(prompt_ids)
-        for start, stop in prefill_spans(num_cached, end - 1, self.prefill_chunk, prefix and prefix.cut):
-            _, chunk_taps = self.target(ids[:, start:stop], cache, taps=needs_taps)
+        split = self.target.splits_head
+        logits = None
+        for start, stop in prefill_spans(num_cached, end if split else end - 1, self.prefill_chunk, prefix and prefix.cut):
+            logits, chunk_taps = self.target(ids[:, start:stop], cache, taps=needs_taps, last=stop == end)
             if chunk_taps is not None:
                 taps.append(chunk_taps)
+            if stop == end:
+                break  # its logits are read with the first token: one sync for both
             mx.eval([c.state for c in cache], taps[-1:])  # bound the graph per chunk
             if prefix is not None:
                 prefix.reached(stop, cache)
             yield DecodeStep([], None)
-        logits, last_taps = self.target(ids[:, end - 1 :], cache, taps=needs_taps)
-        if last_taps is not None:
-            taps.append(last_taps)
+        if not split:
+            logits, last_taps = self.target(ids[:, end - 1 :], cache, taps=needs_taps)
+            if last_taps is not None:
+                taps.append(last_taps)
+        assert logits is not None
         last = logits[:, -1]  # (1, V)
         prompt_taps = mx.concatenate(taps, axis=1) if taps else None  # (1, P, T*H)
         state = None

@@ -29,6 +29,7 @@ from engine.model.recurrent_rollback import (
     remove_recorders,
     wrap_caches,
 )
+from engine.model.split_head import SplitHead
 from engine.model.tree_attention import TreeRows
 
 _TAPPED_CLASSES: dict[type, type] = {}
@@ -113,6 +114,7 @@ class Target:
         self._lm_head = (
             getattr(model, "lm_head", None) or getattr(language_model, "lm_head", None) or inner.embed_tokens.as_linear
         )
+        self._split = SplitHead.probe(model)  # before the taps and recorders: a plain forward
         self._slots = [_install_tap(self.layers[i]) for i in self.layer_ids]
         install_recorders(self.layers, self._recurrent_ids)
         self._tree: tree_attention._TreeSlot | None = None  # installed by enable_trees()
@@ -153,16 +155,26 @@ class Target:
         args = getattr(self.model, "args", None)
         return int(getattr(args, "vocab_size", 0) or self._embed_tokens.weight.shape[0])
 
+    @property
+    def splits_head(self) -> bool:
+        """Whether `last=True` is available (engine/model/split_head.py)."""
+        return self._split is not None
+
     def __call__(
-        self, tokens: mx.array, cache: list[Any] | None, *, taps: bool, tree: TreeRows | None = None
+        self, tokens: mx.array, cache: list[Any] | None, *, taps: bool, tree: TreeRows | None = None,
+        last: bool = False,
     ) -> tuple[mx.array, mx.array | None]:
         """tokens (b, L) -> logits (b, L, V) and taps (b, L, T*H) in layer_ids order (spec §1.3).
 
         tree: the rows' positions and mask for a tree verify (engine/decode/tree.py); needs enable_trees().
+        last: logits of the last row only, (b, 1, V) (a prefill's end); needs `splits_head`.
         """
         if taps and not self._slots:
             raise ValueError("this Target was built without layer_ids; pass the draft's target_layer_ids")
-        if tree is None:
+        if last:
+            assert self._split is not None and tree is None, "last=True needs splits_head and no tree"
+            logits = self._split.last_logits(tokens, cache)
+        elif tree is None:
             logits = self.model(tokens, cache=cache)
         else:
             assert self._tree is not None, "enable_trees() first"
