@@ -12,6 +12,8 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tokenizers import Tokenizer as RawTokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from engine.model.piece_cache import PieceCache
+
 # llama.cpp token types (tokenizer.ggml.token_type).
 _CONTROL, _USER_DEFINED = 3, 4
 
@@ -51,6 +53,7 @@ class Tokenizer:
             eos.add(hf.eos_token_id)
         eos |= _template_end_of_turn_ids(hf)
         self._eos_token_ids = frozenset(eos)
+        self._pieces = _piece_cache(hf)
 
     # ---- constructors -------------------------------------------------------------------
     @classmethod
@@ -101,6 +104,8 @@ class Tokenizer:
 
     # ---- text <-> ids -------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if self._pieces is not None and not add_special_tokens:
+            return self._pieces.encode(text)
         return self.hf.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
@@ -205,6 +210,21 @@ def _add_gguf_special_tokens(raw: RawTokenizer, tokens: list[str], token_types: 
     user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, token_types) if k == _USER_DEFINED]
     raw.add_special_tokens(control)
     raw.add_tokens(user)
+
+
+def _piece_cache(hf: PreTrainedTokenizerFast) -> PieceCache | None:
+    """A PieceCache where added tokens split text as plain strings and a probe encodes alike, else None."""
+    raw = hf.backend_tokenizer
+    added = raw.get_added_tokens_decoder()
+    if any(t.lstrip or t.rstrip or t.single_word or t.normalized for t in added.values()):
+        return None
+    cache = PieceCache({t.content: i for i, t in added.items()},
+                       lambda piece: raw.encode(piece, add_special_tokens=False).ids)
+    probe = "".join(f"x{t.content} 1 y\n" for t in added.values()) + " Hello, world  42!\n\n"
+    if cache.encode(probe) != hf.encode(probe, add_special_tokens=False):
+        log.warning("token ids of chat messages are not cached: this tokenizer splits added tokens its own way")
+        return None
+    return cache
 
 
 def _template_end_of_turn_ids(hf: PreTrainedTokenizerFast) -> set[int]:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 import regex
+from tokenizers import AddedToken
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from engine.model.gguf import read_gguf
 from engine.model.loader import embedded_model_path
+from engine.model.piece_cache import PieceCache
 from engine.model.tokenizer import Tokenizer
 
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -156,3 +159,50 @@ def test_from_pretrained_round_trip(tok: Tokenizer, tmp_path: Path) -> None:
     assert loaded.eos_token_ids == frozenset({0, 2})
     assert loaded.chat_template == tok.chat_template
     assert loaded.special_token_ids == tok.special_token_ids
+
+
+def _random_chat_texts(tok: Tokenizer, count: int, seed: int) -> list[str]:
+    """Texts cut from TEXTS, added tokens and near-misses of them, joined at random."""
+    rng = random.Random(seed)
+    added = sorted(tok.hf.backend_tokenizer.get_added_tokens_decoder().values(), key=lambda t: t.content)
+    fragments = [*TEXTS, *(t.content for t in added), "<|im_", "im_end|>", "<|<|im_end|>", "\n", " ", "42", ""]
+    return ["".join(rng.choice(fragments) for _ in range(rng.randint(1, 12))) for _ in range(count)]
+
+
+def test_cached_pieces_encode_exactly_as_the_tokenizer(tok: Tokenizer) -> None:
+    assert tok._pieces is not None  # the embedded tokenizer's added tokens split as plain strings
+    texts = _random_chat_texts(tok, 300, seed=0)
+    for _ in range(2):  # the second pass reads the cached pieces
+        for text in texts:
+            assert tok.encode(text) == tok.hf.encode(text, add_special_tokens=False), repr(text)
+    assert tok._pieces.hits > 0
+
+
+def test_a_growing_chat_encodes_only_its_new_messages(tok: Tokenizer) -> None:
+    messages = [{"role": "user", "content": "Tell me about 12 owls."}]
+    tok.encode(tok.render_chat(messages))
+    messages += [{"role": "assistant", "content": "Owls hunt at night."}, {"role": "user", "content": "And bats?"}]
+    misses = tok._pieces.misses
+    ids = tok.encode(tok.render_chat(messages))
+    assert ids == tok.hf.encode(tok.render_chat(messages), add_special_tokens=False)
+    # the system and first user pieces are looked up; the reply, the new question and the header are new
+    assert tok._pieces.misses - misses <= 3
+
+
+def test_piece_cache_keeps_to_its_character_bound(tok: Tokenizer) -> None:
+    raw = tok.hf.backend_tokenizer
+    cache = PieceCache({"<|im_end|>": 2}, lambda piece: raw.encode(piece, add_special_tokens=False).ids, max_chars=200)  # pieces up to 50 characters are kept
+    for text in _random_chat_texts(tok, 200, seed=1):
+        assert cache.encode(text) == tok.hf.encode(text, add_special_tokens=False)  # other added tokens: in pieces
+        assert cache._chars <= 200
+    assert cache.hits > 0
+
+
+def test_tokenizers_whose_added_tokens_strip_space_are_not_cached(meta: dict[str, Any]) -> None:
+    stripping = Tokenizer.from_gguf_metadata(meta)
+    stripping.hf.backend_tokenizer.add_special_tokens([AddedToken("<mask>", special=True, lstrip=True)])
+    rebuilt = Tokenizer(stripping.hf)
+    assert rebuilt._pieces is None
+    text = "fill the  <mask> here <|im_end|>"
+    assert rebuilt.encode(text) == rebuilt.hf.encode(text, add_special_tokens=False)
+    assert rebuilt.decode(rebuilt.encode(text)).count("<mask>") == 1
