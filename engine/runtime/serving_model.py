@@ -65,6 +65,8 @@ class ServingModel:
             # lockstep ranks measure an agreed curve (tensor_parallel.agree_on_costs)
             on_cpu = mx.default_device() == mx.cpu and not lockstep
             warm_up(speculative, CostCache.default() if on_cpu else None, cost_key(loaded, config, drafter))
+        if on_cuda():
+            warm_prefill([plain, *([] if speculative is None else [speculative])], config.prefill_chunk)
         batch, batching = build_batch(loaded.model, speculative, config, lockstep)
         return cls(
             model_id=loaded.model_id,
@@ -141,6 +143,26 @@ def warm_up(decoder: SpeculativeDecoder, costs: CostCache | None = None, key: st
     how = "none measured" if not decoder.adaptive else "costs read from" if cached else "costs measured"
     where = f" {costs.path}" if costs is not None and decoder.adaptive else ""
     log.info("speculative decoder warmed up in %.1f s (verify %s%s)", time.perf_counter() - start, how, where)
+
+
+def on_cuda() -> bool:
+    return mx.default_device() == mx.gpu and hasattr(mx, "cuda") and mx.cuda.is_available()
+
+
+def warm_prefill(decoders: list[PlainDecoder | SpeculativeDecoder], prefill_chunk: int) -> None:
+    """One request a decoder over a prompt longer than a prefill chunk, at load: on CUDA a process's
+    first prefill compiles its kernels (NVRTC), which took 18.6 s of the first request's TTFT for the
+    135M on an H200, and no warm-up of a few tokens reaches that path."""
+    from engine.decode.sampling import SamplingParams, TokenRng
+
+    start = time.perf_counter()
+    prompt = [100 + i % 400 for i in range(prefill_chunk + 64)]  # ids every vocabulary has
+    for decoder in decoders:
+        for _ in decoder.generate(prompt, SamplingParams(temperature=0.0), 8, TokenRng(0)):
+            pass
+        if (forget := getattr(decoder, "forget_acceptance", None)) is not None:
+            forget()  # a made-up prompt's drafts are not the drafter's rate
+    log.info("prefill kernels warmed up in %.1f s", time.perf_counter() - start)
 
 
 def cost_key(loaded: object, config: EngineConfig, drafter: str) -> str:

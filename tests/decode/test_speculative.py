@@ -40,7 +40,7 @@ from engine.model import attention
 from engine.model.fused import fuse_projections
 from engine.model.target import Target
 from engine.runtime.cost_cache import CostCache, Costs
-from engine.runtime.serving_model import warm_up
+from engine.runtime.serving_model import warm_prefill, warm_up
 
 PROMPT = [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 3, 2, 3, 8, 4]
 GREEDY = SamplingParams(temperature=0.0)
@@ -580,3 +580,26 @@ def test_warm_up_stores_the_measured_costs_and_a_later_start_reads_them(tmp_path
     assert CostCache.default({"DFLASH_COST_CACHE": "off"}) is None
     assert CostCache.default({"XDG_CACHE_HOME": str(tmp_path)}).path == tmp_path / "dflash-server" / "costs.json"
 
+
+def test_warm_prefill_runs_a_prompt_past_one_chunk_and_leaves_the_decoders_usable() -> None:
+    """serving_model.warm_prefill (at load on CUDA, where a first prefill compiles kernels): a prompt of
+    more than one chunk through each decoder, ending in the split head, then a real request as before."""
+    cfg = target_config("llama", tie_word_embeddings=False)
+    model = build_target(cfg, seed=1)
+    ref, _ = plain_greedy(model, PROMPT, 12)
+    dcfg = draft_config(cfg, block_size=8)
+    target = Target(model, dcfg.target_layer_ids)
+    speculative = SpeculativeDecoder(target, DFlashDrafter(build_draft(dcfg, seed=2), target), block_size=8,
+                                     prefill_chunk=16)
+    plain = PlainDecoder(model, prefill_chunk=16)
+    assert plain.split is not None and target.splits_head
+    rows: list[int] = []
+    last_logits = plain.split.last_logits
+    plain.split.last_logits = lambda tokens, cache: rows.append(tokens.shape[1]) or last_logits(tokens, cache)
+    warm_prefill([plain, speculative], 16)
+    del plain.split.last_logits
+    assert rows == [16, 16]  # the last chunk of 80 tokens, for plain and then DFlash (one SplitHead per model)
+    assert speculative.verify_width is None  # the made-up prompt's drafts taught nothing
+    out, _ = _run(speculative, 12)
+    target.close()
+    assert out == ref
