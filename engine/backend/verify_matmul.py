@@ -20,12 +20,13 @@ dense twin too.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -33,6 +34,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 from mlx_lm.models.cache import make_prompt_cache
 
+from engine.backend.disk_cache import DiskCache
 from engine.backend.kernel_choice import SPEEDUP_MARGIN, pick_fastest
 
 log = logging.getLogger("dflash.verify_matmul")
@@ -56,6 +58,10 @@ TOLERANCE = {mx.float32: 1e-4, mx.float16: 2e-3, mx.bfloat16: 1.2e-2}
 # cost of the extra rows. Below this many ms (or the margin above) nothing is compiled: NVRTC takes
 # seconds per variant, and on the H200 SmolLM2's layers cost 7-12 us at 1 to 32 rows alike.
 MIN_HEADROOM_MS = 0.005
+# Decisions kept across restarts: a fresh CUDA process spent ~2 minutes compiling and timing tilings
+# for the 135M model's layers. DFLASH_KERNEL_CACHE=<file> moves ~/.cache/dflash-server/kernels.json; =off.
+CACHE_ENV = "DFLASH_KERNEL_CACHE"
+CACHE_ENTRIES = 512  # (layer shape x dtype x row bucket) per device, MLX and kernel source
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,12 @@ def read_kernel_source(filename: str) -> tuple[str, str]:
     if not sep:
         raise ValueError(f"{filename}: missing //@header or //@source marker")
     return header, body
+
+
+def kernel_source_id(backend: str) -> str:
+    """A digest of the kernel file a backend compiles: an edited kernel is decided again."""
+    filename = {"cuda": "verify_qmm.cu", "metal": "verify_qmm.metal"}[backend]
+    return hashlib.sha256((KERNELS_DIR / filename).read_bytes()).hexdigest()[:12]
 
 
 def detect_backend() -> str:
@@ -217,15 +229,19 @@ class VerifyMatmul:
 
     def __init__(self, backend: str | None = None, kernel: Kernel | None = None,
                  enabled: bool | None = None, device_name: str | None = None,
-                 timer: Callable[[Callable[[], mx.array]], float] = time_ms) -> None:
+                 timer: Callable[[Callable[[], mx.array]], float] = time_ms, store: DiskCache | None = None,
+                 source_id: str = "") -> None:
         self.backend = backend or detect_backend()
         self.enabled = kernels_enabled_by_env() if enabled is None else enabled
         if kernel is None and self.enabled and self.backend != "cpu":
             kernel = make_gpu_kernel(self.backend)
+            source_id = source_id or kernel_source_id(self.backend)
         self.kernel = kernel if self.enabled and self.backend != "cpu" else None
         self.device_name = device_name or str(mx.device_info().get("device_name", self.backend))
         self.timer = timer
         self.decisions: dict[tuple[QuantSpec, int], Decision] = {}
+        self.store = store  # decisions of earlier starts, by device, MLX, kernel source, spec and bucket
+        self.source_id = source_id
 
     def __call__(self, x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None,
                  group_size: int, bits: int) -> mx.array:
@@ -275,14 +291,37 @@ class VerifyMatmul:
         """The cached choice for (spec, bucket) on this device; checked and logged on first use."""
         key = (spec, bucket)
         if key not in self.decisions:
-            decision = self._check(spec, bucket)
+            stored = self._stored(spec, bucket)
+            decision = stored or self._check(spec, bucket)
             self.decisions[key] = decision
+            if stored is None and self.store is not None:
+                entry = {**asdict(decision), "tiling": None if decision.tiling is None else asdict(decision.tiling)}
+                self.store.put(self._store_key(spec, bucket), entry, "verify matmul decision")
             log.info("verify matmul on %s (%s), N=%d K=%d %d-bit g%d %s rows<=%d: %s (%s; kernel %.3f ms, "
-                     "mx.quantized_matmul %.3f ms, max rel err %.2g)", self.device_name, self.backend,
+                     "mx.quantized_matmul %.3f ms, max rel err %.2g)%s", self.device_name, self.backend,
                      spec.n, spec.k, spec.bits, spec.group_size, spec.x_dtype, bucket,
                      "kernel" if decision.tiling else "reference", decision.reason,
-                     decision.kernel_ms, decision.reference_ms, decision.max_rel_error)
+                     decision.kernel_ms, decision.reference_ms, decision.max_rel_error,
+                     f", as decided at an earlier start ({self.store.path})" if stored and self.store else "")
         return self.decisions[key]
+
+    def _store_key(self, spec: QuantSpec, bucket: int) -> str:
+        return (f"verify_qmm {self.source_id} | {self.device_name} ({self.backend}) | MLX {mx.__version__} | "
+                f"N={spec.n} K={spec.k} {spec.bits}-bit g{spec.group_size} {spec.x_dtype} scales "
+                f"{spec.scales_dtype} | rows<={bucket}")
+
+    def _stored(self, spec: QuantSpec, bucket: int) -> Decision | None:
+        entry = None if self.store is None else self.store.get(self._store_key(spec, bucket))
+        if entry is None:
+            return None
+        try:
+            tiling = None if entry["tiling"] is None else Tiling(**entry["tiling"])
+            if tiling is not None and tiling not in TILINGS[bucket]:
+                return None  # a candidate no longer tried
+            return Decision(tiling, float(entry["kernel_ms"]), float(entry["reference_ms"]),
+                            float(entry["max_rel_error"]), str(entry["reason"]))
+        except (TypeError, KeyError, ValueError):  # written by another version: decide again
+            return None
 
     def _check(self, spec: QuantSpec, bucket: int) -> Decision:
         assert self.kernel is not None
@@ -352,7 +391,7 @@ def default_verify_matmul() -> VerifyMatmul:
     """The process-wide instance (built at first use, for the default device)."""
     global _DEFAULT
     if _DEFAULT is None:
-        _DEFAULT = VerifyMatmul()
+        _DEFAULT = VerifyMatmul(store=DiskCache.default("kernels.json", CACHE_ENV, CACHE_ENTRIES))
     return _DEFAULT
 
 

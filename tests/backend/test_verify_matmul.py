@@ -21,6 +21,7 @@ import pytest
 from simt_shim import C_TYPES, SHIM_CUDA, SHIM_METAL, round_to, stored_to_float
 
 from engine.backend import verify_matmul as vm
+from engine.backend.disk_cache import DiskCache
 
 # ---------------------------------------------------------------- reference path and selection
 
@@ -97,6 +98,26 @@ def test_a_correct_faster_kernel_is_used_and_the_choice_cached() -> None:
     assert kernel.calls == calls + 1
     verify(x[:1], w, s, b, 64, 4)  # one row: decode takes mx.quantized_matmul
     assert kernel.calls == calls + 1
+
+
+def test_decisions_are_stored_and_a_later_start_reads_them_without_checking(tmp_path: Path) -> None:
+    """A fresh CUDA process spent minutes compiling and timing tilings: a restart reads the decisions."""
+    store = DiskCache(tmp_path / "kernels.json", vm.CACHE_ENTRIES)
+    first = vm.VerifyMatmul(backend="cuda", kernel=FakeKernel("exact"), enabled=True, timer=fake_timer,
+                            store=store, source_id="abc")
+    decided = first.decide(SPEC, 16), first.decide(SPEC, 8)
+    later_kernel = FakeKernel("wrong")  # would be rejected if it were checked again
+    later = vm.VerifyMatmul(backend="cuda", kernel=later_kernel, enabled=True, timer=fake_timer, store=store,
+                            source_id="abc")
+    assert (later.decide(SPEC, 16), later.decide(SPEC, 8)) == decided and later_kernel.calls == 0
+    edited = vm.VerifyMatmul(backend="cuda", kernel=FakeKernel("wrong"), enabled=True, timer=fake_timer,
+                             store=store, source_id="edited kernel")
+    assert edited.decide(SPEC, 16).tiling is None  # another kernel source is decided again (and fails here)
+    (tmp_path / "kernels.json").write_text("{not json")
+    damaged = vm.VerifyMatmul(backend="cuda", kernel=FakeKernel("exact"), enabled=True, timer=fake_timer,
+                              store=store, source_id="abc")
+    assert damaged.decide(SPEC, 16) == decided[0]  # a damaged file means deciding again, not failing
+    assert DiskCache.default("kernels.json", vm.CACHE_ENV, 8, {vm.CACHE_ENV: "off"}) is None
 
 
 def test_no_kernel_is_compiled_where_rows_cost_what_one_row_costs() -> None:
