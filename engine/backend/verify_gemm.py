@@ -25,7 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
-from engine.backend.kernel_choice import SPEEDUP_MARGIN, pick_fastest
+from engine.backend.kernel_choice import SPEEDUP_MARGIN, exact_float32, pick_fastest
 from engine.backend.verify_matmul import (
     ENABLE_ENV,
     MAX_ROWS,
@@ -231,7 +231,7 @@ class VerifyGemm:
         for rows in sorted({MIN_ROWS, bucket // 2 + 1, bucket}):
             x = mx.random.normal((rows, spec.k)).astype(spec.dtype)
             y = self.kernel(x, w, spec, bucket, tiling).astype(mx.float32)
-            ref = float32_reference(x, w)
+            ref = exact_float32(lambda: float32_reference(x, w))
             errors.append(mx.max(mx.abs(y - ref)) / mx.maximum(mx.max(mx.abs(ref)), 1e-6))
         values = [e.item() for e in errors]
         return float("nan") if any(v != v for v in values) else max(values)

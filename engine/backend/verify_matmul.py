@@ -35,7 +35,7 @@ from mlx.utils import tree_map_with_path
 from mlx_lm.models.cache import make_prompt_cache
 
 from engine.backend.disk_cache import DiskCache
-from engine.backend.kernel_choice import SPEEDUP_MARGIN, pick_fastest
+from engine.backend.kernel_choice import SPEEDUP_MARGIN, exact_float32, pick_fastest
 
 log = logging.getLogger("dflash.verify_matmul")
 
@@ -62,6 +62,7 @@ MIN_HEADROOM_MS = 0.005
 # for the 135M model's layers. DFLASH_KERNEL_CACHE=<file> moves ~/.cache/dflash-server/kernels.json; =off.
 CACHE_ENV = "DFLASH_KERNEL_CACHE"
 CACHE_ENTRIES = 512  # (layer shape x dtype x row bucket) per device, MLX and kernel source
+CHECK_VERSION = 2  # how a decision is checked; stored decisions of another version are made again
 
 
 @dataclass(frozen=True)
@@ -306,8 +307,8 @@ class VerifyMatmul:
         return self.decisions[key]
 
     def _store_key(self, spec: QuantSpec, bucket: int) -> str:
-        return (f"verify_qmm {self.source_id} | {self.device_name} ({self.backend}) | MLX {mx.__version__} | "
-                f"N={spec.n} K={spec.k} {spec.bits}-bit g{spec.group_size} {spec.x_dtype} scales "
+        return (f"verify_qmm {self.source_id} check {CHECK_VERSION} | {self.device_name} ({self.backend}) | "
+                f"MLX {mx.__version__} | N={spec.n} K={spec.k} {spec.bits}-bit g{spec.group_size} {spec.x_dtype} scales "
                 f"{spec.scales_dtype} | rows<={bucket}")
 
     def _stored(self, spec: QuantSpec, bucket: int) -> Decision | None:
@@ -353,7 +354,7 @@ class VerifyMatmul:
         for rows in sorted({bucket, max(MIN_ROWS, bucket // 2 + 1)}):
             x = mx.random.normal((rows, spec.k)).astype(spec.x_dtype)
             y = self.kernel(x, w, scales, biases, spec, bucket, tiling).astype(mx.float32)
-            ref = dequant_reference(x, w, scales, biases, spec.group_size, spec.bits)
+            ref = exact_float32(lambda: dequant_reference(x, w, scales, biases, spec.group_size, spec.bits))
             errors.append(mx.max(mx.abs(y - ref)) / mx.maximum(mx.max(mx.abs(ref)), 1e-6))
         values = [e.item() for e in errors]
         return float("nan") if any(v != v for v in values) else max(values)
