@@ -7,6 +7,7 @@ the caller's detokenizing and stop checks overlap with device work.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ from engine.model.tree_attention import TreeRows
 if TYPE_CHECKING:
     from engine.decode.prefix_cache import PrefixLease
     from engine.grammar.constraint import Constraint, State
+
+log = logging.getLogger("dflash.model")
 
 PREFILL_CHUNK = 512
 DRAFT_CANDIDATES = 8  # a draft row whose top token the grammar refuses proposes its best allowed one among these
@@ -208,6 +211,7 @@ class SpeculativeDecoder:
         self.adaptive = adaptive
         self.cost_curve = cost_curve  # target seconds by rows; measured once, on first use
         self.draft_row_s: float | None = None  # what each verified draft row adds to a draft; measured with it
+        self.curve_from_cache = False  # cost_curve was read from the cost cache: checked before it is used
         self.learn_overheads = learn_overheads  # draft/host seconds from live cycle times
         # width-0 cycles queue the next one before their sync, as plain decoding does (hybrid targets
         # roll back by replaying the last verify only, so they keep one cycle in flight). On the CPU
@@ -537,6 +541,10 @@ class SpeculativeDecoder:
             self.target.trim(cache, rows)
 
         rows = max(self.block_size, self.max_budget + 1)
+        if self.curve_from_cache and self.cost_curve is not None and not self.cost_curve.agrees(forward, rows):
+            log.info("the cached verify costs disagree with two forwards timed now: measuring them again")
+            self.cost_curve = None
+        self.curve_from_cache = False
         if self.cost_curve is None or len(self.cost_curve.seconds) < rows:
             self.cost_curve = CostCurve.measure(forward, rows)
         if self.draft_row_s is None:

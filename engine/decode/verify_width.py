@@ -78,6 +78,25 @@ class CostCurve:
         return cls.from_points({rows: min(s) for rows, s in samples.items()}, max_rows)  # least disturbed
 
 
+    def agrees(self, forward: Callable[[int], None], max_rows: int, tolerance: float = 0.3,
+               floor_s: float = 0.005) -> bool:
+        """Whether a 1-row and a `max_rows` forward, timed now (best of 2), cost what this curve says,
+        within `tolerance` (or `floor_s`): a curve read from the cost cache may have been measured while
+        other work ran (two servers starting at once priced 16 rows at 220 ms where a quiet start gave 127)."""
+        forward(max_rows)  # warm up
+        for rows in (1, max_rows):
+            now = min(_timed(forward, rows) for _ in range(2))
+            if abs(now - self(rows)) > max(tolerance * self(rows), floor_s):
+                return False
+        return True
+
+
+def _timed(forward: Callable[[int], None], rows: int) -> float:
+    start = time.perf_counter()
+    forward(rows)
+    return time.perf_counter() - start
+
+
 class Plan(NamedTuple):
     """What the next cycle verifies."""
 
