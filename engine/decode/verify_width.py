@@ -72,9 +72,7 @@ class CostCurve:
         samples: dict[int, list[float]] = {rows: [] for rows in widths}
         for _ in range(repeats):
             for rows in widths:
-                start = time.perf_counter()
-                forward(rows)
-                samples[rows].append(time.perf_counter() - start)
+                samples[rows].append(_timed(forward, rows))
         return cls.from_points({rows: min(s) for rows, s in samples.items()}, max_rows)  # least disturbed
 
     def agrees(self, forward: Callable[[int], None], max_rows: int, tolerance: float = 0.35,

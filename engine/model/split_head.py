@@ -21,6 +21,12 @@ from mlx_lm.models.cache import make_prompt_cache
 _PROBE_IDS = (1, 2, 3)
 
 
+def output_head(model: nn.Module, body: nn.Module) -> Callable[[mx.array], mx.array]:
+    """The LM head: the model's own, a VLM wrapper's (qwen3_5 keeps it on language_model), or the tied embedding."""
+    language_model = getattr(model, "language_model", None)
+    return getattr(model, "lm_head", None) or getattr(language_model, "lm_head", None) or body.embed_tokens.as_linear
+
+
 class SplitHead:
     """`last_logits(tokens, cache)` = the model's logits of the chunk's last row, (b, 1, V)."""
 
@@ -51,8 +57,7 @@ class SplitHead:
             body = inner_model(model)
         except ValueError:
             return None
-        language_model = getattr(model, "language_model", None)
-        head = getattr(model, "lm_head", None) or getattr(language_model, "lm_head", None) or body.embed_tokens.as_linear
+        head = output_head(model, body)
         ids = mx.array([_PROBE_IDS], dtype=mx.int32)
         try:
             whole = model(ids, cache=make_prompt_cache(model))[:, -1:]

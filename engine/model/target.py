@@ -29,7 +29,7 @@ from engine.model.recurrent_rollback import (
     remove_recorders,
     wrap_caches,
 )
-from engine.model.split_head import SplitHead
+from engine.model.split_head import SplitHead, output_head
 from engine.model.tree_attention import TreeRows
 
 _TAPPED_CLASSES: dict[type, type] = {}
@@ -109,11 +109,7 @@ class Target:
         self._embed_tokens = inner.embed_tokens
         # gemma-style targets scale their embedding; REF-MLX reads the same attribute
         self.embed_scale = float(getattr(inner.embed_tokens, "embed_scale", getattr(inner, "embed_scale", 1.0)))
-        # VLM-style wrappers (qwen3_5) keep an untied head on language_model
-        language_model = getattr(model, "language_model", None)
-        self._lm_head = (
-            getattr(model, "lm_head", None) or getattr(language_model, "lm_head", None) or inner.embed_tokens.as_linear
-        )
+        self._lm_head = output_head(model, inner)
         self._split = SplitHead.probe(model)  # before the taps and recorders: a plain forward
         self._slots = [_install_tap(self.layers[i]) for i in self.layer_ids]
         install_recorders(self.layers, self._recurrent_ids)
