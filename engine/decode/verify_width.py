@@ -318,9 +318,16 @@ class VerifyWidth:
         if seconds is not None and self.learn_overheads:
             self._learn_overheads(verified, seconds)
         if self._probing:
-            # back off while probes accept nothing, so a useless drafter costs ever less; one that
-            # accepted is looked at again soon, as acceptance comes in stretches
-            self.probe_every = self.base_probe_every if accepted else min(2 * self.probe_every, self.max_probe_every)
+            self._back_off_unless_drafting_pays()
+
+    def _back_off_unless_drafting_pays(self) -> None:
+        """After a probe: look again soon if what it showed makes some drafting width beat plain steps
+        (acceptance comes in stretches), else probe half as often, so a drafter that does not pay costs
+        ever less. Not "accepted anything": on chat the shipped draft's probes kept one in two and reset
+        the backoff every time, at 16-cycle intervals that cost this CPU 5% (bench/width_replay.py)."""
+        rates = self.rates()
+        pays = max(rates[1:]) > rates[0]
+        self.probe_every = self.base_probe_every if pays else min(2 * self.probe_every, self.max_probe_every)
 
     def _observe(self, verified: int, accepted: int) -> None:
         if not verified:  # a plain step shows nothing about the drafts, so it ages nothing either
@@ -447,7 +454,7 @@ class VerifyWidth:
             residual = seconds - self.curve(outcome.budget + 1) - self.host_s - self.draft_s
             self.tree_s = self._ewma(self.tree_s, max(residual - self.draft_row_s * self.max_drafts, 0.0), "tree")
         if self._probing:
-            self.probe_every = self.base_probe_every if outcome.accepted else min(2 * self.probe_every, self.max_probe_every)
+            self._back_off_unless_drafting_pays()
         if self._tree_probing:  # trees that do not win are looked at ever less often
             won = self.best_tree() and self.tree_rate(self.best_tree()) > self.rate(self.best())
             self.tree_probe_every = self.base_probe_every if won else min(2 * self.tree_probe_every, self.max_probe_every)

@@ -135,6 +135,24 @@ def test_a_useless_drafters_probes_cost_under_two_per_mille_of_plain_decoding() 
     assert extra < 0.002 * CPU_CURVE(1) * len(widths[settled:]), extra
 
 
+def test_probes_that_accept_but_do_not_pay_back_off() -> None:
+    """The first draft kept one time in three, a draft forward 30 ms: no width beats a plain step on
+    this curve. Probes that kept a draft must not reset the backoff: they did, and seeds 0-2 probed
+    116 times in 2000 cycles each; backing off unless drafting pays, 64."""
+
+    def seconds(width: int) -> float:
+        return CPU_CURVE(width + 1) + (0.030 if width else 0.0)
+
+    probes = 0
+    for seed in range(3):
+        rng = random.Random(seed)
+        controller = VerifyWidth(BLOCK - 1, CPU_CURVE)
+        widths = _drive(controller, [lambda w: int(rng.random() < 1 / 3)] * 2000, seconds)
+        settled = widths.index(0)
+        probes += sum(1 for i, w in enumerate(widths) if i > settled and w > 0)
+    assert probes <= 80, probes
+
+
 def test_a_perfect_drafter_keeps_full_width() -> None:
     controller = VerifyWidth(BLOCK - 1, CPU_CURVE)
     assert _drive(controller, [perfect] * 200) == [BLOCK - 1] * 200
