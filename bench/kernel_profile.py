@@ -1,0 +1,111 @@
+"""Device time per kernel of a served model's forwards on a CUDA GPU, against their wall time.
+
+    python bench/kernel_profile.py --model SmolLM2-135M-Instruct.Q4_1.gguf \
+        --draft engine/drafts/smollm2-135m-instruct-dflash --target-dtype bfloat16 [--calls 20] [--out FILE]
+
+Needs PyTorch with CUDA beside MLX: torch.profiler's CUPTI tracing records every kernel launched in the
+process, MLX's included. For a 1-row decode step, a 3- and a 16-row verify forward (with the draft's
+taps) and the draft at 15 kept rows, prints the wall time per call (graph build, launch, sync), the
+kernels launched per call, their summed device time and the costliest kernels. Where the summed device
+time is a small part of the wall time the forward is bound by launching kernels, not by running them
+(docs/benchmarks.md, "What bounds the ratios").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlx.core as mx  # noqa: E402
+from width_replay import add_draft_args, load_target_and_draft  # noqa: E402
+
+from bench import GREEDY, PROMPTS  # noqa: E402  (bench/bench.py: this script's folder is on sys.path)
+from engine.decode.drafters import DFlashDrafter  # noqa: E402
+from engine.decode.sampling import TokenRng  # noqa: E402
+from engine.model.target import Target  # noqa: E402
+
+
+def profile_calls(fn: Callable[[], None], calls: int) -> dict[str, Any]:
+    """Wall ms per call and the kernels CUPTI saw, per call (warmed up first)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        wall = (time.perf_counter() - start) / calls
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # name -> [launches, device us]
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = kernels[event.name[:100]]
+            entry[0] += 1
+            entry[1] += event.device_time_total
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][1])
+    return {"wall_ms": wall * 1e3, "kernels": sum(v[0] for v in kernels.values()) / calls,
+            "device_ms": sum(v[1] for v in kernels.values()) / calls / 1e3,
+            "top": [{"name": name, "per_call": n / calls, "us": us / calls} for name, (n, us) in top[:15]]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_draft_args(parser, "unused", "code")
+    parser.add_argument("--calls", type=int, default=20, help="profiled calls of each forward")
+    parser.add_argument("--out", type=Path, default=None, help="write the profile as JSON here")
+    args = parser.parse_args()
+    try:
+        import torch
+    except ImportError:
+        sys.exit("kernel_profile.py needs PyTorch (its profiler reads CUPTI): pip install torch")
+    if not torch.cuda.is_available() or mx.default_device() != mx.gpu:
+        sys.exit("kernel_profile.py profiles CUDA kernels: run it on an NVIDIA GPU with MLX's CUDA backend")
+
+    loaded, model, draft, prepared = load_target_and_draft(args)
+    print(f"[profile] {loaded.description}, {args.target_dtype}, {prepared}", flush=True)
+    target = Target(model, draft.config.target_layer_ids)
+    ids = list(loaded.tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[args.prompts.split(",")[0]]}]))
+    cache = target.make_cache()
+    _, taps = target(mx.array([ids]), cache, taps=True)
+    mx.eval(taps, cache[0].state)
+    drafter = DFlashDrafter(draft, target)
+    drafter.begin(ids, taps)
+    mx.eval(drafter.propose([ids[-1]], None, 15, GREEDY, TokenRng(0)).tokens)
+
+    def forward(rows: int) -> Callable[[], None]:
+        def run() -> None:  # at the prompt's context every time: the rows are trimmed again
+            mx.eval(target(mx.full((1, rows), 5, dtype=mx.int32), cache, taps=rows > 1))
+            target.trim(cache, rows)
+        return run
+
+    def draft_block() -> None:  # one new context row a call, then rewound
+        mx.eval(drafter.propose([ids[-1]], taps[:, -1:], 15, GREEDY, TokenRng(0), keep=15).tokens)
+        for layer_cache in drafter._cache or []:
+            layer_cache.offset -= 1
+
+    cases = {"decode step, 1 row": forward(1), "verify, 3 rows": forward(3), "verify, 16 rows": forward(16),
+             "draft, 15 kept rows": draft_block}
+    results = {}
+    for name, fn in cases.items():
+        result = results[name] = profile_calls(fn, args.calls)
+        print(f"\n{name}: wall {result['wall_ms']:.2f} ms, {result['kernels']:.0f} kernels, "
+              f"device {result['device_ms']:.2f} ms ({result['device_ms'] / result['wall_ms']:.0%} of the wall)")
+        for kernel in result["top"][:8]:
+            print(f"  {kernel['us']:8.1f} us  x{kernel['per_call']:5.1f}  {kernel['name'][:80]}")
+    drafter.end()
+    if args.out:
+        args.out.write_text(json.dumps({"model": loaded.description, "prepared": prepared, **results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
