@@ -14,13 +14,16 @@ from engine.model.split_head import SplitHead
 from engine.model.target import Target
 from tests.tiny_models import build_target, plain_greedy, target_config
 
-PROMPT = [3, 17, 42, 8, 99, 5, 23, 61, 7, 11, 30, 2, 77, 14, 9, 50, 4, 38, 66, 12]
+# within the tiny models' 96-token vocabulary: MLX's gather does not check bounds, and an id past it read
+# whatever followed the embedding (NaN logits in about one run in 300)
+PROMPT = [3, 17, 42, 8, 91, 5, 23, 61, 7, 11, 30, 2, 77, 14, 9, 50, 4, 38, 66, 12]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 @pytest.mark.parametrize("tied", [True, False])
 def test_last_row_logits_equal_the_models_own(family: str, tied: bool) -> None:
     model = build_target(target_config(family, tie_word_embeddings=tied), seed=4)
+    assert max(PROMPT) < model.args.vocab_size
     split = SplitHead.probe(model)
     assert split is not None and SplitHead.probe(model) is split  # probed once per model
     ids = mx.array([PROMPT], dtype=mx.int32)
