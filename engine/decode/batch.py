@@ -26,7 +26,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
-from engine.decode.decoder import DecodeStep, prefill_spans
+from engine.decode.decoder import DecodeStep
+from engine.decode.prefill import prefill
 from engine.decode.prefix_cache import PrefixLease, Resume
 from engine.decode.sampling import (
     LogitsProcessor,
@@ -122,26 +123,20 @@ class BatchDecoder:
         cache = make_prompt_cache(self.model)
         num_cached, cached_taps = row.lease.restore(cache, self.tap_layers if row.wants_taps else ())
         ids = mx.array(prompt_ids, dtype=mx.int32)[None]  # (1, P)
-        taps = [] if cached_taps is None else [cached_taps]
         end = len(prompt_ids)
-        logits = None
-        for start, stop in prefill_spans(num_cached, end if self.split else end - 1, self.prefill_chunk, row.lease.cut):
-            logits, chunk_taps = self._forward(ids[:, start:stop], cache, row.wants_taps, last=stop == end)
-            taps += [] if chunk_taps is None else [chunk_taps]
-            row.prefilled += stop - start
-            if stop == end:
-                break  # its logits are read with the first token: one sync for both
-            mx.eval([c.state for c in cache], taps[-1:])  # bound the graph per chunk
-            row.lease.reached(stop, cache)
-            yield DecodeStep([], None)
-        if not self.split:
-            logits, last_taps = self._forward(ids[:, end - 1 :], cache, row.wants_taps)
-            taps += [] if last_taps is None else [last_taps]
-            row.prefilled += 1
-        assert logits is not None
+
+        def forward(tokens: mx.array, last: bool) -> tuple[mx.array, mx.array | None]:
+            return self._forward(tokens, cache, row.wants_taps, last=last)
+
+        def fed(rows: int) -> None:
+            row.prefilled += rows
+
+        last, chunk_taps = yield from prefill(forward, ids, cache, num_cached, self.prefill_chunk, split=self.split is not None,
+                                              cut=row.lease.cut, reached=lambda stop: row.lease.reached(stop, cache), fed=fed)
+        taps = ([] if cached_taps is None else [cached_taps]) + chunk_taps
         row.history = ids[0] if row.processors else None  # what the cache holds; a step appends what it feeds
         row.position = end
-        first, logprobs = self._sample_row(row, logits[:, -1])
+        first, logprobs = self._sample_row(row, last)
         mx.eval(first, *(logprobs or ()))
         token = int(first.item())
         row.lease.record([token], mx.concatenate(taps, axis=1) if taps else None)

@@ -46,11 +46,3 @@ class Decoder(Protocol):
     def supports(self, params: SamplingParams) -> str | None:
         """None when this decoder honours `params` exactly, else the reason it cannot."""
         ...
-
-
-def prefill_spans(start: int, stop: int, chunk: int, cut: int | None = None) -> list[tuple[int, int]]:
-    """Chunks [start, stop) of at most `chunk` tokens; one ends exactly at `cut` when it lies inside."""
-    ends = list(range(start + chunk, stop, chunk)) + ([stop] if stop > start else [])
-    if cut is not None and start < cut < stop and cut not in ends:
-        ends = sorted([*ends, cut])
-    return list(zip([start, *ends[:-1]], ends))

@@ -9,7 +9,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
-from engine.decode.decoder import DecodeStep, prefill_spans
+from engine.decode.decoder import DecodeStep
+from engine.decode.prefill import prefill
 from engine.decode.sampling import (
     SamplingParams,
     TokenRng,
@@ -62,7 +63,7 @@ class PlainDecoder:
         def forward(token: mx.array, history: mx.array) -> tuple[mx.array, mx.array]:
             return pick(self.model(token.reshape(1, -1), cache=cache)[:, -1, :], history)  # (1, V)
 
-        y, logits = forward(history[-1:], history) if raw is None else pick(raw, history)
+        y, logits = pick(raw, history)
         mx.async_eval(y)
         num_rows = len(prompt_ids)  # in the cache: the prompt, then each token fed back
         try:
@@ -86,25 +87,22 @@ class PlainDecoder:
                 prefix.offer(cache, num_rows)
 
     def _prefill(self, history: mx.array, cache: list, prefix: PrefixLease | None
-                 ) -> Generator[DecodeStep, None, mx.array | None]:
-        """Restore the cached prefix and run the rest of the prompt; returns the last row's raw logits
-        (1, V), lazy. Where the model's head cannot be split off (engine/model/split_head.py), the
-        last token is kept for the first step's forward instead, and None is returned.
-
-        Empty steps between prefill chunks let the scheduler notice a cancel mid-prefill."""
+                 ) -> Generator[DecodeStep, None, mx.array]:
+        """Restore the cached prefix and run the rest of the prompt (engine/decode/prefill.py); returns the
+        last row's raw logits (1, V), lazy."""
         num_cached = 0 if prefix is None else prefix.restore(cache)[0]
-        end = history.size
-        for start, stop in prefill_spans(num_cached, end if self.split else end - 1, self.prefill_chunk,
-                                         prefix and prefix.cut):
-            if stop == end:
-                assert self.split is not None
-                return self.split.last_logits(history[None, start:stop], cache)[:, -1, :]
-            self.model(history[None, start:stop], cache=cache)
-            mx.eval([c.state for c in cache])
-            if prefix is not None:
-                prefix.reached(stop, cache)
-            yield DecodeStep([], None)
-        return None
+        split = self.split
+
+        def forward(tokens: mx.array, last: bool) -> tuple[mx.array, None]:
+            if last:
+                assert split is not None
+                return split.last_logits(tokens, cache), None
+            return self.model(tokens, cache=cache), None
+
+        reached = None if prefix is None else (lambda stop: prefix.reached(stop, cache))
+        raw, _ = yield from prefill(forward, history[None], cache, num_cached, self.prefill_chunk,
+                                    split=split is not None, cut=prefix and prefix.cut, reached=reached)
+        return raw
 
     def _constrained(
         self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, rng: TokenRng,
@@ -126,7 +124,7 @@ class PlainDecoder:
             return pick(self.model(token.reshape(1, -1), cache=cache)[:, -1, :], history)  # (1, V)
 
         state = constraint.state
-        pending = forward(history[-1:], history) if raw is None else pick(raw, history)
+        pending = pick(raw, history)
         mx.async_eval(pending[0])
         num_rows = len(prompt_ids)
         try:

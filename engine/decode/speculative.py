@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import mlx.core as mx
 
-from engine.decode.decoder import DecodeStep, prefill_spans
+from engine.decode.decoder import DecodeStep
+from engine.decode.prefill import prefill
 from engine.decode.drafters import Drafter
 from engine.decode.sampling import (
     SamplingParams,
@@ -567,26 +568,14 @@ class SpeculativeDecoder:
         tap_layers = self.target.layer_ids if needs_taps else ()
         num_cached, cached_taps = (0, None) if prefix is None else prefix.restore(cache, tap_layers)
         ids = mx.array(prompt_ids, dtype=mx.int32)[None]  # (1, P)
-        taps: list[mx.array] = [] if cached_taps is None else [cached_taps]
-        end = len(prompt_ids)
-        split = self.target.splits_head
-        logits = None
-        for start, stop in prefill_spans(num_cached, end if split else end - 1, self.prefill_chunk, prefix and prefix.cut):
-            logits, chunk_taps = self.target(ids[:, start:stop], cache, taps=needs_taps, last=stop == end)
-            if chunk_taps is not None:
-                taps.append(chunk_taps)
-            if stop == end:
-                break  # its logits are read with the first token: one sync for both
-            mx.eval([c.state for c in cache], taps[-1:])  # bound the graph per chunk
-            if prefix is not None:
-                prefix.reached(stop, cache)
-            yield DecodeStep([], None)
-        if not split:
-            logits, last_taps = self.target(ids[:, end - 1 :], cache, taps=needs_taps)
-            if last_taps is not None:
-                taps.append(last_taps)
-        assert logits is not None
-        last = logits[:, -1]  # (1, V)
+
+        def forward(tokens: mx.array, last: bool) -> tuple[mx.array, mx.array | None]:
+            return self.target(tokens, cache, taps=needs_taps, last=last)
+
+        reached = None if prefix is None else (lambda stop: prefix.reached(stop, cache))
+        last, chunk_taps = yield from prefill(forward, ids, cache, num_cached, self.prefill_chunk,
+                                              split=self.target.splits_head, cut=prefix and prefix.cut, reached=reached)
+        taps = ([] if cached_taps is None else [cached_taps]) + chunk_taps
         prompt_taps = mx.concatenate(taps, axis=1) if taps else None  # (1, P, T*H)
         state = None
         if constraint is not None:

@@ -18,7 +18,8 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 from tiny_models import build_draft, build_target, draft_config, target_config
 
 from engine.decode.cache_snapshot import CacheSnapshot
-from engine.decode.decoder import Decoder, prefill_spans
+from engine.decode.decoder import Decoder
+from engine.decode.prefill import prefill_spans
 from engine.decode.drafters import DFlashDrafter, NgramDrafter
 from engine.decode.plain_decoder import PlainDecoder
 from engine.decode.prefix_cache import (
