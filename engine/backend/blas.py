@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import ctypes.util
 import importlib.metadata
-import json
 import logging
 import os
 import platform
@@ -34,6 +33,8 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import NamedTuple
+
+from engine.backend.disk_cache import DiskCache
 
 CHOICE_ENV = "DFLASH_BLAS"
 CHOICES = ("auto", "mkl", "openblas", "none")
@@ -47,6 +48,7 @@ MKL_LAYER_ENV = "MKL_THREADING_LAYER"
 WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
 WAIT_POLICY = "PASSIVE"
 MEASURE_ROUNDS = 2
+MAX_CACHED_MACHINES = 16  # a fresh virtual environment per CI run is a new key (library paths) each time
 REASON_ENV = "DFLASH_BLAS_REASON"  # why the re-exec'd process has its BLAS (for the startup banner)
 CACHE_ENV = "DFLASH_BLAS_CACHE"  # the per-machine measurement cache (default: ~/.cache/dflash-server/blas.json)
 # What a measurement times: SmolLM2-135M's matmuls (weights stored (in, out) as the CPU keeps them),
@@ -205,25 +207,18 @@ def measured_choice(candidates: list[Blas], *, timer: Callable[[Blas], float] = 
                     path: Path | None = None) -> Choice:
     """The faster of `candidates`, timed once per machine and cached."""
     path = path or cache_path()
+    cache = DiskCache(path, MAX_CACHED_MACHINES)
     key = machine_key(candidates)
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    entry = cached.get(key) if isinstance(cached, dict) else None
+    entry = cache.get(key)
     how = f"cached in {path}"
-    if not isinstance(entry, dict) or set(entry) != {b.name for b in candidates}:
+    if entry is None or any(not isinstance(entry.get(b.name), int | float) for b in candidates):
         log.warning("timing %s once on this machine to pick the faster BLAS (cached in %s)",
                     " and ".join(b.name for b in candidates), path)
         entry = {b.name: float("inf") for b in candidates}
         for _ in range(MEASURE_ROUNDS):  # alternated, best of each: a load that comes and goes hits both
             entry = {b.name: min(entry[b.name], timer(b)) for b in candidates}
-        how = f"measured now, cached in {path}"
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({**(cached if isinstance(cached, dict) else {}), key: entry}, indent=1))
-        except OSError as e:
-            how = f"measured now, not cached: {e}"
+        stored = cache.put(key, entry, "the BLAS measurement")
+        how = f"measured now, {'cached in' if stored else 'not cached in'} {path}"
     best = min(candidates, key=lambda b: entry[b.name])
     times = ", ".join(f"{b.name} {entry[b.name]:.1f} ms" for b in candidates)
     return Choice(best, f"the faster on this machine ({times} for decode- and verify-shaped matmuls; {how})")

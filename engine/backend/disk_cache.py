@@ -42,7 +42,8 @@ class DiskCache:
         entry = self._read().get(key)
         return entry if isinstance(entry, dict) else None
 
-    def put(self, key: str, entry: dict[str, Any], what: str) -> None:
+    def put(self, key: str, entry: dict[str, Any], what: str) -> bool:
+        """Store `entry` under `key`, the newest last; False where the file could not be written."""
         entries = self._read()
         entries.pop(key, None)
         entries[key] = {**entry, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -54,6 +55,8 @@ class DiskCache:
             temporary.replace(self.path)
         except OSError as e:
             log.warning("%s not cached (%s): measured again at the next start", what, e)
+            return False
+        return True
 
     def _read(self) -> dict[str, Any]:
         try:

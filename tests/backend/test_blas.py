@@ -13,6 +13,7 @@ import pytest
 from engine.backend.blas import (
     CACHE_ENV,
     CHOICE_ENV,
+    MAX_CACHED_MACHINES,
     MKL_LAYER_ENV,
     OPT_OUT_ENV,
     REASON_ENV,
@@ -111,6 +112,16 @@ def test_the_faster_blas_is_measured_once_per_machine_and_cached(tmp_path: Path)
     assert again.blas == OPENBLAS and len(calls) == 4 and f"cached in {cache}" in again.reason
     other = Blas("openblas", tmp_path / "another-libblas.so")  # another library: a new measurement
     assert measured_choice([MKL, other], timer=timer, path=cache).blas == MKL and len(calls) == 8
+
+
+def test_the_cache_keeps_the_newest_machines_only(tmp_path: Path) -> None:
+    """Each fresh virtual environment (CI makes one per run) is a new key: the file must not grow forever."""
+    cache = tmp_path / "blas.json"
+    for i in range(MAX_CACHED_MACHINES + 3):
+        measured_choice([MKL, Blas("openblas", tmp_path / f"venv{i}" / "libblas.so")], timer=lambda b: 10.0, path=cache)
+    entries = json.loads(cache.read_text())
+    assert len(entries) == MAX_CACHED_MACHINES and any(f"venv{MAX_CACHED_MACHINES + 2}" in key for key in entries)
+    assert not any("venv0/" in key for key in entries)
 
 
 def test_a_measurement_is_cached_per_openmp_wait_policy(monkeypatch: pytest.MonkeyPatch) -> None:
