@@ -396,16 +396,19 @@ def test_closing_while_two_cycles_are_in_flight_rolls_both_back(varied: tuple) -
     target.close()
 
 
-def test_perfect_oracle_stays_at_full_width_on_the_measured_curve(varied: tuple) -> None:
+def test_the_curve_is_measured_lazily_and_a_perfect_oracle_keeps_full_width(varied: tuple) -> None:
     cfg, model, ref = varied
     decoder = SpeculativeDecoder(Target(model), OracleDrafter(ref, vocab_size=cfg["vocab_size"]), block_size=8)
     assert _decode(decoder, 57) == ref[:57]
     assert decoder.cost_curve is not None and len(decoder.cost_curve.seconds) == 8  # measured lazily
-    # timings measured on a busy machine are noisy: the controller may probe narrower now and then, even on
-    # the first cycles when a load spike lands in the lazy measurement
-    widths = decoder.stats.widths
-    assert widths.count(7) >= 0.8 * len(widths), widths
-    assert decoder.stats.acceptance_length >= 7.0
+    # Which widths a measured curve favours depends on how busy the machine was while it was timed (this
+    # test failed in CI beside other work), so the width is checked on a given curve: a GPU's flat one.
+    flat = SpeculativeDecoder(Target(model), OracleDrafter(ref, vocab_size=cfg["vocab_size"]), block_size=8,
+                              cost_curve=CostCurve.linear(0.010, 0.0001, 8), learn_overheads=False)
+    assert _decode(flat, 57) == ref[:57]
+    widths = flat.stats.widths
+    assert widths[:-1] == [7] * (len(widths) - 1), widths  # the last block shrinks to reach max_tokens
+    assert flat.stats.acceptance_length >= 7.0
 
 
 def test_fixed_width_when_adaptation_is_off(varied: tuple) -> None:
