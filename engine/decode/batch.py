@@ -131,8 +131,8 @@ class BatchDecoder:
         def fed(rows: int) -> None:
             row.prefilled += rows
 
-        last, chunk_taps = yield from prefill(forward, ids, cache, num_cached, self.prefill_chunk, split=self.split is not None,
-                                              cut=row.lease.cut, reached=lambda stop: row.lease.reached(stop, cache), fed=fed)
+        last, chunk_taps = yield from prefill(forward, ids, cache, num_cached, self.prefill_chunk,
+                                              split=self.split is not None, lease=row.lease, fed=fed)
         taps = ([] if cached_taps is None else [cached_taps]) + chunk_taps
         row.history = ids[0] if row.processors else None  # what the cache holds; a step appends what it feeds
         row.position = end

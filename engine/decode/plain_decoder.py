@@ -99,9 +99,8 @@ class PlainDecoder:
                 return split.last_logits(tokens, cache), None
             return self.model(tokens, cache=cache), None
 
-        reached = None if prefix is None else (lambda stop: prefix.reached(stop, cache))
         raw, _ = yield from prefill(forward, history[None], cache, num_cached, self.prefill_chunk,
-                                    split=split is not None, cut=prefix and prefix.cut, reached=reached)
+                                    split=split is not None, lease=prefix)
         return raw
 
     def _constrained(

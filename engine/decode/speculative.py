@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import mlx.core as mx
 
 from engine.decode.decoder import DecodeStep
-from engine.decode.prefill import prefill
 from engine.decode.drafters import Drafter
+from engine.decode.prefill import prefill
 from engine.decode.sampling import (
     SamplingParams,
     TokenLogprob,
@@ -572,9 +572,8 @@ class SpeculativeDecoder:
         def forward(tokens: mx.array, last: bool) -> tuple[mx.array, mx.array | None]:
             return self.target(tokens, cache, taps=needs_taps, last=last)
 
-        reached = None if prefix is None else (lambda stop: prefix.reached(stop, cache))
         last, chunk_taps = yield from prefill(forward, ids, cache, num_cached, self.prefill_chunk,
-                                              split=self.target.splits_head, cut=prefix and prefix.cut, reached=reached)
+                                              split=self.target.splits_head, lease=prefix)
         taps = ([] if cached_taps is None else [cached_taps]) + chunk_taps
         prompt_taps = mx.concatenate(taps, axis=1) if taps else None  # (1, P, T*H)
         state = None
