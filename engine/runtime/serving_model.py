@@ -193,9 +193,12 @@ def prepare_model(model: object, *, fuse: bool) -> str:
     from engine.model.compiled_norm import compile_norms
     from engine.model.fused import fuse_projections
     from engine.model.rope_table import use_table_rope
+    from engine.model.scale_dtype import widen_scales
     from engine.model.transposed import transpose_linears
 
     notes = [f"packed projections in {fuse_projections(model)} layers" if fuse else "unfused projections"]
+    if on_cuda() and (widened := widen_scales(model)):  # before the verify kernels decide on the layers
+        notes.append(f"float32 scales in {widened} quantized layers")
     if mx.default_device() == mx.cpu:  # after fusing: the packed layers are the ones transposed
         notes.append(f"{transpose_linears(model)} float32 matrices stored transposed")
         notes.append(f"{use_table_rope(model)} RoPE modules read a cos/sin table")
