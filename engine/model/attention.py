@@ -17,6 +17,11 @@ Prefill chunks (more than 64 rows) meet the same per-shape plan on CUDA: a reque
 (rows, keys) shape of its own, and a prefix-cache hit's remainder always does. A layer that has not met a
 chunk's shape before takes the explicit path; from its second sighting on, fused attention's plan pays
 for itself (PrefillPlans). `DFLASH_PREFILL_ATTENTION=fused` turns that off.
+A batched decode step (engine/decode/batch.py: one query row per request, rows left-padded to a shared
+key length) passes its rows' first keys (`key_start`); on CUDA it takes the kernel's padded variant,
+where the mask's array would send mx.fast to its unfused fallback: six kernels a layer and two cuBLAS
+calls instead of one (an H200 ran 763 kernels for a 2-row step of the 135M model against 640 for a
+1-row one, bench/kernel_profile.py --batch 2).
 """
 
 from __future__ import annotations
@@ -112,14 +117,20 @@ def _prefill_explicit(site: object | None, queries: mx.array, keys: mx.array, ma
 
 def block_attention(
     queries: mx.array, keys: mx.array, values: mx.array, *, scale: float, mask: mx.array | str | None,
-    prefill_on_host: bool = False, site: object | None = None,
+    prefill_on_host: bool = False, site: object | None = None, key_start: mx.array | None = None,
 ) -> mx.array:
     """softmax(scale · q kᵀ + mask) v with mx.fast's conventions (GQA, "causal", bool or additive masks).
 
     `prefill_on_host`: the caller is a target layer outside any gradient or compile trace, so a prefill chunk on
     the CPU may take NumPy's softmax (engine/backend/host_softmax.py).
     `site`: the calling layer (any object that lives as long as it), which lets a CUDA prefill chunk at a
-    shape new to that layer skip fused attention's per-shape plan (PrefillPlans)."""
+    shape new to that layer skip fused attention's per-shape plan (PrefillPlans).
+    `key_start`: (B,) a batched one-row step's first key per row (BatchKVCache.left_padding), for which
+    `mask` is exactly key >= key_start."""
+    if key_start is not None and queries.shape[2] == 1 and mode() == "auto" and _on_cuda():
+        kernel = attention_kernel.default_kernel()
+        if (warps := kernel.padded_warps_for(queries, keys)) is not None:
+            return kernel(queries, keys, values, scale, False, warps, start=key_start)
     if prefill_on_host and queries.shape[2] >= HOST_SOFTMAX_MIN_ROWS and mode() == "auto" and fast_exp.enabled():
         return host_softmax_attention(queries, keys, values, scale=scale, mask=mask)
     if _prefill_explicit(site, queries, keys, mask):

@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import llama, qwen2, qwen3, qwen3_next
 from mlx_lm.models.base import scaled_dot_product_attention
+from mlx_lm.models.cache import BatchKVCache
 
 from engine.backend import fast_exp
 from engine.model.attention import block_attention
@@ -147,7 +148,9 @@ def _fused_attention_call(
     if hasattr(cache, "bits"):  # a quantized KV cache: mlx-lm's quantized attention
         output = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=self.scale, mask=mask)
     else:
-        output = block_attention(queries, keys, values, scale=self.scale, mask=mask, prefill_on_host=True, site=self)
+        start = cache.left_padding if type(cache) is BatchKVCache else None  # a batched decode step's rows
+        output = block_attention(queries, keys, values, scale=self.scale, mask=mask, prefill_on_host=True, site=self,
+                                 key_start=start)
     return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))  # (B, L, H)
 
 

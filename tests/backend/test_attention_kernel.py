@@ -402,6 +402,52 @@ def test_the_decode_hook_sends_padded_steps_to_an_adopted_kernel(family: str, mo
     assert outs == [plain_greedy(model, j.prompt_ids, 10)[0] for j in jobs]
 
 
+def test_batched_decode_steps_take_the_padded_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's batched steps (engine/decode/batch.py on a fused target): with a (fake, exact) padded
+    kernel adopted on a pretend CUDA device, every layer of every step attends through it with the batch
+    cache's left padding as key starts, prefills (one request alone, several rows) never do, and each row
+    decodes its solo greedy tokens."""
+    from engine.decode.batch import BatchDecoder
+    from engine.decode.prefix_cache import PrefixLease
+
+    calls: list[tuple[int, bool, list[int]]] = []
+
+    def kernel(queries: mx.array, keys: mx.array, values: mx.array, scale: float, causal: bool, warps: int,
+               start: mx.array | None = None) -> mx.array:
+        if start is not None:
+            calls.append((queries.shape[2], causal, start.tolist()))
+        return exact_kernel(queries, keys, values, scale, causal, warps, start)
+
+    d = decider(kernel, kernel_ms=0.5, reference_ms=2.0)
+    monkeypatch.setattr(ak, "_DEFAULT", d)
+    monkeypatch.setattr(attention, "_on_cuda", lambda: True)
+    model = build_target(target_config("llama", vocab_size=VOCAB, hidden_size=256, head_dim=64), seed=5)
+    fuse_projections(model)
+    heads, kv_heads = model.args.num_attention_heads, model.args.num_key_value_heads
+    assert d.padded_warps_for(mx.zeros((1, heads, 1, 64)), mx.zeros((1, kv_heads, 8, 64))) is not None
+    calls.clear()  # the decision's own checks
+    prompts = [[5, 9, 2], [7, 1, 4, 4, 8, 3, 2], [11, 3, 6, 6, 2]]
+    batch = BatchDecoder(model)
+    tokens: list[list[int]] = []
+    for ids in prompts:
+        row = batch.make_row(SamplingParams(temperature=0.0), TokenRng(0), PrefixLease(None, ids, None), len(ids),
+                             wants_taps=False)
+        tokens.append([step.tokens[0] for step in batch.prefill(row, ids)][-1:])
+        batch.join(row)
+    attention.set_mode("auto")
+    try:
+        for _ in range(6):
+            for row, step in batch.step():
+                tokens[batch.rows.index(row)] += step.tokens
+    finally:
+        attention.set_mode(None)
+    width = max(len(p) for p in prompts)
+    assert len(calls) == 6 * len(model.layers)
+    assert {(rows, causal, tuple(start)) for rows, causal, start in calls} == {
+        (1, False, tuple(width - len(p) for p in prompts))}
+    assert tokens == [plain_greedy(model, p, 6)[0] for p in prompts]
+
+
 def test_a_rejected_padded_kernel_leaves_generation_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     def wrong(queries: mx.array, keys: mx.array, values: mx.array, scale: float, causal: bool, warps: int,
               start: mx.array | None = None) -> mx.array:
