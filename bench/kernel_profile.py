@@ -1,12 +1,14 @@
 """Device time per kernel of a served model's forwards on a CUDA GPU, against their wall time.
 
     python bench/kernel_profile.py --model SmolLM2-135M-Instruct.Q4_1.gguf \
-        --draft engine/drafts/smollm2-135m-instruct-dflash --target-dtype bfloat16 [--calls 20] [--out FILE]
+        --draft engine/drafts/smollm2-135m-instruct-dflash --target-dtype bfloat16 [--calls 20] [--batch 2,4] [--out FILE]
 
 Needs PyTorch with CUDA beside MLX: torch.profiler's CUPTI tracing records every kernel launched in the
 process, MLX's included. For a 1-row decode step, a 3- and a 16-row verify forward (with the draft's
-taps) and the draft at 15 kept rows, prints the wall time per call (graph build, launch, sync), the
-kernels launched per call, their summed device time and the costliest kernels. Where the summed device
+taps), the draft at 15 kept rows and a batched decode step of each `--batch` size (the server's
+continuous batching: one row per request), prints the wall time per call (graph build, launch, sync),
+the kernels launched per call, their summed device time, the costliest kernels and the most launched
+ones. Where the summed device
 time is a small part of the wall time the forward is bound by launching kernels, not by running them
 (docs/benchmarks.md, "What bounds the ratios").
 """
@@ -53,15 +55,41 @@ def profile_calls(fn: Callable[[], None], calls: int) -> dict[str, Any]:
             entry[0] += 1
             entry[1] += event.device_time_total
     top = sorted(kernels.items(), key=lambda kv: -kv[1][1])
+    launched = sorted(kernels.items(), key=lambda kv: -kv[1][0])
     return {"wall_ms": wall * 1e3, "kernels": sum(v[0] for v in kernels.values()) / calls,
             "device_ms": sum(v[1] for v in kernels.values()) / calls / 1e3,
-            "top": [{"name": name, "per_call": n / calls, "us": us / calls} for name, (n, us) in top[:15]]}
+            "top": [{"name": name, "per_call": n / calls, "us": us / calls} for name, (n, us) in top[:15]],
+            "launched": [{"name": name, "per_call": n / calls, "us": us / calls} for name, (n, us) in launched[:15]]}
+
+
+def batched_step(model: Any, tokenizer: Any, rows: int) -> Callable[[], None]:
+    """One forward of a BatchDecoder's step over `rows` requests of different prompt lengths (the batch's
+    cache grows by a row a call; the prompts are short)."""
+    from engine.decode.batch import BatchDecoder
+    from engine.decode.prefix_cache import PrefixLease
+    from engine.model import rope_table
+
+    batch = BatchDecoder(model)
+    for i, name in zip(range(rows), [*PROMPTS] * rows):
+        ids = list(tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[name]}]))
+        row = batch.make_row(GREEDY, TokenRng(0), PrefixLease(None, ids, None), len(ids), wants_taps=False)
+        for _ in batch.prefill(row, ids):
+            pass
+        batch.join(row)
+    for _ in range(3):
+        batch.step()
+
+    def run() -> None:
+        with rope_table.positions_below(batch.cache[0]._idx + 1):
+            mx.eval(model(batch.tokens[:, None], cache=batch.cache))
+    return run
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_draft_args(parser, "unused", "code")
     parser.add_argument("--calls", type=int, default=20, help="profiled calls of each forward")
+    parser.add_argument("--batch", default="", help="comma list of batched decode step sizes, e.g. 2,4")
     parser.add_argument("--out", type=Path, default=None, help="write the profile as JSON here")
     args = parser.parse_args()
     try:
@@ -95,12 +123,17 @@ def main() -> None:
 
     cases = {"decode step, 1 row": forward(1), "verify, 3 rows": forward(3), "verify, 16 rows": forward(16),
              "draft, 15 kept rows": draft_block}
+    for rows in (int(n) for n in args.batch.split(",") if n):
+        cases[f"batched decode step, {rows} rows"] = batched_step(model, loaded.tokenizer, rows)
     results = {}
     for name, fn in cases.items():
         result = results[name] = profile_calls(fn, args.calls)
         print(f"\n{name}: wall {result['wall_ms']:.2f} ms, {result['kernels']:.0f} kernels, "
               f"device {result['device_ms']:.2f} ms ({result['device_ms'] / result['wall_ms']:.0%} of the wall)")
         for kernel in result["top"][:8]:
+            print(f"  {kernel['us']:8.1f} us  x{kernel['per_call']:5.1f}  {kernel['name'][:80]}")
+        print("  most launched:")
+        for kernel in result["launched"][:6]:
             print(f"  {kernel['us']:8.1f} us  x{kernel['per_call']:5.1f}  {kernel['name'][:80]}")
     drafter.end()
     if args.out:
