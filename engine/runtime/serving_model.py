@@ -68,6 +68,8 @@ class ServingModel:
         if on_cuda():
             warm_prefill([plain, *([] if speculative is None else [speculative])], config.prefill_chunk)
         batch, batching = build_batch(loaded.model, speculative, config, lockstep)
+        if batch is not None and on_cuda():
+            warm_batch(batch)
         return cls(
             model_id=loaded.model_id,
             tokenizer=loaded.tokenizer,
@@ -165,6 +167,31 @@ def warm_prefill(decoders: list[PlainDecoder | SpeculativeDecoder], prefill_chun
         if (forget := getattr(decoder, "forget_acceptance", None)) is not None:
             forget()  # a made-up prompt's drafts are not the drafter's rate
     log.info("prefill kernels warmed up in %.1f s", time.perf_counter() - start)
+
+
+def warm_batch(batch: BatchDecoder) -> None:
+    """Two requests of different lengths through a few batched steps at load, then gone: on CUDA a batched
+    step's attention kernel (the padded variant) is compiled and checked at its first use, which would
+    otherwise stall the first requests that arrive together."""
+    from engine.decode.batch import BatchStats
+    from engine.decode.prefix_cache import PrefixLease
+    from engine.decode.sampling import SamplingParams, TokenRng
+
+    start = time.perf_counter()
+    rows = []
+    for prompt in ([3 + i for i in range(8)], [5 + i for i in range(13)]):  # ids every vocabulary has
+        row = batch.make_row(SamplingParams(temperature=0.0), TokenRng(0), PrefixLease(None, prompt, None), len(prompt),
+                             wants_taps=True)
+        for _ in batch.prefill(row, prompt):
+            pass
+        batch.join(row)
+        rows.append(row)
+    for _ in range(3):
+        batch.step()
+    for row in rows:
+        batch.leave(row)
+    batch.stats = BatchStats()  # the made-up requests are not the server's
+    log.info("batched steps warmed up in %.1f s", time.perf_counter() - start)
 
 
 def cost_key(loaded: object, config: EngineConfig, drafter: str) -> str:

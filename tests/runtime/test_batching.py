@@ -24,7 +24,7 @@ from engine.runtime.batch_scheduler import BatchScheduler
 from engine.runtime.config import EngineConfig
 from engine.runtime.request import FinishReason, Request, RequestOutput
 from engine.runtime.scheduler import EngineBusy, Scheduler
-from engine.runtime.serving_model import build_batch
+from engine.runtime.serving_model import build_batch, warm_batch
 from tests.model.test_hybrid import hybrid_config
 
 EOS = 2
@@ -141,6 +141,18 @@ def test_concurrent_greedy_requests_return_their_solo_output(parts: dict[str, An
     usage = got.last["r1"].usage  # penalties: plain decoding alone, batched here
     assert usage.decoder == "plain" and usage.batched_tokens > 0
     assert sum(got.last[r.request_id].usage.batched_tokens for r in reqs) == sched.stats.num_batch_tokens
+
+
+def test_the_load_time_warm_up_leaves_no_trace(parts: dict[str, Any]) -> None:
+    """warm_batch (run at load on CUDA) takes two made-up rows through batched steps and drops them:
+    the batch is empty, its counters are zero, and requests after it return their solo output."""
+    reqs = requests(4)
+    want = solo(parts, reqs)
+    sched, got = scheduler(parts, max_batch=8)
+    warm_batch(sched.batch)
+    assert sched.batch.num_rows == 0 and sched.batch.cache is None and sched.batch.stats.steps == 0
+    run(sched, reqs)
+    assert {r.request_id: got.tokens[r.request_id] for r in reqs} == {r.request_id: want.tokens[r.request_id] for r in reqs}
 
 
 def test_seeded_sampled_requests_return_their_solo_text(parts: dict[str, Any]) -> None:
