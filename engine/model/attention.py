@@ -19,9 +19,9 @@ chunk's shape before takes the explicit path; from its second sighting on, fused
 for itself (PrefillPlans). `DFLASH_PREFILL_ATTENTION=fused` turns that off.
 A batched decode step (engine/decode/batch.py: one query row per request, rows left-padded to a shared
 key length) passes its rows' first keys (`key_start`); on CUDA it takes the kernel's padded variant,
-where the mask's array would send mx.fast to its unfused fallback: six kernels a layer and two cuBLAS
-calls instead of one (an H200 ran 763 kernels for a 2-row step of the 135M model against 640 for a
-1-row one, bench/kernel_profile.py --batch 2).
+where the mask's array would send mx.fast to its unfused fallback: six kernels a layer, one of them a
+cuBLAS call, instead of one (a CUPTI trace on an H200: 763 kernels for a 2-row step of the 135M model
+against 640 for a 1-row one; bench/kernel_profile.py --batch 2 profiles such steps).
 """
 
 from __future__ import annotations
