@@ -73,9 +73,7 @@ def batched_step(model: Any, tokenizer: Any, rows: int) -> Callable[[], None]:
     for i, name in zip(range(rows), [*PROMPTS] * rows):
         ids = list(tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[name]}]))
         row = batch.make_row(GREEDY, TokenRng(0), PrefixLease(None, ids, None), len(ids), wants_taps=False)
-        for _ in batch.prefill(row, ids):
-            pass
-        batch.join(row)
+        batch.prefill_and_join(row, ids)
     for _ in range(3):
         batch.step()
 

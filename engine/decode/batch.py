@@ -143,6 +143,13 @@ class BatchDecoder:
         row.own_cache, row.first, row.position = cache, first, row.num_tokens
         yield DecodeStep([token], self._to_list(token, logprobs))
 
+    def prefill_and_join(self, row: Row, prompt_ids: list[int]) -> DecodeStep:
+        """The row's whole prefill at once, then its join; returns its first token's step. For callers
+        that need no interleaving (load-time warm-ups, benches, tests); the scheduler steps prefill()."""
+        *_, first = self.prefill(row, prompt_ids)
+        self.join(row)
+        return first
+
     def adopt(self, row: Row, cache: list[Any], length: int) -> None:
         """A request leaving its solo decoder: its cache of `length` rows, whatever that decoder fed of
         its last token trimmed away, so the next step feeds it as any row's latest token."""

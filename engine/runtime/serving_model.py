@@ -182,9 +182,7 @@ def warm_batch(batch: BatchDecoder) -> None:
     for prompt in ([3 + i for i in range(8)], [5 + i for i in range(13)]):  # ids every vocabulary has
         row = batch.make_row(SamplingParams(temperature=0.0), TokenRng(0), PrefixLease(None, prompt, None), len(prompt),
                              wants_taps=True)
-        for _ in batch.prefill(row, prompt):
-            pass
-        batch.join(row)
+        batch.prefill_and_join(row, prompt)
         rows.append(row)
     for _ in range(3):
         batch.step()

@@ -432,8 +432,7 @@ def test_batched_decode_steps_take_the_padded_kernel(monkeypatch: pytest.MonkeyP
     for ids in prompts:
         row = batch.make_row(SamplingParams(temperature=0.0), TokenRng(0), PrefixLease(None, ids, None), len(ids),
                              wants_taps=False)
-        tokens.append([step.tokens[0] for step in batch.prefill(row, ids)][-1:])
-        batch.join(row)
+        tokens.append(batch.prefill_and_join(row, ids).tokens[:1])
     attention.set_mode("auto")
     try:
         for _ in range(6):
