@@ -9,6 +9,7 @@ timing noise; bench/bench.py measures the real thing.
 
     python bench/width_replay.py --draft engine/drafts/smollm2-135m-instruct-dflash
     python bench/width_replay.py --draft DIR --costs 1:4.5,2:4.7,4:5.0,8:5.5,16:7.0 --draft-ms 1.8 --row-ms 0.02 --host-ms 0.3
+    python bench/width_replay.py --draft DIR --costs 1:4.4,4:4.7,16:6.0 --draft-ms 0 --row-ms 0 --host-ms 3.2 --plain-ms 3.8
 """
 
 from __future__ import annotations
@@ -41,19 +42,20 @@ from engine.decode.verify_width import CostCurve, VerifyWidth
 class Costs:
     """Seconds of one cycle by verified drafts, and of a plain decoding step."""
 
-    def __init__(self, curve: CostCurve, draft_s: float, row_s: float, host_s: float) -> None:
+    def __init__(self, curve: CostCurve, draft_s: float, row_s: float, host_s: float, plain_s: float | None = None) -> None:
         self.curve, self.draft_s, self.row_s, self.host_s = curve, draft_s, row_s, host_s
+        self.plain_s = curve(1) if plain_s is None else plain_s  # a chained plain step (GPUs: below a synced forward)
 
     def cycle(self, drafts: int) -> float:
         return self.curve(drafts + 1) + self.host_s + (self.draft_s + self.row_s * drafts if drafts else 0.0)
 
     def plain(self) -> float:
-        return self.curve(1)
+        return self.plain_s
 
     def describe(self) -> str:
         rows = ", ".join(f"{r}: {self.curve(r) * 1e3:.1f}" for r in (1, 2, 4, 8, 16) if r <= len(self.curve.seconds))
         return (f"forward ms by rows {{{rows}}}, draft {self.draft_s * 1e3:.1f} ms + {self.row_s * 1e3:.2f} ms a row, "
-                f"host {self.host_s * 1e3:.1f} ms")
+                f"host {self.host_s * 1e3:.1f} ms, chained plain step {self.plain_s * 1e3:.1f} ms")
 
 
 def replay(controller: VerifyWidth | None, runs: list[int], length: int, first: int, costs: Costs,
@@ -69,10 +71,11 @@ def replay(controller: VerifyWidth | None, runs: list[int], length: int, first: 
         accepted = min(runs[anchor - first], drafts)
         # a width-0 cycle after another is launched before that one's sync, as plain decoding's next step is:
         # its host work overlaps the device's (SpeculativeDecoder._chain)
-        cost = costs.plain() if drafts == 0 and previous == 0 else costs.cycle(drafts)
+        chained = drafts == 0 and previous == 0
+        cost = costs.plain() if chained else costs.cycle(drafts)
         if controller is not None:
             # as SpeculativeDecoder._finish: a drafting cycle after plain steps or the prompt teaches no overheads
-            controller.update(drafts, accepted, cost if drafts == 0 or previous else None)
+            controller.update(drafts, accepted, cost if drafts == 0 or previous else None, chained=chained)
         emitted += min(accepted + 1, remaining)
         anchor += accepted + 1
         seconds += cost
@@ -94,7 +97,7 @@ def load_target_and_draft(args: argparse.Namespace) -> tuple[Any, Any, Any, str]
     """(loaded, the target prepared as the server prepares it, the draft, what preparing did)."""
     from engine.model.draft import load_draft
     from engine.model.loader import load_model
-    from engine.runtime.serving_model import prepare_model
+    from engine.runtime.serving_model import prepare_draft, prepare_model
 
     loaded = load_model(args.model, dequantize=True if args.target_dtype != "native" else None)
     model = cast_model(loaded.model, args.target_dtype)
@@ -102,6 +105,8 @@ def load_target_and_draft(args: argparse.Namespace) -> tuple[Any, Any, Any, str]
     margs = model.args
     draft = load_draft(args.draft, target_hidden_size=margs.hidden_size, target_vocab_size=margs.vocab_size,
                        target_num_layers=margs.num_hidden_layers)
+    if note := prepare_draft(draft, model):
+        prepared += ", " + note
     return loaded, model, draft, prepared
 
 
@@ -112,6 +117,8 @@ def main() -> None:
     parser.add_argument("--draft-ms", type=float, default=None, help="draft forward ms at one kept row (default: measured)")
     parser.add_argument("--row-ms", type=float, default=None, help="draft ms per further kept row (default: measured)")
     parser.add_argument("--host-ms", type=float, default=1.0, help="host ms per cycle")
+    parser.add_argument("--plain-ms", type=float, default=None,
+                        help="ms of a plain step launched before the previous one's sync (default: a 1-row forward)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--answers", type=Path, default=None,
                         help="cache of the answers' runs: read if it exists (same draft and prompts), else written")
@@ -200,8 +207,9 @@ def measure_costs(args: argparse.Namespace, target: object, drafter: object, blo
             target.trim(cache, rows)
 
         curve = CostCurve.measure(forward, block, repeats=5)
+    plain_s = None if args.plain_ms is None else args.plain_ms / 1e3
     if args.draft_ms is not None and args.row_ms is not None:
-        return Costs(curve, args.draft_ms / 1e3, args.row_ms / 1e3, args.host_ms / 1e3)
+        return Costs(curve, args.draft_ms / 1e3, args.row_ms / 1e3, args.host_ms / 1e3, plain_s)
     ids = list(range(100, 400))
     _, taps = target(mx.array([ids], dtype=mx.int32), None, taps=True)
 
@@ -221,7 +229,7 @@ def measure_costs(args: argparse.Namespace, target: object, drafter: object, blo
     row = max(full - one, 0.0) / (block - 2)
     draft_s = args.draft_ms / 1e3 if args.draft_ms is not None else one - row
     row_s = args.row_ms / 1e3 if args.row_ms is not None else row
-    return Costs(curve, draft_s, row_s, args.host_ms / 1e3)
+    return Costs(curve, draft_s, row_s, args.host_ms / 1e3, plain_s)
 
 
 if __name__ == "__main__":

@@ -753,7 +753,7 @@ class SpeculativeDecoder:
             steady = cycle.block == 1 or self._drafted_last
             seconds = now - self._sync_end if one_forward else None
             if cycle.tree is None:
-                self._width.update(cycle.block - 1, accepted, seconds if steady else None)
+                self._width.update(cycle.block - 1, accepted, seconds if steady else None, chained=cycle.chained)
             else:  # held context makes a tree dearer, never cheaper: learning from it errs toward chains
                 self._width.update_tree(self._outcome(cycle), seconds)
         self._drafted_last = cycle.block > 1

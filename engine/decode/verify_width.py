@@ -148,7 +148,8 @@ class VerifyWidth:
     p[i] estimates P(draft i accepted | drafts before it accepted) from decayed counts of the cycles
     that reached position i, shrunk toward p[i - 1] (see estimates). Expected tokens for cap c:
     1 + sum_{i<c} prod_{j<=i} p[j]. Cost: curve(c + 1) + host, + draft + c * draft_row when c > 0
-    (the draft's LM head runs on the verified rows only, so a narrow cycle drafts cheaper).
+    (the draft's LM head runs on the verified rows only, so a narrow cycle drafts cheaper); cap 0
+    costs what chained plain steps were seen to take, once some were (see update).
     """
 
     def __init__(
@@ -199,6 +200,7 @@ class VerifyWidth:
         self.draft_row_s = self.measured_row_s = max(draft_row_s, 0.0)
         self._fit = [0.0] * 5  # decayed sums of 1, w, w^2, r, w * r over drafting cycles (w width, r excess)
         self.host_s = 0.0  # per-cycle cost outside the target forward (learned at width 0)
+        self.plain_s = 0.0  # a chained plain step's seconds, sync to sync (0: none seen yet)
         self.cap = max_drafts
         self.base_probe_every = probe_every
         self.max_probe_every = max_probe_every
@@ -247,6 +249,8 @@ class VerifyWidth:
         return self._expected()[cap]
 
     def cost(self, cap: int) -> float:
+        if cap == 0 and self.plain_s > 0:
+            return self.plain_s
         return self.curve(cap + 1) + self.host_s + (self.draft_s + self.draft_row_s * cap if cap > 0 else 0.0)
 
     def rate(self, cap: int) -> float:
@@ -312,11 +316,19 @@ class VerifyWidth:
         """Whether the next narrower-than-full cycle is a probe (wider, see probe_width)."""
         return cap < self.max_drafts and self._since_probe + 1 >= self.probe_every
 
-    def update(self, verified: int, accepted: int, seconds: float | None = None) -> None:
-        """After a cycle: `verified` drafts went to the target, the first `accepted` were kept."""
+    def update(self, verified: int, accepted: int, seconds: float | None = None, *, chained: bool = False) -> None:
+        """After a cycle: `verified` drafts went to the target, the first `accepted` were kept.
+
+        `chained`: a plain step launched before the previous one's sync. Its seconds price plain steps
+        directly: on the H200 such steps took 3.5-4.5 ms where a synced 1-row forward took 4.4 plus 3.8 ms
+        of host work, and pricing plain steps at the latter kept a lone stream drafting at a loss on prose.
+        """
         self._observe(verified, accepted)
         if seconds is not None and self.learn_overheads:
-            self._learn_overheads(verified, seconds)
+            if chained and not verified:
+                self.plain_s = self._ewma(self.plain_s, seconds, "plain")
+            else:
+                self._learn_overheads(verified, seconds)
         if self._probing:
             self._back_off_unless_drafting_pays()
 

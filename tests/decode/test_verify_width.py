@@ -273,6 +273,32 @@ def test_one_slow_plain_step_does_not_price_plain_steps_out() -> None:
     assert abs(controller.host_s - 0.009) < 0.001
 
 
+def test_chained_plain_steps_price_plain_decoding() -> None:
+    """H200-like costs: a synced 1-row forward 4.4 ms plus 3.8 ms of host work, a chained plain step
+    3.8 ms, a width-3 cycle 7.9 ms. At the acceptance of prose (~0.4 a position) drafting loses, and
+    only the chained steps' cost shows it; at code's acceptance drafting still wins."""
+    curve = CostCurve((0.0044,) + (0.0047,) * (BLOCK - 1))
+    host, chained = 0.0038, 0.0038
+
+    def seconds(width: int) -> float:
+        return 0.0079 if width else curve(1) + host
+
+    def settle(p: float, learn_chained: bool) -> tuple[int, float]:
+        controller = VerifyWidth(BLOCK - 1, curve)
+        for _ in range(40):
+            controller.update(0, 0, seconds(0))  # plain steps right after drafting cycles
+            controller.update(3, 0, seconds(3))
+            if learn_chained:
+                controller.update(0, 0, chained, chained=True)
+        _teach(controller, [p] * (BLOCK - 1), cycles=30)
+        return controller.best(), controller.plain_s
+
+    assert settle(0.4, learn_chained=False)[0] > 0  # unchained pricing: 8.2 ms a plain token, drafting looks better
+    best, plain_s = settle(0.4, learn_chained=True)
+    assert best == 0 and plain_s == pytest.approx(chained)
+    assert settle(0.8, learn_chained=True)[0] > 0
+
+
 # --- wired into the decoder ----------------------------------------------------------------
 
 
@@ -487,8 +513,9 @@ def test_a_width_that_plain_steps_beat_is_not_held_by_hysteresis() -> None:
 
 def test_chained_cycles_teach_the_controller_one_forward_each(varied: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     """A fake clock that ticks once per launched cycle, as the CPU backend's async_eval computes a
-    launched graph before returning: a chain's first window holds two launches and its last none;
-    the controller must learn overheads from one-launch windows only."""
+    launched graph before returning (a plain step 1 s, a drafting cycle 5 s): a chain's first window
+    holds two launches and its last none; the controller must learn overheads from one-launch windows
+    only."""
     from engine.decode import speculative
 
     cfg, model, ref = varied
@@ -497,26 +524,31 @@ def test_chained_cycles_teach_the_controller_one_forward_each(varied: tuple, mon
     launch = SpeculativeDecoder._launch
 
     def ticking_launch(self: SpeculativeDecoder, *args: object, **kwargs: object) -> object:
-        now[0] += 1.0
-        return launch(self, *args, **kwargs)
+        cycle = launch(self, *args, **kwargs)
+        now[0] += 1.0 if cycle.block == 1 else 5.0
+        return cycle
 
     monkeypatch.setattr(SpeculativeDecoder, "_launch", ticking_launch)
     decoder = SpeculativeDecoder(Target(model), OracleDrafter(ref, vocab_size=cfg["vocab_size"], wrong_at=[0]),
                                  block_size=BLOCK, cost_curve=CPU_CURVE, chain_plain_steps=True)
     samples: list[float | None] = []
+    flags: list[bool] = []
     assert _decode(decoder, 8) == ref[:8]  # makes the controller
     update = decoder.verify_width.update
 
-    def recording_update(verified: int, accepted: int, seconds: float | None = None) -> None:
+    def recording_update(verified: int, accepted: int, seconds: float | None = None, *, chained: bool = False) -> None:
         samples.append(seconds)
-        update(verified, accepted, seconds)
+        flags.append(chained)
+        update(verified, accepted, seconds, chained=chained)
 
     decoder.verify_width.update = recording_update
     assert _decode(decoder, 60) == ref[:60]
     assert decoder.stats.chained >= 20
     learned = [s for s in samples if s is not None]
-    assert learned and set(learned) == {1.0}, samples  # never 2.0 (a chain's start) or 0.0 (its end)
+    assert 1.0 in learned and set(learned) <= {1.0, 5.0}, samples  # never 2.0 (a chain's start) or 0.0 (its end)
     assert None in samples
+    assert sum(flags) == decoder.stats.chained  # chained cycles say so: they price plain steps
+    assert decoder.verify_width.plain_s == pytest.approx(1.0)
 
 
 def _recorded_updates(decoder: SpeculativeDecoder, max_tokens: int, ref: list[int]) -> list[tuple[int, float | None]]:
@@ -525,9 +557,9 @@ def _recorded_updates(decoder: SpeculativeDecoder, max_tokens: int, ref: list[in
     calls: list[tuple[int, float | None]] = []
     update = decoder.verify_width.update
 
-    def recording_update(verified: int, accepted: int, seconds: float | None = None) -> None:
+    def recording_update(verified: int, accepted: int, seconds: float | None = None, *, chained: bool = False) -> None:
         calls.append((verified, seconds))
-        update(verified, accepted, seconds)
+        update(verified, accepted, seconds, chained=chained)
 
     decoder.verify_width.update = recording_update
     assert _decode(decoder, max_tokens) == ref[:max_tokens]
