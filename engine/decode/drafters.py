@@ -99,6 +99,7 @@ class DFlashDrafter:
         # scores every position from the same context, so a replaced token leaves the later rows as they were
         self.maskable = not getattr(self, "dflash2", False)
         self._cache: list | None = None
+        self._mask_rows: mx.array | None = None  # the MASK rows' noise embedding (1, B, H): the same every cycle
         self._unseen: list[mx.array] = []  # taps the draft cache has not ingested yet
 
     def begin(self, prompt_ids: list[int], prompt_taps: mx.array | None) -> None:
@@ -200,10 +201,21 @@ class DFlashDrafter:
         self._unseen = []
         context = self.draft.project_context(unseen)  # (1, n, H)
         anchor_position = self._cache[0].offset + context.shape[1]
-        ids = mx.array([[new_tokens[-1]] + [self.draft.config.mask_token_id] * num_tokens], dtype=mx.int32)
-        noise = self.draft.noise_embedding(ids, self.target.embed)  # (1, k+1, H)
+        noise = self._noise(new_tokens[-1], num_tokens)  # (1, k+1, H)
         # one block: DFlash 2's conv runs over its k+1 rows, the anchor's included
         return self.draft(noise, context, cache=self._cache, q_offset=anchor_position), anchor_position
+
+    def _noise(self, anchor: int, num_tokens: int) -> mx.array:
+        """The noise embedding of [anchor, MASK x num_tokens]; the MASK rows are looked up once.
+
+        A row's embedding does not depend on the others, so this equals embedding the block whole. On the
+        H200 the 16-row lookup in the 4-bit embedding took ~0.3 ms of device time a cycle."""
+        if self._mask_rows is None or self._mask_rows.shape[1] < num_tokens:
+            ids = mx.full((1, max(num_tokens, self.draft.config.block_size)), self.draft.config.mask_token_id, dtype=mx.int32)
+            self._mask_rows = self.draft.noise_embedding(ids, self.target.embed)
+            mx.eval(self._mask_rows)
+        first = self.draft.noise_embedding(mx.array([[anchor]], dtype=mx.int32), self.target.embed)  # (1, 1, H)
+        return mx.concatenate([first, self._mask_rows[:, :num_tokens]], axis=1)
 
     def end(self) -> None:
         self._cache, self._unseen = None, []

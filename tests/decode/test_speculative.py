@@ -538,6 +538,24 @@ def test_dflash_keep_computes_only_the_verified_proposals(varied: Varied) -> Non
     assert three.tolist() == full[:3].tolist()
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+def test_the_drafts_noise_rows_equal_embedding_the_block_whole(varied: Varied, quantized: bool) -> None:
+    """The MASK rows are embedded once and reused; every cycle's block must be what one lookup gives."""
+    cfg, model, _ = varied
+    if quantized:
+        model = build_target(cfg, seed=1)
+        nn.quantize(model, group_size=32, bits=4)
+    dcfg = draft_config(cfg, block_size=8)
+    target = Target(model, dcfg.target_layer_ids)
+    drafter = DFlashDrafter(build_draft(dcfg, seed=2), target)
+    for anchor, num_tokens in [(5, 7), (9, 3), (11, 0), (6, 12)]:
+        ids = mx.array([[anchor] + [dcfg.mask_token_id] * num_tokens], dtype=mx.int32)
+        want = drafter.draft.noise_embedding(ids, target.embed)
+        got = drafter._noise(anchor, num_tokens)
+        assert got.shape == want.shape and mx.array_equal(got, want).item(), (anchor, num_tokens)
+    target.close()
+
+
 def test_warm_up_measures_the_cost_curve_and_leaves_the_decoder_usable() -> None:
     """serving_model.warm_up (run at load on CUDA) moves the cost-curve measurement out of the first request."""
     cfg = target_config("llama", tie_word_embeddings=False)
