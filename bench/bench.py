@@ -43,7 +43,7 @@ import mlx.core as mx
 from engine.backend.attention_kernel import default_kernel as default_attention_kernel
 from engine.backend.blas import blas_status, maybe_reexec_with_blas
 from engine.decode.sampling import SamplingParams, TokenRng
-from engine.runtime.serving_model import prepare_model
+from engine.runtime.serving_model import prepare_draft, prepare_model
 
 GREEDY = SamplingParams(temperature=0.0)
 PROMPTS = {
@@ -312,8 +312,10 @@ class Bench:
             self.draft_dir = Path(tempfile.mkdtemp(prefix="random-draft-"))
             with Target(self.model) as bare:
                 save_draft(random_draft(bare, self.model, self.args.block_size), self.draft_dir, dtype=mx.float32)
-        return load_draft(self.draft_dir, target_hidden_size=args.hidden_size,
-                          target_vocab_size=args.vocab_size, target_num_layers=args.num_hidden_layers)
+        draft = load_draft(self.draft_dir, target_hidden_size=args.hidden_size,
+                           target_vocab_size=args.vocab_size, target_num_layers=args.num_hidden_layers)
+        prepare_draft(draft, self.model)  # as the server does
+        return draft
 
     def _add_reference(self) -> None:
         try:

@@ -43,7 +43,7 @@ from engine.model.draft import (  # noqa: E402
 )
 from engine.model.target import Target  # noqa: E402
 from engine.runtime.pairs import default_draft_for  # noqa: E402
-from engine.runtime.serving_model import prepare_model  # noqa: E402
+from engine.runtime.serving_model import prepare_draft, prepare_model  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -110,6 +110,7 @@ def main() -> None:
                                target_num_layers=dims["num_hidden_layers"])
             if args.target_dtype != "native" and mx.default_device() != mx.cpu:
                 draft.set_dtype(getattr(mx, args.target_dtype))
+            prepare_draft(draft, model)  # as the server does
             target = Target(model, draft.config.target_layer_ids)
             cache = target.make_cache()
             _, taps = target(mx.array([prompt]), cache, taps=True)

@@ -13,6 +13,11 @@ a quantized embedding's lookup returns its scales' dtype, which the first norm t
 its scales would round its rows differently. The price is memory: float32 scales and biases take twice
 the float16 ones, for 4-bit/g32 weights a quarter more than the weights themselves. Metal launches
 kernels far more cheaply and Macs have less memory to spare: the swap is CUDA's only.
+
+A draft stored in bfloat16 beside such a target reads float32 taps, so MLX widened each of its weights
+on every call as well: 45 copy kernels of a 162-kernel draft forward on the H200, 0.43 of its 1.18 ms of
+device time. `widen_draft` stores the draft's float parameters in float32 once instead, exact for the same
+reason; a draft's memory doubles (SmolLM2's: 23 to 46 MB).
 """
 
 from __future__ import annotations
@@ -51,3 +56,15 @@ def widen_scales(model: nn.Module) -> int:
     if changed:
         mx.eval([v for _, v in tree_flatten(model.parameters())])
     return changed
+
+
+def widen_draft(draft: nn.Module, target: nn.Module) -> int:
+    """Cast a draft's narrower float parameters to float32 where the target's activations are float32;
+    returns how many arrays changed. The draft's own quantized layers widen their scales the same way."""
+    if activations_dtype(target) is None:
+        return 0
+    narrow = [v for _, v in tree_flatten(draft.parameters()) if mx.issubdtype(v.dtype, mx.floating) and v.dtype != mx.float32]
+    if narrow:
+        draft.set_dtype(mx.float32)
+        mx.eval([v for _, v in tree_flatten(draft.parameters())])
+    return len(narrow)

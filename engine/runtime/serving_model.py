@@ -234,6 +234,16 @@ def prepare_model(model: object, *, fuse: bool) -> str:
     return ", ".join(notes)
 
 
+def prepare_draft(draft: object, model: object) -> str:
+    """What the draft needs beside a prepared target: float32 weights for float32 activations on CUDA
+    (engine/model/scale_dtype.py); says what was done."""
+    from engine.model.scale_dtype import widen_draft
+
+    if on_cuda() and (widened := widen_draft(draft, model)):
+        return f"draft weights widened to float32 ({widened} arrays)"
+    return ""
+
+
 def resolve_draft(spec: str, target: str, model_id: str) -> str | None:
     if spec == "none":
         return None
@@ -273,6 +283,8 @@ def build_speculative(
 
     local = resolve_local_path(path)
     draft = load_draft_for(path, loaded, load_draft, local=local)
+    if note := prepare_draft(draft, loaded.model):
+        log.info("draft: %s", note)
     target = Target(loaded.model, layer_ids=draft.config.target_layer_ids)
     block_size = config.block_size or draft.config.block_size
     head = load_proposal_head(local, target.output_head, output_multiplier=draft.config.output_multiplier)

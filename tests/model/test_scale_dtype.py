@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from tiny_models import build_target, target_config
 
 from engine.model.fused import fuse_projections
@@ -59,3 +60,35 @@ def test_the_embedded_gguf_keeps_its_logits() -> None:
     widened = widen_scales(model)
     assert widened == 4 * len(model.model.layers)
     assert mx.array_equal(logits(model), before).item()
+
+
+def test_a_widened_bfloat16_draft_drafts_bit_for_bit() -> None:
+    """A bfloat16 draft beside float32 activations: float32 weights at load give the same hidden rows."""
+    from tiny_models import build_draft, draft_config
+
+    from engine.decode.drafters import DFlashDrafter
+    from engine.model.scale_dtype import widen_draft
+    from engine.model.target import Target
+
+    model = gguf_like()
+    cfg = target_config("llama", hidden_size=64, head_dim=16)
+    dcfg = draft_config(cfg, block_size=8)
+    target = Target(model, dcfg.target_layer_ids)
+    _, taps = target(mx.array([PROMPT]), None, taps=True)
+    rows = []
+    for widen in (False, True):
+        draft = build_draft(dcfg, seed=3)
+        draft.set_dtype(mx.bfloat16)
+        if widen:
+            assert widen_draft(draft, model) > 0
+            assert {v.dtype for _, v in tree_flatten(draft.parameters())} == {mx.float32}
+        drafter = DFlashDrafter(draft, target)
+        drafter.begin(PROMPT, taps)
+        rows.append(drafter._forward([PROMPT[-1]], None, 7)[0])
+    assert mx.array_equal(rows[0], rows[1]).item()
+    narrow = build_target(cfg, seed=2)
+    narrow.set_dtype(mx.bfloat16)  # bfloat16 activations: the draft is left as it is
+    draft = build_draft(dcfg, seed=3)
+    draft.set_dtype(mx.bfloat16)
+    assert widen_draft(draft, narrow) == 0 and draft.norm.weight.dtype == mx.bfloat16
+    target.close()
