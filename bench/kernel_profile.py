@@ -4,8 +4,8 @@
         --draft engine/drafts/smollm2-135m-instruct-dflash --target-dtype bfloat16 [--calls 20] [--batch 2,4] [--out FILE]
 
 Needs PyTorch with CUDA beside MLX: torch.profiler's CUPTI tracing records every kernel launched in the
-process, MLX's included. For a 1-row decode step, a 3- and a 16-row verify forward (with the draft's
-taps), the draft at 15 kept rows and a batched decode step of each `--batch` size (the server's
+process, MLX's included. For a 1-row decode step (without and with the draft's taps: a speculative
+decoder's width-0 step keeps them), a 3- and a 16-row verify forward (with taps), the draft at 15 kept rows and a batched decode step of each `--batch` size (the server's
 continuous batching: one row per request), prints the wall time per call (graph build, launch, sync),
 the kernels launched per call, their summed device time, the costliest kernels and the most launched
 ones. Where the summed device
@@ -108,9 +108,9 @@ def main() -> None:
     drafter.begin(ids, taps)
     mx.eval(drafter.propose([ids[-1]], None, 15, GREEDY, TokenRng(0)).tokens)
 
-    def forward(rows: int) -> Callable[[], None]:
+    def forward(rows: int, taps: bool) -> Callable[[], None]:
         def run() -> None:  # at the prompt's context every time: the rows are trimmed again
-            mx.eval(target(mx.full((1, rows), 5, dtype=mx.int32), cache, taps=rows > 1))
+            mx.eval(target(mx.full((1, rows), 5, dtype=mx.int32), cache, taps=taps))
             target.trim(cache, rows)
         return run
 
@@ -119,7 +119,9 @@ def main() -> None:
         for layer_cache in drafter._cache or []:
             layer_cache.offset -= 1
 
-    cases = {"decode step, 1 row": forward(1), "verify, 3 rows": forward(3), "verify, 16 rows": forward(16),
+    # a speculative decoder's width-0 step is a 1-row forward that keeps its taps for the draft
+    cases = {"decode step, 1 row": forward(1, False), "width-0 step, 1 row with taps": forward(1, True),
+             "verify, 3 rows": forward(3, True), "verify, 16 rows": forward(16, True),
              "draft, 15 kept rows": draft_block}
     for rows in (int(n) for n in args.batch.split(",") if n):
         cases[f"batched decode step, {rows} rows"] = batched_step(model, loaded.tokenizer, rows)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,21 @@ def controller_state(decoder: Any) -> dict[str, Any]:
         return {}
     return {"trials": [round(t, 2) for t in width.trials], "hits": [round(h, 2) for h in width.hits],
             "estimates": [round(p, 3) for p in width.estimates()], "draft_ms": width.draft_s * 1e3,
-            "draft_row_ms": width.draft_row_s * 1e3, "host_ms": width.host_s * 1e3,
+            "draft_row_ms": width.draft_row_s * 1e3, "host_ms": width.host_s * 1e3, "plain_ms": width.plain_s * 1e3,
             "curve_ms": [round(s * 1e3, 2) for s in width.curve.seconds], "probe_every": width.probe_every}
+
+
+def cycle_costs(widths: list[int], cycle_ms: list[float], plain_ms: float) -> str:
+    """Median ms of a cycle, sync to sync, by kind: a plain step after a plain step (chained where the
+    decoder chains them), one after a drafting cycle, a drafting cycle by width; beside plain decoding's."""
+    kinds: dict[str, list[float]] = collections.defaultdict(list)
+    for i, (width, ms) in enumerate(zip(widths, cycle_ms)):
+        before = widths[i - 1] if i else None
+        kind = ("plain after plain" if before == 0 else "plain after draft") if width == 0 else \
+            f"width {width}" if width < 4 else "width 4-7" if width < 8 else "width 8+"
+        kinds[kind].append(ms)
+    parts = [f"{k} {statistics.median(v):.2f} ({len(v)})" for k, v in sorted(kinds.items())]
+    return f"ms: plain decoding {plain_ms:.2f}; " + ", ".join(parts)
 
 
 def main() -> None:
@@ -62,7 +76,8 @@ def main() -> None:
     target = Target(model, draft.config.target_layer_ids)
     # as the server builds it: greedy proposals over the draft's proposal vocabulary, where it ships one
     head = load_proposal_head(args.draft, target.output_head, output_multiplier=draft.config.output_multiplier)
-    spec = SpeculativeDecoder(target, DFlashDrafter(draft, target, head), block_size=args.block_size)
+    # "overlap" timing reads the clock around each cycle and adds no sync
+    spec = SpeculativeDecoder(target, DFlashDrafter(draft, target, head), block_size=args.block_size, timing="overlap")
     plain = PlainDecoder(model)
     records = []
     for round_ in range(args.rounds):
@@ -74,13 +89,16 @@ def main() -> None:
             widths = spec.stats.widths
             record = {"round": round_, "prompt": name, "plain_tps": plain_tps, "spec_tps": spec_tps,
                       "ratio": spec_tps / plain_tps, "tau": spec.stats.acceptance_length, "cycles": spec.stats.cycles,
-                      "chained": spec.stats.chained, "widths": widths, "same": tokens == plain_tokens}
+                      "chained": spec.stats.chained, "widths": widths, "same": tokens == plain_tokens,
+                      "plain_ms": 1e3 * plain_s / max(len(plain_tokens) - 1, 1),
+                      "cycle_ms": [round(t.cycle_s * 1e3, 3) for t in spec.stats.timings], "controller": controller_state(spec)}
             records.append(record)
             hist = dict(sorted(collections.Counter(widths).items()))
             print(f"r{round_} {name:6} plain {plain_tps:6.1f} spec {spec_tps:6.1f} ({record['ratio']:.2f}x) "
                   f"tau {record['tau']:.2f} cycles {record['cycles']} chained {record['chained']} widths {hist}"
                   f"{'' if record['same'] else ' (output differs from plain)'}", flush=True)
             print("   " + "".join(HEX[w] for w in widths), flush=True)
+            print("   " + cycle_costs(widths, record["cycle_ms"], record["plain_ms"]), flush=True)
     state = controller_state(spec)
     print("[trace] controller: " + json.dumps(state), flush=True)
     if args.out:
