@@ -148,7 +148,7 @@ def _fused_attention_call(
     if hasattr(cache, "bits"):  # a quantized KV cache: mlx-lm's quantized attention
         output = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=self.scale, mask=mask)
     else:
-        start = cache.left_padding if type(cache) is BatchKVCache else None  # a batched decode step's rows
+        start = cache.left_padding if isinstance(cache, BatchKVCache) else None  # a batched decode step's rows
         output = block_attention(queries, keys, values, scale=self.scale, mask=mask, prefill_on_host=True, site=self,
                                  key_start=start)
     return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))  # (B, L, H)

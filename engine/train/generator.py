@@ -124,7 +124,7 @@ def padded_decode_attention(model: nn.Module, kernel: attention_kernel.BlockAtte
     def hooked(queries: mx.array, keys: mx.array, values: mx.array, cache: Any, scale: float,
                mask: mx.array | str | None, sinks: mx.array | None = None) -> mx.array:
         # at one query row the model's mask is exactly `key >= left_padding` (BatchKVCache.make_mask)
-        if sinks is None and type(cache) is BatchKVCache and queries.shape[2] == 1:
+        if sinks is None and isinstance(cache, BatchKVCache) and queries.shape[2] == 1:
             if (warps := kernel.padded_warps_for(queries, keys)) is not None:
                 return kernel(queries, keys, values, scale, False, warps, start=cache.left_padding)
         return original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)

@@ -155,6 +155,40 @@ def test_the_load_time_warm_up_leaves_no_trace(parts: dict[str, Any]) -> None:
     assert {r.request_id: got.tokens[r.request_id] for r in reqs} == {r.request_id: want.tokens[r.request_id] for r in reqs}
 
 
+def test_a_batched_step_advances_one_offsets_array_for_every_layer(parts: dict[str, Any],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """After joins, steps and a leave every layer holds the same offsets array (one add a step, not one
+    a layer), with the offsets and tokens that mlx-lm's BatchKVCache, adding in every layer, gives."""
+    from mlx_lm.models.cache import BatchKVCache
+
+    from engine.decode import batch as batch_module
+    from engine.decode.prefix_cache import PrefixLease
+    from engine.decode.sampling import TokenRng
+
+    def drive() -> tuple[list[Any], list[int], list[list[int]]]:
+        batch = BatchDecoder(parts["model"])
+        rows, tokens = [], []
+        for n in (5, 9, 13):
+            ids = list(range(3, 3 + n))
+            row = batch.make_row(GREEDY, TokenRng(0), PrefixLease(None, ids, None), len(ids), wants_taps=False)
+            batch.prefill_and_join(row, ids)
+            rows.append(row)
+            batch.step()
+        for i in range(8):
+            if i == 4:
+                batch.leave(rows[0])  # the longest padding goes: the filter shifts every row left
+            tokens.append([step.tokens[0] for _, step in batch.step()])
+        return batch.cache, batch.cache[0].offset.tolist(), tokens
+
+    cache, offsets, tokens = drive()
+    assert len(cache) == 4 and all(c.offset is cache[0].offset for c in cache)
+    monkeypatch.setattr(batch_module, "StepCache", BatchKVCache)
+    monkeypatch.setattr(batch_module, "advance", lambda cache, length: None)
+    stock, stock_offsets, stock_tokens = drive()
+    assert len({id(c.offset) for c in stock}) == 4  # mlx-lm's: one array a layer
+    assert offsets == stock_offsets and tokens == stock_tokens
+
+
 def test_seeded_sampled_requests_return_their_solo_text(parts: dict[str, Any]) -> None:
     sampled = {i: SamplingParams(temperature=0.9, top_p=0.9, top_k=40, seed=100 + i) for i in range(5)}
     sampled[5] = SamplingParams(temperature=0.7, min_p=0.05, seed=7, presence_penalty=0.4)
