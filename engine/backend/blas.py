@@ -7,8 +7,9 @@ linker loads libmlx, hence the re-exec. Two are known:
 - OpenBLAS (Debian's libopenblas0-pthread).
 Which is faster depends on the CPU: on a 2-core Xeon (Sapphire Rapids) MKL decoded the embedded model
 at 22.5 tok/s against OpenBLAS's 17.5, on a 2-core AMD EPYC at 16.4 against 19.2. So where both are
-present the first start times both on decode- and verify-shaped matmuls, in child processes, and
-keeps the faster; the result is cached per machine (CPU model, core count, libraries, MLX version).
+present the first start times both on a random model of the embedded model's shape (a decode step, a
+batched step, a verify; MEASURE_CODE), in child processes, and keeps the faster; the result is cached per
+machine (CPU model, core count, libraries, MLX version).
 
 Usage, first thing in a CLI entry point (before importing anything heavy):
 
@@ -51,28 +52,49 @@ MEASURE_ROUNDS = 2
 MAX_CACHED_MACHINES = 16  # a fresh virtual environment per CI run is a new key (library paths) each time
 REASON_ENV = "DFLASH_BLAS_REASON"  # why the re-exec'd process has its BLAS (for the startup banner)
 CACHE_ENV = "DFLASH_BLAS_CACHE"  # the per-machine measurement cache (default: ~/.cache/dflash-server/blas.json)
-# What a measurement times: SmolLM2-135M's matmuls (weights stored (in, out) as the CPU keeps them),
-# 5 layers and the LM head at 1 row (a decode step) and 16 rows (a verify block); score = 1 row + 16 rows / 3,
-# one verify every ~3 tokens. Printed as milliseconds by a child process with the BLAS preloaded.
+# What a measurement times: a random model of the embedded SmolLM2-135M's shape, prepared as the server
+# prepares it, at 1 row (a decode step), a 4-row batched step (four requests) and a 16-row verify over a
+# 300-token context; score = 1 row + batch / 4 + verify / 3, a token's share of each. Products alone did not
+# rank the libraries as the model does: on a 2-core AMD EPYC MKL won those (16.7 against 27.3 ms) while
+# the model's 4-row batched step took 127 ms with MKL against OpenBLAS's 60 and its verify 135 against
+# 101 (decode 49 against 59), and the server decoded 20.2 tok/s with MKL, 26.6 with OpenBLAS (bench.py).
+# ~8 s a library. Printed as milliseconds by a child process with the BLAS preloaded.
+MEASURE_VERSION = 2  # in the cache key: a new measurement is not compared with an old one
 MEASURE_CODE = """
 import time, mlx.core as mx
-shapes = [(576, 960), (576, 576), (576, 3072), (1536, 576)] * 3 + [(576, 49152)]
-weights = [mx.random.normal((k, n)) for k, n in shapes]
-def step(rows):
-    xs = {k: mx.random.normal((rows, k)) for k in (576, 1536)}
-    mx.eval(xs)
-    def once():
-        mx.eval([xs[w.shape[0]] @ w for w in weights])
-    once()
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.llama import Model, ModelArgs
+from engine.decode.batch import BatchDecoder
+from engine.decode.prefix_cache import PrefixLease
+from engine.decode.sampling import SamplingParams, TokenRng
+from engine.runtime.serving_model import prepare_model
+model = Model(ModelArgs(model_type="llama", hidden_size=576, num_hidden_layers=30, intermediate_size=1536,
+                        num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, vocab_size=49152,
+                        head_dim=64, tie_word_embeddings=True, rope_theta=100000.0))
+model.set_dtype(mx.float32)
+mx.eval(model.parameters())
+prepare_model(model, fuse=True)
+ids = [(7 * i) % 40000 + 100 for i in range(300)]
+cache = make_prompt_cache(model)
+mx.eval(model(mx.array([ids]), cache=cache))
+batch = BatchDecoder(model)
+for i in range(4):
+    row = batch.make_row(SamplingParams(temperature=0.0), TokenRng(0), PrefixLease(None, ids[i:], None), 300 - i,
+                         wants_taps=False)
+    batch.prefill_and_join(row, ids[i:])
+def forward(rows):
+    mx.eval(model(mx.full((1, rows), 5, dtype=mx.int32), cache=cache))
+    for c in cache:
+        c.trim(rows)
+def ms(step):
+    step()
     best = float("inf")
-    for _ in range(4):
+    for _ in range(3):
         start = time.perf_counter()
-        for _ in range(3):
-            once()
-        best = min(best, (time.perf_counter() - start) / 3)
+        step()
+        best = min(best, time.perf_counter() - start)
     return best * 1e3
-mx.eval(weights)
-print(step(1) + step(16) / 3)
+print(ms(lambda: forward(1)) + ms(batch.step) / 4 + ms(lambda: forward(16)) / 3)
 """
 
 log = logging.getLogger(__name__)
@@ -179,7 +201,8 @@ def machine_key(candidates: list[Blas]) -> str:
     except importlib.metadata.PackageNotFoundError:
         mlx_version = "?"
     waits = os.environ.get(WAIT_POLICY_ENV) or WAIT_POLICY  # spinning MKL times faster on an idle machine
-    return f"{model} x{os.cpu_count()} | {libraries} | mlx {mlx_version} | {WAIT_POLICY_ENV}={waits}"
+    return (f"{model} x{os.cpu_count()} | {libraries} | mlx {mlx_version} | {WAIT_POLICY_ENV}={waits}"
+            f" | measure {MEASURE_VERSION}")
 
 
 def _cpuinfo() -> str:
@@ -221,7 +244,8 @@ def measured_choice(candidates: list[Blas], *, timer: Callable[[Blas], float] = 
         how = f"measured now, {'cached in' if stored else 'not cached in'} {path}"
     best = min(candidates, key=lambda b: entry[b.name])
     times = ", ".join(f"{b.name} {entry[b.name]:.1f} ms" for b in candidates)
-    return Choice(best, f"the faster on this machine ({times} for decode- and verify-shaped matmuls; {how})")
+    return Choice(best, f"the faster on this machine ({times} for a decode step, a 4-row batched step and a 16-row "
+                        f"verify of a 135M model; {how})")
 
 
 def blas_reexec_env(environ: Mapping[str, str], blas: Blas | None, *, on_cpu: bool,
