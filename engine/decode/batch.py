@@ -254,6 +254,14 @@ class BatchDecoder:
         return Resume(cache, taps, row.lease.num_cached_tokens)
 
     # --- the step ------------------------------------------------------------------------
+    def forward_rows(self, taps: bool = False) -> tuple[mx.array, mx.array | None]:
+        """The step's forward, lazily: every row's latest token, (B, 1, V) logits and its taps where asked.
+        The caches take the rows and their offsets advance once for every layer (StepCache)."""
+        with rope_table.positions_below(self.cache[0]._idx + 1):
+            out = self._forward(self.tokens[:, None], self.cache, taps)
+        advance(self.cache, 1)
+        return out
+
     def step(self) -> list[tuple[Row, DecodeStep]]:
         """Launch the next forward for every row, then read what the previous step launched.
 
@@ -264,9 +272,7 @@ class BatchDecoder:
         rows, y = self.rows, self.tokens
         if not rows:
             return []
-        with rope_table.positions_below(self.cache[0]._idx + 1):
-            logits, taps = self._forward(y[:, None], self.cache, any(r.wants_taps for r in rows))
-        advance(self.cache, 1)
+        logits, taps = self.forward_rows(any(r.wants_taps for r in rows))
         raw = logits[:, -1]  # (B, V)
         for i, row in enumerate(rows):
             if row.history is not None:
