@@ -1,12 +1,15 @@
 """Device time per kernel of a served model's forwards on a CUDA GPU, against their wall time.
 
     python bench/kernel_profile.py --model SmolLM2-135M-Instruct.Q4_1.gguf \
-        --draft engine/drafts/smollm2-135m-instruct-dflash --target-dtype bfloat16 [--calls 20] [--batch 2,4] [--out FILE]
+        --draft engine/drafts/smollm2-135m-instruct-dflash --target-dtype bfloat16 [--calls 20] [--batch 2,4] \
+        [--tree 8,32] [--out FILE]
 
 Needs PyTorch with CUDA beside MLX: torch.profiler's CUPTI tracing records every kernel launched in the
 process, MLX's included. For a 1-row decode step (without and with the draft's taps: a speculative
-decoder's width-0 step keeps them), a 3- and a 16-row verify forward (with taps), the draft at 15 kept rows and a batched decode step of each `--batch` size (the server's
-continuous batching: one row per request), prints the wall time per call (graph build, launch, sync),
+decoder's width-0 step keeps them), a 3- and a 16-row verify forward (with taps), the draft at 15 kept rows, a batched decode step of each `--batch` size (the server's
+continuous batching: one row per request) and, for each `--tree` budget, a tree cycle's draft (all 15
+positions reduced to their top candidates) and its verify forward (a tree the host built from
+the draft's scores at the prompt, under its ancestor mask), prints the wall time per call (graph build, launch, sync),
 the kernels launched per call, their summed device time, the costliest kernels and the most launched
 ones. Where the summed device
 time is a small part of the wall time the forward is bound by launching kernels, not by running them
@@ -32,7 +35,9 @@ from width_replay import add_draft_args, load_target_and_draft  # noqa: E402
 from bench import GREEDY, PROMPTS  # noqa: E402  (bench/bench.py: this script's folder is on sys.path)
 from engine.decode.drafters import DFlashDrafter  # noqa: E402
 from engine.decode.sampling import TokenRng  # noqa: E402
+from engine.decode.tree import DraftTree, build_tree, tree_mask  # noqa: E402
 from engine.model.target import Target  # noqa: E402
+from engine.model.tree_attention import TreeRows  # noqa: E402
 
 
 def profile_calls(fn: Callable[[], None], calls: int) -> dict[str, Any]:
@@ -81,11 +86,31 @@ def batched_step(model: Any, tokenizer: Any, rows: int) -> Callable[[], None]:
     return run
 
 
+def tree_draft(drafter: DFlashDrafter, ids: list[int], taps: mx.array, k: int) -> Callable[[], None]:
+    def run() -> None:  # one new context row a call, then rewound, as the chain draft's case
+        mx.eval(drafter.propose_candidates([ids[-1]], taps[:, -1:], 15, GREEDY, TokenRng(0), k))
+        for layer_cache in drafter._cache or []:
+            layer_cache.offset -= 1
+    return run
+
+
+def tree_verify(target: Target, cache: list[Any], anchor: int, tree: DraftTree) -> Callable[[], None]:
+    def run() -> None:  # [anchor, nodes] at positions P + depth under the ancestor mask, then trimmed
+        start = target.cache_length(cache)
+        depths = mx.concatenate([mx.zeros((1,), dtype=mx.int32), tree.depths])
+        rows = TreeRows(start + depths, tree_mask(tree.ancestors, start), start + 16, tree.bits)
+        tokens = mx.concatenate([mx.array([anchor], dtype=mx.int32), tree.tokens])[None]
+        mx.eval(target(tokens, cache, taps=True, tree=rows))
+        target.trim(cache, tree.budget + 1)
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_draft_args(parser, "unused", "code")
     parser.add_argument("--calls", type=int, default=20, help="profiled calls of each forward")
     parser.add_argument("--batch", default="", help="comma list of batched decode step sizes, e.g. 2,4")
+    parser.add_argument("--tree", default="", help="comma list of tree budgets to profile, e.g. 8,32")
     parser.add_argument("--out", type=Path, default=None, help="write the profile as JSON here")
     args = parser.parse_args()
     try:
@@ -123,6 +148,15 @@ def main() -> None:
              "draft, 15 kept rows": draft_block}
     for rows in (int(n) for n in args.batch.split(",") if n):
         cases[f"batched decode step, {rows} rows"] = batched_step(model, loaded.tokenizer, rows)
+    if budgets := [int(n) for n in args.tree.split(",") if n]:
+        target.enable_trees()
+        top_ids, top_lp = drafter.propose_candidates([ids[-1]], taps[:, -1:], 15, GREEDY, TokenRng(0), max(budgets))
+        for layer_cache in drafter._cache or []:  # rewound, as after every draft case's call
+            layer_cache.offset -= 1
+        cases[f"tree draft, 15 positions to top {max(budgets)}"] = tree_draft(drafter, ids, taps, max(budgets))
+        for budget in budgets:
+            tree = build_tree(top_ids.tolist(), top_lp.tolist(), budget)
+            cases[f"tree verify, {budget} nodes"] = tree_verify(target, cache, ids[-1], tree)
     results = {}
     for name, fn in cases.items():
         result = results[name] = profile_calls(fn, args.calls)

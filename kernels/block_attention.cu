@@ -5,11 +5,13 @@
 //   CAUSAL: row i sees keys 0 .. S - L + i (the block is the context's last L positions).
 //   PADDED: batch row b sees keys from start[b] on (a left-padded batch: mlx-lm's BatchKVCache.left_padding);
 //   every row must keep at least one key (start[b] < S - L + 1 when causal, < S otherwise).
+//   TREE: the block is a draft tree's rows (L <= 128): row i sees every key before the block and block key
+//   j only where bit j % 32 of bits[i, j / 32] is set (its ancestors and itself; bits (L, 4) uint32).
 //
 // Why: MLX 0.32's fused attention plans a cuDNN graph per exact (L, S), ~40 ms at each new key
 // length, which speculative decoding meets every cycle; the explicit composition (two matmuls and a
 // softmax) costs several launches per layer. Key length and strides are runtime arguments here, so
-// NVRTC compiles one kernel per (T, D, CAUSAL, PADDED, WARPS) and a layer is one launch.
+// NVRTC compiles one kernel per (T, D, CAUSAL, PADDED, TREE, WARPS) and a layer is one launch.
 // A left-padded decode step (L = 1 over a batch of prompts of different lengths) otherwise needs
 // fused attention with a (B, 1, 1, S) bool mask: on an H200 twice the cost of the unmasked call.
 //
@@ -21,8 +23,9 @@
 //
 // MLX builds the signature from the names below; template constants arrive as
 // `using T = ...; constexpr int D = ...;` at the top of the body:
-//   inputs q, k, v, scale (1,) float32, start (B,) int32 (read only when PADDED); output out;
-//   T = q's dtype; D = head dim (a multiple of 64); CAUSAL, PADDED (bool); WARPS = warps per block.
+//   inputs q, k, v, scale (1,) float32, start (B,) int32 (read only when PADDED), bits (L, 4) uint32 (read
+//   only when TREE); output out; T = q's dtype; D = head dim (a multiple of 64); CAUSAL, PADDED, TREE (bool);
+//   WARPS = warps per block.
 // The loader splits this file at the two markers: the header goes before the generated
 // signature, the body inside it.
 
@@ -72,6 +75,8 @@ __device__ __forceinline__ void battn_store(__nv_bfloat16* p, float v) { *p = __
   const int limit = CAUSAL ? S - L + row + 1 : S;  // keys this row sees: first .. limit - 1
   const int first = PADDED ? start[b * start_strides[0]] : 0;
   const float scale_log2 = scale[0] * 1.4426950408889634f;  // exp2 below, so fold log2(e) in
+  const int block_first = S - L;  // TREE: keys from here on are the tree's rows
+  const unsigned int* row_bits = TREE ? bits + row * bits_strides[0] : nullptr;
 
   // The whole query row, pre-scaled, in every lane: each lane scores its own key.
   const T* qp = q + b * q_strides[0] + h * q_strides[1] + row * q_strides[2];
@@ -95,7 +100,12 @@ __device__ __forceinline__ void battn_store(__nv_bfloat16* p, float v) { *p = __
   for (int base = first + warp * 32; base < limit; base += WARPS * 32) {
     const int j = base + lane;
     float s = BATTN_NEG_INF;
-    if (j < limit) {
+    bool seen = j < limit;
+    if (TREE && seen && j >= block_first) {
+      const int t = j - block_first;
+      seen = (row_bits[(t >> 5) * bits_strides[1]] >> (t & 31)) & 1u;
+    }
+    if (seen) {
       const T* kj = kb + j * k_strides[2];
       float acc = 0.0f;
 #pragma unroll
@@ -110,7 +120,10 @@ __device__ __forceinline__ void battn_store(__nv_bfloat16* p, float v) { *p = __
     for (int off = 16; off > 0; off >>= 1) {
       chunk_max = fmaxf(chunk_max, __shfl_xor_sync(0xffffffffu, chunk_max, off));
     }
-    const float m_new = fmaxf(m, chunk_max);  // finite: key `base` < limit is in every chunk
+    if (TREE && chunk_max == BATTN_NEG_INF) {
+      continue;  // every key of this chunk is another branch's (warp-uniform: the max is the warp's)
+    }
+    const float m_new = fmaxf(m, chunk_max);  // finite: a chunk holds a seen key (key `base` < limit, or TREE's check)
     const float p = exp2f(s - m_new);         // 0 for lanes past the limit
     const float rescale = exp2f(m - m_new);   // 0 on the first chunk (m = BATTN_NEG_INF)
     float p_sum = p;

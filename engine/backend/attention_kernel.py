@@ -8,6 +8,9 @@ without a per-shape plan. Whether it runs is decided per (device, dtype, head di
 causal) at first use: numerics against the float32 explicit composition, then speed against the
 explicit composition at a 16-row block over 512 keys; a kernel that is wrong or slower is never used.
 Only "causal" and no mask are covered; array masks (training, sliding windows) stay explicit.
+A draft tree's verify (engine/decode/tree.py) is a spec of its own, `tree`: block rows see the keys
+before the block and, within it, the rows their bit sets name (ancestors and self); the kernel must beat
+the explicit composition with the equivalent bool mask at TREE_TIMING_SHAPE.
 A one-token decode step over a left-padded batch (mlx-lm's BatchKVCache) is a separate spec, `padded`:
 row b sees keys from start[b] on, and the kernel must beat mx.fast's attention with the equivalent
 (B, 1, 1, S) bool mask at DECODE_TIMING_SHAPE (engine/train/generator.py uses it).
@@ -21,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 from engine.backend.kernel_choice import pick_fastest
 from engine.backend.unfused_attention import unfused_attention
@@ -41,6 +45,9 @@ TIMING_SHAPE = (16, 512)
 DECODE_CHECK_SHAPES = ((5, 37), (3, 300), (2, 1000))
 DECODE_TIMING_SHAPE = (256, 384)  # starts in [0, 64), as a sorted wave of prompts pads
 DECODE_WARPS: dict[int, tuple[int, ...]] = {64: (2, 4, 8), 128: (4, 8)}  # few keys per row: fewer warps may win
+MAX_TREE_ROWS = 128  # a tree's rows: root + nodes, 4 words of ancestor bits
+TREE_CHECK_SHAPES = ((9, 40), (33, 300), (65, 1000), (128, 200))  # (tree rows, keys): the last has 72 before it
+TREE_TIMING_SHAPE = (33, 512)
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ class AttentionSpec:
     kv_heads: int
     causal: bool
     padded: bool = False  # one query row per batch row, keys from a per-row start (left padding)
+    tree: bool = False  # a draft tree's rows: block keys by each row's ancestor bits
 
 
 @dataclass(frozen=True)
@@ -64,27 +72,31 @@ class Decision:
     reason: str
 
 
-Kernel = Callable[..., mx.array]  # (q, k, v, scale, causal, warps, start=None) -> (B, H, L, D)
-Reference = Callable[..., mx.array]  # (q, k, v, scale, causal, start=None) -> (B, H, L, D)
+Kernel = Callable[..., mx.array]  # (q, k, v, scale, causal, warps, start=None, bits=None) -> (B, H, L, D)
+Reference = Callable[..., mx.array]  # (q, k, v, scale, causal, start=None, mask=None) -> (B, H, L, D)
 
 
 def make_cuda_kernel() -> Kernel:
-    """The launcher for kernels/block_attention.cu: (q, k, v, scale, causal, warps, start=None) -> (B, H, L, D);
-    with `start` (B,) row b attends to keys start[b] .. S-1 only (the PADDED variant)."""
+    """The launcher for kernels/block_attention.cu: (q, k, v, scale, causal, warps, start=None, bits=None) ->
+    (B, H, L, D); with `start` (B,) row b attends to keys start[b] .. S-1 only (the PADDED variant); with `bits`
+    (L, 4) uint32 the block's keys are seen by their bits (the TREE variant)."""
     header, body = read_kernel_source("block_attention.cu")
-    kernel = mx.fast.cuda_kernel(name="dflash_block_attention", input_names=["q", "k", "v", "scale", "start"],
+    kernel = mx.fast.cuda_kernel(name="dflash_block_attention",
+                                 input_names=["q", "k", "v", "scale", "start", "bits"],
                                  output_names=["out"], source=body, header=header,
                                  ensure_row_contiguous=False)  # strides are read; a cache prefix is not copied
     no_start = mx.zeros((1,), dtype=mx.int32)  # never read by the unpadded variant
+    no_bits = mx.zeros((1, 4), dtype=mx.uint32)  # never read but by the tree variant
 
     def launch(queries: mx.array, keys: mx.array, values: mx.array, scale: float, causal: bool,
-               warps: int, start: mx.array | None = None) -> mx.array:
+               warps: int, start: mx.array | None = None, bits: mx.array | None = None) -> mx.array:
         b, heads, rows, dim = queries.shape
         # Every template value is in the kernel's name, which is what MLX caches compiled code by.
         template = [("T", queries.dtype), ("D", dim), ("CAUSAL", causal), ("PADDED", start is not None),
-                    ("WARPS", warps)]
+                    ("TREE", bits is not None), ("WARPS", warps)]
         starts = no_start if start is None else start.astype(mx.int32)
-        (out,) = kernel(inputs=[queries, keys, values, mx.array([scale], dtype=mx.float32), starts],
+        (out,) = kernel(inputs=[queries, keys, values, mx.array([scale], dtype=mx.float32), starts,
+                                no_bits if bits is None else bits],
                         template=template,
                         grid=(heads * warps * 32, rows, b), threadgroup=(warps * 32, 1, 1),
                         output_shapes=[(b, rows, heads, dim)], output_dtypes=[queries.dtype])
@@ -94,9 +106,9 @@ def make_cuda_kernel() -> Kernel:
 
 
 def float32_reference(queries: mx.array, keys: mx.array, values: mx.array, scale: float, causal: bool,
-                      start: mx.array | None = None) -> mx.array:
+                      start: mx.array | None = None, mask: mx.array | None = None) -> mx.array:
     """softmax(scale q kᵀ) v in float32, causal over the context's last L positions, batch row b over
-    keys start[b] .. S-1 when `start` is given: the oracle."""
+    keys start[b] .. S-1 when `start` is given, where the bool `mask` (L, S) holds when given: the oracle."""
     q, k, v = (x.astype(mx.float32) for x in (queries, keys, values))
     group = q.shape[1] // k.shape[1]
     k, v = mx.repeat(k, group, axis=1), mx.repeat(v, group, axis=1)  # (B, H, S, D)
@@ -107,12 +119,40 @@ def float32_reference(queries: mx.array, keys: mx.array, values: mx.array, scale
         scores = mx.where(keep, scores, -mx.inf)
     if start is not None:
         scores = mx.where(padding_mask(start, k.shape[2]), scores, -mx.inf)
+    if mask is not None:
+        scores = mx.where(mask, scores, -mx.inf)
     return mx.softmax(scores, axis=-1) @ v
 
 
 def padding_mask(start: mx.array, length: int) -> mx.array:
     """(B, 1, 1, S) bool: key j is seen by batch row b iff j >= start[b] (BatchKVCache.make_mask at N = 1)."""
     return mx.arange(length)[None, None, None, :] >= start[:, None, None, None]
+
+
+def tree_bits(ancestors: np.ndarray) -> np.ndarray:
+    """(T, T) bool -> (T, 4) uint32, the TREE variant's mask: bit j % 32 of word j // 32 of row i is
+    ancestors[i, j] (row j is row i or one of its ancestors)."""
+    rows = ancestors.shape[0]
+    assert rows <= MAX_TREE_ROWS and ancestors.shape[1] == rows, ancestors.shape
+    padded = np.zeros((rows, MAX_TREE_ROWS), dtype=np.uint64)
+    padded[:, :rows] = ancestors
+    weights = np.uint64(1) << (np.arange(MAX_TREE_ROWS, dtype=np.uint64) % np.uint64(32))
+    return (padded * weights).reshape(rows, 4, 32).sum(axis=-1).astype(np.uint32)
+
+
+def tree_mask_of(ancestors: np.ndarray, length: int) -> mx.array:
+    """(T, S) bool: the keys before the block, then the block's rows by `ancestors` (what TREE computes)."""
+    rows = ancestors.shape[0]
+    return mx.concatenate([mx.ones((rows, length - rows), dtype=mx.bool_), mx.array(ancestors)], axis=1)
+
+
+def random_ancestors(rows: int, seed: int) -> np.ndarray:
+    """A random tree's (rows, rows) ancestor-or-self matrix; row 0 the root, parents before children."""
+    rng = np.random.default_rng(seed)
+    out = np.eye(rows, dtype=bool)
+    for row in range(1, rows):
+        out[row] |= out[int(rng.integers(0, row))]
+    return out
 
 
 class BlockAttentionKernel:
@@ -161,12 +201,23 @@ class BlockAttentionKernel:
         spec = self.padded_spec_for(queries, keys)
         return None if spec is None else self.decide(spec).warps
 
+    def tree_warps_for(self, queries: mx.array, keys: mx.array) -> int | None:
+        """Warps per block for a tree verify's attention (TREE variant), or None for the explicit composition."""
+        b, heads, rows, dim = queries.shape
+        if self.kernel is None or b != 1 or rows > MAX_TREE_ROWS or keys.shape[2] < rows:
+            return None
+        if dim not in HEAD_DIMS or queries.dtype not in FLOATS or keys.dtype != queries.dtype or heads % keys.shape[1]:
+            return None
+        return self.decide(AttentionSpec(queries.dtype, dim, heads, keys.shape[1], False, tree=True)).warps
+
     def __call__(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float, causal: bool,
-                 warps: int, start: mx.array | None = None) -> mx.array:
+                 warps: int, start: mx.array | None = None, bits: mx.array | None = None) -> mx.array:
         assert self.kernel is not None
-        if start is None:
+        if start is None and bits is None:
             return self.kernel(queries, keys, values, scale, causal, warps)
-        return self.kernel(queries, keys, values, scale, causal, warps, start=start)
+        if bits is None:
+            return self.kernel(queries, keys, values, scale, causal, warps, start=start)
+        return self.kernel(queries, keys, values, scale, causal, warps, bits=bits)
 
     def decide(self, spec: AttentionSpec) -> Decision:
         """The cached choice for `spec` on this device; checked and logged on first use."""
@@ -187,16 +238,14 @@ class BlockAttentionKernel:
         assert self.kernel is not None
         if spec.padded:
             return self._check_padded(spec)
+        if spec.tree:
+            return self._check_tree(spec)
         reference = self.reference or _explicit
         q, k, v = random_block(spec, *TIMING_SHAPE)
         scale = spec.head_dim**-0.5
         ref_ms = self.timer(lambda: reference(q, k, v, scale, spec.causal))
-        pick = pick_fastest(
-            WARPS[spec.head_dim], tolerance=TOLERANCE[spec.dtype], reference_ms=ref_ms, noun="warp count",
-            describe=lambda w: f"{w} warps", what=f"block attention {spec}",
-            max_rel_error=lambda w: self.max_rel_error(spec, w),
-            time_ms=lambda w: self.timer(lambda: self.kernel(q, k, v, scale, spec.causal, w)))
-        return Decision(pick.variant, pick.kernel_ms, ref_ms, pick.max_rel_error, pick.reason)
+        return self._pick(spec, WARPS[spec.head_dim], ref_ms, "block attention",
+                          lambda w: self.kernel(q, k, v, scale, spec.causal, w))
 
     def _check_padded(self, spec: AttentionSpec) -> Decision:
         """Numerics over DECODE_CHECK_SHAPES, then speed against the masked reference (mx.fast by default)."""
@@ -211,11 +260,32 @@ class BlockAttentionKernel:
             ref_ms = self.timer(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask))
         else:
             ref_ms = self.timer(lambda: self.reference(q, k, v, scale, False, start=start))
+        return self._pick(spec, DECODE_WARPS[spec.head_dim], ref_ms, "padded decode attention",
+                          lambda w: self.kernel(q, k, v, scale, False, w, start=start))
+
+    def _check_tree(self, spec: AttentionSpec) -> Decision:
+        """Numerics over TREE_CHECK_SHAPES, then speed against the explicit composition with the bool mask."""
+        assert self.kernel is not None
+        rows, length = TREE_TIMING_SHAPE
+        q, k, v = random_block(spec, rows, length)
+        ancestors = random_ancestors(rows, rows)
+        bits, mask = mx.array(tree_bits(ancestors)), tree_mask_of(ancestors, length)
+        scale = spec.head_dim**-0.5
+        mx.eval(bits, mask)
+        if self.reference is None:
+            ref_ms = self.timer(lambda: unfused_attention(q, k, v, scale=scale, mask=mask[None, None]))
+        else:
+            ref_ms = self.timer(lambda: self.reference(q, k, v, scale, False, mask=mask))
+        return self._pick(spec, WARPS[spec.head_dim], ref_ms, "tree attention",
+                          lambda w: self.kernel(q, k, v, scale, False, w, bits=bits))
+
+    def _pick(self, spec: AttentionSpec, warps: tuple[int, ...], ref_ms: float, what: str,
+              run: Callable[[int], mx.array]) -> Decision:
+        """The fastest warp count whose numerics pass, if it beats the reference's `ref_ms`."""
         pick = pick_fastest(
-            DECODE_WARPS[spec.head_dim], tolerance=TOLERANCE[spec.dtype], reference_ms=ref_ms, noun="warp count",
-            describe=lambda w: f"{w} warps", what=f"padded decode attention {spec}",
-            max_rel_error=lambda w: self.max_rel_error(spec, w),
-            time_ms=lambda w: self.timer(lambda: self.kernel(q, k, v, scale, False, w, start=start)))
+            warps, tolerance=TOLERANCE[spec.dtype], reference_ms=ref_ms, noun="warp count",
+            describe=lambda w: f"{w} warps", what=f"{what} {spec}",
+            max_rel_error=lambda w: self.max_rel_error(spec, w), time_ms=lambda w: self.timer(lambda: run(w)))
         return Decision(pick.variant, pick.kernel_ms, ref_ms, pick.max_rel_error, pick.reason)
 
     def max_rel_error(self, spec: AttentionSpec, warps: int) -> float:
@@ -224,8 +294,14 @@ class BlockAttentionKernel:
         assert self.kernel is not None
         errors = []
         scale = spec.head_dim**-0.5
-        for rows, length in DECODE_CHECK_SHAPES if spec.padded else CHECK_SHAPES:
-            if spec.padded:  # `rows` batch rows of one query each
+        shapes = DECODE_CHECK_SHAPES if spec.padded else TREE_CHECK_SHAPES if spec.tree else CHECK_SHAPES
+        for rows, length in shapes:
+            if spec.tree:
+                q, k, v = random_block(spec, rows, length, spare=7)
+                ancestors = random_ancestors(rows, length)
+                got = self.kernel(q, k, v, scale, False, warps, bits=mx.array(tree_bits(ancestors)))
+                ref = float32_reference(q, k, v, scale, False, mask=tree_mask_of(ancestors, length))
+            elif spec.padded:  # `rows` batch rows of one query each
                 q, k, v = random_block(spec, 1, length, spare=7, batch=rows)
                 start = check_starts(rows, length)
                 got = self.kernel(q, k, v, scale, False, warps, start=start)
@@ -241,7 +317,7 @@ class BlockAttentionKernel:
 
 
 def spec_name(spec: AttentionSpec) -> str:
-    kind = ("causal" if spec.causal else "full") + (" padded" if spec.padded else "")
+    kind = ("causal" if spec.causal else "tree" if spec.tree else "full") + (" padded" if spec.padded else "")
     return f"{spec.dtype} D={spec.head_dim} heads {spec.heads}/{spec.kv_heads} {kind}"
 
 

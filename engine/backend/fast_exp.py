@@ -87,6 +87,14 @@ def softmax(x: mx.array, axis: int = -1) -> mx.array:
     return weights / mx.sum(weights, axis=axis, keepdims=True)
 
 
+def logsumexp(x: mx.array, axis: int = -1) -> mx.array:
+    """log(sum(exp(x))) along `axis`, kept (rows with a finite max: a draft's logits over its vocabulary)."""
+    if not enabled() or x.dtype != mx.float32 or x.size < MIN_ELEMENTS:
+        return mx.logsumexp(x, axis=axis, keepdims=True)
+    top = mx.max(x, axis=axis, keepdims=True)
+    return top + mx.log(mx.sum(exp(x - top), axis=axis, keepdims=True))
+
+
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     """silu(gate) · up = gate · up / (1 + exp(-gate)), as mlx-lm's swiglu."""
     if not enabled() or gate.dtype != mx.float32 or gate.size < MIN_ELEMENTS:

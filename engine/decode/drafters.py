@@ -17,7 +17,7 @@ import mlx.core as mx
 
 from engine.decode.proposal_head import ProposalHead
 from engine.decode.sampling import SamplingParams, TokenRng, filter_logprobs
-from engine.decode.tree import rank_scores
+from engine.decode.tree import rank_scores, top_candidates
 from engine.decode.verify_width import CostCurve
 from engine.model.draft import DFlash2Draft, DFlashDraft, walk_lattice
 from engine.model.target import Target
@@ -61,10 +61,12 @@ class Drafter(Protocol):
 class TreeDrafter(Drafter, Protocol):
     """A drafter that scores every block position, so a cycle can verify a tree of its best continuations."""
 
-    def propose_scores(
-        self, new_tokens: list[int], taps: mx.array | None, num_tokens: int, params: SamplingParams, rng: TokenRng
-    ) -> mx.array:
-        """As propose's inputs; returns (num_tokens, V) log-probs to rank candidates by (tree.rank_scores), lazily."""
+    def propose_candidates(
+        self, new_tokens: list[int], taps: mx.array | None, num_tokens: int, params: SamplingParams, rng: TokenRng,
+        k: int,
+    ) -> tuple[mx.array, mx.array]:
+        """As propose's inputs; returns each position's k best tokens (num_tokens, k) int32 and the log-probs a
+        tree ranks them by (tree.rank_scores), best first, lazily (tree.top_candidates)."""
         ...
 
 
@@ -173,14 +175,23 @@ class DFlashDrafter:
             dense = mx.concatenate([dense, mx.full((rows, width - dense.shape[-1]), -mx.inf)], axis=-1)
         return Proposal(tokens, dense)
 
-    def propose_scores(
-        self, new_tokens: list[int], taps: mx.array | None, num_tokens: int, params: SamplingParams, rng: TokenRng
-    ) -> mx.array:
-        """(num_tokens, V) log-probs of every block position, lazily, for a tree (engine/decode/tree.py)."""
+    def propose_candidates(
+        self, new_tokens: list[int], taps: mx.array | None, num_tokens: int, params: SamplingParams, rng: TokenRng,
+        k: int,
+    ) -> tuple[mx.array, mx.array]:
+        """Each block position's k best tokens and their log-probs, lazily, for a tree (engine/decode/tree.py).
+
+        Greedy requests with a proposal head rank its vocabulary only, normalized over it: on the CPU the
+        head over 15 rows, the log-normalizer and the top-k cost a third of the whole vocabulary's. A token
+        outside it is never in a tree; the target's verification keeps the output unchanged."""
         hidden, anchor_position = self._forward(new_tokens, taps, num_tokens)
-        logits = self.draft.logits(hidden[0, 1:], self.target.lm_head)  # (k, V); row 0 is the anchor
+        if params.is_greedy and self.proposal_head is not None:
+            logits = self.draft.logits(hidden[0, 1:], self.proposal_head.product)  # (k, K); row 0 is the anchor
+            ids, logprobs = top_candidates(rank_scores(logits, params), k)
+            return self.proposal_head.ids[ids], logprobs
+        logits = self.draft.logits(hidden[0, 1:], self.target.lm_head)  # (k, V)
         noise = None if params.is_greedy or not rng.by_position else rng.gumbel(anchor_position + 1, *logits.shape)
-        return rank_scores(logits, params, noise)
+        return top_candidates(rank_scores(logits, params, noise), k)
 
     def propose_rows(
         self, new_tokens: list[int], taps: mx.array | None, num_tokens: int, params: SamplingParams, rng: TokenRng,
@@ -347,9 +358,10 @@ class OracleDrafter:
         tokens, ranks = self._next(new_tokens, num_tokens)
         return _deterministic([t if r == 0 else (t + 1) % self.vocab_size for t, r in zip(tokens, ranks)])
 
-    def propose_scores(
-        self, new_tokens: list[int], taps: mx.array | None, num_tokens: int, params: SamplingParams, rng: TokenRng
-    ) -> mx.array:
+    def propose_candidates(
+        self, new_tokens: list[int], taps: mx.array | None, num_tokens: int, params: SamplingParams, rng: TokenRng,
+        k: int,
+    ) -> tuple[mx.array, mx.array]:
         tokens, ranks = self._next(new_tokens, num_tokens)
         logits = [[0.0] * self.vocab_size for _ in range(num_tokens)]  # past the continuation: uniform
         for row, (t, r) in zip(logits, zip(tokens, ranks)):
@@ -357,7 +369,7 @@ class OracleDrafter:
             for i in range(r + 2):  # r decoys, the true token, one decoy after it: 2/3 of the mass on rank 0
                 row[t if i == r else (t + 1 + min(i, r)) % self.vocab_size] = -0.7 * i
         x = mx.array(logits)
-        return x - mx.logsumexp(x, axis=-1, keepdims=True)
+        return top_candidates(x - mx.logsumexp(x, axis=-1, keepdims=True), k)
 
     def end(self) -> None:
         pass

@@ -49,7 +49,11 @@ class ProposalHead:
         mx.eval(self.ids, self.matrix)
 
     def __call__(self, hidden: mx.array) -> mx.array:
-        return self.ids[mx.argmax(hidden @ self.matrix, axis=-1)]
+        return self.ids[mx.argmax(self.product(hidden), axis=-1)]
+
+    def product(self, hidden: mx.array) -> mx.array:
+        """(…, H) -> (…, K): the head's products at the subset's columns, in the subset's order (self.ids)."""
+        return hidden @ self.matrix
 
 
 def proposal_vocab(counts: np.ndarray, coverage: float) -> np.ndarray | None:

@@ -144,13 +144,11 @@ class SpecStats:
 
 
 class _TreePart(NamedTuple):
-    """What a tree cycle adds to _Cycle, lazily except `start`."""
+    """What a tree cycle adds to _Cycle: the tree (built on the host) and where its rows start."""
 
     start: int  # target cache rows before the verify: the tree's rows follow
-    path: mx.array  # (L+1,) int32: verify rows of the accepted path, root first
-    on_path: mx.array  # (N,) bool
-    scores: mx.array  # (N_max,) float32: path log-probs of the tree before it was cut, for the controller
-    spine: mx.array  # (2,) int32: top-1 chain nodes verified, and accepted
+    tree: DraftTree
+    path: mx.array  # (L+1,) int32: verify rows of the accepted path, root first (lazy)
 
 
 class _Constrained(NamedTuple):
@@ -251,7 +249,7 @@ class SpeculativeDecoder:
         else:
             raise ValueError(f"tree_budget must be a positive number of nodes, 'auto' or 0, got {tree_budget!r}")
         reason = self.target.tree_support() or getattr(self.drafter, "no_trees", None)
-        if reason is None and not hasattr(self.drafter, "propose_scores"):
+        if reason is None and not hasattr(self.drafter, "propose_candidates"):
             reason = f"the {self.drafter.name} drafter proposes one continuation: chains only"
         if reason is not None:
             return (), f"off ({reason})"
@@ -681,32 +679,31 @@ class SpeculativeDecoder:
         self, new_tokens: list[int | mx.array], new_taps: mx.array | None, block: int, budget: int,
         cache: list[Any], params: SamplingParams, rng: TokenRng,
     ) -> _Cycle:
-        """Build and start a tree cycle: the draft's scores, the tree (on the device), one verify forward
-        of [anchor, nodes] under the ancestor mask, the walk. Lazy throughout: the cycle's one sync stays."""
+        """Build and start a tree cycle: the draft's scores reduced to each position's top K on the device,
+        read by the host (the cycle's first sync), the tree popped on the host, then one verify forward of
+        [anchor, nodes] under the ancestor mask and the walk, lazily (the cycle's own sync reads them)."""
         clock = time.perf_counter()
         depth = block - 1
         start = self.target.cache_length(cache)
         noise = None if params.is_greedy or not rng.by_position else rng.gumbel(start + 1, block, self.target.vocab_size)
         tokens_in, taps_in = self._with_held(new_tokens, new_taps)
-        scores = self.drafter.propose_scores(tokens_in, taps_in, depth, params, rng)  # (L, V)
-        # built at the largest budget: the controller reads every node's score (a prefix is a valid tree)
-        built = build_tree(scores, max(budget, self.max_budget), spine=self.tree_spine)
-        tree = built.cut(budget)
-        mx.async_eval(tree.tokens)  # the device drafts while the verify graph is built
-        draft_s = self._split_sync(tree.tokens, clock)
+        scored = max(budget, self.max_budget)  # the controller reads the score of every node it may verify
+        ids, logprobs = self.drafter.propose_candidates(tokens_in, taps_in, depth, params, rng, scored)  # (L, K)
+        self._sync(ids, logprobs)
+        tree = build_tree(ids.tolist(), logprobs.tolist(), budget, scored=scored, spine=self.tree_spine)
+        draft_s = time.perf_counter() - clock if self.timing == "split" else 0.0
         clock = time.perf_counter()
         logits, taps = self._verify_tree(tree, tokens_in[-1], start, depth, cache)
         key = None if params.is_greedy or noise is not None else rng.next_key()
         verdict = accept_tree(tree, logits, params, depth, key, noise)
-        logprobs = self._logprobs(logits[verdict.path], verdict.tokens, params)
-        spine = mx.stack([tree.spine.sum(), (tree.spine & verdict.accepted).sum()]).astype(mx.int32)
-        part = _TreePart(start, verdict.path, verdict.accepted, built.scores, spine)
-        pending = [verdict.num_accepted, verdict.tokens, *part[1:], *(logprobs or ()), *([] if taps is None else [taps])]
+        logprobs_out = self._logprobs(logits[verdict.path], verdict.tokens, params)
+        pending = [verdict.num_accepted, verdict.tokens, verdict.path, *(logprobs_out or ()),
+                   *([] if taps is None else [taps])]
         mx.async_eval(*pending)
         verify_s = self._split_sync(pending, clock)
         launched_at = time.perf_counter() if self.timing else 0.0
-        return _Cycle(tree.budget + 1, depth, verdict.num_accepted, verdict.tokens, taps, logprobs, draft_s, verify_s,
-                      launched_at, tree=part)
+        return _Cycle(tree.budget + 1, depth, verdict.num_accepted, verdict.tokens, taps, logprobs_out, draft_s,
+                      verify_s, launched_at, tree=_TreePart(start, tree, verdict.path))
 
     def _verify_tree(
         self, tree: DraftTree, anchor: int, start: int, depth: int, cache: list[Any]
@@ -714,7 +711,8 @@ class SpeculativeDecoder:
         """One target forward over [anchor, nodes] at positions start + depth: (N+1, V) logits and taps."""
         ids = mx.concatenate([mx.array([anchor], dtype=mx.int32), tree.tokens])  # (N+1,)
         depths = mx.concatenate([mx.zeros((1,), dtype=mx.int32), tree.depths])
-        rows = TreeRows(start + depths, tree_mask(tree.ancestors, start), start + depth + 1)
+        # the dense mask stays an unevaluated graph where the CUDA kernel reads the bit sets instead
+        rows = TreeRows(start + depths, tree_mask(tree.ancestors, start), start + depth + 1, tree.bits)
         logits, taps = self.target(ids[None], cache, taps=self.drafter.needs_taps, tree=rows)
         return logits[0], taps
 
@@ -731,7 +729,7 @@ class SpeculativeDecoder:
         rejected = cycle.block  # on failure roll the whole block back
         try:
             clock = time.perf_counter()
-            self._sync(cycle.num_accepted, cycle.tokens, cycle.logprobs, cycle.tree and cycle.tree[1:])
+            self._sync(cycle.num_accepted, cycle.tokens, cycle.logprobs, cycle.tree and cycle.tree.path)
             now = time.perf_counter()
             accepted = int(cycle.num_accepted.item())
             path = list(range(accepted + 1))  # the committed rows of the verify: a chain's leading ones
@@ -747,31 +745,32 @@ class SpeculativeDecoder:
             self.stats.timings.append(
                 CycleTiming(cycle.draft_s, cycle.verify_s, launch_s, host_s, now - clock, now - self._sync_end)
             )
+        outcome = None if cycle.tree is None else self._outcome(cycle, path)
         if self._width is not None:
             one_forward = (not cycle.chained) != chained_next
             # the first drafting cycle after plain steps (or the prompt) also drafts the context they held
             steady = cycle.block == 1 or self._drafted_last
             seconds = now - self._sync_end if one_forward else None
-            if cycle.tree is None:
+            if outcome is None:
                 self._width.update(cycle.block - 1, accepted, seconds if steady else None, chained=cycle.chained)
             else:  # held context makes a tree dearer, never cheaper: learning from it errs toward chains
-                self._width.update_tree(self._outcome(cycle), seconds)
+                self._width.update_tree(outcome, seconds)
         self._drafted_last = cycle.block > 1
         self._sync_end = now
         self.stats.record(cycle.block - 1, accepted)
         self.stats.widths.append(cycle.width)
         self.stats.budgets.append(0 if cycle.tree is None else cycle.block - 1)
-        if cycle.tree is not None and int(cycle.tree.spine[1].item()) < accepted:
+        if outcome is not None and outcome.spine_accepted < accepted:
             self.stats.branched += 1
         tokens = cycle.tokens.tolist()[: accepted + 1]
         return accepted, tokens, self._to_list(tokens, cycle.logprobs), path
 
     @staticmethod
-    def _outcome(cycle: _Cycle) -> TreeOutcome:
+    def _outcome(cycle: _Cycle, path: list[int]) -> TreeOutcome:
         assert cycle.tree is not None
-        spine_verified, spine_accepted = cycle.tree.spine.tolist()
-        return TreeOutcome(cycle.block - 1, cycle.tree.scores.tolist(), cycle.tree.on_path.tolist(), spine_verified,
-                           spine_accepted)
+        tree = cycle.tree.tree
+        on_path, spine_accepted = tree.outcome(path)
+        return TreeOutcome(tree.budget, list(tree.scores), on_path, tree.spine, spine_accepted)
 
     def _sync(self, *arrays: Any) -> None:
         mx.eval(*arrays)

@@ -3,51 +3,74 @@
 A DFlash draft scores every block position in one forward, and its positions are predicted in
 parallel: every node at depth d-1 has the same candidate children, the top-k of position d, and a
 path's score is the sum of its positions' log-probs. The tree of budget N holds the N best-scoring
-prefixes of that lattice (/work/shared/docs/tree-verify.md §1). It is built on the device, so the
-cycle keeps its one host sync: per depth a beam of the N best prefixes (a node of the global top N
-has fewer than N better nodes at its depth, and its parent is in the global top N, so the beams hold
-every one), then the N best of all depths in score order. Parents come before children, so any
-prefix of that order is a valid tree: a tree built at the largest budget is cut to the chosen one.
+prefixes of that lattice (/work/shared/docs/tree-verify.md §1): the best-first heap's first N pops.
+
+The device reduces the draft's (L, V) scores to each position's top K (`top_candidates`); the host
+reads those (the cycle's second sync) and pops the heap (`build_tree`, ~0.1 ms of Python for 64
+nodes). Built on the device, the same tree took ~170 small ops a cycle, which on a launch-bound GPU
+cost more than the sync. Pops past the chosen budget score the nodes the controller has not seen.
 
 The verify forward sees [anchor, nodes...] at positions P + depth, each row attending to the
-committed rows, its ancestors and itself (engine/model/tree_attention.py). The walk then follows the
-child equal to the target's choice at each row (accept_tree).
+committed rows, its ancestors and itself (engine/model/tree_attention.py). Rows hold the draft's
+top-1 chain first, in depth order, then the other nodes in pop order: a path along the chain is
+already in place in the cache, so only a branch's rows are moved. The walk follows the child equal
+to the target's choice at each row (accept_tree).
 """
 
 from __future__ import annotations
 
 import heapq
-import math
 from typing import NamedTuple
 
 import mlx.core as mx
+import numpy as np
 
+from engine.backend import fast_exp
+from engine.backend.attention_kernel import MAX_TREE_ROWS, tree_bits
 from engine.decode.sampling import SamplingParams, filter_logprobs
 
 FLOOR = -50.0  # per-position log-probs are clamped here: no infinities in path sums (e^-50 is never a choice)
-DEPTH_TIE = 1e-3  # nats per depth in the sort key: a child never ranks before its parent
-SPINE_BONUS = 1e3  # with spine=True the draft's top-1 chain ranks first (paths score above -50 * 15)
+SPINE_BONUS = 1e3  # with spine=True the draft's top-1 chain pops first (paths score above -50 * 15)
 
 
 class DraftTree(NamedTuple):
-    """N nodes in score order (parents first); verify row 0 is the root (the anchor), node i is row i + 1."""
+    """N nodes as verify rows: row 0 is the root (the anchor), node i is row i + 1 (see the module doc)."""
 
     tokens: mx.array  # (N,) int32
     parents: mx.array  # (N,) int32: the verify row of each node's parent (0: the root)
     depths: mx.array  # (N,) int32: 1..L, the block position the node's token fills
-    scores: mx.array  # (N,) float32: the path's log-probability under the draft
-    spine: mx.array  # (N,) bool: every token on the path is its position's top-1 (the chain)
     ancestors: mx.array  # (N+1, N+1) bool: [i, j] row j is row i or one of its ancestors (row 0: the root)
+    bits: mx.array  # (N+1, 4) uint32: row i's ancestors-or-self as a bit set (the CUDA attention kernel's mask)
+    spine: int  # rows 1..spine are the draft's top-1 chain, in depth order
+    pops: tuple[int, ...]  # node i's place in best-first order
+    scores: tuple[float, ...]  # path log-probs of every pop, the unverified ones past the budget included
 
     @property
     def budget(self) -> int:
-        return int(self.tokens.shape[0])
+        return len(self.pops)
 
-    def cut(self, budget: int) -> DraftTree:
-        """The first `budget` nodes: a valid tree, since parents come first."""
-        n = min(budget, self.budget)
-        return DraftTree(self.tokens[:n], self.parents[:n], self.depths[:n], self.scores[:n], self.spine[:n],
-                         self.ancestors[: n + 1, : n + 1])
+    def outcome(self, path: list[int]) -> tuple[list[bool], int]:
+        """The accepted path's verify rows (root first) -> per pop whether it was accepted, and how many of
+        the spine's rows were (the chain's nodes are rows 1..spine, so those are a prefix of the path)."""
+        on_path = [False] * self.budget
+        for row in path[1:]:
+            on_path[self.pops[row - 1]] = True
+        spine = 0
+        while spine < min(len(path) - 1, self.spine) and path[spine + 1] == spine + 1:
+            spine += 1
+        return on_path, spine
+
+
+def top_candidates(logprobs: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    """(L, V) log-probs -> each position's k best (ids (L, k) int32, log-probs (L, k) float32), best first,
+    lazily: what the host builds a tree from."""
+    vocab = logprobs.shape[-1]
+    k = max(1, min(k, vocab))
+    lp = mx.maximum(logprobs.astype(mx.float32), FLOOR)
+    top = mx.argpartition(-lp, k - 1, axis=-1)[:, :k] if k < vocab else mx.broadcast_to(mx.arange(vocab), lp.shape)
+    vals = mx.take_along_axis(lp, top, axis=-1)
+    order = mx.argsort(-vals, axis=-1)
+    return mx.take_along_axis(top, order, axis=-1).astype(mx.int32), mx.take_along_axis(vals, order, axis=-1)
 
 
 def rank_scores(logits: mx.array, params: SamplingParams, noise: mx.array | None = None) -> mx.array:
@@ -63,81 +86,48 @@ def rank_scores(logits: mx.array, params: SamplingParams, noise: mx.array | None
         x = filter_logprobs(logits, params)
         if noise is not None:
             x = x + noise
-    return x - mx.logsumexp(x, axis=-1, keepdims=True)
+    return x - fast_exp.logsumexp(x)  # the CPU's polynomial exp: 4.0 against 8.8 ms over 15 x 49,152
 
 
-def build_tree(logprobs: mx.array, budget: int, *, spine: bool = False) -> DraftTree:
-    """The `budget` best prefixes of the per-position top-k lattice, lazily. logprobs: (L, V).
+def build_tree(ids: list[list[int]], logprobs: list[list[float]], budget: int, *, scored: int = 0,
+               spine: bool = False) -> DraftTree:
+    """The tree of the `budget` best prefixes, from each position's candidates best first (top_candidates).
 
-    spine=True puts the top-1 chain first (its nodes up to the budget), then the best other prefixes:
-    the tree then always contains the chain a chain cycle would verify.
+    `scored`: pop this many nodes in all (at least `budget`) so that `scores` covers them (the controller
+    prices larger trees by them). spine=True pops the top-1 chain first, then the best other prefixes: the
+    tree then always holds the chain a chain cycle would verify.
     """
-    depth_count, vocab = logprobs.shape
-    k = max(1, min(budget, vocab))
-    lp = mx.maximum(logprobs.astype(mx.float32), FLOOR)
-    top = mx.argpartition(-lp, k - 1, axis=-1)[:, :k] if k < vocab else mx.broadcast_to(mx.arange(vocab), lp.shape)
-    vals = mx.take_along_axis(lp, top, axis=-1)
-    order = mx.argsort(-vals, axis=-1)
-    ids = mx.take_along_axis(top, order, axis=-1).astype(mx.int32)  # (L, K) best first
-    vals = mx.take_along_axis(vals, order, axis=-1)
-    rank0 = mx.arange(k) == 0
-    # depth 1: the first min(N, K) candidates, already in order
-    width = min(budget, k)
-    scores, on_spine = vals[0, :width], rank0[:width]
-    levels_scores, levels_spine, levels_tokens, levels_parent = [scores], [on_spine], [ids[0, :width]], [None]
-    widths = [width]
-    for d in range(1, depth_count):
-        cand = (scores[:, None] + vals[d][None, :]).reshape(-1)  # (B * K,) children of the beam
-        cand_spine = (on_spine[:, None] & rank0[None, :]).reshape(-1)
-        new_width = min(budget, widths[-1] * k)
-        pick = mx.argsort(-_key(cand, cand_spine, d + 1, spine))[:new_width]
-        scores, on_spine = cand[pick], cand_spine[pick]
-        parent, rank = pick // k, pick % k
-        levels_scores.append(scores)
-        levels_spine.append(on_spine)
-        levels_tokens.append(ids[d][rank])
-        levels_parent.append(parent)
-        widths.append(new_width)
-    offsets = [0]
-    for w in widths:
-        offsets.append(offsets[-1] + w)
-    total = offsets[-1]
-    all_scores = mx.concatenate(levels_scores)
-    all_spine = mx.concatenate(levels_spine)
-    all_depths = mx.concatenate([mx.full((w,), d + 1, dtype=mx.int32) for d, w in enumerate(widths)])
-    # a node's parent as an index into the concatenated levels; -1: the root
-    all_parents = mx.concatenate(
-        [mx.full((widths[0],), -1, dtype=mx.int32)]
-        + [p.astype(mx.int32) + offsets[d - 1] for d, p in enumerate(levels_parent) if p is not None]
-    )
-    n = min(budget, total)
-    sel = mx.argsort(-_key(all_scores, all_spine, all_depths, spine))[:n]  # score order, parents first
-    row_of = mx.zeros((total,), dtype=mx.int32).at[sel].add(mx.arange(1, n + 1, dtype=mx.int32))
-    parent_index = all_parents[sel]
-    parents = mx.where(parent_index < 0, 0, row_of[mx.maximum(parent_index, 0)])
+    pops, scores = best_first(logprobs, max(budget, scored), spine=spine)
+    chosen = pops[:budget]
+    chain = [i for i, ranks in enumerate(chosen) if not any(ranks)]  # the top-1 chain's nodes, in depth order
+    order = chain + [i for i, ranks in enumerate(chosen) if any(ranks)]
+    row_of = {chosen[i]: row for row, i in enumerate(order, 1)}
+    assert len(order) < MAX_TREE_ROWS, f"a tree of {len(order)} nodes is past {MAX_TREE_ROWS - 1}"
+    tokens, parents, depths = [], [], []
+    for i in order:
+        ranks = chosen[i]
+        parents.append(row_of[ranks[:-1]] if len(ranks) > 1 else 0)
+        tokens.append(ids[len(ranks) - 1][ranks[-1]])
+        depths.append(len(ranks))
+    ancestors = ancestor_rows(parents)
     return DraftTree(
-        tokens=mx.concatenate(levels_tokens)[sel],
-        parents=parents,
-        depths=all_depths[sel],
-        scores=all_scores[sel],
-        spine=all_spine[sel],
-        ancestors=ancestor_matrix(parents, depth_count),
+        tokens=mx.array(tokens, dtype=mx.int32),
+        parents=mx.array(parents, dtype=mx.int32),
+        depths=mx.array(depths, dtype=mx.int32),
+        ancestors=mx.array(ancestors),
+        bits=mx.array(tree_bits(ancestors)),
+        spine=len(chain),
+        pops=tuple(order),
+        scores=tuple(scores),
     )
 
 
-def _key(scores: mx.array, on_spine: mx.array, depth: int | mx.array, spine: bool) -> mx.array:
-    key = scores - DEPTH_TIE * depth
-    return key + SPINE_BONUS * on_spine if spine else key
-
-
-def ancestor_matrix(parents: mx.array, max_depth: int) -> mx.array:
-    """(N,) parent rows -> (N+1, N+1) bool ancestor-or-self matrix, by repeated squaring of one step."""
-    n = parents.shape[0] + 1
-    parent_of = mx.concatenate([mx.zeros((1,), dtype=mx.int32), parents])  # the root is its own parent
-    reach = ((mx.arange(n)[None, :] == parent_of[:, None]) | mx.eye(n, dtype=mx.bool_)).astype(mx.float32)
-    for _ in range(max(1, math.ceil(math.log2(max(max_depth, 2))))):  # paths of 2^i steps
-        reach = mx.minimum(reach @ reach, 1.0)
-    return reach > 0
+def ancestor_rows(parents: list[int]) -> np.ndarray:
+    """Each node's parent row (parents come first) -> the (N+1, N+1) bool ancestor-or-self matrix, root row 0."""
+    out = np.eye(len(parents) + 1, dtype=bool)
+    for row, parent in enumerate(parents, 1):
+        out[row] |= out[parent]
+    return out
 
 
 class TreeVerdict(NamedTuple):
@@ -195,21 +185,30 @@ def tree_mask(ancestors: mx.array, committed: int) -> mx.array:
     return mx.concatenate([mx.ones((rows, committed), dtype=mx.bool_), ancestors], axis=1)[None, None]
 
 
-def best_first(logprobs: list[list[float]], budget: int) -> list[tuple[int, ...]]:
-    """The host reference (tree-verify.md §1.2): the heap's pop order, as rank paths (for tests).
+def best_first(logprobs: list[list[float]], count: int, *, spine: bool = False) -> tuple[list[tuple[int, ...]], list[float]]:
+    """The heap's first `count` pops (tree-verify.md §1.2) as rank paths, and their path log-probs.
 
-    logprobs: per depth, log-probs sorted best first. Ties go to the lexicographically smaller rank path.
+    logprobs: per depth, log-probs sorted best first. A node enters the heap when its parent or its previous
+    sibling pops, so parents pop before children. Ties go to the lexicographically smaller rank path.
+    spine=True: the top-1 chain's nodes rank above every other node.
     """
     depth_count, k = len(logprobs), len(logprobs[0])
-    heap = [(-logprobs[0][0], (0,))]
-    popped: list[tuple[int, ...]] = []
-    while heap and len(popped) < budget:
-        neg, ranks = heapq.heappop(heap)
-        popped.append(ranks)
+
+    def entry(score: float, ranks: tuple[int, ...]) -> tuple[float, tuple[int, ...], float]:
+        bonus = SPINE_BONUS if spine and not any(ranks) else 0.0
+        return -(score + bonus), ranks, score
+
+    heap = [entry(logprobs[0][0], (0,))]
+    pops: list[tuple[int, ...]] = []
+    scores: list[float] = []
+    while heap and len(pops) < count:
+        _, ranks, score = heapq.heappop(heap)
+        pops.append(ranks)
+        scores.append(score)
         d = len(ranks) - 1
         if ranks[-1] + 1 < k:  # the next sibling
-            sibling = neg + logprobs[d][ranks[-1]] - logprobs[d][ranks[-1] + 1]
-            heapq.heappush(heap, (sibling, ranks[:-1] + (ranks[-1] + 1,)))
+            sibling = score - logprobs[d][ranks[-1]] + logprobs[d][ranks[-1] + 1]
+            heapq.heappush(heap, entry(sibling, ranks[:-1] + (ranks[-1] + 1,)))
         if d + 1 < depth_count:  # the first child
-            heapq.heappush(heap, (neg - logprobs[d + 1][0], ranks + (0,)))
-    return popped
+            heapq.heappush(heap, entry(score + logprobs[d + 1][0], ranks + (0,)))
+    return pops, scores

@@ -27,6 +27,8 @@ against 640 for a 1-row one; bench/kernel_profile.py --batch 2 profiles such ste
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import mlx.core as mx
@@ -105,6 +107,20 @@ class PrefillPlans:
 
 
 _prefill_plans = PrefillPlans()
+_tree: tuple[mx.array, mx.array] | None = None  # (mask, bit sets) of the tree forward under way
+
+
+@contextmanager
+def tree_bits(mask: mx.array, bits: mx.array) -> Iterator[None]:
+    """While open, attention whose mask is this very `mask` (a draft tree's, engine/model/tree_attention.py)
+    may read the rows' ancestor bit sets `bits` (T, 4) instead: the CUDA kernel's tree variant, one launch a
+    layer where the explicit composition takes several. mlx-lm's own attention modules pass the mask on."""
+    global _tree
+    previous, _tree = _tree, (mask, bits)
+    try:
+        yield
+    finally:
+        _tree = previous
 
 
 def _prefill_explicit(site: object | None, queries: mx.array, keys: mx.array, mask: mx.array | str | None) -> bool:
@@ -127,6 +143,10 @@ def block_attention(
     shape new to that layer skip fused attention's per-shape plan (PrefillPlans).
     `key_start`: (B,) a batched one-row step's first key per row (BatchKVCache.left_padding), for which
     `mask` is exactly key >= key_start."""
+    if _tree is not None and mask is _tree[0] and mode() == "auto" and _on_cuda():
+        kernel = attention_kernel.default_kernel()
+        if (warps := kernel.tree_warps_for(queries, keys)) is not None:
+            return kernel(queries, keys, values, scale, False, warps, bits=_tree[1])
     if key_start is not None and queries.shape[2] == 1 and mode() == "auto" and _on_cuda():
         kernel = attention_kernel.default_kernel()
         if (warps := kernel.padded_warps_for(queries, keys)) is not None:

@@ -51,6 +51,7 @@ class _Table:
         self.partner = mx.array(partner.astype(np.int32))
         self.cos = self.sin = mx.zeros((0, dims), dtype=mx.float32)
         self._last: tuple[int, int, mx.array, mx.array] | None = None
+        self._at: tuple[mx.array, mx.array, mx.array] | None = None  # (positions, cos, sin) of the last gather
 
     def rows(self, start: int, count: int) -> tuple[mx.array, mx.array]:
         end = start + count
@@ -64,11 +65,18 @@ class _Table:
                 cos, sin = np.concatenate([cos, cos], axis=-1), np.concatenate([-sin, sin], axis=-1)
             self.cos, self.sin = mx.array(cos, dtype=mx.float32), mx.array(sin, dtype=mx.float32)
             mx.eval(self.cos, self.sin)
-            self._last = None
+            self._last = self._at = None
         if self._last is None or self._last[:2] != (start, count):
             # every layer of a forward reads the same rows: one pair of slices in the graph, not one per layer
             self._last = (start, count, self.cos[start:end], self.sin[start:end])
         return self._last[2], self._last[3]  # (L, D) each
+
+    def at(self, positions: mx.array, end: int) -> tuple[mx.array, mx.array]:
+        """cos and sin at each of `positions` (T,) < end, gathered once for all the layers of a forward."""
+        self.rows(0, end)  # grows the table to cover every position
+        if self._at is None or self._at[0] is not positions:
+            self._at = (positions, self.cos[positions], self.sin[positions])
+        return self._at[1], self._at[2]
 
     def rotate(self, x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
         return _rotated(x, mx.take(x, self.partner, axis=-1), cos, sin)
@@ -123,8 +131,7 @@ class TableRoPE(nn.Module):
         """Each row of x (..., T, D) at its own position, positions (T,) < end: a tree verify's rows."""
         if x.shape[-1] != self.dims or x.dtype != mx.float32:
             return rotate_rows(self._fast, x, positions)
-        self._table.rows(0, end)  # grows the table to cover every position
-        return self._table.rotate(x, self._table.cos[positions], self._table.sin[positions])
+        return self._table.rotate(x, *self._table.at(positions, end))
 
     def _fast(self, x: mx.array, offset: int | mx.array) -> mx.array:
         return mx.fast.rope(x, self.dims, traditional=self.traditional, base=self.base, scale=self.scale, offset=offset)

@@ -22,7 +22,7 @@ from mlx_lm.models.cache import (
     trim_prompt_cache,
 )
 
-from engine.model import tree_attention
+from engine.model import attention, tree_attention
 from engine.model.recurrent_rollback import (
     install_recorders,
     recurrent_layer_ids,
@@ -176,7 +176,11 @@ class Target:
             assert self._tree is not None, "enable_trees() first"
             self._tree.rows = tree
             try:
-                logits = self.model(tokens, cache=cache)
+                if tree.bits is None:
+                    logits = self.model(tokens, cache=cache)
+                else:
+                    with attention.tree_bits(tree.mask, tree.bits):
+                        logits = self.model(tokens, cache=cache)
             finally:
                 self._tree.rows = None
         hidden = None

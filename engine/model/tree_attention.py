@@ -7,8 +7,9 @@ swaps classes on module instances, so the model's own forward runs unchanged: ea
 module's class for a subclass that passes the tree mask instead of the model's while a tree forward
 is under way, and its `rope`'s class for one that rotates at the rows' positions. Outside a tree
 forward both call the original. The array mask sends every attention path to its masked form: the
-explicit composition on the CPU and on CUDA (the CUDA block-attention kernel covers causal and
-unmasked blocks only), mx.fast's masked attention elsewhere.
+explicit composition on the CPU, mx.fast's masked attention on Metal; on CUDA the packed attention
+(engine/model/fused.py) takes the block-attention kernel's tree variant, which reads the rows' ancestor
+bit sets (TreeRows.bits) instead of the mask, and the mask is never computed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class TreeRows(NamedTuple):
     positions: mx.array  # (T,) int32: each verify row's sequence position (P + depth)
     mask: mx.array  # (1, 1, T, P + T) bool: True where a row may attend
     end: int  # the largest position + 1 (a bound for position tables)
+    bits: mx.array | None = None  # (T, 4) uint32: each row's ancestors as bits (engine/model/attention.tree_bits)
 
 
 class _TreeSlot:

@@ -36,9 +36,9 @@ SPEC = ak.AttentionSpec(mx.float32, 64, 4, 2, True)
 
 
 def numpy_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, causal: bool,
-                    start: np.ndarray | None = None) -> np.ndarray:
+                    start: np.ndarray | None = None, mask: np.ndarray | None = None) -> np.ndarray:
     """(B, H, L, D) float64 attention over (B, Hkv, S, D) keys; causal over the last L positions; batch
-    row b over keys start[b] .. S-1 when `start` is given."""
+    row b over keys start[b] .. S-1 when `start` is given; where the bool (L, S) `mask` holds when given."""
     group = q.shape[1] // k.shape[1]
     k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
     scores = scale * q @ k.swapaxes(-1, -2)  # (B, H, L, S)
@@ -48,6 +48,8 @@ def numpy_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, c
         scores = np.where(keep, scores, -np.inf)
     if start is not None:
         scores = np.where(np.arange(k.shape[2])[None, None, None] >= start[:, None, None, None], scores, -np.inf)
+    if mask is not None:
+        scores = np.where(mask, scores, -np.inf)
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     return (weights / weights.sum(-1, keepdims=True)) @ v
 
@@ -74,6 +76,8 @@ int main(int argc, char** argv) {
   auto v = read_all<TT>(argv[10], (size_t)B * Hkv * cap * D_);
   auto start = read_all<int>(argv[12], (size_t)B);
   const long long start_strides[1] = {1};
+  auto bits = read_all<uint32_t>(argv[13], (size_t)L * 4);
+  const long long bits_strides[2] = {4, 1};
   std::vector<TT> out((size_t)B * L * H * D_);
   const int threads = WARPS_ * 32;
   setup_barriers(threads);
@@ -84,7 +88,7 @@ int main(int argc, char** argv) {
     for (int b = 0; b < B; ++b) for (int row = 0; row < L; ++row) for (int h = 0; h < H; ++h) {
       SET_BLOCK(t, h, row, b);
       block_attention(q.data(), q_shape, q_strides, k.data(), k_shape, kv_strides, v.data(), kv_strides,
-                      &scale, start.data(), start_strides, out.data());
+                      &scale, start.data(), start_strides, bits.data(), bits_strides, out.data());
       block_sync();
     }
   });
@@ -96,9 +100,11 @@ int main(int argc, char** argv) {
 
 def run_on_shim(tmp: Path, b: int, heads: int, kv_heads: int, rows: int, length: int, dim: int, dtype: str,
                 causal: bool, warps: int, spare: int, starts: list[int] | None = None,
-                mutate: tuple[str, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The kernel's output and the float64 expectation; `starts` selects the PADDED variant and
-    `mutate` = (old, new) edits the kernel body first (to show a test catches that bug)."""
+                mutate: tuple[str, str] | None = None, ancestors: np.ndarray | None = None,
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel's output and the float64 expectation; `starts` selects the PADDED variant, `ancestors`
+    (L, L) the TREE variant, and `mutate` = (old, new) edits the kernel body first (to show a test catches
+    that bug)."""
     rng = np.random.default_rng(rows * 1000 + length + b)
     cap = length + spare
     q_raw, q = round_to(rng.normal(size=(b, rows, heads, dim)), dtype)  # stored (B, L, H, D)
@@ -106,8 +112,10 @@ def run_on_shim(tmp: Path, b: int, heads: int, kv_heads: int, rows: int, length:
     v_raw, v = round_to(rng.normal(size=(b, kv_heads, cap, dim)), dtype)
     start = np.array(starts if starts is not None else [0] * b, dtype=np.int32)
     scale = dim**-0.5
+    mask = None if ancestors is None else np.array(ak.tree_mask_of(ancestors, length))
     expected = numpy_attention(q.transpose(0, 2, 1, 3), k[:, :, :length], v[:, :, :length], scale, causal,
-                               None if starts is None else start)
+                               None if starts is None else start, mask)
+    bits = np.zeros((rows, 4), dtype=np.uint32) if ancestors is None else ak.tree_bits(ancestors)
 
     header, body = read_kernel_source("block_attention.cu")
     if mutate is not None:
@@ -115,21 +123,23 @@ def run_on_shim(tmp: Path, b: int, heads: int, kv_heads: int, rows: int, length:
         body = body.replace(mutate[0], mutate[1])
     ct = C_TYPES[dtype][0]
     constants = (f"  using T = {ct}; constexpr int D = {dim}; constexpr bool CAUSAL = {str(causal).lower()};\n"
-                 f"  constexpr bool PADDED = {str(starts is not None).lower()}; constexpr int WARPS = {warps};\n")
+                 f"  constexpr bool PADDED = {str(starts is not None).lower()}; constexpr int WARPS = {warps};\n"
+                 f"  constexpr bool TREE = {str(ancestors is not None).lower()};\n")
     source = SHIM_CUDA + header + (
         f"void block_attention(const {ct}* q, const int* q_shape, const long long* q_strides, const {ct}* k,"
         f" const int* k_shape, const long long* k_strides, const {ct}* v, const long long* v_strides,"
-        f" const float* scale, const int* start, const long long* start_strides, {ct}* out) {{\n"
+        f" const float* scale, const int* start, const long long* start_strides, const uint32_t* bits,"
+        f" const long long* bits_strides, {ct}* out) {{\n"
         f"{constants}{body}\n}}\n")
     defines = {"TT": ct, "D_": dim, "WARPS_": warps}
     source += "".join(f"#define {key} {value}\n" for key, value in defines.items()) + MAIN
     (tmp / "k.cpp").write_text(source)
     subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-w", "-o", str(tmp / "prog"), str(tmp / "k.cpp")],
                    check=True, capture_output=True, text=True)
-    for name, arr in (("q", q_raw), ("k", k_raw), ("v", v_raw), ("start", start)):
+    for name, arr in (("q", q_raw), ("k", k_raw), ("v", v_raw), ("start", start), ("bits", bits)):
         np.ascontiguousarray(arr).tofile(tmp / name)
     subprocess.run([str(tmp / "prog"), *(str(x) for x in (b, heads, rows, kv_heads, length, spare, repr(scale))),
-                    *(str(tmp / f) for f in ("q", "k", "v", "out", "start"))], check=True, timeout=300)
+                    *(str(tmp / f) for f in ("q", "k", "v", "out", "start", "bits"))], check=True, timeout=300)
     raw = np.fromfile(tmp / "out", dtype=C_TYPES[dtype][2]).reshape(b, rows, heads, dim)
     return stored_to_float(raw, dtype).transpose(0, 2, 1, 3), expected
 
@@ -188,6 +198,42 @@ def test_an_off_by_one_key_start_fails_the_shim_check(shift: str, tmp_path: Path
     assert not shim_error(got, expected) < 1e-5
 
 
+TREE_CASES = [  # b, heads, kv_heads, rows, keys, dim, dtype, causal, warps, spare; the tree's seed
+    (1, 9, 3, 9, 40, 64, "bfloat16", False, 4, 5, 0),      # GQA, a strided cache prefix, 31 keys before
+    (1, 4, 2, 33, 60, 64, "float32", False, 8, 0, 1),      # warps whose every key is another branch's
+    (1, 2, 1, 65, 70, 128, "float16", False, 4, 3, 2),     # three bit words, D = 128
+    (1, 2, 2, 40, 40, 64, "float32", False, 4, 0, 3),      # no committed keys: the root sees itself only
+]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) for the SIMT shim")
+@pytest.mark.parametrize("case", TREE_CASES, ids=lambda c: f"h{c[1]}/{c[2]}L{c[3]}S{c[4]}D{c[5]}{c[6]}w{c[8]}")
+def test_tree_kernel_source_on_a_cpu_simt_shim(case: tuple, tmp_path: Path) -> None:
+    ancestors = ak.random_ancestors(case[3], case[10])
+    got, expected = run_on_shim(tmp_path, *case[:10], ancestors=ancestors)
+    tol = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}[case[6]]
+    assert shim_error(got, expected) < tol
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) for the SIMT shim")
+def test_a_tree_kernel_that_ignores_the_bits_fails_the_shim_check(tmp_path: Path) -> None:
+    case = (1, 4, 2, 17, 50, 64, "float32", False, 4, 0)
+    ancestors = ak.random_ancestors(17, 5)
+    got, expected = run_on_shim(tmp_path, *case, ancestors=ancestors, mutate=("& 1u;", "| 1u;"))
+    assert not shim_error(got, expected) < 1e-5
+
+
+def test_tree_bits_hold_the_ancestor_matrix() -> None:
+    ancestors = ak.random_ancestors(70, 9)
+    bits = ak.tree_bits(ancestors)
+    assert bits.shape == (70, 4) and bits.dtype == np.uint32
+    unpacked = (bits[:, :, None] >> np.arange(32, dtype=np.uint32)) & 1
+    assert np.array_equal(unpacked.reshape(70, 128)[:, :70].astype(bool), ancestors)
+    assert not unpacked.reshape(70, 128)[:, 70:].any()
+    mask = np.array(ak.tree_mask_of(ancestors, 100))
+    assert mask[:, :30].all() and np.array_equal(mask[:, 30:], ancestors)
+
+
 def test_the_float32_oracle_honours_key_starts() -> None:
     rng = np.random.default_rng(4)
     q, k, v = (rng.normal(size=shape).astype(np.float32) for shape in ((3, 6, 1, 64), (3, 2, 50, 64), (3, 2, 50, 64)))
@@ -209,8 +255,13 @@ def test_kernel_source_exists_and_names_its_inputs() -> None:
 
 
 def exact_kernel(queries: mx.array, keys: mx.array, values: mx.array, scale: float, causal: bool,
-                 warps: int, start: mx.array | None = None) -> mx.array:
-    return ak.float32_reference(queries, keys, values, scale, causal, start=start).astype(queries.dtype)
+                 warps: int, start: mx.array | None = None, bits: mx.array | None = None) -> mx.array:
+    mask = None
+    if bits is not None:  # the tree variant's semantics: unpack the rows' bit sets
+        rows = queries.shape[2]
+        unpacked = (np.array(bits)[:, :, None] >> np.arange(32, dtype=np.uint32)) & 1
+        mask = ak.tree_mask_of(unpacked.reshape(rows, -1)[:, :rows].astype(bool), keys.shape[2])
+    return ak.float32_reference(queries, keys, values, scale, causal, start=start, mask=mask).astype(queries.dtype)
 
 
 def decider(kernel: object, kernel_ms: float, reference_ms: float) -> ak.BlockAttentionKernel:
@@ -300,6 +351,25 @@ def test_a_padded_kernel_that_ignores_the_starts_is_rejected() -> None:
 
     decision = decider(unpadded, kernel_ms=0.1, reference_ms=2.0).decide(PADDED_SPEC)
     assert decision.warps is None and decision.reason == "no warp count passed numerics"
+
+
+TREE_SPEC = ak.AttentionSpec(mx.float32, 64, 4, 2, False, tree=True)
+
+
+def test_a_tree_kernel_is_checked_against_the_masked_reference() -> None:
+    decision = decider(exact_kernel, kernel_ms=0.5, reference_ms=2.0).decide(TREE_SPEC)
+    assert decision.warps == ak.WARPS[64][0] and decision.max_rel_error < 1e-5
+
+    def unmasked(queries: mx.array, keys: mx.array, values: mx.array, scale: float, causal: bool, warps: int,
+                 bits: mx.array | None = None) -> mx.array:
+        return exact_kernel(queries, keys, values, scale, causal, warps)  # every branch seen
+
+    decision = decider(unmasked, kernel_ms=0.1, reference_ms=2.0).decide(TREE_SPEC)
+    assert decision.warps is None and decision.reason == "no warp count passed numerics"
+    d = decider(exact_kernel, kernel_ms=0.5, reference_ms=2.0)
+    assert d.tree_warps_for(mx.zeros((1, 4, 33, 64)), mx.zeros((1, 2, 40, 64))) == ak.WARPS[64][0]
+    assert d.tree_warps_for(mx.zeros((1, 4, 129, 64)), mx.zeros((1, 2, 200, 64))) is None  # past 4 bit words
+    assert d.tree_warps_for(mx.zeros((2, 4, 33, 64)), mx.zeros((2, 2, 40, 64))) is None  # one sequence only
 
 
 def test_only_one_row_steps_are_padded_specs() -> None:
@@ -447,6 +517,45 @@ def test_batched_decode_steps_take_the_padded_kernel(monkeypatch: pytest.MonkeyP
     assert tokens == [plain_greedy(model, p, 6)[0] for p in prompts]
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_tree_verifies_take_the_tree_kernel(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Greedy DFlash with a tree of 12 nodes every cycle on a fused target, a (fake, exact) kernel adopted on
+    a pretend CUDA device: every layer of every tree verify attends through the kernel's tree variant with
+    the rows' bit sets (the dense mask is never needed), and the output is plain greedy decoding's."""
+    calls: list[int] = []
+
+    def kernel(queries: mx.array, keys: mx.array, values: mx.array, scale: float, causal: bool, warps: int,
+               start: mx.array | None = None, bits: mx.array | None = None) -> mx.array:
+        if bits is not None:
+            calls.append(queries.shape[2])
+        return exact_kernel(queries, keys, values, scale, causal, warps, start, bits)
+
+    d = decider(kernel, kernel_ms=0.5, reference_ms=2.0)
+    monkeypatch.setattr(ak, "_DEFAULT", d)
+    monkeypatch.setattr(attention, "_on_cuda", lambda: True)
+    cfg = target_config(family, vocab_size=VOCAB, hidden_size=256, head_dim=64)
+    model = build_target(cfg, seed=5)
+    prompt = [5, 9, 2, 7, 1, 4]
+    ref, _ = plain_greedy(model, prompt, 24)
+    fuse_projections(model)
+    dcfg = draft_config(cfg, block_size=6)
+    target = Target(model, dcfg.target_layer_ids)
+    decoder = SpeculativeDecoder(target, DFlashDrafter(build_draft(dcfg, seed=2), target), block_size=6,
+                                 adaptive=False, tree_budget=12)
+    attention.set_mode("auto")
+    try:
+        d.decide(ak.AttentionSpec(mx.float32, 64, model.args.num_attention_heads, model.args.num_key_value_heads,
+                                  False, tree=True))
+        calls.clear()  # the decision's own checks
+        out = [t for s in decoder.generate(prompt, SamplingParams(temperature=0.0), 24, TokenRng(0)) for t in s.tokens]
+    finally:
+        attention.set_mode(None)
+        target.close()
+    trees = sum(1 for b in decoder.stats.budgets if b)
+    assert trees >= 2 and len(calls) == trees * len(model.layers) and set(calls) <= {13}
+    assert out == ref
+
+
 def test_a_rejected_padded_kernel_leaves_generation_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     def wrong(queries: mx.array, keys: mx.array, values: mx.array, scale: float, causal: bool, warps: int,
               start: mx.array | None = None) -> mx.array:
@@ -472,8 +581,8 @@ CUDA = ak.detect_backend() == "cuda"
 def test_device_kernel_numerics(heads: int, kv_heads: int, dim: int, dtype: mx.Dtype) -> None:
     kernel = ak.BlockAttentionKernel()
     assert kernel.kernel is not None
-    for causal in (True, False):
-        spec = ak.AttentionSpec(dtype, dim, heads, kv_heads, causal)
+    for spec in (ak.AttentionSpec(dtype, dim, heads, kv_heads, True), ak.AttentionSpec(dtype, dim, heads, kv_heads, False),
+                 ak.AttentionSpec(dtype, dim, heads, kv_heads, False, tree=True)):
         for warps in ak.WARPS[dim]:
             error = kernel.max_rel_error(spec, warps)
             assert error < ak.TOLERANCE[dtype], (spec, warps, error)

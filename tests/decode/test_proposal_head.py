@@ -14,6 +14,7 @@ from engine.decode.drafters import DFlashDrafter
 from engine.decode.proposal_head import FILE, ProposalHead, head_matrix, load_proposal_head, proposal_vocab
 from engine.decode.sampling import SamplingParams, TokenRng
 from engine.decode.speculative import SpeculativeDecoder
+from engine.model.draft import DFlashDraft
 from engine.model.fused import fuse_projections
 from engine.model.target import Target
 from engine.model.transposed import transpose_linears
@@ -64,18 +65,23 @@ def test_loaded_only_from_a_file_beside_the_draft(tmp_path: Path) -> None:
     assert load_proposal_head(tmp_path, linear, output_multiplier=-1.0) is None  # argmax would flip
 
 
-def test_greedy_speculative_decoding_with_a_subset_head_equals_plain() -> None:
-    """Proposals from half the vocabulary: tokens outside it are never proposed, and the output is the
-    target's greedy output all the same (verification decides)."""
+def _half_vocabulary() -> tuple[DFlashDraft, Target, list[int], np.ndarray]:
+    """A prepared tiny target, its draft, their greedy output, and a subset: the even ids and its first tokens."""
     config = target_config("llama")
     model = build_target(config, seed=2)
     fuse_projections(model)
     transpose_linears(model)
     draft = build_draft(draft_config(config), seed=3)
     want = speculative_greedy(model, draft, PROMPT, 32)
-    target = Target(model, draft.config.target_layer_ids)
+    ids = np.array(sorted(set(range(0, config["vocab_size"], 2)) | set(want[:8])), dtype=np.int32)
+    return draft, Target(model, draft.config.target_layer_ids), want, ids
+
+
+def test_greedy_speculative_decoding_with_a_subset_head_equals_plain() -> None:
+    """Proposals from half the vocabulary: tokens outside it are never proposed, and the output is the
+    target's greedy output all the same (verification decides)."""
+    draft, target, want, ids = _half_vocabulary()
     try:
-        ids = np.array(sorted(set(range(0, config["vocab_size"], 2)) | set(want[:8])), dtype=np.int32)
         head = ProposalHead(ids, head_matrix(target.output_head))
         drafter = DFlashDrafter(draft, target, head)
         proposed: list[int] = []
@@ -94,6 +100,35 @@ def test_greedy_speculative_decoding_with_a_subset_head_equals_plain() -> None:
         target.close()
     assert got == want and len(want) == 32
     assert proposed and set(proposed) <= set(ids.tolist())
+
+
+def test_greedy_trees_rank_the_subset_and_equal_plain() -> None:
+    """A tree of 12 nodes every cycle: each position's candidates come from the subset, best first by the
+    draft's log-probs normalized over it, and the output is the target's greedy output."""
+    draft, target, want, ids = _half_vocabulary()
+    try:
+        matrix = head_matrix(target.output_head)
+        drafter = DFlashDrafter(draft, target, ProposalHead(ids, matrix))
+        seen: list[tuple[list[list[int]], list[list[float]]]] = []
+        candidates = drafter.propose_candidates
+
+        def recording(*args: object, **kwargs: object) -> tuple[mx.array, mx.array]:
+            top, logprobs = candidates(*args, **kwargs)
+            seen.append((top.tolist(), logprobs.tolist()))
+            return top, logprobs
+
+        drafter.propose_candidates = recording  # type: ignore[method-assign]
+        decoder = SpeculativeDecoder(target, drafter, block_size=draft.config.block_size, adaptive=False,
+                                     tree_budget=12)
+        got = [t for step in decoder.generate(PROMPT, SamplingParams(temperature=0.0), 32, TokenRng(0))
+               for t in step.tokens]
+        top, logprobs = seen[0]  # (positions, 12): tokens of the subset, best first
+        assert all(t in set(ids.tolist()) for row in top for t in row)
+        assert all(row == sorted(row, reverse=True) for row in logprobs)
+        assert all(np.logaddexp.reduce(row) <= 1e-5 for row in logprobs)  # a share of the subset's mass
+    finally:
+        target.close()
+    assert got == want and sum(1 for b in decoder.stats.budgets if b) >= 2
 
 
 def test_the_vocabulary_is_the_fewest_most_frequent_tokens_covering_the_share() -> None:
