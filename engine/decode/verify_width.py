@@ -215,6 +215,7 @@ class VerifyWidth:
         self.calibration = Calibration()
         self.node_accept: list[float] = []  # expected acceptance of the i-th tree node; empty until a tree ran
         self.tree_s = 0.0  # what a tree cycle costs beyond a full-block draft and its forward (build, walk)
+        self.tree_outlook = 0.0  # the chain's expected accepted drafts at full width as trees were verified (EWMA)
         self.budget = 0  # the current plan's tree budget (0: a chain)
         self.tree_probe_every = probe_every
         self._since_tree_probe = 0
@@ -393,7 +394,18 @@ class VerifyWidth:
         return self.tree_budgets[-1] if self.tree_budgets else 0
 
     def tree_expected_tokens(self, budget: int) -> float:
-        return 1.0 + sum(self.node_accept[:budget])
+        """1 + the nodes' acceptance, scaled down by how far the chain's outlook has fallen since trees were
+        verified.
+
+        Trees run on some cycles only, so their node estimates date from whatever content they last saw,
+        while the chain's counts follow every request (see new_request): on this CPU trees learned on math
+        were chosen through the first ~20 cycles of a chat answer after it (width_trace --tree-budget auto).
+        Only down: a rise is left for a tree probe to confirm (scaled up, guesses for never-verified nodes
+        made 16-node trees look best where only the first 3 nodes were ever accepted)."""
+        scale = 1.0
+        if self.tree_outlook > 1e-6:
+            scale = min((self.expected_tokens(self.max_drafts) - 1.0) / self.tree_outlook, 1.0)
+        return 1.0 + sum(self.node_accept[:budget]) * scale
 
     def tree_cost(self, budget: int) -> float:
         return self.curve(budget + 1) + self.host_s + self.draft_s + self.draft_row_s * self.max_drafts + self.tree_s
@@ -454,6 +466,8 @@ class VerifyWidth:
 
     def update_tree(self, outcome: TreeOutcome, seconds: float | None = None) -> None:
         """After a tree cycle: its spine teaches the chain estimates, its nodes the tree's."""
+        outlook = self.expected_tokens(self.max_drafts) - 1.0  # what the chain expected as this tree was planned
+        self.tree_outlook = outlook if not self.node_accept else self.tree_outlook + self.alpha * (outlook - self.tree_outlook)
         self._observe(outcome.spine_verified, outcome.spine_accepted)
         qs = [math.exp(s) for s in outcome.scores]
         self.calibration.update(qs[: outcome.budget], outcome.on_path)
