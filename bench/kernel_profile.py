@@ -35,9 +35,8 @@ from width_replay import add_draft_args, load_target_and_draft  # noqa: E402
 from bench import GREEDY, PROMPTS  # noqa: E402  (bench/bench.py: this script's folder is on sys.path)
 from engine.decode.drafters import DFlashDrafter  # noqa: E402
 from engine.decode.sampling import TokenRng  # noqa: E402
-from engine.decode.tree import DraftTree, build_tree, tree_mask  # noqa: E402
+from engine.decode.tree import DraftTree, build_tree, verify_rows  # noqa: E402
 from engine.model.target import Target  # noqa: E402
-from engine.model.tree_attention import TreeRows  # noqa: E402
 
 
 def profile_calls(fn: Callable[[], None], calls: int) -> dict[str, Any]:
@@ -96,10 +95,7 @@ def tree_draft(drafter: DFlashDrafter, ids: list[int], taps: mx.array, k: int) -
 
 def tree_verify(target: Target, cache: list[Any], anchor: int, tree: DraftTree) -> Callable[[], None]:
     def run() -> None:  # [anchor, nodes] at positions P + depth under the ancestor mask, then trimmed
-        start = target.cache_length(cache)
-        depths = mx.concatenate([mx.zeros((1,), dtype=mx.int32), tree.depths])
-        rows = TreeRows(start + depths, tree_mask(tree.ancestors, start), start + 16, tree.bits)
-        tokens = mx.concatenate([mx.array([anchor], dtype=mx.int32), tree.tokens])[None]
+        tokens, rows = verify_rows(tree, anchor, target.cache_length(cache), 15)
         mx.eval(target(tokens, cache, taps=True, tree=rows))
         target.trim(cache, tree.budget + 1)
     return run

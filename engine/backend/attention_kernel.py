@@ -140,7 +140,7 @@ def tree_bits(ancestors: np.ndarray) -> np.ndarray:
     return (padded * weights).reshape(rows, 4, 32).sum(axis=-1).astype(np.uint32)
 
 
-def tree_mask_of(ancestors: np.ndarray, length: int) -> mx.array:
+def tree_mask_of(ancestors: np.ndarray | mx.array, length: int) -> mx.array:
     """(T, S) bool: the keys before the block, then the block's rows by `ancestors` (what TREE computes)."""
     rows = ancestors.shape[0]
     return mx.concatenate([mx.ones((rows, length - rows), dtype=mx.bool_), mx.array(ancestors)], axis=1)

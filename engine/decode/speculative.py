@@ -29,7 +29,7 @@ from engine.decode.sampling import (
     to_token_logprobs,
     token_logprobs,
 )
-from engine.decode.tree import DraftTree, accept_tree, build_tree, tree_mask
+from engine.decode.tree import DraftTree, accept_tree, build_tree, verify_rows
 from engine.decode.verify_width import (
     TREE_BUDGETS,
     CostCurve,
@@ -38,7 +38,6 @@ from engine.decode.verify_width import (
     VerifyWidth,
 )
 from engine.model.target import Target
-from engine.model.tree_attention import TreeRows
 
 if TYPE_CHECKING:
     from engine.decode.prefix_cache import PrefixLease
@@ -709,11 +708,8 @@ class SpeculativeDecoder:
         self, tree: DraftTree, anchor: int, start: int, depth: int, cache: list[Any]
     ) -> tuple[mx.array, mx.array | None]:
         """One target forward over [anchor, nodes] at positions start + depth: (N+1, V) logits and taps."""
-        ids = mx.concatenate([mx.array([anchor], dtype=mx.int32), tree.tokens])  # (N+1,)
-        depths = mx.concatenate([mx.zeros((1,), dtype=mx.int32), tree.depths])
-        # the dense mask stays an unevaluated graph where the CUDA kernel reads the bit sets instead
-        rows = TreeRows(start + depths, tree_mask(tree.ancestors, start), start + depth + 1, tree.bits)
-        logits, taps = self.target(ids[None], cache, taps=self.drafter.needs_taps, tree=rows)
+        ids, rows = verify_rows(tree, anchor, start, depth)
+        logits, taps = self.target(ids, cache, taps=self.drafter.needs_taps, tree=rows)
         return logits[0], taps
 
     def _finish(

@@ -26,8 +26,9 @@ import mlx.core as mx
 import numpy as np
 
 from engine.backend import fast_exp
-from engine.backend.attention_kernel import MAX_TREE_ROWS, tree_bits
+from engine.backend.attention_kernel import MAX_TREE_ROWS, tree_bits, tree_mask_of
 from engine.decode.sampling import SamplingParams, filter_logprobs
+from engine.model.tree_attention import TreeRows
 
 FLOOR = -50.0  # per-position log-probs are clamped here: no infinities in path sums (e^-50 is never a choice)
 SPINE_BONUS = 1e3  # with spine=True the draft's top-1 chain pops first (paths score above -50 * 15)
@@ -181,8 +182,15 @@ def accept_tree(
 
 def tree_mask(ancestors: mx.array, committed: int) -> mx.array:
     """(1, 1, T, committed + T) bool: every row sees the committed rows, its ancestors and itself."""
-    rows = ancestors.shape[0]
-    return mx.concatenate([mx.ones((rows, committed), dtype=mx.bool_), ancestors], axis=1)[None, None]
+    return tree_mask_of(ancestors, committed + ancestors.shape[0])[None, None]
+
+
+def verify_rows(tree: DraftTree, anchor: int, start: int, depth: int) -> tuple[mx.array, TreeRows]:
+    """A tree verify's input: [anchor, nodes] (1, N+1), at positions start + depth under the ancestor mask.
+    The dense mask stays an unevaluated graph where the CUDA kernel reads the bit sets instead."""
+    ids = mx.concatenate([mx.array([anchor], dtype=mx.int32), tree.tokens])[None]
+    depths = mx.concatenate([mx.zeros((1,), dtype=mx.int32), tree.depths])
+    return ids, TreeRows(start + depths, tree_mask(tree.ancestors, start), start + depth + 1, tree.bits)
 
 
 def best_first(logprobs: list[list[float]], count: int, *, spine: bool = False) -> tuple[list[tuple[int, ...]], list[float]]:
