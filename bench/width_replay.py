@@ -68,19 +68,27 @@ def replay(controller: VerifyWidth | None, runs: list[int], length: int, first: 
         remaining = total - emitted
         width = fixed if controller is None else controller.choose()
         drafts = min(width, remaining, block_size - 1)
-        accepted = min(runs[anchor - first], drafts)
-        # a width-0 cycle after another is launched before that one's sync, as plain decoding's next step is:
-        # its host work overlaps the device's (SpeculativeDecoder._chain)
-        chained = drafts == 0 and previous == 0
-        cost = costs.plain() if chained else costs.cycle(drafts)
-        if controller is not None:
-            # as SpeculativeDecoder._finish: a drafting cycle after plain steps or the prompt teaches no overheads
-            controller.update(drafts, accepted, cost if drafts == 0 or previous else None, chained=chained)
+        accepted, cost = chain_cycle(controller, costs, drafts, runs[anchor - first], previous)
         emitted += min(accepted + 1, remaining)
         anchor += accepted + 1
         seconds += cost
         previous = drafts
     return (total - 1) / seconds
+
+
+def chain_cycle(controller: VerifyWidth | None, costs: Costs, drafts: int, run: int, previous: int | None
+                ) -> tuple[int, float]:
+    """(accepted drafts, seconds) of a chain cycle verifying `drafts` where the draft's run is `run`; the
+    controller, if any, learns from it. `previous`: the request's previous cycle's drafts (None: none yet)."""
+    accepted = min(run, drafts)
+    # a width-0 cycle after another is launched before that one's sync, as plain decoding's next step is:
+    # its host work overlaps the device's (SpeculativeDecoder._chain)
+    chained = drafts == 0 and previous == 0
+    cost = costs.plain() if chained else costs.cycle(drafts)
+    if controller is not None:
+        # as SpeculativeDecoder._finish: a drafting cycle after plain steps or the prompt teaches no overheads
+        controller.update(drafts, accepted, cost if drafts == 0 or previous else None, chained=chained)
+    return accepted, cost
 
 
 def add_draft_args(parser: argparse.ArgumentParser, rounds_help: str, prompts: str) -> None:
@@ -193,11 +201,13 @@ def main() -> None:
 
 
 def measure_costs(args: argparse.Namespace, target: object, drafter: object, block: int, answers: dict,
-                  tokenizer: object) -> Costs:
-    """The target's forward by rows at a 300-token context and the draft's cost, unless given."""
+                  tokenizer: object, max_rows: int | None = None) -> Costs:
+    """The target's forward by rows (up to `max_rows`, default the block) at a 300-token context and the
+    draft's cost, unless given."""
+    max_rows = max_rows or block
     if args.costs:
         points = {int(r): float(ms) / 1e3 for r, ms in (p.split(":") for p in args.costs.split(","))}
-        curve = CostCurve.from_points(points, block)
+        curve = CostCurve.from_points(points, max_rows)
     else:
         cache = target.make_cache()
         mx.eval(target(mx.array([[100 + i % 4000 for i in range(300)]], dtype=mx.int32), cache, taps=True))
@@ -206,7 +216,7 @@ def measure_costs(args: argparse.Namespace, target: object, drafter: object, blo
             mx.eval(target(mx.full((1, rows), 5, dtype=mx.int32), cache, taps=True))
             target.trim(cache, rows)
 
-        curve = CostCurve.measure(forward, block, repeats=5)
+        curve = CostCurve.measure(forward, max_rows, repeats=5)
     plain_s = None if args.plain_ms is None else args.plain_ms / 1e3
     if args.draft_ms is not None and args.row_ms is not None:
         return Costs(curve, args.draft_ms / 1e3, args.row_ms / 1e3, args.host_ms / 1e3, plain_s)

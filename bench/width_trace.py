@@ -54,12 +54,13 @@ def tree_state(width: Any) -> dict[str, Any]:
     if not width.tree_budgets:
         return {}
     chain = width.best()
+    tokens = width.tree_tokens() if width.node_accept else {}
     return {"tree_ms": width.tree_s * 1e3, "tree_probe_every": width.tree_probe_every,
             "node_accept": [round(a, 2) for a in width.node_accept[:16]],
+            "tree_gain": {b: round(g, 3) for b, g in width.tree_gain.items()},
             "chain_rate": {"width": chain, "tok_s": round(width.rate(chain), 2)},
-            "tree_rates": {b: {"tokens": round(width.tree_expected_tokens(b), 2),
-                               "ms": round(width.tree_cost(b) * 1e3, 1), "tok_s": round(width.tree_rate(b), 2)}
-                           for b in width.tree_budgets} if width.node_accept else {}}
+            "tree_rates": {b: {"tokens": round(t, 2), "ms": round(width.tree_cost(b) * 1e3, 1),
+                               "tok_s": round(t / width.tree_cost(b), 2)} for b, t in tokens.items()}}
 
 
 def cycle_marks(widths: list[int], budgets: list[int]) -> str:

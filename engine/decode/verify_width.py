@@ -8,10 +8,11 @@ nothing once the controller has settled; narrow probe cycles find it again when 
 useful. Verifying fewer drafts never changes outputs: acceptance stays exact.
 
 With tree budgets (engine/decode/tree.py) the same controller also prices trees: a tree of N nodes
-is expected to commit 1 + sum of the calibrated acceptance of its N best nodes, and costs an
-(N + 1)-row forward; its spine (the top-1 chain) is observed as a chain of that depth, so chain and
-tree estimates learn from every drafting cycle. The choice per cycle is a Plan: a chain width or a
-tree budget, whichever is expected to commit the most tokens per second.
+costs an (N + 1)-row forward and is expected to commit the chain's expected tokens times (1 + its
+gain), the gain being what trees of that budget committed beyond the chain in the same cycles (their
+spine is the chain). Its spine is also observed as a chain of that depth, so chain estimates learn
+from every drafting cycle. The choice per cycle is a Plan: a chain width or a tree budget, whichever
+is expected to commit the most tokens per second.
 """
 
 from __future__ import annotations
@@ -158,6 +159,7 @@ class VerifyWidth:
         curve: CostCurve,
         *,
         alpha: float = 0.3,
+        gain_alpha: float = 0.01,
         prior: float = 1.0,
         decay: float = 0.97,
         prior_weight: float = 1.0,
@@ -180,6 +182,7 @@ class VerifyWidth:
         self.max_drafts = max_drafts
         self.curve = curve
         self.alpha = alpha  # tree nodes' acceptance EWMA
+        self.gain_alpha = gain_alpha  # trees' gain over the chain EWMA
         self.prior = prior  # optimistic: a drafter starts at full width
         # what a drafting cycle keeps of the counts before it: ~33 cycles of memory within a request (new_request
         # carries a quarter over). bench/width_replay.py, six prompts x 9 orders, worst prompt against its best
@@ -218,6 +221,10 @@ class VerifyWidth:
         self.chains = chains
         self.calibration = Calibration()
         self.node_accept: list[float] = []  # expected acceptance of the i-th tree node; empty until a tree ran
+        # per budget verified (a tree covers every budget up to its own): what it committed beyond the chain of
+        # the best drafting width in the same cycle, over that chain's expected tokens (EWMA; see tree_tokens)
+        self.tree_gain: dict[int, float] = {}
+        self._gain_seen: dict[int, int] = {}
         self.tree_s = 0.0  # what a tree cycle costs beyond a full-block draft and its forward (build, walk)
         self.tree_outlook = 0.0  # the chain's expected accepted drafts at full width as trees were verified (EWMA)
         self.budget = 0  # the current plan's tree budget (0: a chain)
@@ -397,31 +404,55 @@ class VerifyWidth:
     def max_budget(self) -> int:
         return self.tree_budgets[-1] if self.tree_budgets else 0
 
-    def tree_expected_tokens(self, budget: int) -> float:
-        """1 + the nodes' acceptance, scaled down by how far the chain's outlook has fallen since trees were
-        verified.
+    def tree_tokens(self) -> dict[int, float]:
+        """Expected tokens of a tree cycle by budget: the chain's at its best drafting width times (1 + gain).
 
-        Trees run on some cycles only, so their node estimates date from whatever content they last saw,
-        while the chain's counts follow every request (see new_request): on this CPU trees learned on math
-        were chosen through the first ~20 cycles of a chat answer after it (width_trace --tree-budget auto).
-        Only down: a rise is left for a tree probe to confirm (scaled up, guesses for never-verified nodes
-        made 16-node trees look best where only the first 3 nodes were ever accepted)."""
-        scale = 1.0
-        if self.tree_outlook > 1e-6:
-            scale = min((self.expected_tokens(self.max_drafts) - 1.0) / self.tree_outlook, 1.0)
-        return 1.0 + sum(self.node_accept[:budget]) * scale
+        A tree cycle shows, paired in the same cycle, what its tree committed and what that chain would have
+        (its spine is the chain), so the gain is learned with little noise, from every budget the tree
+        covers, and follows content through the chain's estimates, which every cycle teaches. Estimated
+        from each node's acceptance instead (node_accept, learned on tree cycles only) trees were priced at
+        ~2/3 of what they committed: with H200 costs (bench/tree_replay.py, six prompts x 9 orders) auto
+        chose trees on 3% of cycles for 1.004x the chain, this 14% for 1.028x, with this CPU's 1.001 and
+        1.002x. Budgets larger than any verified add the node estimates of their further nodes."""
+        chain = self.expected_tokens(self._drafting_width(self.rates()))
+        out: dict[int, float] = {}
+        known = smaller = 0
+        for budget in self.tree_budgets:
+            if budget in self.tree_gain:
+                tokens, known = chain * (1.0 + self.tree_gain[budget]), budget
+            else:
+                base = out[known] if known else 1.0
+                tokens = base + sum(self.node_accept[known:budget]) * self._outlook_scale()
+            # a larger tree holds a smaller one's nodes: it never commits less (its gain may have fewer samples)
+            out[budget] = smaller = max(tokens, smaller)
+        return out
+
+    def _outlook_scale(self) -> float:
+        """How far the chain's outlook has fallen since trees were verified (at most 1): unverified nodes'
+        estimates date from whatever content trees last saw. Only down: a rise is left for a tree to
+        confirm (scaled up, guesses for never-verified nodes made 16-node trees look best where only the
+        first 3 nodes were ever accepted)."""
+        if self.tree_outlook <= 1e-6:
+            return 1.0
+        return min((self.expected_tokens(self.max_drafts) - 1.0) / self.tree_outlook, 1.0)
+
+    @staticmethod
+    def _drafting_width(rates: list[float]) -> int:
+        """The chain width >= 1 expected to commit the most tokens per second."""
+        return max(range(1, len(rates)), key=rates.__getitem__)
 
     def tree_cost(self, budget: int) -> float:
         return self.curve(budget + 1) + self.host_s + self.draft_s + self.draft_row_s * self.max_drafts + self.tree_s
 
-    def tree_rate(self, budget: int) -> float:
-        return self.tree_expected_tokens(budget) / self.tree_cost(budget)
+    def tree_rates(self) -> dict[int, float]:
+        """Expected tokens per second of a tree cycle by budget."""
+        return {budget: tokens / self.tree_cost(budget) for budget, tokens in self.tree_tokens().items()}
 
-    def best_tree(self) -> int:
-        """The budget expected to commit the most tokens per second (0 before any tree has run)."""
+    def best_tree(self) -> tuple[int, float]:
+        """The budget expected to commit the most tokens per second and that rate ((0, 0) before any tree ran)."""
         if not self.node_accept:
-            return 0
-        return max(self.tree_budgets, key=self.tree_rate)
+            return 0, 0.0
+        return max(self.tree_rates().items(), key=lambda item: item[1])
 
     def _decide(self, width: int) -> tuple[Plan, bool]:
         """The plan given the chain's choice; True when it is a tree probe."""
@@ -431,10 +462,9 @@ class VerifyWidth:
             return (Plan(self.max_drafts, self.max_budget) if width else Plan(0)), False
         if self._probing:  # the chain's own probe
             return Plan(width), False
-        budget = self.best_tree()
+        budget, tree = self.best_tree()
         if budget:
             chain = self.rate(width)
-            tree = self.tree_rate(budget)
             keep_tree = self.budget > 0 and tree * (1 + self.margin) >= chain
             if keep_tree or tree > chain * (1 + self.margin):
                 return Plan(self.max_drafts, budget), False
@@ -469,8 +499,21 @@ class VerifyWidth:
         return plan
 
     def update_tree(self, outcome: TreeOutcome, seconds: float | None = None) -> None:
-        """After a tree cycle: its spine teaches the chain estimates, its nodes the tree's."""
+        """After a tree cycle: its spine teaches the chain estimates, its path the gains, its nodes the
+        estimates of budgets not verified yet."""
         outlook = self.expected_tokens(self.max_drafts) - 1.0  # what the chain expected as this tree was planned
+        width = self._drafting_width(self.rates())
+        chain_tokens = self.expected_tokens(width)
+        chain_accepted = min(outcome.spine_accepted, width)  # what that chain committed in this cycle, as drafts
+        for budget in self.tree_budgets:
+            if budget > outcome.budget:
+                break
+            # the accepted nodes among a tree's first pops are a path: its first `budget` pops' path is their count
+            gain = (sum(outcome.on_path[:budget]) - chain_accepted) / chain_tokens
+            # the mean of the first samples, then an EWMA: one lucky first tree does not set the gain for long
+            seen = self._gain_seen[budget] = self._gain_seen.get(budget, 0) + 1
+            old = self.tree_gain.get(budget, 0.0)
+            self.tree_gain[budget] = old + max(self.gain_alpha, 1.0 / seen) * (gain - old)
         self.tree_outlook = outlook if not self.node_accept else self.tree_outlook + self.alpha * (outlook - self.tree_outlook)
         self._observe(outcome.spine_verified, outcome.spine_accepted)
         qs = [math.exp(s) for s in outcome.scores]
@@ -486,6 +529,7 @@ class VerifyWidth:
         if self._probing:
             self._back_off_unless_drafting_pays()
         if self._tree_probing:  # trees that do not win are looked at ever less often
-            won = self.best_tree() and self.tree_rate(self.best_tree()) > self.rate(self.best())
+            budget, rate = self.best_tree()
+            won = budget > 0 and rate > self.rate(self.best())
             self.tree_probe_every = self.base_probe_every if won else min(2 * self.tree_probe_every, self.max_probe_every)
 

@@ -405,9 +405,10 @@ def test_unfamiliar_layers_stay_on_chains() -> None:
 # --- the budget by cost --------------------------------------------------------------------------
 
 
-def _drive_plans(controller: VerifyWidth, cycles: int, chain_p: float, node_p: Any, seed: int = 0) -> list[Plan]:
-    """Synthetic cycles: a chain keeps each draft with chain_p; tree node i is accepted with node_p(i),
-    its spine (the first 3 nodes) as a chain would be."""
+def _drive_plans(controller: VerifyWidth, cycles: int, chain_p: float, sibling_p: Any, seed: int = 0) -> list[Plan]:
+    """Synthetic cycles: a chain keeps each draft with chain_p. A tree holds the chain's first 3 drafts (its
+    spine), accepted as the chain's are; where the chain broke inside them, its other nodes i continue the
+    path one by one with sibling_p(i), so a tree commits what the chain does plus those."""
     rng = random.Random(seed)
     plans = []
     for _ in range(cycles):
@@ -416,8 +417,13 @@ def _drive_plans(controller: VerifyWidth, cycles: int, chain_p: float, node_p: A
         chain = next((i for i in range(controller.max_drafts) if rng.random() >= chain_p), controller.max_drafts)
         if plan.budget:
             scores = [math.log(0.8 * 0.9**i) for i in range(controller.max_budget)]
-            on_path = [rng.random() < node_p(i) for i in range(plan.budget)]
             spine = min(plan.budget, 3)
+            on_path = [i < min(chain, spine) for i in range(plan.budget)]
+            if chain < spine:
+                for i in range(spine, plan.budget):
+                    if rng.random() >= sibling_p(i):
+                        break
+                    on_path[i] = True
             controller.update_tree(TreeOutcome(plan.budget, scores, on_path, spine, min(chain, spine)))
         else:
             controller.update(plan.width, min(chain, plan.width))
@@ -427,7 +433,7 @@ def _drive_plans(controller: VerifyWidth, cycles: int, chain_p: float, node_p: A
 def test_cheap_rows_and_useful_siblings_choose_large_trees() -> None:
     """A GPU-like flat cost: a 65-row forward costs what a 1-row one does, and siblings get accepted."""
     controller = VerifyWidth(15, CostCurve.linear(0.010, 0.00002, 65), tree_budgets=TREE_BUDGETS)
-    plans = _drive_plans(controller, 300, 0.6, lambda i: 0.7 * 0.93**i)
+    plans = _drive_plans(controller, 300, 0.6, lambda i: 0.9 * 0.97**i)
     late = plans[100:]
     assert sum(p.budget >= 16 for p in late) > 0.9 * len(late), Counter(p.budget for p in late)
 
@@ -436,30 +442,35 @@ def test_expensive_rows_keep_chains_and_probe_trees_ever_less() -> None:
     """A CPU-like steep cost and siblings that add nothing beyond the chain: trees are probed, lose, and
     are looked at ever less often (the chain plan is today's behaviour)."""
     controller = VerifyWidth(15, CostCurve.linear(0.010, 0.004, 65), tree_budgets=TREE_BUDGETS)
-    plans = _drive_plans(controller, 600, 0.6, lambda i: 0.6 ** (i + 1) if i < 3 else 0.0)
+    plans = _drive_plans(controller, 600, 0.6, lambda i: 0.0)
     trees = [i for i, p in enumerate(plans) if p.budget]
     assert 2 <= len(trees) < 0.03 * len(plans), trees
     assert all(p.budget <= 8 for p in plans), Counter(p.budget for p in plans)  # probes no wider than the chain's cost
     assert max(b - a for a, b in pairwise(trees)) >= 64  # backed off
 
 
-def test_tree_estimates_fall_with_the_chains_outlook_after_a_change_of_content() -> None:
+def test_tree_estimates_follow_the_chains_outlook_both_ways() -> None:
     """Trees learned on content that accepts much, then a request whose chain cycles accept nothing: the
-    plan leaves trees before any tree cycle shows it (the node estimates scale with the chain's outlook);
-    with the scaling off (no outlook recorded) the stale estimates would keep choosing trees."""
-    controller = VerifyWidth(15, CostCurve.linear(0.010, 0.0008, 65), tree_budgets=TREE_BUDGETS)  # rows cost
+    plan leaves trees before any tree cycle shows it, since a tree is priced as the chain's expected tokens
+    times its learned gain; and it returns to them when chain cycles accept again, also without one."""
+    controller = VerifyWidth(15, CostCurve.linear(0.010, 0.002, 65), tree_budgets=TREE_BUDGETS)  # rows cost
     plans = _drive_plans(controller, 200, 0.8, lambda i: 0.8 * 0.93**i)
     assert sum(p.budget > 0 for p in plans[100:]) > 80
+    gain = dict(controller.tree_gain)
+    assert gain.get(8, 0) > 0, gain
     controller.new_request()
     probe = controller.plan()  # a new request's first cycle probes the chain
     assert probe.budget == 0 and controller.probing
     controller.update(probe.width, 0)
     for _ in range(12):
         controller.update(3, 0)  # chain cycles of the new content: every draft rejected
-    assert controller.tree_outlook > 1.0 and controller.expected_tokens(15) - 1.0 < 0.5 * controller.tree_outlook
     assert controller.peek_plan().budget == 0, controller.peek_plan()
-    controller.tree_outlook = 0.0
-    assert controller.peek_plan().budget > 0
+    assert controller.tree_gain == gain  # no tree cycle ran: only the chain's outlook moved
+    chain = controller.expected_tokens(controller._drafting_width(controller.rates()))
+    assert controller.tree_tokens()[8] == pytest.approx(chain * (1 + gain[8]))
+    for _ in range(30):
+        controller.update(15, 15)  # the content turns easy again: chain cycles accept every draft
+    assert controller.peek_plan().budget > 0, controller.peek_plan()
 
 
 def test_a_fixed_budget_verifies_that_tree_on_every_drafting_cycle() -> None:
