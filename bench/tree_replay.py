@@ -212,7 +212,8 @@ def main() -> None:
         per: dict[str, list[float]] = {n: [] for n in names}
         trees = cycles = 0
         for order in orders:
-            controller = VerifyWidth(block - 1, chain.curve, draft_row_s=chain.row_s, tree_budgets=budgets)
+            controller = VerifyWidth(block - 1, chain.curve, draft_row_s=chain.row_s, plain_s=chain.plain(),
+                                     tree_budgets=budgets)  # as the server: the chained step measured with the curve
             for rnd in range(args.rounds + 1):
                 for i, name in enumerate(order):
                     if rnd or i:

@@ -182,7 +182,8 @@ def main() -> None:
     for label, label_orders in scenarios.items():
         measured = []
         for order in label_orders:
-            controller = VerifyWidth(block - 1, costs.curve, draft_row_s=costs.row_s)
+            # as the server: the chained plain step measured with the curve
+            controller = VerifyWidth(block - 1, costs.curve, draft_row_s=costs.row_s, plain_s=costs.plain())
             for rnd in range(args.rounds + 1):
                 for i, name in enumerate(order):
                     if rnd or i:  # as SpeculativeDecoder.generate: every request after the controller's first

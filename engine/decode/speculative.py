@@ -210,6 +210,7 @@ class SpeculativeDecoder:
         self.cost_curve = cost_curve  # target seconds by rows; measured once, on first use
         self.draft_row_s: float | None = None  # what each verified draft row adds to a draft; measured with it
         self.curve_from_cache = False  # cost_curve was read from the cost cache: checked before it is used
+        self.plain_step_s: float | None = None  # a chained plain step's seconds; measured with the curve
         self.learn_overheads = learn_overheads  # draft/host seconds from live cycle times
         # width-0 cycles queue the next one before their sync, as plain decoding does (hybrid targets
         # roll back by replaying the last verify only, so they keep one cycle in flight). On the CPU
@@ -541,16 +542,44 @@ class SpeculativeDecoder:
         rows = max(self.block_size, self.max_budget + 1)
         if self.curve_from_cache and self.cost_curve is not None and not self.cost_curve.agrees(forward, rows):
             log.info("the cached verify costs disagree with two forwards timed now: measuring them again")
-            self.cost_curve = None
+            self.cost_curve = self.plain_step_s = None
         self.curve_from_cache = False
         if self.cost_curve is None or len(self.cost_curve.seconds) < rows:
             self.cost_curve = CostCurve.measure(forward, rows)
+            # with the curve, under the same conditions (a curve given by the caller comes without one)
+            if self.learn_overheads and self.chain_plain_steps:
+                self.plain_step_s = self._chained_step_seconds(cache, token)
         if self.draft_row_s is None:
             row_cost = getattr(self.drafter, "kept_row_seconds", None)
             self.draft_row_s = row_cost(self.block_size - 1) if row_cost is not None and self.learn_overheads else 0.0
         return VerifyWidth(self.block_size - 1, self.cost_curve, learn_overheads=self.learn_overheads,
-                           draft_row_s=self.draft_row_s, tree_budgets=self.tree_budgets,
-                           chains=not self.tree_budgets or len(self.tree_budgets) > 1)
+                           draft_row_s=self.draft_row_s, plain_s=self.plain_step_s or 0.0,
+                           tree_budgets=self.tree_budgets, chains=not self.tree_budgets or len(self.tree_budgets) > 1)
+
+    def _chained_step_seconds(self, cache: list[Any], token: int, steps: int = 8) -> float:
+        """A plain step's seconds when each is launched before the previous one's sync, as plain decoding
+        and chained width-0 cycles run: on the H200 5.2 ms for the 135M model where a synced 1-row forward
+        (the curve's first point) took 7-8. Priced at the latter until chained steps were seen, plain steps
+        lost to drafting on chat prompts where they were faster (bench/width_replay.py with the H200's
+        costs: worst prompt 0.939 -> 0.953 of its best fixed width or plain)."""
+        def launch(ids: mx.array) -> mx.array:
+            logits, taps = self.target(ids[None], cache, taps=self.drafter.needs_taps)
+            nxt = mx.argmax(logits[0, -1:], axis=-1).astype(mx.int32)
+            mx.async_eval(nxt, *([] if taps is None else [taps]))
+            return nxt
+
+        pending = launch(mx.array([token], dtype=mx.int32))
+        start = 0.0
+        for i in range(steps + 2):  # two to warm up, then `steps` timed sync to sync
+            nxt = launch(pending)
+            pending.item()
+            if i == 1:
+                start = time.perf_counter()
+            pending = nxt
+        seconds = (time.perf_counter() - start) / steps
+        pending.item()
+        self.target.trim(cache, steps + 3)
+        return seconds
 
     def _prefill(
         self, prompt_ids: list[int], cache: list[Any], params: SamplingParams, rng: TokenRng,

@@ -172,6 +172,7 @@ class VerifyWidth:
         slope_ridge: float = 1.0,
         learn_overheads: bool = True,
         draft_row_s: float = 0.0,
+        plain_s: float = 0.0,
         tree_budgets: Sequence[int] = (),
         chains: bool = True,
     ) -> None:
@@ -207,14 +208,14 @@ class VerifyWidth:
         self.draft_row_s = self.measured_row_s = max(draft_row_s, 0.0)
         self._fit = [0.0] * 5  # decayed sums of 1, w, w^2, r, w * r over drafting cycles (w width, r excess)
         self.host_s = 0.0  # per-cycle cost outside the target forward (learned at width 0)
-        self.plain_s = 0.0  # a chained plain step's seconds, sync to sync (0: none seen yet)
+        self.plain_s = max(plain_s, 0.0)  # a chained plain step's seconds, sync to sync (0: unknown, none seen yet)
         self.cap = max_drafts
         self.base_probe_every = probe_every
         self.max_probe_every = max_probe_every
         self.probe_every = probe_every
         self._since_probe = 0
         self._probing = False
-        self._learned: set[str] = set()  # overheads that have had their first sample
+        self._learned: set[str] = {"plain"} if plain_s > 0 else set()  # overheads that have had their first sample
         # trees (none unless tree_budgets): chains=False verifies a tree of the largest budget on every
         # drafting cycle; else the plan is a chain or a tree, whichever is expected to be faster
         self.tree_budgets = tuple(sorted(set(tree_budgets)))

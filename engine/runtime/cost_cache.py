@@ -25,10 +25,12 @@ MAX_ENTRIES = 32  # one per machine x model pair x settings; the oldest go first
 
 @dataclass(frozen=True)
 class Costs:
-    """What a warm-up measures: the target's seconds by rows and the draft's seconds per verified row."""
+    """What a warm-up measures: the target's seconds by rows, the draft's seconds per verified row and a
+    chained plain step's seconds (None: not measured, as where plain steps do not chain)."""
 
     curve: CostCurve
     draft_row_s: float
+    plain_step_s: float | None = None
 
 
 class CostCache:
@@ -49,9 +51,12 @@ class CostCache:
     def get(self, key: str) -> Costs | None:
         entry = self.file.get(key)
         try:
-            return Costs(CostCurve(tuple(float(s) for s in entry["curve"])), float(entry["draft_row_s"]))
+            curve, row = CostCurve(tuple(float(s) for s in entry["curve"])), float(entry["draft_row_s"])
+            plain = entry.get("plain_step_s")  # absent from entries written before it was measured
+            return Costs(curve, row, None if plain is None else float(plain))
         except (TypeError, KeyError, ValueError):  # absent, or written by another version: measure again
             return None
 
     def put(self, key: str, costs: Costs) -> None:
-        self.file.put(key, {"curve": list(costs.curve.seconds), "draft_row_s": costs.draft_row_s}, "verify costs")
+        self.file.put(key, {"curve": list(costs.curve.seconds), "draft_row_s": costs.draft_row_s,
+                            "plain_step_s": costs.plain_step_s}, "verify costs")

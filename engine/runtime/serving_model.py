@@ -136,14 +136,14 @@ def warm_up(decoder: SpeculativeDecoder, costs: CostCache | None = None, key: st
     start = time.perf_counter()
     cached = None if costs is None or not decoder.adaptive else costs.get(key)
     if cached is not None:
-        decoder.cost_curve, decoder.draft_row_s = cached.curve, cached.draft_row_s
+        decoder.cost_curve, decoder.draft_row_s, decoder.plain_step_s = cached.curve, cached.draft_row_s, cached.plain_step_s
         decoder.curve_from_cache = True
     for _ in decoder.generate([1, 2, 3, 4, 5, 6, 7, 8], SamplingParams(temperature=0.0), 4, TokenRng(0)):
         pass
     decoder.forget_acceptance()  # what the dummy prompt's drafts taught is not the drafter's rate
     read = cached is not None and decoder.cost_curve is cached.curve  # else measured (again, if it disagreed)
     if costs is not None and not read and decoder.cost_curve is not None and decoder.draft_row_s is not None:
-        costs.put(key, Costs(decoder.cost_curve, decoder.draft_row_s))
+        costs.put(key, Costs(decoder.cost_curve, decoder.draft_row_s, decoder.plain_step_s))
     how = "none measured" if not decoder.adaptive else "costs read from" if read else "costs measured"
     where = f" {costs.path}" if costs is not None and decoder.adaptive else ""
     log.info("speculative decoder warmed up in %.1f s (verify %s%s)", time.perf_counter() - start, how, where)

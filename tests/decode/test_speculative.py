@@ -584,11 +584,13 @@ def test_warm_up_stores_the_measured_costs_and_a_later_start_reads_them(tmp_path
     warm_up(first, costs, "this machine, this model")
     stored = costs.get("this machine, this model")
     assert stored is not None and stored.curve == first.cost_curve and stored.draft_row_s == first.draft_row_s
+    assert first.plain_step_s is not None and first.plain_step_s > 0 and stored.plain_step_s == first.plain_step_s
     assert costs.get("another model") is None
     costs.put("another model", Costs(CostCurve((9.0,) * 8), 0.5))  # a second entry leaves the first alone
     later = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=8)
     warm_up(later, costs, "this machine, this model")
     assert later.cost_curve == first.cost_curve and later.draft_row_s == first.draft_row_s  # read, not timed again
+    assert later.plain_step_s == first.plain_step_s
     wrong = Costs(CostCurve(tuple(1.0 + 2.0 * r for r in range(8))), later.draft_row_s)  # 8 rows 15x 1: under load
     costs.put("this machine, this model", wrong)
     checked = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=8)

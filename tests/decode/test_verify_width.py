@@ -299,6 +299,24 @@ def test_chained_plain_steps_price_plain_decoding() -> None:
     assert settle(0.8, learn_chained=True)[0] > 0
 
 
+def test_a_measured_chained_plain_step_prices_plain_steps_before_any_ran() -> None:
+    """The same H200-like costs with the chained step measured at start (SpeculativeDecoder measures it with
+    the curve): at prose's acceptance the controller leaves drafting although no width-0 cycle has chained
+    yet; without it, plain steps are priced at a synced forward plus host work and drafting is held."""
+    curve = CostCurve((0.0044,) + (0.0047,) * (BLOCK - 1))
+
+    def settle(plain_s: float) -> int:
+        controller = VerifyWidth(BLOCK - 1, curve, plain_s=plain_s)
+        for _ in range(40):
+            controller.update(0, 0, curve(1) + 0.0038)  # plain steps right after drafting cycles, unchained
+            controller.update(3, 0, 0.0079)
+        _teach(controller, [0.4] * (BLOCK - 1), cycles=30)
+        return controller.best()
+
+    assert settle(0.0) > 0
+    assert settle(0.0038) == 0
+
+
 # --- wired into the decoder ----------------------------------------------------------------
 
 
