@@ -549,12 +549,25 @@ class SpeculativeDecoder:
             # with the curve, under the same conditions (a curve given by the caller comes without one)
             if self.learn_overheads and self.chain_plain_steps:
                 self.plain_step_s = self._chained_step_seconds(cache, token)
+            if self.tree_budgets:
+                self._warm_tree(cache, token)
         if self.draft_row_s is None:
             row_cost = getattr(self.drafter, "kept_row_seconds", None)
             self.draft_row_s = row_cost(self.block_size - 1) if row_cost is not None and self.learn_overheads else 0.0
         return VerifyWidth(self.block_size - 1, self.cost_curve, learn_overheads=self.learn_overheads,
                            draft_row_s=self.draft_row_s, plain_s=self.plain_step_s or 0.0,
                            tree_budgets=self.tree_budgets, chains=not self.tree_budgets or len(self.tree_budgets) > 1)
+
+    def _warm_tree(self, cache: list[Any], token: int) -> None:
+        """One tree verify at the largest budget before any cycle is timed: on CUDA the first one compiles and
+        checks the attention kernel's tree variant (2.8 s on the H200), which the controller took for what
+        every tree cycle costs."""
+        depth, k = self.block_size - 1, min(self.max_budget, self.target.vocab_size)
+        ids = [[(token + j) % self.target.vocab_size for j in range(k)] for _ in range(depth)]
+        tree = build_tree(ids, [[-0.5 * j - 0.1 * d for j in range(k)] for d in range(depth)], self.max_budget)
+        logits, taps = self._verify_tree(tree, token, self.target.cache_length(cache), depth, cache)
+        mx.eval(logits, *([] if taps is None else [taps]))
+        self.target.trim(cache, tree.budget + 1)
 
     def _chained_step_seconds(self, cache: list[Any], token: int, steps: int = 8) -> float:
         """A plain step's seconds when each is launched before the previous one's sync, as plain decoding

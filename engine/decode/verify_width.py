@@ -525,8 +525,11 @@ class VerifyWidth:
         # a tree cut short near max_tokens has fewer nodes: the ones past it keep their estimate
         self.node_accept[: len(seen)] = [e + self.alpha * (x - e) for e, x in zip(self.node_accept, seen)]
         if seconds is not None and self.learn_overheads:
-            residual = seconds - self.curve(outcome.budget + 1) - self.host_s - self.draft_s
-            self.tree_s = self._ewma(self.tree_s, max(residual - self.draft_row_s * self.max_drafts, 0.0), "tree")
+            # at most what the rest of the cycle costs: on the H200 a process's first tree cycle took 2.8 s (the
+            # tree attention kernel compiled and checked), was learned as every tree's extra cost, and priced
+            # trees out for the rest of the run
+            rest = self.curve(outcome.budget + 1) + self.host_s + self.draft_s + self.draft_row_s * self.max_drafts
+            self.tree_s = self._ewma(self.tree_s, min(max(seconds - rest, 0.0), rest), "tree")
         if self._probing:
             self._back_off_unless_drafting_pays()
         if self._tree_probing:  # trees that do not win are looked at ever less often

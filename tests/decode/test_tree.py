@@ -277,6 +277,42 @@ def test_greedy_dflash_trees_equal_plain(varied: Varied, budget: int | str) -> N
     target.close()
 
 
+def test_trees_run_once_before_any_cycle_is_timed(varied: Varied) -> None:
+    """With the cost curve a tree verify runs at the largest budget (on CUDA it compiles the attention
+    kernel's tree variant), leaving the cache as it was: the request's output is plain greedy's."""
+    cfg, model, ref = varied
+    dcfg = draft_config(cfg, block_size=8)
+    target = Target(model, dcfg.target_layer_ids)
+    decoder = _tree_decoder(target, DFlashDrafter(build_draft(dcfg, seed=2), target), "auto")
+    budgets: list[int] = []
+    verify = decoder._verify_tree
+
+    def recorded(tree: Any, *args: Any) -> Any:
+        budgets.append(tree.budget if decoder.verify_width is None else -tree.budget)
+        return verify(tree, *args)
+
+    decoder._verify_tree = recorded
+    assert _run(decoder, 40)[0] == ref
+    assert budgets[0] == max(TREE_BUDGETS), budgets  # before the controller existed: the warm-up tree
+    target.close()
+
+
+def test_a_stalled_tree_cycle_does_not_price_trees_out() -> None:
+    """A first tree cycle that waited seconds (a kernel compiled) counts as at most the rest of a tree
+    cycle's cost, and the tree cycles after it bring the learned extra down to what they cost."""
+    controller = VerifyWidth(15, CostCurve.linear(0.010, 0.00002, 65), tree_budgets=TREE_BUDGETS)
+    scores = [math.log(0.8 * 0.9**i) for i in range(64)]
+    outcome = TreeOutcome(16, scores, [True, False, False, True, True] + [False] * 11, 3, 1)  # siblings paid
+    controller.update_tree(outcome, 2.8)
+    rest = controller.tree_cost(16) - controller.tree_s
+    assert 0 < controller.tree_s <= rest + 1e-9
+    for _ in range(40):
+        controller.update_tree(outcome, rest + 0.0005)
+    assert controller.tree_s < 0.002
+    plans = _drive_plans(controller, 100, 0.6, lambda i: 0.9 * 0.97**i)
+    assert sum(p.budget > 0 for p in plans[50:]) > 45, Counter(p.budget for p in plans[50:])
+
+
 def test_greedy_trees_through_the_explicit_block_attention(varied: Varied) -> None:
     """Packed projections, table RoPE and forced explicit attention: the prepared CPU/CUDA path."""
     cfg, _, ref = varied
