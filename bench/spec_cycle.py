@@ -168,6 +168,9 @@ def main() -> None:
     drafters: dict[str, Callable[[], Drafter]] = {
         "oracle (perfect)": lambda: OracleDrafter(plain_tokens, vocab_size=target_plain.vocab_size),
         "oracle (wrong at 3)": lambda: OracleDrafter(plain_tokens, vocab_size=target_plain.vocab_size, wrong_at=[3]),
+        # every first draft wrong: the controller settles at width-0 cycles, so this row's cycle is a chained
+        # plain step of the speculative decoder, to set against plain decoding's (and its probes cost)
+        "oracle (never right)": lambda: OracleDrafter(plain_tokens, vocab_size=target_plain.vocab_size, wrong_at=[0]),
         "n-gram": lambda: NgramDrafter(),
         "dflash (random draft)": lambda: DFlashDrafter(draft, dflash_target),
     }
