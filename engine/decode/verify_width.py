@@ -413,8 +413,8 @@ class VerifyWidth:
         covers, and follows content through the chain's estimates, which every cycle teaches. Estimated
         from each node's acceptance instead (node_accept, learned on tree cycles only) trees were priced at
         ~2/3 of what they committed: with H200 costs (bench/tree_replay.py, six prompts x 9 orders) auto
-        chose trees on 3% of cycles for 1.004x the chain, this 14% for 1.028x, with this CPU's 1.001 and
-        1.002x. Budgets larger than any verified add the node estimates of their further nodes."""
+        chose trees on 3% of cycles for 1.004x the chain, this on 50% for 1.073x (with this CPU's costs
+        1.001x and 1.016x). Budgets larger than any verified add the node estimates of their further nodes."""
         chain = self.expected_tokens(self._drafting_width(self.rates()))
         out: dict[int, float] = {}
         known = smaller = 0
@@ -505,7 +505,9 @@ class VerifyWidth:
         outlook = self.expected_tokens(self.max_drafts) - 1.0  # what the chain expected as this tree was planned
         width = self._drafting_width(self.rates())
         chain_tokens = self.expected_tokens(width)
-        chain_accepted = min(outcome.spine_accepted, width)  # what that chain committed in this cycle, as drafts
+        # what that chain committed in this cycle, as drafts; where the whole spine held and the chain is longer
+        # than the spine, the chain might have kept more: a bias toward trees that the replays include
+        chain_accepted = min(outcome.spine_accepted, width)
         for budget in self.tree_budgets:
             if budget > outcome.budget:
                 break
