@@ -208,12 +208,15 @@ def main() -> None:
     # the controller carries over between requests: the mean over 9 prompt orders, per prompt
     orders = [names] + [list(p) for p in itertools.islice(itertools.permutations(names), 1, None, 97)][:8]
     print(f"\n{'adaptive':<12}" + "".join(f"{n:>8}" for n in names) + f"{'mean':>8}  trees")
+    by_order: dict[str, list[tuple[float, float]]] = {}  # per order: summed x plain, share of tree cycles
     for label, budgets in (("chain", ()), ("tree auto", TREE_BUDGETS)):
         per: dict[str, list[float]] = {n: [] for n in names}
         trees = cycles = 0
         for order in orders:
             controller = VerifyWidth(block - 1, chain.curve, draft_row_s=chain.row_s, plain_s=chain.plain(),
                                      tree_budgets=budgets)  # as the server: the chained step measured with the curve
+            total = 0.0
+            order_trees = order_cycles = 0
             for rnd in range(args.rounds + 1):
                 for i, name in enumerate(order):
                     if rnd or i:
@@ -221,10 +224,19 @@ def main() -> None:
                     rate, n, t = replay(controller, answers[name], costs, block)
                     if rnd:
                         per[name].append(rate / plain)
-                        cycles, trees = cycles + n, trees + t
+                        total += rate / plain
+                        order_cycles, order_trees = order_cycles + n, order_trees + t
+            by_order.setdefault(label, []).append((total, order_trees / max(order_cycles, 1)))
+            cycles, trees = cycles + order_cycles, trees + order_trees
         means = [statistics.fmean(per[n]) for n in names]
         results["adaptive"][label] = dict(zip(names, means))
         print(f"{label:<12}" + "".join(f"{r:>8.2f}" for r in means) + f"{statistics.fmean(means):>8.3f}  {trees / max(cycles, 1):.0%}")
+    # the controller's path depends on its first tree cycles: what each prompt order gave
+    ratios = [tree / chain_total for (chain_total, _), (tree, _) in zip(by_order["chain"], by_order["tree auto"])]
+    shares = [share for _, share in by_order["tree auto"]]
+    results["adaptive"]["by order"] = {"tree auto x chain": ratios, "tree cycles": shares}
+    print(f"per prompt order, tree auto x chain {min(ratios):.3f}-{max(ratios):.3f}, "
+          f"tree cycles {min(shares):.0%}-{max(shares):.0%}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 
