@@ -68,14 +68,12 @@ class TreeCosts(NamedTuple):
 
 def candidates(drafter: object, target: object, taps: mx.array, tokens: np.ndarray, first: int, k: int) -> Answer:
     """Teacher-forced: the draft block anchored at every answer position, ranked as live greedy trees rank."""
-    from engine.decode.tree import rank_scores, top_candidates
     from engine.train.dataset import BlockBatch
     from engine.train.objective import block_targets, draft_hidden
 
     draft = drafter.draft
     block = draft.config.block_size
     length = len(tokens)
-    head = drafter.proposal_head
     logprobs: list[list[list[float]]] = []
     ranks: list[list[int]] = []
     context = draft.project_context(taps)
@@ -88,11 +86,7 @@ def candidates(drafter: object, target: object, taps: mx.array, tokens: np.ndarr
         hidden = draft_hidden(draft, noise, context, blocks.positions, blocks.mask).reshape(-1, block, context.shape[-1])
         labels = np.array(blocks.labels.reshape(-1, block))[:, 1:]
         for i in range(hidden.shape[0]):
-            if head is not None:
-                ids, lp = top_candidates(rank_scores(draft.logits(hidden[i, 1:], head.product), GREEDY), k)
-                ids = head.ids[ids]
-            else:
-                ids, lp = top_candidates(rank_scores(draft.logits(hidden[i, 1:], target.lm_head), GREEDY), k)
+            ids, lp = drafter.candidates(hidden[i, 1:], GREEDY, TokenRng(0), int(anchors[0, i]), k)  # as live trees
             ids, lp = np.array(ids), np.array(lp)
             logprobs.append(np.round(lp, 4).tolist())
             ranks.append([int(np.flatnonzero(row == t)[0]) if (row == t).any() else k for row, t in zip(ids, labels[i])])

@@ -185,11 +185,17 @@ class DFlashDrafter:
         head over 15 rows, the log-normalizer and the top-k cost a third of the whole vocabulary's. A token
         outside it is never in a tree; the target's verification keeps the output unchanged."""
         hidden, anchor_position = self._forward(new_tokens, taps, num_tokens)
+        return self.candidates(hidden[0, 1:], params, rng, anchor_position, k)  # row 0 is the anchor
+
+    def candidates(self, hidden: mx.array, params: SamplingParams, rng: TokenRng, anchor_position: int, k: int
+                   ) -> tuple[mx.array, mx.array]:
+        """The draft's (L, H) block rows after the anchor -> each row's k best tokens and log-probs, lazily
+        (also what bench/tree_replay.py ranks teacher-forced blocks with)."""
         if params.is_greedy and self.proposal_head is not None:
-            logits = self.draft.logits(hidden[0, 1:], self.proposal_head.product)  # (k, K); row 0 is the anchor
+            logits = self.draft.logits(hidden, self.proposal_head.product)  # (L, K)
             ids, logprobs = top_candidates(rank_scores(logits, params), k)
             return self.proposal_head.ids[ids], logprobs
-        logits = self.draft.logits(hidden[0, 1:], self.target.lm_head)  # (k, V)
+        logits = self.draft.logits(hidden, self.target.lm_head)  # (L, V)
         noise = None if params.is_greedy or not rng.by_position else rng.gumbel(anchor_position + 1, *logits.shape)
         return top_candidates(rank_scores(logits, params, noise), k)
 

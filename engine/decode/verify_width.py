@@ -272,7 +272,10 @@ class VerifyWidth:
 
     def rates(self) -> list[float]:
         """rate(c) for every cap c = 0..max_drafts."""
-        return [tokens / self.cost(cap) for cap, tokens in enumerate(self._expected())]
+        return self._rates_of(self._expected())
+
+    def _rates_of(self, expected: list[float]) -> list[float]:
+        return [tokens / self.cost(cap) for cap, tokens in enumerate(expected)]
 
     def best(self) -> int:
         rates = self.rates()
@@ -415,7 +418,8 @@ class VerifyWidth:
         ~2/3 of what they committed: with H200 costs (bench/tree_replay.py, six prompts x 9 orders) auto
         chose trees on 3% of cycles for 1.004x the chain, this on 50% for 1.073x (with this CPU's costs
         1.001x and 1.016x). Budgets larger than any verified add the node estimates of their further nodes."""
-        chain = self.expected_tokens(self._drafting_width(self.rates()))
+        _, chain, outlook = self._chain_outlook()
+        scale = self._outlook_scale(outlook)
         out: dict[int, float] = {}
         known = smaller = 0
         for budget in self.tree_budgets:
@@ -423,19 +427,26 @@ class VerifyWidth:
                 tokens, known = chain * (1.0 + self.tree_gain[budget]), budget
             else:
                 base = out[known] if known else 1.0
-                tokens = base + sum(self.node_accept[known:budget]) * self._outlook_scale()
+                tokens = base + sum(self.node_accept[known:budget]) * scale
             # a larger tree holds a smaller one's nodes: it never commits less (its gain may have fewer samples)
             out[budget] = smaller = max(tokens, smaller)
         return out
 
-    def _outlook_scale(self) -> float:
+    def _chain_outlook(self) -> tuple[int, float, float]:
+        """(the best drafting width, its expected tokens, the expected accepted drafts at full width), from
+        one pass over the estimates."""
+        expected = self._expected()
+        width = self._drafting_width(self._rates_of(expected))
+        return width, expected[width], expected[self.max_drafts] - 1.0
+
+    def _outlook_scale(self, outlook: float) -> float:
         """How far the chain's outlook has fallen since trees were verified (at most 1): unverified nodes'
         estimates date from whatever content trees last saw. Only down: a rise is left for a tree to
         confirm (scaled up, guesses for never-verified nodes made 16-node trees look best where only the
         first 3 nodes were ever accepted)."""
         if self.tree_outlook <= 1e-6:
             return 1.0
-        return min((self.expected_tokens(self.max_drafts) - 1.0) / self.tree_outlook, 1.0)
+        return min(outlook / self.tree_outlook, 1.0)
 
     @staticmethod
     def _drafting_width(rates: list[float]) -> int:
@@ -502,9 +513,7 @@ class VerifyWidth:
     def update_tree(self, outcome: TreeOutcome, seconds: float | None = None) -> None:
         """After a tree cycle: its spine teaches the chain estimates, its path the gains, its nodes the
         estimates of budgets not verified yet."""
-        outlook = self.expected_tokens(self.max_drafts) - 1.0  # what the chain expected as this tree was planned
-        width = self._drafting_width(self.rates())
-        chain_tokens = self.expected_tokens(width)
+        width, chain_tokens, outlook = self._chain_outlook()  # what the chain expected as this tree was planned
         # what that chain committed in this cycle, as drafts; where the whole spine held and the chain is longer
         # than the spine, the chain might have kept more: a bias toward trees that the replays include
         chain_accepted = min(outcome.spine_accepted, width)
