@@ -24,6 +24,10 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 PROBE_MIN = 3  # drafts a probe verifies at least
+# a timed cycle counts as at most this many times what it was priced at: on a fresh H100 a width-9 cycle
+# that compiled a kernel took 5.4 s, was fitted as the draft's cost (100 ms + 51 ms a row) and priced
+# drafting out for the rest of the process; clipped, a lasting change is still learned, a step at a time
+OUTLIER = 3.0
 TREE_BUDGETS = (4, 8, 16, 32, 64)  # what --tree-budget auto chooses among: few forward shapes
 
 
@@ -264,7 +268,12 @@ class VerifyWidth:
     def cost(self, cap: int) -> float:
         if cap == 0 and self.plain_s > 0:
             return self.plain_s
-        return self.curve(cap + 1) + self.host_s + (self.draft_s + self.draft_row_s * cap if cap > 0 else 0.0)
+        return self._priced(cap)
+
+    def _priced(self, verified: int) -> float:
+        """What a cycle that is not a chained plain step is priced at (cost() without the chained price)."""
+        drafting = self.draft_s + self.draft_row_s * verified if verified else 0.0
+        return self.curve(verified + 1) + self.host_s + drafting
 
     def rate(self, cap: int) -> float:
         """Expected committed tokens per second at this width."""
@@ -342,9 +351,11 @@ class VerifyWidth:
         self._observe(verified, accepted)
         if seconds is not None and self.learn_overheads:
             if chained and not verified:
+                if "plain" in self._learned:
+                    seconds = min(seconds, OUTLIER * self.plain_s)
                 self.plain_s = self._ewma(self.plain_s, seconds, "plain")
             else:
-                self._learn_overheads(verified, seconds)
+                self._learn_overheads(verified, min(seconds, OUTLIER * self._priced(verified)))
         if self._probing:
             self._back_off_unless_drafting_pays()
 

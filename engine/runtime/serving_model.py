@@ -64,7 +64,8 @@ class ServingModel:
         if speculative is not None and (not lockstep or gpu_kernels_on()):
             # lockstep ranks measure an agreed curve (tensor_parallel.agree_on_costs)
             on_cpu = mx.default_device() == mx.cpu and not lockstep
-            warm_up(speculative, CostCache.default() if on_cpu else None, cost_key(loaded, config, drafter))
+            warm_up(speculative, CostCache.default() if on_cpu else None, cost_key(loaded, config, drafter),
+                    rehearse=mx.default_device() == mx.gpu and not lockstep)
         if on_cuda():
             warm_prefill([plain, *([] if speculative is None else [speculative])], config.prefill_chunk)
         batch, batching = build_batch(loaded.model, speculative, config, lockstep)
@@ -126,11 +127,12 @@ def gpu_kernels_on() -> bool:
     return any(k.kernel is not None for k in kernels)
 
 
-def warm_up(decoder: SpeculativeDecoder, costs: CostCache | None = None, key: str = "") -> None:
+def warm_up(decoder: SpeculativeDecoder, costs: CostCache | None = None, key: str = "", rehearse: bool = False) -> None:
     """A few greedy tokens at load, here rather than inside the first request's TTFT: the verify costs
     are measured or read from `costs` (timing every row count takes ~8 s for the 135M on 2 CPU cores),
     and on CUDA the block-attention kernel is compiled (NVRTC) and checked and the verify matmuls
-    decided for what the drafter feeds the shared LM head (the draft's dtype)."""
+    decided for what the drafter feeds the shared LM head (the draft's dtype). `rehearse` (GPUs): then
+    every chain width and tree budget once per sampling mode, whose first cycles compile kernels."""
     from engine.decode.sampling import SamplingParams, TokenRng
 
     start = time.perf_counter()
@@ -138,15 +140,18 @@ def warm_up(decoder: SpeculativeDecoder, costs: CostCache | None = None, key: st
     if cached is not None:
         decoder.cost_curve, decoder.draft_row_s, decoder.plain_step_s = cached.curve, cached.draft_row_s, cached.plain_step_s
         decoder.curve_from_cache = True
-    for _ in decoder.generate([1, 2, 3, 4, 5, 6, 7, 8], SamplingParams(temperature=0.0), 4, TokenRng(0)):
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8]
+    for _ in decoder.generate(prompt, SamplingParams(temperature=0.0), 4, TokenRng(0)):
         pass
+    rehearsed = decoder.rehearse(prompt) if rehearse else 0
     decoder.forget_acceptance()  # what the dummy prompt's drafts taught is not the drafter's rate
     read = cached is not None and decoder.cost_curve is cached.curve  # else measured (again, if it disagreed)
     if costs is not None and not read and decoder.cost_curve is not None and decoder.draft_row_s is not None:
         costs.put(key, Costs(decoder.cost_curve, decoder.draft_row_s, decoder.plain_step_s))
     how = "none measured" if not decoder.adaptive else "costs read from" if read else "costs measured"
     where = f" {costs.path}" if costs is not None and decoder.adaptive else ""
-    log.info("speculative decoder warmed up in %.1f s (verify %s%s)", time.perf_counter() - start, how, where)
+    shapes = f", {rehearsed} rehearsal cycles" if rehearse else ""
+    log.info("speculative decoder warmed up in %.1f s (verify %s%s%s)", time.perf_counter() - start, how, where, shapes)
 
 
 def on_cuda() -> bool:

@@ -568,6 +568,11 @@ def test_warm_up_measures_the_cost_curve_and_leaves_the_decoder_usable() -> None
     warm_up(decoder)
     assert decoder.cost_curve is not None and decoder.verify_width is None  # its dummy drafts taught nothing
     out, _ = _run(decoder, 12)
+    assert out == ref
+    rehearsed = SpeculativeDecoder(target, DFlashDrafter(build_draft(dcfg, seed=2), target), block_size=8)
+    warm_up(rehearsed, rehearse=True)  # on GPUs: every width once per sampling mode, then forgotten
+    assert rehearsed.stats.cycles == 7 + 2 and rehearsed.verify_width is None  # the last pass: unseeded sampling
+    out, _ = _run(rehearsed, 12)
     target.close()
     assert out == ref
 

@@ -297,6 +297,31 @@ def test_trees_run_once_before_any_cycle_is_timed(varied: Varied) -> None:
     target.close()
 
 
+def test_rehearsal_runs_every_cycle_shape_and_changes_nothing(varied: Varied) -> None:
+    """rehearse() (run at load on GPUs, where a shape's first cycle compiles kernels) verifies every chain width
+    and tree budget under greedy, seeded and unseeded sampling, then leaves the controller as it was: the next
+    request measures the curve and decodes plain greedy's output."""
+    cfg, model, ref = varied
+    dcfg = draft_config(cfg, block_size=8)
+    target = Target(model, dcfg.target_layer_ids)
+    decoder = _tree_decoder(target, DFlashDrafter(build_draft(dcfg, seed=2), target), "auto")
+    shapes: list[tuple[int, int]] = []
+    finish = decoder._finish
+
+    def recorded(cycle: Any, *args: Any, **kw: Any) -> Any:
+        shapes.append((cycle.width, cycle.block - 1 if cycle.tree is not None else 0))
+        return finish(cycle, *args, **kw)
+
+    decoder._finish = recorded
+    cycles = decoder.rehearse(PROMPT)
+    expected = [(0, 0), (0, 0), *((w, 0) for w in range(1, 8)), *((7, b) for b in TREE_BUDGETS)]
+    assert shapes == expected * 3, shapes  # greedy, seeded and unseeded sampling, as scripted
+    assert cycles == len(shapes) and decoder.verify_width is None and decoder.cost_curve is None
+    assert _run(decoder, 40)[0] == ref
+    assert decoder.cost_curve is not None and decoder.verify_width is not None
+    target.close()
+
+
 def test_a_stalled_tree_cycle_does_not_price_trees_out() -> None:
     """A first tree cycle that waited seconds (a kernel compiled) counts as at most the rest of a tree
     cycle's cost, and the tree cycles after it bring the learned extra down to what they cost."""

@@ -264,6 +264,35 @@ def test_an_excess_that_grows_with_the_width_is_fitted_so_narrow_cycles_are_pric
     assert full_only.cost(BLOCK - 1) == pytest.approx(CPU_CURVE(BLOCK) + excess(BLOCK - 1))
 
 
+def test_a_cycle_that_stalled_for_seconds_does_not_price_drafting_out() -> None:
+    """H100-like costs (the 4-bit 135M served on CUDA): a width-9 cycle that compiled a kernel took 5.4 s and,
+    fitted as it was, priced the draft at 100 ms + 51 ms a row, so the process never drafted again. It counts
+    as at most three times its price; a lasting change in the draft's cost is still learned."""
+    curve = CostCurve((0.0052,) + tuple(0.0062 + 0.0001 * r for r in range(1, 65)))
+    draft = 0.0016
+
+    def seconds(width: int) -> float:
+        return curve(width + 1) + draft + 0.00005 * width
+
+    controller = VerifyWidth(BLOCK - 1, curve, draft_row_s=0.00005, plain_s=0.004)
+    _teach(controller, [0.8] * (BLOCK - 1), cycles=30)
+    for width in [14] * 5 + [6] * 3 + [4] * 6:
+        controller.update(width, 3, seconds(width))
+    assert controller.draft_s == pytest.approx(draft, abs=1e-4)
+    controller.update(9, 3, 5.4)  # the stall
+    assert controller.draft_s < 4 * draft and controller.draft_row_s < 0.002, (controller.draft_s, controller.draft_row_s)
+    assert controller.best() > 0
+    for width in [4] * 10:  # back to normal cycles: the estimate recovers
+        controller.update(width, 3, seconds(width))
+    assert controller.cost(4) == pytest.approx(seconds(4), rel=0.25)
+    for width in [4, 6, 4, 9] * 40:  # the draft became 5 ms dearer for good: learned, a clipped step at a time
+        controller.update(width, 3, seconds(width) + 0.005)
+    assert controller.cost(4) == pytest.approx(seconds(4) + 0.005, rel=0.1)
+    plain = VerifyWidth(BLOCK - 1, curve, plain_s=0.004)
+    plain.update(0, 0, 3.0, chained=True)  # a chained plain step that stalled
+    assert plain.plain_s <= 0.004 + 0.1 * 2 * 0.004 + 1e-12
+
+
 def test_one_slow_plain_step_does_not_price_plain_steps_out() -> None:
     controller = VerifyWidth(BLOCK - 1, CPU_CURVE)
     controller.update(0, 0, CPU_CURVE(1) + 0.037)  # the first plain step, right after a drafting cycle
