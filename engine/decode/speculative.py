@@ -29,7 +29,15 @@ from engine.decode.sampling import (
     to_token_logprobs,
     token_logprobs,
 )
-from engine.decode.tree import DraftTree, accept_tree, build_tree, verify_rows
+from engine.decode.tree import (
+    DraftTree,
+    accept_tree,
+    build_tree,
+    device_tree,
+    lattice_size,
+    tree_builder,
+    verify_rows,
+)
 from engine.decode.verify_width import (
     TREE_BUDGETS,
     CostCurve,
@@ -254,7 +262,8 @@ class SpeculativeDecoder:
         if reason is not None:
             return (), f"off ({reason})"
         self.target.enable_trees()
-        return budgets, "auto" if tree_budget == "auto" else f"{budgets[0]} nodes"
+        built = "" if tree_builder() is None else ", built on the device"  # compiled and checked now, not in a request
+        return budgets, ("auto" if tree_budget == "auto" else f"{budgets[0]} nodes") + built
 
     @property
     def max_budget(self) -> int:
@@ -756,8 +765,13 @@ class SpeculativeDecoder:
         tokens_in, taps_in = self._with_held(new_tokens, new_taps)
         scored = max(budget, self.max_budget)  # the controller reads the score of every node it may verify
         ids, logprobs = self.drafter.propose_candidates(tokens_in, taps_in, depth, params, rng, scored)  # (L, K)
-        self._sync(ids, logprobs)
-        tree = build_tree(ids.tolist(), logprobs.tolist(), budget, scored=scored, spine=self.tree_spine)
+        kernel = tree_builder()
+        if kernel is not None:  # built on the device: the verify launches without a sync (kernels/tree_build.cu)
+            nodes = lattice_size(*ids.shape)
+            tree = device_tree(kernel, ids, logprobs, min(budget, nodes), min(scored, nodes), self.tree_spine)
+        else:
+            self._sync(ids, logprobs)
+            tree = build_tree(ids.tolist(), logprobs.tolist(), budget, scored=scored, spine=self.tree_spine)
         draft_s = time.perf_counter() - clock if self.timing == "split" else 0.0
         clock = time.perf_counter()
         logits, taps = self._verify_tree(tree, tokens_in[-1], start, depth, cache)
@@ -793,7 +807,8 @@ class SpeculativeDecoder:
         rejected = cycle.block  # on failure roll the whole block back
         try:
             clock = time.perf_counter()
-            self._sync(cycle.num_accepted, cycle.tokens, cycle.logprobs, cycle.tree and cycle.tree.path)
+            tree_parts = [] if cycle.tree is None else [cycle.tree.path, *cycle.tree.tree.lazy()]
+            self._sync(cycle.num_accepted, cycle.tokens, cycle.logprobs, *tree_parts)
             now = time.perf_counter()
             accepted = int(cycle.num_accepted.item())
             path = list(range(accepted + 1))  # the committed rows of the verify: a chain's leading ones
@@ -832,7 +847,7 @@ class SpeculativeDecoder:
     @staticmethod
     def _outcome(cycle: _Cycle, path: list[int]) -> TreeOutcome:
         assert cycle.tree is not None
-        tree = cycle.tree.tree
+        tree = cycle.tree.tree.on_host()
         on_path, spine_accepted = tree.outcome(path)
         return TreeOutcome(tree.budget, list(tree.scores), on_path, tree.spine, spine_accepted)
 

@@ -5,10 +5,12 @@ parallel: every node at depth d-1 has the same candidate children, the top-k of 
 path's score is the sum of its positions' log-probs. The tree of budget N holds the N best-scoring
 prefixes of that lattice (/work/shared/docs/tree-verify.md §1): the best-first heap's first N pops.
 
-The device reduces the draft's (L, V) scores to each position's top K (`top_candidates`); the host
-reads those (the cycle's second sync) and pops the heap (`build_tree`, ~0.1 ms of Python for 64
-nodes). Built on the device, the same tree took ~170 small ops a cycle, which on a launch-bound GPU
-cost more than the sync. Pops past the chosen budget score the nodes the controller has not seen.
+The device reduces the draft's (L, V) scores to each position's top K (`top_candidates`). On CUDA one
+kernel (kernels/tree_build.cu, one thread) pops the heap and lays out the rows, so the cycle's draft,
+tree and verify launch without a sync between them (`tree_builder`; built from ~170 small MLX ops the
+tree cost more than the sync on a launch-bound GPU). Elsewhere the host reads the candidates (the
+cycle's second sync) and pops the heap (`build_tree`, ~0.1 ms of Python for 64 nodes). Pops past the
+chosen budget score the nodes the controller has not seen.
 
 The verify forward sees [anchor, nodes...] at positions P + depth, each row attending to the
 committed rows, its ancestors and itself (engine/model/tree_attention.py). Rows hold the draft's
@@ -19,7 +21,10 @@ to the target's choice at each row (accept_tree).
 
 from __future__ import annotations
 
+import functools
 import heapq
+import logging
+import os
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -27,8 +32,11 @@ import numpy as np
 
 from engine.backend import fast_exp
 from engine.backend.attention_kernel import MAX_TREE_ROWS, tree_bits, tree_mask_of
+from engine.backend.tree_build import TreeKernel
 from engine.decode.sampling import SamplingParams, filter_logprobs
 from engine.model.tree_attention import TreeRows
+
+log = logging.getLogger("dflash.tree")
 
 FLOOR = -50.0  # per-position log-probs are clamped here: no infinities in path sums (e^-50 is never a choice)
 SPINE_BONUS = 1e3  # with spine=True the draft's top-1 chain pops first (paths score above -50 * 15)
@@ -42,13 +50,26 @@ class DraftTree(NamedTuple):
     depths: mx.array  # (N,) int32: 1..L, the block position the node's token fills
     ancestors: mx.array  # (N+1, N+1) bool: [i, j] row j is row i or one of its ancestors (row 0: the root)
     bits: mx.array  # (N+1, 4) uint32: row i's ancestors-or-self as a bit set (the CUDA attention kernel's mask)
-    spine: int  # rows 1..spine are the draft's top-1 chain, in depth order
-    pops: tuple[int, ...]  # node i's place in best-first order
-    scores: tuple[float, ...]  # path log-probs of every pop, the unverified ones past the budget included
+    # built on the device, the last three are arrays ((1,), (N,), (S,)) until the cycle's sync: on_host
+    spine: int | mx.array  # rows 1..spine are the draft's top-1 chain, in depth order
+    pops: tuple[int, ...] | mx.array  # node i's place in best-first order
+    scores: tuple[float, ...] | mx.array  # path log-probs of every pop, the unverified ones past the budget included
 
     @property
     def budget(self) -> int:
         return len(self.pops)
+
+    def lazy(self) -> list[mx.array]:
+        """What the cycle's sync must evaluate besides the verdict (a device-built tree's host fields)."""
+        return [x for x in (self.spine, self.pops, self.scores) if isinstance(x, mx.array)]
+
+    def on_host(self) -> DraftTree:
+        """The tree with spine, pops and scores as Python values (a read: after the cycle's sync)."""
+        if not isinstance(self.pops, mx.array):
+            return self
+        assert isinstance(self.spine, mx.array) and isinstance(self.scores, mx.array)
+        return self._replace(spine=int(self.spine.item()), pops=tuple(self.pops.tolist()),
+                             scores=tuple(self.scores.tolist()))
 
     def outcome(self, path: list[int]) -> tuple[list[bool], int]:
         """The accepted path's verify rows (root first) -> per pop whether it was accepted, and how many of
@@ -121,6 +142,61 @@ def build_tree(ids: list[list[int]], logprobs: list[list[float]], budget: int, *
         pops=tuple(order),
         scores=tuple(scores),
     )
+
+
+def lattice_size(depth: int, k: int) -> int:
+    """Nodes in the candidate lattice of `depth` positions with `k` candidates each (the most a tree holds)."""
+    return sum(k**d for d in range(1, depth + 1))
+
+
+@functools.cache
+def tree_builder() -> TreeKernel | None:
+    """The CUDA tree kernel where MLX runs on CUDA and its rows equal build_tree's on random candidates (and
+    DFLASH_TREE_KERNEL is not 0); None: the host builds trees after reading the candidates."""
+    from engine.backend.verify_matmul import detect_backend
+
+    if detect_backend() != "cuda" or os.environ.get("DFLASH_TREE_KERNEL", "1").strip().lower() in ("0", "off", "no"):
+        return None
+    from engine.backend.tree_build import make_cuda_kernel
+
+    kernel = make_cuda_kernel()
+    try:
+        mismatch = check_tree_kernel(kernel)
+    except Exception as e:  # noqa: BLE001 - a kernel that fails to compile or run is not used
+        mismatch = f"failed: {e!r}"
+    if mismatch:
+        log.warning("tree kernel off (the host builds trees): %s", mismatch)
+        return None
+    log.info("draft trees built on the device (kernels/tree_build.cu)")
+    return kernel
+
+
+def check_tree_kernel(kernel: TreeKernel, seed: int = 0) -> str | None:
+    """None if the kernel's trees equal build_tree's on random candidates (ties included), else what differed."""
+    rng = np.random.default_rng(seed)
+    for depth, k, budget, scored, spine in ((15, 64, 16, 64, False), (15, 64, 64, 64, True), (3, 4, 9, 20, False),
+                                            (7, 8, 32, 40, False)):
+        lp = -np.sort(rng.exponential(1.0, (depth, k)), axis=1).astype(np.float32)
+        lp[:, 1::3] = lp[:, 0::3][:, : lp[:, 1::3].shape[1]]  # equal scores: ties broken as Python does
+        lp = np.sort(lp, axis=1)[:, ::-1].copy()
+        ids = rng.integers(0, 50_000, (depth, k)).astype(np.int32)
+        want = build_tree(ids.tolist(), lp.tolist(), budget, scored=scored, spine=spine)
+        got = device_tree(kernel, mx.array(ids), mx.array(lp), budget, scored, spine).on_host()
+        for name in ("tokens", "parents", "depths", "ancestors", "bits"):
+            if not np.array_equal(np.array(getattr(got, name)), np.array(getattr(want, name))):
+                return f"{name} differ at depth {depth}, k {k}, budget {budget}"
+        if got.pops != want.pops or got.spine != want.spine:
+            return f"pop order differs at depth {depth}, k {k}, budget {budget}"
+        if not np.allclose(got.scores, want.scores, rtol=1e-6, atol=1e-5):
+            return f"scores differ at depth {depth}, k {k}, budget {budget}"
+    return None
+
+
+def device_tree(kernel: TreeKernel, ids: mx.array, logprobs: mx.array, budget: int, scored: int,
+                spine: bool = False) -> DraftTree:
+    """build_tree's tree from the candidates as lazy device arrays (no sync): kernels/tree_build.cu."""
+    tokens, parents, depths, pops, bits, ancestors, scores, spine_rows = kernel(ids, logprobs, budget, scored, spine)
+    return DraftTree(tokens, parents, depths, ancestors.astype(mx.bool_), bits, spine_rows, pops, scores)
 
 
 def ancestor_rows(parents: list[int]) -> np.ndarray:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import shutil
 from collections import Counter
 from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -294,6 +296,40 @@ def test_trees_run_once_before_any_cycle_is_timed(varied: Varied) -> None:
     decoder._verify_tree = recorded
     assert _run(decoder, 40)[0] == ref
     assert budgets[0] == max(TREE_BUDGETS), budgets  # before the controller existed: the warm-up tree
+    target.close()
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) for the SIMT shim")
+@pytest.mark.parametrize("params", ["greedy", "seeded"])
+def test_trees_built_by_the_kernel_decode_as_host_built_ones(varied: Varied, params: str, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where CUDA builds trees (kernels/tree_build.cu, here its source on the SIMT shim), a tree cycle has no
+    sync between draft and verify and its tree's host fields are read at the cycle's sync: the output and the
+    controller's outcomes are those of host-built trees."""
+    from tests.backend.test_tree_build import shim_kernel
+
+    cfg, model, ref = varied
+    if params == "seeded":
+        ref = _seeded_plain(model, 1234, 40)
+    dcfg = draft_config(cfg, block_size=8)
+    target = Target(model, dcfg.target_layer_ids)
+    outcomes: dict[str, list[TreeOutcome]] = {}
+    syncs: dict[str, int] = {}
+    for builder in ("host", "kernel"):
+        if builder == "kernel":
+            monkeypatch.setattr("engine.decode.speculative.tree_builder", lambda k=shim_kernel(tmp_path): k)
+        decoder = _tree_decoder(target, DFlashDrafter(build_draft(dcfg, seed=2), target), 16)
+        seen = outcomes.setdefault(builder, [])
+        outcome = decoder._outcome
+        decoder._outcome = lambda cycle, path: seen.append(outcome(cycle, path)) or seen[-1]  # type: ignore[method-assign]
+        sampling = GREEDY if params == "greedy" else SEEDED
+        out = [t for step in decoder.generate(PROMPT, sampling, 40, TokenRng(1234)) for t in step.tokens]
+        assert out == ref, builder
+        syncs[builder] = decoder.stats.syncs - decoder.stats.cycles
+    assert len(outcomes["kernel"]) == len(outcomes["host"]) >= 5
+    for got, want in zip(outcomes["kernel"], outcomes["host"]):  # scores: float32 from the device, doubles on the host
+        assert got._replace(scores=[]) == want._replace(scores=[]) and got.scores == pytest.approx(want.scores, rel=1e-6)
+    assert syncs["host"] == len(outcomes["host"]) and syncs["kernel"] == 0  # no second sync per tree cycle
     target.close()
 
 
