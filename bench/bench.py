@@ -84,9 +84,9 @@ class Run:
         return (len(self.tokens) - 1) / max(self.decode_s, 1e-9)
 
 
-def adaptive_against_best(runs: list[Run]) -> dict[str, dict[str, float]]:
-    """Per drafter with fixed-width rows, per prompt: the adaptive row's tok/s over the best of plain and the
-    fixed rows (all rounds pooled: tokens over decode seconds)."""
+def adaptive_against_best(runs: list[Run], rival: str = "fixed") -> dict[str, dict[str, float]]:
+    """Per drafter with `rival` rows (fixed: fixed verify widths; block: shorter draft blocks), per prompt: the
+    adaptive row's tok/s over the best of plain and those rows (all rounds pooled: tokens over decode seconds)."""
     pooled: dict[tuple[str, str], list[float]] = {}
     for r in runs:
         tokens_seconds = pooled.setdefault((r.method, r.prompt), [0.0, 0.0])
@@ -97,8 +97,8 @@ def adaptive_against_best(runs: list[Run]) -> dict[str, dict[str, float]]:
     for method, prompt in tps:
         if not (method.startswith("spec-") and method.count("-") == 1):  # the adaptive row: spec-<drafter>
             continue
-        rivals = [v for (m, p), v in tps.items() if p == prompt and (m == "plain" or m.startswith(f"{method}-fixed"))]
-        if any(m.startswith(f"{method}-fixed-") for m, _ in tps):
+        rivals = [v for (m, p), v in tps.items() if p == prompt and (m == "plain" or m.startswith(f"{method}-{rival}-"))]
+        if any(m.startswith(f"{method}-{rival}-") for m, _ in tps):
             out.setdefault(method, {})[prompt] = tps[(method, prompt)] / max(rivals)
     return out
 
@@ -258,17 +258,20 @@ class Bench:
             make = NgramDrafter if drafter == "ngram" else lambda: OracleDrafter([], vocab_size=vocab)
         else:
             raise SystemExit(f"unknown --drafter {drafter!r}; use ngram, oracle or dflash")
-        variants = [(f"spec-{drafter}", True, 0, block), (f"spec-{drafter}-fixed", False, 0, block)]
-        for width in self.args.fixed_widths:  # a fixed chain of `width` drafts: block width + 1
-            variants.append((f"spec-{drafter}-fixed-{width}", False, 0, width + 1))
+        variants: list[tuple[str, bool, int | str, int, int | None]] = [
+            (f"spec-{drafter}", True, 0, block, None), (f"spec-{drafter}-fixed", False, 0, block, None)]
+        for width in self.args.fixed_widths:  # `width` drafts of the full block verified: what the controller chooses among
+            variants.append((f"spec-{drafter}-fixed-{width}", False, 0, block, width))
+        for width in self.args.fixed_blocks:  # a shorter draft block of width + 1 rows, all verified (--block-size)
+            variants.append((f"spec-{drafter}-block-{width}", False, 0, width + 1, None))
         for budget in filter(None, self.args.tree_budget.split(",")):
             auto = budget == "auto"
-            variants.append((f"spec-{drafter}-tree-{budget}", auto, budget if auto else int(budget), block))
-        for label, adaptive, budget, size in variants:
+            variants.append((f"spec-{drafter}-tree-{budget}", auto, budget if auto else int(budget), block, None))
+        for label, adaptive, budget, size, width in variants:
             if label in self.args.skip:
                 continue
-            decoder = SpeculativeDecoder(target, make(), block_size=size, adaptive=adaptive, tree_budget=budget,
-                                         tree_spine=self.args.tree_spine)
+            decoder = SpeculativeDecoder(target, make(), block_size=size, adaptive=adaptive, width=width,
+                                         tree_budget=budget, tree_spine=self.args.tree_spine)
             if budget and not decoder.tree_budgets:
                 raise SystemExit(f"{label}: trees are {decoder.tree_status}")
             if mx.default_device() == mx.gpu and drafter != "oracle":  # as the server warms up: kernels compile
@@ -435,8 +438,12 @@ def main() -> None:
                              "or N nodes every cycle")
     parser.add_argument("--tree-spine", action="store_true", help="trees hold the top-1 chain first")
     parser.add_argument("--fixed-widths", type=lambda v: [int(w) for w in v.split(",") if w], default=[],
-                        metavar="W[,..]", help="also rows that verify a fixed chain of W drafts every cycle "
-                        "(spec-<drafter>-fixed-W); the adaptive row is then checked per prompt against the best fixed one")
+                        metavar="W[,..]", help="also rows that verify the first W drafts of the full block every cycle "
+                        "(spec-<drafter>-fixed-W, the widths the adaptive row chooses among); the adaptive row is then "
+                        "checked per prompt against the best of them and plain decoding")
+    parser.add_argument("--fixed-blocks", type=lambda v: [int(w) for w in v.split(",") if w], default=[],
+                        metavar="W[,..]", help="also rows with a shorter draft block of W + 1 rows, all verified "
+                        "(spec-<drafter>-block-W: --block-size W+1 without adaptation), compared the same way")
     parser.add_argument("--skip", type=lambda v: set(filter(None, v.split(","))), default=set(),
                         metavar="M1,M2", help="leave out these rows (mlx_lm, reference, spec-<drafter>-fixed, ...)")
     parser.add_argument("--response-format", type=Path, default=None, metavar="FILE",
@@ -475,16 +482,19 @@ def main() -> None:
     rows = summarize(runs, bench.plain_out)
     print_table(rows)
     against_best = adaptive_against_best(runs)
-    for drafter, ratios in against_best.items():
-        print(f"[bench] {drafter} adaptive / max(plain, fixed widths) per prompt: "
-              + ", ".join(f"{p} {r:.3f}" for p, r in ratios.items())
-              + f"; >= 0.97 on every prompt: {all(r >= 0.97 for r in ratios.values())}")
+    against_blocks = adaptive_against_best(runs, "block")
+    for what, table in (("fixed widths", against_best), ("shorter blocks", against_blocks)):
+        for drafter, ratios in table.items():
+            print(f"[bench] {drafter} adaptive / max(plain, {what}) per prompt: "
+                  + ", ".join(f"{p} {r:.3f}" for p, r in ratios.items())
+                  + f"; >= 0.97 on every prompt: {all(r >= 0.97 for r in ratios.values())}")
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"machine": machine, "model": bench.loaded.description, "prepared": bench.prepared, "args": {k: str(v) for k, v in vars(args).items()},
             "attention_kernel": default_attention_kernel().summary()}
     for name, decision in meta["attention_kernel"].items():
         print(f"[bench] attention kernel, {name}: {decision['reason'] or 'explicit'}")
     (args.out / "bench.json").write_text(json.dumps({**meta, "summary": rows, "adaptive_against_best": against_best,
+                                                     "adaptive_against_blocks": against_blocks,
                                                      "runs": [asdict(r) for r in runs]}, indent=1))
     chart(rows, args.out / "bench.png", f"{bench.loaded.description}, {args.max_tokens} tokens, greedy")
     print(f"[bench] wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")

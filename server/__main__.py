@@ -150,9 +150,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"dflash-server: {e}")
     where = f"rank {group.rank()} " if group is not None else ""
     logging.basicConfig(level=config.log_level.upper(), format=f"%(asctime)s %(levelname)s {where}%(name)s: %(message)s")
+    from engine.backend.ptx_cache import keep_compiled_kernels
     from engine.model import progress
 
     progress.configure(args.progress)
+    keep_compiled_kernels()  # before anything compiles: a restart reuses what this start compiles
     if group is not None and group.rank() != 0:
         run_follower(config, group, args.rank_timeout)
         return

@@ -199,6 +199,7 @@ class SpeculativeDecoder:
         prefill_chunk: int = PREFILL_CHUNK,
         timing: str | None = None,
         adaptive: bool = True,
+        width: int | None = None,
         cost_curve: CostCurve | None = None,
         learn_overheads: bool = True,
         chain_plain_steps: bool | None = None,
@@ -215,6 +216,10 @@ class SpeculativeDecoder:
         self.prefill_chunk = prefill_chunk
         self.timing = timing
         self.adaptive = adaptive
+        # without adaptation: drafts verified each cycle (the draft still runs its whole block); None: all
+        if width is not None and (adaptive or width < 1):
+            raise ValueError(f"a fixed width needs adaptive=False and at least 1 draft, got {width}")
+        self.width = block_size - 1 if width is None else min(width, block_size - 1)
         self.cost_curve = cost_curve  # target seconds by rows; measured once, on first use
         self.draft_row_s: float | None = None  # what each verified draft row adds to a draft; measured with it
         self.curve_from_cache = False  # cost_curve was read from the cost cache: checked before it is used
@@ -429,7 +434,7 @@ class SpeculativeDecoder:
     ) -> _Cycle:
         """Draft, cut the block at the first draft the grammar refuses, launch the verify (a chain)."""
         block = min(self.block_size, remaining + 1)
-        width = block - 1 if self._width is None else min(self._width.choose(), block - 1)
+        width = min(self.width if self._width is None else self._width.choose(), block - 1)
         clock = time.perf_counter()
         position = self.target.cache_length(cache) + 1  # of the token verify row 0 chooses
         if width and getattr(self.drafter, "maskable", False):  # the draft's rows, masked by the grammar too
@@ -681,7 +686,7 @@ class SpeculativeDecoder:
         """
         block = min(self.block_size, remaining + 1)
         if width is None:
-            plan = Plan(block - 1, self.max_budget) if self._width is None else self._width.plan()
+            plan = Plan(min(self.width, block - 1), self.max_budget) if self._width is None else self._width.plan()
             if plan.budget and block > 1:
                 return self._launch_tree(new_tokens, new_taps, block, plan.budget, cache, params, rng)
             width = plan.width

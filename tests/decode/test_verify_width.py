@@ -490,6 +490,12 @@ def test_fixed_width_when_adaptation_is_off(varied: tuple) -> None:
                                  adaptive=False)
     assert _decode(decoder, 40) == ref[:40]
     assert decoder.cost_curve is None and set(decoder.stats.widths[:-1]) == {BLOCK - 1}
+    oracle = OracleDrafter(ref, vocab_size=model.args.vocab_size)
+    three = SpeculativeDecoder(Target(model), oracle, block_size=BLOCK, adaptive=False, width=3)  # of a full block
+    assert _decode(three, 40) == ref[:40]
+    assert set(three.stats.widths[:-1]) == {3} and set(three.stats.accept_counts[:3]) == {0}  # a perfect oracle
+    with pytest.raises(ValueError):
+        SpeculativeDecoder(Target(model), oracle, block_size=BLOCK, width=3)  # a width the controller would not keep
 
 
 def test_the_controller_carries_over_to_the_next_request(varied: tuple) -> None:
