@@ -554,7 +554,8 @@ def test_tree_estimates_follow_the_chains_outlook_both_ways() -> None:
     plans = _drive_plans(controller, 200, 0.8, lambda i: 0.8 * 0.93**i)
     assert sum(p.budget > 0 for p in plans[100:]) > 80
     gain = dict(controller.tree_gain)
-    assert gain.get(8, 0) > 0, gain
+    learned = max(gain, key=gain.__getitem__, default=0)  # the verified budget that gained most
+    assert learned and gain[learned] > 0, gain
     controller.new_request()
     probe = controller.plan()  # a new request's first cycle probes the chain
     assert probe.budget == 0 and controller.probing
@@ -564,7 +565,7 @@ def test_tree_estimates_follow_the_chains_outlook_both_ways() -> None:
     assert controller.peek_plan().budget == 0, controller.peek_plan()
     assert controller.tree_gain == gain  # no tree cycle ran: only the chain's outlook moved
     chain = controller.expected_tokens(controller._drafting_width(controller.rates()))
-    assert controller.tree_tokens()[8] == pytest.approx(chain * (1 + gain[8]))
+    assert controller.tree_tokens()[learned] == pytest.approx(chain * (1 + gain[learned]))
     for _ in range(30):
         controller.update(15, 15)  # the content turns easy again: chain cycles accept every draft
     assert controller.peek_plan().budget > 0, controller.peek_plan()
