@@ -143,7 +143,11 @@ def warm_up(decoder: SpeculativeDecoder, costs: CostCache | None = None, key: st
     prompt = [1, 2, 3, 4, 5, 6, 7, 8]
     for _ in decoder.generate(prompt, SamplingParams(temperature=0.0), 4, TokenRng(0)):
         pass
-    rehearsed = decoder.rehearse(prompt) if rehearse else 0
+    rehearsed = 0
+    if rehearse:
+        log.info("running each speculative cycle shape once (its kernels compile now, not in a request: "
+                 "minutes on a GPU's first start, seconds once MLX has them cached)")
+        rehearsed = decoder.rehearse(prompt)
     decoder.forget_acceptance()  # what the dummy prompt's drafts taught is not the drafter's rate
     read = cached is not None and decoder.cost_curve is cached.curve  # else measured (again, if it disagreed)
     if costs is not None and not read and decoder.cost_curve is not None and decoder.draft_row_s is not None:
