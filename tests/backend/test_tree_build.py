@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from simt_shim import SHIM_CUDA
 
-from engine.backend.tree_build import MAX_SCORED
+from engine.backend.tree_build import MAX_SCORED, TreeKernel
 from engine.backend.verify_matmul import read_kernel_source
 from engine.decode.tree import build_tree, check_tree_kernel, device_tree, lattice_size
 
@@ -46,7 +46,7 @@ int main(int argc, char** argv) {
 """
 
 
-def shim_kernel(tmp: Path, mutate: tuple[str, str] | None = None):
+def shim_kernel(tmp: Path, mutate: tuple[str, str] | None = None) -> TreeKernel:
     """A TreeKernel (engine/backend/tree_build.py) that runs the kernel source on the shim, one thread."""
     header, body = read_kernel_source("tree_build.cu")
     if mutate is not None:
@@ -70,7 +70,9 @@ def shim_kernel(tmp: Path, mutate: tuple[str, str] | None = None):
         np.array(logprobs, dtype=np.float32).tofile(tmp / "lp")
         subprocess.run([str(programs[spine]), str(depth), str(k), str(budget), str(scored), str(tmp / "ids"),
                         str(tmp / "lp"), str(tmp / "out_")], check=True, timeout=60)
-        read = lambda name, dtype: np.fromfile(tmp / f"out_{name}", dtype=dtype)  # noqa: E731
+        def read(name: str, dtype: type) -> np.ndarray:
+            return np.fromfile(tmp / f"out_{name}", dtype=dtype)
+
         n = budget + 1
         return (mx.array(read("tokens", np.int32)), mx.array(read("parents", np.int32)), mx.array(read("depths", np.int32)),
                 mx.array(read("pops", np.int32)), mx.array(read("bits", np.uint32).reshape(n, 4)),
