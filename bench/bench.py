@@ -275,7 +275,7 @@ class Bench:
             if budget and not decoder.tree_budgets:
                 raise SystemExit(f"{label}: trees are {decoder.tree_status}")
             if mx.default_device() == mx.gpu and drafter != "oracle":  # as the server warms up: kernels compile
-                decoder.rehearse([1, 2, 3, 4, 5, 6, 7, 8])
+                decoder.rehearse()
             self.methods[label] = self._speculative_runner(label, decoder, drafter == "oracle")
             if self.grammar is not None and not budget:  # its own decoder: the width controller learns apart
                 twin = SpeculativeDecoder(target, make(), block_size=block, adaptive=adaptive)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -56,6 +56,7 @@ log = logging.getLogger("dflash.model")
 PREFILL_CHUNK = 512
 DRAFT_CANDIDATES = 8  # a draft row whose top token the grammar refuses proposes its best allowed one among these
 TIMING_MODES = (None, "overlap", "split")
+WARM_PROMPT = (1, 2, 3, 4, 5, 6, 7, 8)  # ids every vocabulary has: warm-ups and rehearsals decode from it
 
 
 def accept_draft(
@@ -219,7 +220,7 @@ class SpeculativeDecoder:
         # without adaptation: drafts verified each cycle (the draft still runs its whole block); None: all
         if width is not None and (adaptive or width < 1):
             raise ValueError(f"a fixed width needs adaptive=False and at least 1 draft, got {width}")
-        self.width = block_size - 1 if width is None else min(width, block_size - 1)
+        self.fixed_width = block_size - 1 if width is None else min(width, block_size - 1)
         self.cost_curve = cost_curve  # target seconds by rows; measured once, on first use
         self.draft_row_s: float | None = None  # what each verified draft row adds to a draft; measured with it
         self.curve_from_cache = False  # cost_curve was read from the cost cache: checked before it is used
@@ -434,7 +435,7 @@ class SpeculativeDecoder:
     ) -> _Cycle:
         """Draft, cut the block at the first draft the grammar refuses, launch the verify (a chain)."""
         block = min(self.block_size, remaining + 1)
-        width = min(self.width if self._width is None else self._width.choose(), block - 1)
+        width = min(self.fixed_width if self._width is None else self._width.choose(), block - 1)
         clock = time.perf_counter()
         position = self.target.cache_length(cache) + 1  # of the token verify row 0 chooses
         if width and getattr(self.drafter, "maskable", False):  # the draft's rows, masked by the grammar too
@@ -547,7 +548,7 @@ class SpeculativeDecoder:
         launched.append(chained._replace(chained=True))
         self.stats.chained += 1
 
-    def rehearse(self, prompt_ids: list[int]) -> int:
+    def rehearse(self, prompt_ids: Sequence[int] = WARM_PROMPT) -> int:
         """Run each cycle shape a request can take once: every chain width and tree budget, greedy, seeded
         and unseeded sampling (with logprobs). On CUDA a shape's first cycle compiles kernels (NVRTC): on a
         fresh H100 a width-9 cycle took 5.4 s and a first 8-node tree 14.3 s inside a benchmark's request.
@@ -563,7 +564,7 @@ class SpeculativeDecoder:
                                  TokenRng(0)),
                                 (SamplingParams(temperature=0.8), TokenRng(0, by_position=False))):
                 script.plans = [*plans, Plan(0)]  # popped when the cycle before it is finished: then stop
-                steps = self.generate(prompt_ids, params, self.block_size * (len(plans) + 2), rng)
+                steps = self.generate(list(prompt_ids), params, self.block_size * (len(plans) + 2), rng)
                 for _ in steps:
                     if not script.plans:
                         break
@@ -686,7 +687,7 @@ class SpeculativeDecoder:
         """
         block = min(self.block_size, remaining + 1)
         if width is None:
-            plan = Plan(min(self.width, block - 1), self.max_budget) if self._width is None else self._width.plan()
+            plan = Plan(min(self.fixed_width, block - 1), self.max_budget) if self._width is None else self._width.plan()
             if plan.budget and block > 1:
                 return self._launch_tree(new_tokens, new_taps, block, plan.budget, cache, params, rng)
             width = plan.width

@@ -134,20 +134,20 @@ def warm_up(decoder: SpeculativeDecoder, costs: CostCache | None = None, key: st
     decided for what the drafter feeds the shared LM head (the draft's dtype). `rehearse` (GPUs): then
     every chain width and tree budget once per sampling mode, whose first cycles compile kernels."""
     from engine.decode.sampling import SamplingParams, TokenRng
+    from engine.decode.speculative import WARM_PROMPT
 
     start = time.perf_counter()
     cached = None if costs is None or not decoder.adaptive else costs.get(key)
     if cached is not None:
         decoder.cost_curve, decoder.draft_row_s, decoder.plain_step_s = cached.curve, cached.draft_row_s, cached.plain_step_s
         decoder.curve_from_cache = True
-    prompt = [1, 2, 3, 4, 5, 6, 7, 8]
-    for _ in decoder.generate(prompt, SamplingParams(temperature=0.0), 4, TokenRng(0)):
+    for _ in decoder.generate(list(WARM_PROMPT), SamplingParams(temperature=0.0), 4, TokenRng(0)):
         pass
     rehearsed = 0
     if rehearse:
         log.info("running each speculative cycle shape once (its kernels compile now, not in a request: "
                  "minutes on a GPU's first start, seconds once MLX has them cached)")
-        rehearsed = decoder.rehearse(prompt)
+        rehearsed = decoder.rehearse()
     decoder.forget_acceptance()  # what the dummy prompt's drafts taught is not the drafter's rate
     read = cached is not None and decoder.cost_curve is cached.curve  # else measured (again, if it disagreed)
     if costs is not None and not read and decoder.cost_curve is not None and decoder.draft_row_s is not None:
