@@ -8,10 +8,10 @@ checks the kernel (exact where the activations are exactly int8 per block; each 
 bit, to the same row computed alone; the int8 rounding's error on normal activations), and times the
 121 products of a SmolLM2-135M decode step (q/k/v as one, o, gate/up as one, down, x30, and the LM
 head) through the extension and through MLX's float32 matmul, in one process, interleaved. With
---decode it also swaps the embedded model's linear layers (unprepared: no packed projections) for the
-kernel and decodes bench.py's code, chat and math prompts plainly beside the float32 model as loaded
-and as the server prepares it. x86-64 with AVX-512 VNNI only. Not used by the server: a measurement of
-what a 4-bit CPU path would buy (docs/benchmarks.md).
+--decode it also decodes bench.py's code, chat and math prompts plainly with the embedded model's
+linear layers run by the kernel (as loaded; as the server prepares them; and with the tied LM head
+too) beside the float32 model as loaded and as the server prepares it. x86-64 with AVX-512 VNNI
+only. Not used by the server: a measurement of what a 4-bit CPU path would buy (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -120,10 +120,13 @@ def decode(ext: Any, mx: Any) -> None:
     from engine.model.loader import load_model
     from engine.runtime.serving_model import prepare_model
 
+    from engine.model.transposed import TransposedLinear
+
     class Q4Linear(nn.Module):
-        def __init__(self, linear: nn.Linear) -> None:
+        def __init__(self, linear: nn.Linear | TransposedLinear) -> None:
             super().__init__()
-            self.blocks = mx.array(q4_blocks(np.array(linear.weight, dtype=np.float32)))
+            weight = linear.weight_t.T if isinstance(linear, TransposedLinear) else linear.weight  # (out, in)
+            self.blocks = mx.array(q4_blocks(np.array(weight, dtype=np.float32)))
             self.bias = linear.get("bias")
             self.freeze()
 
@@ -135,12 +138,26 @@ def decode(ext: Any, mx: Any) -> None:
     prepared = load_model("embedded", dequantize=True).model
     prepare_model(prepared, fuse=True)
     swapped = load_model("embedded", dequantize=True).model
-    for layer in swapped.model.layers:
+    swapped_prepared = load_model("embedded", dequantize=True).model
+    prepare_model(swapped_prepared, fuse=True)
+    for model in (swapped, swapped_prepared):  # every layer's products; the tied LM head stays float32
+        for layer in model.model.layers:
+            for parent in (layer.self_attn, layer.mlp):
+                for name, child in list(parent.children().items()):
+                    if isinstance(child, (nn.Linear, TransposedLinear)):
+                        setattr(parent, name, Q4Linear(child))
+    with_head = load_model("embedded", dequantize=True).model
+    prepare_model(with_head, fuse=True)
+    for layer in with_head.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name, child in list(parent.children().items()):
-                if isinstance(child, nn.Linear):
+                if isinstance(child, TransposedLinear):
                     setattr(parent, name, Q4Linear(child))
-    models = {"float32 as loaded": loaded.model, "float32 as served": prepared, "q4 extension, unprepared": swapped}
+    embedding = with_head.model.embed_tokens  # tied: the LM head multiplies by its (dims, vocab) transpose
+    head = mx.array(q4_blocks(np.array(embedding.weight_t.T, dtype=np.float32)))
+    object.__setattr__(embedding, "as_linear", lambda x: ext.q4_matmul(x.astype(mx.float32), head))
+    models = {"float32 as loaded": loaded.model, "float32 as served": prepared, "q4 extension, unprepared": swapped,
+              "q4 extension, as served": swapped_prepared, "q4 extension, as served, LM head too": with_head}
     rates: dict[str, list[float]] = {label: [] for label in models}
     outputs: dict[tuple[str, str], list[int]] = {}
     for round_ in range(3):
@@ -157,10 +174,12 @@ def decode(ext: Any, mx: Any) -> None:
                 outputs[(label, prompt)] = tokens
     for label, values in rates.items():
         print(f"[cpu_q4] plain decoding, {label}: {statistics.median(values):.2f} tok/s", flush=True)
-    for prompt in ("code", "chat", "math"):
-        a, b = outputs[("float32 as loaded", prompt)], outputs[("q4 extension, unprepared", prompt)]
-        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-        print(f"[cpu_q4] {prompt}: the q4 model's greedy tokens equal float32's for {same} of {len(a)}")
+    for label in ("q4 extension, as served", "q4 extension, as served, LM head too"):
+        for prompt in ("code", "chat", "math"):
+            a, b = outputs[("float32 as served", prompt)], outputs[(label, prompt)]
+            same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+            print(f"[cpu_q4] {label}, {prompt}: greedy tokens equal float32's for {same} of {len(a)}: "
+                  f"{loaded.tokenizer.decode(b)[:60]!r}")
 
 
 def main() -> None:
