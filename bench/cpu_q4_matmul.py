@@ -118,9 +118,8 @@ def decode(ext: Any, mx: Any) -> None:
     from engine.decode.plain_decoder import PlainDecoder
     from engine.decode.sampling import TokenRng
     from engine.model.loader import load_model
-    from engine.runtime.serving_model import prepare_model
-
     from engine.model.transposed import TransposedLinear
+    from engine.runtime.serving_model import prepare_model
 
     class Q4Linear(nn.Module):
         def __init__(self, linear: nn.Linear | TransposedLinear) -> None:
@@ -134,30 +133,30 @@ def decode(ext: Any, mx: Any) -> None:
             y = ext.q4_matmul(x.astype(mx.float32), self.blocks)
             return y if self.bias is None else y + self.bias
 
-    loaded = load_model("embedded", dequantize=True)
-    prepared = load_model("embedded", dequantize=True).model
-    prepare_model(prepared, fuse=True)
-    swapped = load_model("embedded", dequantize=True).model
-    swapped_prepared = load_model("embedded", dequantize=True).model
-    prepare_model(swapped_prepared, fuse=True)
-    for model in (swapped, swapped_prepared):  # every layer's products; the tied LM head stays float32
+    def served(swap: bool, head: bool = False) -> nn.Module:
+        """The embedded model as the server prepares it, its layers' products (and the tied LM head) by the kernel."""
+        model = load_model("embedded", dequantize=True).model
+        prepare_model(model, fuse=True)
+        if swap:
+            swap_layers(model)
+        if head:  # tied: the LM head multiplies by the embedding's (dims, vocab) transpose
+            embedding = model.model.embed_tokens
+            blocks = mx.array(q4_blocks(np.array(embedding.weight_t.T, dtype=np.float32)))
+            object.__setattr__(embedding, "as_linear", lambda x: ext.q4_matmul(x.astype(mx.float32), blocks))
+        return model
+
+    def swap_layers(model: nn.Module) -> nn.Module:
         for layer in model.model.layers:
             for parent in (layer.self_attn, layer.mlp):
                 for name, child in list(parent.children().items()):
                     if isinstance(child, (nn.Linear, TransposedLinear)):
                         setattr(parent, name, Q4Linear(child))
-    with_head = load_model("embedded", dequantize=True).model
-    prepare_model(with_head, fuse=True)
-    for layer in with_head.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.children().items()):
-                if isinstance(child, TransposedLinear):
-                    setattr(parent, name, Q4Linear(child))
-    embedding = with_head.model.embed_tokens  # tied: the LM head multiplies by its (dims, vocab) transpose
-    head = mx.array(q4_blocks(np.array(embedding.weight_t.T, dtype=np.float32)))
-    object.__setattr__(embedding, "as_linear", lambda x: ext.q4_matmul(x.astype(mx.float32), head))
-    models = {"float32 as loaded": loaded.model, "float32 as served": prepared, "q4 extension, unprepared": swapped,
-              "q4 extension, as served": swapped_prepared, "q4 extension, as served, LM head too": with_head}
+        return model
+
+    loaded = load_model("embedded", dequantize=True)
+    models = {"float32 as loaded": loaded.model, "float32 as served": served(False),
+              "q4 extension, unprepared": swap_layers(load_model("embedded", dequantize=True).model),
+              "q4 extension, as served": served(True), "q4 extension, as served, LM head too": served(True, head=True)}
     rates: dict[str, list[float]] = {label: [] for label in models}
     outputs: dict[tuple[str, str], list[int]] = {}
     for round_ in range(3):

