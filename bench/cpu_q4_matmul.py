@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.backend.blas import maybe_reexec_with_blas  # noqa: E402
+from regime import median_ms  # noqa: E402  bench/regime.py: this script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = np.dtype([("d", "<f4"), ("m", "<f4"), ("qs", "u1", (16,))])  # kernels/cpu_q4/q4_matmul.cpp's BlockQ4
@@ -85,16 +85,6 @@ def check(ext: Any, mx: Any) -> None:
           f"{np.abs(many - ref).mean() / np.abs(ref).mean():.2%} (the int8 rounding)", flush=True)
 
 
-def median_ms(fn: Callable[[], None], repeats: int = 10) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def products(ext: Any, mx: Any, rows: list[int]) -> None:
     rng = np.random.default_rng(1)
     blocks = [mx.array(q4_blocks(rng.standard_normal((n, k), dtype=np.float32))) for n, k in SHAPES]
@@ -105,8 +95,8 @@ def products(ext: Any, mx: Any, rows: list[int]) -> None:
         mx.eval(xs)
         q4, f32 = [], []
         for _ in range(3):  # interleaved: a slow moment of the machine hits both
-            q4.append(median_ms(lambda: mx.eval([ext.q4_matmul(xs[b.shape[1] // 24 * 32], b) for b in blocks])))
-            f32.append(median_ms(lambda: mx.eval([xs[d.shape[0]] @ d for d in dense])))
+            q4.append(median_ms(lambda: mx.eval([ext.q4_matmul(xs[b.shape[1] // 24 * 32], b) for b in blocks]), 10))
+            f32.append(median_ms(lambda: mx.eval([xs[d.shape[0]] @ d for d in dense]), 10))
         print(f"[cpu_q4] {m:2d} rows, the 121 products of a 135M step: q4 extension {min(q4):6.2f} ms, "
               f"MLX float32 {min(f32):6.2f} ms ({min(f32) / min(q4):.2f}x)", flush=True)
 
