@@ -162,6 +162,21 @@ def cast_model(model: Any, dtype: str) -> Any:
     return model
 
 
+def load_served(spec: str, dtype: str, fuse: bool = True) -> tuple[Any, Any, str]:
+    """(loaded, the target, what preparing did): for "native" as the server loads and prepares it (the
+    quantized CPU kernel where it runs), else dequantized and cast to `dtype`, then prepared."""
+    from engine.model.loader import load_model
+    from engine.runtime.config import EngineConfig
+    from engine.runtime.serving_model import load_target
+
+    if dtype == "native":
+        loaded, prepared = load_target(EngineConfig(model=spec, fuse_projections=fuse))
+        return loaded, loaded.model, prepared
+    loaded = load_model(spec, dequantize=True)
+    model = cast_model(loaded.model, dtype)
+    return loaded, model, prepare_model(model, fuse=fuse)
+
+
 def one_cpu_stream() -> Any:
     """The stream mlx_lm's loop and the reference decode on: on the CPU, the default one.
 
@@ -180,13 +195,9 @@ class Bench:
     """The methods under test, sharing one loaded target."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from engine.model.loader import load_model
-
         self.args = args
         self.stream = one_cpu_stream()
-        self.loaded = load_model(args.model, dequantize=True if args.target_dtype != "native" else None)
-        self.model = cast_model(self.loaded.model, args.target_dtype)
-        self.prepared = prepare_model(self.model, fuse=not args.no_fuse)  # as ServingModel.load does
+        self.loaded, self.model, self.prepared = load_served(args.model, args.target_dtype, fuse=not args.no_fuse)
         self.wrapper = self._no_eos_wrapper()
         self.plain_out: dict[str, list[int]] = {}
         self.measuring = False  # False in the warm-up round

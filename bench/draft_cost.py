@@ -29,7 +29,7 @@ from mlx.utils import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import cast_model  # noqa: E402
+from bench import load_served  # noqa: E402
 from engine.backend.blas import maybe_reexec_with_blas  # noqa: E402
 from engine.decode.drafters import DFlashDrafter  # noqa: E402
 from engine.decode.sampling import SamplingParams, TokenRng  # noqa: E402
@@ -43,7 +43,7 @@ from engine.model.draft import (  # noqa: E402
 )
 from engine.model.target import Target  # noqa: E402
 from engine.runtime.pairs import default_draft_for  # noqa: E402
-from engine.runtime.serving_model import prepare_draft, prepare_model  # noqa: E402
+from engine.runtime.serving_model import prepare_draft  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -89,11 +89,9 @@ def main() -> None:
     args = parser.parse_args()
     maybe_reexec_with_blas()
 
-    from engine.model.loader import load_model, resolve_local_path
+    from engine.model.loader import resolve_local_path
 
-    loaded = load_model(args.model, dequantize=True if args.target_dtype != "native" else None)
-    model = cast_model(loaded.model, args.target_dtype)
-    prepared = prepare_model(model, fuse=True)  # as the server prepares it
+    loaded, model, prepared = load_served(args.model, args.target_dtype)  # as the server loads and prepares it
     print(f"[draft_cost] {loaded.description}, {args.target_dtype}, {prepared}, {mx.default_device()}")
     listed = default_draft_for(args.model, loaded.model_id)
     shipped = resolve_local_path(listed) if listed else None

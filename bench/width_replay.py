@@ -32,7 +32,7 @@ import mlx.core as mx
 from bench import (  # bench/bench.py: this script's folder is on sys.path
     GREEDY,
     PROMPTS,
-    cast_model,
+    load_served,
 )
 from engine.backend.blas import maybe_reexec_with_blas
 from engine.decode.sampling import TokenRng
@@ -107,12 +107,9 @@ def add_draft_args(parser: argparse.ArgumentParser, rounds_help: str, prompts: s
 def load_target_and_draft(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
     """(loaded, the target prepared as the server prepares it, the draft, what preparing did)."""
     from engine.model.draft import load_draft
-    from engine.model.loader import load_model
-    from engine.runtime.serving_model import prepare_draft, prepare_model
+    from engine.runtime.serving_model import prepare_draft
 
-    loaded = load_model(args.model, dequantize=True if args.target_dtype != "native" else None)
-    model = cast_model(loaded.model, args.target_dtype)
-    prepared = prepare_model(model, fuse=True)
+    loaded, model, prepared = load_served(args.model, args.target_dtype)
     margs = model.args
     draft = load_draft(args.draft, target_hidden_size=margs.hidden_size, target_vocab_size=margs.vocab_size,
                        target_num_layers=margs.num_hidden_layers)

@@ -51,7 +51,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                             "whichever the measured costs favour, per cycle; 0: chains (default)")
     model.add_argument("--no-fuse-projections", dest="fuse_projections", action="store_false", default=None,
                        help="keep Q/K/V and gate/up as separate matmuls (packed at load by default)")
-    model.add_argument("--dequantize", choices=["auto", "yes", "no"], help="fp32 weights (auto: on the CPU backend)")
+    model.add_argument("--dequantize", choices=["auto", "yes", "no"],
+                       help="on the CPU backend: auto runs 4- and 8-bit layers on the quantized CPU kernel where it "
+                            "runs, else float32 for models under 2B parameters; yes: float32; no: MLX's quantized layers")
     model.add_argument("--served-model-name", help="the model id clients see in /v1/models")
     model.add_argument("--chat-template", metavar="FILE_OR_STRING",
                        help="a Jinja chat template (a file, or the template itself) instead of the model's")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,9 +22,12 @@ import numpy as np
 FILE = "proposal_vocab.npy"
 
 
-def head_matrix(lm_head: Callable[[mx.array], mx.array]) -> mx.array | None:
-    """The (H, V) float matrix behind a target's LM head, or None (quantized or unknown heads)."""
+def head_matrix(lm_head: Callable[[mx.array], mx.array]) -> mx.array | Any | None:
+    """The (H, V) float matrix behind a target's LM head, a 4-bit embedding the CPU kernel runs, or None
+    (other quantized or unknown heads)."""
     owner = getattr(lm_head, "__self__", lm_head)  # a bound `as_linear` or the head module itself
+    if callable(getattr(owner, "subset", None)):  # engine/model/q4_linear.QuantEmbedding
+        return owner
     if isinstance(owner, nn.QuantizedLinear | nn.QuantizedEmbedding):
         return None
     if isinstance(owner, nn.Module) and "bias" in owner:  # a biased head's argmax is not the product's
@@ -38,22 +42,28 @@ def head_matrix(lm_head: Callable[[mx.array], mx.array]) -> mx.array | None:
 class ProposalHead:
     """argmax over a subset of the vocabulary: (k, H) hidden -> (k,) token ids."""
 
-    def __init__(self, ids: np.ndarray, matrix: mx.array) -> None:
-        if ids.ndim != 1 or len(ids) == 0 or ids.min() < 0 or ids.max() >= matrix.shape[1]:
-            raise ValueError(f"{FILE}: token ids must be a non-empty list within the vocabulary "
-                             f"(0..{matrix.shape[1] - 1})")
+    def __init__(self, ids: np.ndarray, matrix: mx.array | Any) -> None:
+        """`matrix`: the head's (H, V) float matrix, or a 4-bit embedding (engine/model/q4_linear.QuantEmbedding)
+        whose `subset` runs the kernel over the chosen rows."""
+        vocab = matrix.shape[1] if isinstance(matrix, mx.array) else matrix.num_embeddings
+        if ids.ndim != 1 or len(ids) == 0 or ids.min() < 0 or ids.max() >= vocab:
+            raise ValueError(f"{FILE}: token ids must be a non-empty list within the vocabulary (0..{vocab - 1})")
         if len(np.unique(ids)) != len(ids):
             raise ValueError(f"{FILE}: token ids repeat")
         self.ids = mx.array(ids.astype(np.int32))
-        self.matrix = mx.contiguous(matrix[:, self.ids])  # (H, K): a copy, read at K/V of the full head's cost
-        mx.eval(self.ids, self.matrix)
+        if isinstance(matrix, mx.array):
+            subset = mx.contiguous(matrix[:, self.ids])  # (H, K): a copy, read at K/V of the full head's cost
+            mx.eval(self.ids, subset)
+            self._product: Callable[[mx.array], mx.array] = lambda hidden: hidden @ subset
+        else:
+            self._product = matrix.subset(self.ids)
 
     def __call__(self, hidden: mx.array) -> mx.array:
         return self.ids[mx.argmax(self.product(hidden), axis=-1)]
 
     def product(self, hidden: mx.array) -> mx.array:
         """(…, H) -> (…, K): the head's products at the subset's columns, in the subset's order (self.ids)."""
-        return hidden @ self.matrix
+        return self._product(hidden)
 
 
 def proposal_vocab(counts: np.ndarray, coverage: float) -> np.ndarray | None:

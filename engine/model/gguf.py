@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.utils import dequantize_model, get_total_parameters, infer_quant_config
 
 from engine.model.progress import progress_bar
@@ -74,34 +76,57 @@ def build_gguf(path: Path) -> tuple[nn.Module, Tokenizer, dict]:
     return model, tokenizer, info
 
 
-def materialize(model: nn.Module, *, dequantize: bool, desc: str) -> nn.Module:
+def materialize(model: nn.Module, *, dequantize: bool, desc: str, keep: Callable[[nn.Module], bool] | None = None
+                ) -> nn.Module:
     """Evaluate the weights (and dequantize them to float32) one transformer layer at a time, in place.
 
     Layer by layer so the progress bar counts real work, and so dequantizing never holds the whole
     quantized and the whole float32 model at once (each layer's quantized weights go as it is done).
+    Quantized layers for which `keep` is true stay quantized (engine/model/quant_linear.py runs them).
     """
     layers = list(getattr(model, "layers", None) or [])
     with progress_bar(total=len(layers) or 1, desc=desc, unit="layer") as bar:
         for layer in layers:
             if dequantize:
-                to_float32(layer)
+                to_float32(layer, keep)
             mx.eval(layer.parameters())
             bar.update(1)
         if dequantize:  # embeddings, final norm, head: the layers are float32 already
-            to_float32(model)
+            to_float32(model, keep)
         mx.eval(model.parameters())
         if not layers:
             bar.update(1)
     return model
 
 
-def to_float32(model: nn.Module) -> nn.Module:
-    """Dequantize every quantized layer and cast all float parameters to float32, in place.
-
-    Casting first makes the dequantized weights float32 too (not float16 from the scales).
-    """
+def to_float32(model: nn.Module, keep: Callable[[nn.Module], bool] | None = None) -> nn.Module:
+    """Dequantize every quantized layer (but those `keep` picks) and cast all float parameters to float32,
+    in place. Casting first makes the dequantized weights float32 too (not float16 from the scales); a
+    kept layer's scales become float32, exactly."""
     model.set_dtype(mx.float32)
-    return dequantize_model(model)
+    if keep is None:
+        return dequantize_model(model)
+    layers = [(name, _dequantized(m)) for name, m in model.named_modules()
+              if isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding | QuantizedSwitchLinear) and not keep(m)]
+    if layers:
+        model.update_modules(tree_unflatten(layers))
+    return model
+
+
+def _dequantized(module: nn.Module) -> nn.Module:
+    """mlx_lm.utils.dequantize_model's swap for one quantized layer."""
+    weight = mx.dequantize(module.weight, module.scales, module.get("biases"), module.group_size, module.bits,
+                           getattr(module, "mode", "affine"))
+    if isinstance(module, nn.QuantizedEmbedding):
+        plain: nn.Module = nn.Embedding(*weight.shape)
+    elif isinstance(module, QuantizedSwitchLinear):  # (experts, out, in)
+        plain = SwitchLinear(*weight.shape[::-1], bias="bias" in module)
+    else:
+        plain = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
+    if "bias" in module:
+        plain.bias = module.bias
+    plain.weight = weight
+    return plain
 
 
 def _to_python(value: Any) -> Any:

@@ -7,7 +7,7 @@ import importlib.metadata
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from engine.model import progress
 from engine.model.gguf import build_gguf, describe_weights, materialize
+from engine.model.quant_linear import supported as quant_supported
 from engine.model.sharding import shard_target
 from engine.model.tokenizer import Tokenizer
 
@@ -31,6 +32,7 @@ _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # a draft. Below that, fp32 + BLAS beats MLX's CPU quantized matmul (66 vs 146 ms/token at 135M).
 AUTO_DEQUANTIZE_MAX_PARAMS = 2_000_000_000
 DEFAULT_CONTEXT_LENGTH = 4096
+QuantKernel = Callable[[], bool] | None  # whether the quantized CPU kernel runs the model's layers it can
 _REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _HF_PATTERNS = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
 
@@ -49,20 +51,23 @@ class LoadedModel:
     description: str
 
 
-def load_model(spec: str, *, dequantize: bool | None = None, group: mx.distributed.Group | None = None) -> LoadedModel:
+def load_model(spec: str, *, dequantize: bool | None = None, group: mx.distributed.Group | None = None,
+               quant_kernel: QuantKernel = None) -> LoadedModel:
     """Load `spec`: "smollm2"/"embedded", a .gguf file, a model directory, or an HF repo id "org/name".
 
     `dequantize=None` picks float32 weights when MLX runs on the CPU and the model has fewer than
     AUTO_DEQUANTIZE_MAX_PARAMS parameters (fast with OpenBLAS); True/False force it.
     With a `group` of several ranks the model is sharded over it (engine/model/sharding.py).
+    `quant_kernel`: asked once the model is built, if it has layers the quantized CPU kernel can run, whether
+    it runs them (engine/model/quant_linear.py); dequantizing then leaves those layers quantized.
     """
     if spec in EMBEDDED_SPECS:
-        return _load_gguf_file(embedded_model_path(), EMBEDDED_MODEL_ID, dequantize, group)
+        return _load_gguf_file(embedded_model_path(), EMBEDDED_MODEL_ID, dequantize, group, quant_kernel)
     local = Path(spec).expanduser()
     path = resolve_local_path(spec)
     if path.is_file():
-        return _load_gguf_file(path, path.stem, dequantize, group)
-    return _load_directory(path, path.resolve().name if local.exists() else spec, dequantize, group)
+        return _load_gguf_file(path, path.stem, dequantize, group, quant_kernel)
+    return _load_directory(path, path.resolve().name if local.exists() else spec, dequantize, group, quant_kernel)
 
 
 def resolve_local_path(spec: str) -> Path:
@@ -99,19 +104,21 @@ def should_dequantize(num_parameters: int) -> bool:
     return mx.default_device() == mx.cpu and num_parameters < AUTO_DEQUANTIZE_MAX_PARAMS
 
 
-def _load_gguf_file(path: Path, model_id: str, dequantize: bool | None, group: mx.distributed.Group | None) -> LoadedModel:
+def _load_gguf_file(path: Path, model_id: str, dequantize: bool | None, group: mx.distributed.Group | None,
+                    quant_kernel: QuantKernel = None) -> LoadedModel:
     if path.suffix.lower() != ".gguf":
         raise ModelLoadError(f"{path}: not a .gguf file; pass a .gguf file or a model directory.")
     try:
         model, tokenizer, info = build_gguf(path)
-        _materialize(model, model_id, info["num_parameters"], dequantize, group)
+        _materialize(model, model_id, info["num_parameters"], dequantize, group, quant_kernel)
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise ModelLoadError(f"{path}: cannot load GGUF: {e}") from e
     source = f"GGUF {info['file_type']}"
     return _loaded(model, tokenizer, model_id, path, info["architecture"], source, info["context_length"])
 
 
-def _load_directory(path: Path, model_id: str, dequantize: bool | None, group: mx.distributed.Group | None) -> LoadedModel:
+def _load_directory(path: Path, model_id: str, dequantize: bool | None, group: mx.distributed.Group | None,
+                    quant_kernel: QuantKernel = None) -> LoadedModel:
     config = _read_config(path)
     if not list(path.glob("model*.safetensors")):
         raise ModelLoadError(f"{path}: config.json but no model*.safetensors weights.")
@@ -121,7 +128,7 @@ def _load_directory(path: Path, model_id: str, dequantize: bool | None, group: m
         raise ModelLoadError(f"{path}: missing or unreadable tokenizer files (tokenizer.json ...): {e}") from e
     try:  # lazy: the weights are read layer by layer in _materialize, under the progress bar
         model, config = mlx_lm_load_model(path, lazy=True)
-        _materialize(model, model_id, get_total_parameters(model), dequantize, group)
+        _materialize(model, model_id, get_total_parameters(model), dequantize, group, quant_kernel)
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise ModelLoadError(f"{path}: cannot load weights: {e}") from e
     context_length = int(_config_value(config, "max_position_embeddings") or DEFAULT_CONTEXT_LENGTH)
@@ -129,13 +136,17 @@ def _load_directory(path: Path, model_id: str, dequantize: bool | None, group: m
 
 
 def _materialize(
-    model: nn.Module, model_id: str, num_parameters: int, dequantize: bool | None, group: mx.distributed.Group | None
+    model: nn.Module, model_id: str, num_parameters: int, dequantize: bool | None, group: mx.distributed.Group | None,
+    quant_kernel: QuantKernel = None,
 ) -> None:
     to_fp32 = should_dequantize(num_parameters) if dequantize is None else dequantize
     sharded = group is not None and group.size() > 1
     if sharded and not to_fp32:  # still lazy: each rank reads only its slices
         shard_target(model, group)
-    materialize(model, dequantize=to_fp32, desc=f"loading {model_id}" + (" (to float32)" if to_fp32 else ""))
+    kernel_runs = (quant_kernel is not None and not sharded
+                   and any(quant_supported(m) for _, m in model.named_modules()) and quant_kernel())
+    materialize(model, dequantize=to_fp32, desc=f"loading {model_id}" + (" (to float32)" if to_fp32 else ""),
+                keep=quant_supported if kernel_runs else None)
     if sharded and to_fp32:  # after: dequantizing swaps plain quantized layers only, not sharded ones
         shard_target(model, group)
 

@@ -33,7 +33,7 @@ class EngineConfig:
     draft: str = "default"  # default (the draft shipped for the model) | none | path | HF repo id
     drafter: str = "dflash"  # dflash | ngram
     block_size: int | None = None  # None: the draft's own block size (16 for n-gram)
-    dequantize: str = "auto"  # auto | yes | no: fp32 weights are faster on the CPU backend
+    dequantize: str = "auto"  # auto | yes | no: on the CPU, the quantized kernel or fp32 | fp32 | MLX's quantized layers
     prefill_chunk: int = 512
     max_waiting: int = 64  # queued requests beyond this get 503 + Retry-After
     max_batch: int = 8  # requests decoded at once (continuous batching); 1: one at a time, FIFO

@@ -20,6 +20,8 @@ from engine.runtime.cost_cache import CostCache, Costs
 from engine.runtime.pairs import default_draft_for, load_pairs
 
 if TYPE_CHECKING:
+    from engine.backend.cpu_quant import CpuQuant
+    from engine.model.loader import LoadedModel
     from engine.decode.speculative import SpeculativeDecoder
 
 log = logging.getLogger("dflash.model")
@@ -44,16 +46,13 @@ class ServingModel:
     @classmethod
     def load(cls, config: EngineConfig, group: mx.distributed.Group | None = None) -> ServingModel:
         """Load on this thread; with a `group` of several ranks, this rank's shard of a tensor-parallel target."""
-        from engine.model.loader import load_model
-
-        dequantize = {"auto": None, "yes": True, "no": False}[config.dequantize]
         pair = load_pairs().get(config.model)
         if pair is not None:  # a known pair's name stands for its target (and its draft by default)
             config = replace(config, model=pair.target)
-        loaded = load_model(config.model, dequantize=dequantize, group=group)
         lockstep = group is not None and group.size() > 1
         # before the decoders are built: plain and speculative share the prepared model
-        log.info("target: %s", prepare_model(loaded.model, fuse=config.fuse_projections))
+        loaded, prepared = load_target(config, group)
+        log.info("target: %s", prepared)
         plain = PlainDecoder(loaded.model, prefill_chunk=config.prefill_chunk)
         if lockstep and config.tree_budget != 0:
             log.warning("tree verification is not run under tensor parallel yet: verifying chains")
@@ -78,7 +77,8 @@ class ServingModel:
             plain=plain,
             speculative=speculative,
             drafter=drafter,
-            backend=describe_backend() + (f", tensor parallel over {group.size()} ranks" if lockstep else ""),
+            backend=describe_backend() + (", quantized CPU kernel" if uses_quant_kernel(loaded.model) else "")
+            + (f", tensor parallel over {group.size()} ranks" if lockstep else ""),
             description=loaded.description,
             prefix_cache=None if lockstep else build_prefix_cache(loaded.model, config),
             batch=batch,
@@ -219,9 +219,44 @@ def _stamp(path: Path) -> str:
     return ",".join(f"{p.stat().st_size}@{int(p.stat().st_mtime)}" for p in files[:64])
 
 
-def prepare_model(model: object, *, fuse: bool) -> str:
+def load_target(config: EngineConfig, group: mx.distributed.Group | None = None) -> tuple[LoadedModel, str]:
+    """The target loaded and prepared as served (the quantized CPU kernel's layers kept where it runs), and
+    what preparing did."""
+    from engine.model.loader import load_model
+
+    dequantize = {"auto": None, "yes": True, "no": False}[config.dequantize]
+    kernel: list[CpuQuant] = []  # decided once the model is found and has layers the kernel can run
+
+    def kernel_runs() -> bool:
+        kernel.extend(filter(None, [cpu_quant_kernel(config, lockstep=group is not None and group.size() > 1)]))
+        return bool(kernel)
+
+    loaded = load_model(config.model, dequantize=dequantize, group=group, quant_kernel=kernel_runs)
+    return loaded, prepare_model(loaded.model, fuse=config.fuse_projections, cpu_quant=kernel[0] if kernel else None)
+
+
+def uses_quant_kernel(model: object) -> bool:
+    from engine.model.quant_linear import QuantEmbedding, QuantLinear
+
+    return any(isinstance(m, QuantLinear | QuantEmbedding) for _, m in model.named_modules())
+
+
+def cpu_quant_kernel(config: EngineConfig, lockstep: bool = False) -> CpuQuant | None:
+    """The quantized CPU kernel for the model's 4- and 8-bit layers where it runs (MLX on the CPU,
+    --dequantize auto, not tensor parallel; built, checked and faster here); None: float32 weights
+    (--dequantize yes, or auto without the kernel) or MLX's quantized layers as loaded (no). Logs which."""
+    if mx.default_device() != mx.cpu or config.dequantize != "auto" or lockstep:
+        return None
+    from engine.backend.cpu_quant import default_cpu_quant
+
+    kernel = default_cpu_quant()
+    log.info("quantized CPU kernel: %s%s", "on, " if kernel.ext is not None else "off: ", kernel.reason)
+    return kernel if kernel.ext is not None else None
+
+
+def prepare_model(model: object, *, fuse: bool, cpu_quant: CpuQuant | None = None) -> str:
     """Packed Q/K/V and gate/up projections, then verify-width kernels on a GPU or transposed float
-    weights, table RoPE and compiled norms on the CPU; says what was done."""
+    weights (or the 4-bit kernel's layers), table RoPE and compiled norms on the CPU; says what was done."""
     from engine.backend.verify_kernels import apply as use_verify_kernels
     from engine.backend.verify_matmul import default_verify_matmul
     from engine.model.compiled_norm import compile_norms
@@ -233,6 +268,10 @@ def prepare_model(model: object, *, fuse: bool) -> str:
     notes = [f"packed projections in {fuse_projections(model)} layers" if fuse else "unfused projections"]
     if on_cuda() and (widened := widen_scales(model)):  # before the verify kernels decide on the layers
         notes.append(f"float32 scales in {widened} quantized layers")
+    if cpu_quant is not None:  # after fusing: the packed layers are the ones repacked
+        from engine.model.quant_linear import use_quant_kernel
+
+        notes.append(f"{use_quant_kernel(model, cpu_quant)} quantized layers on the CPU kernel")
     if mx.default_device() == mx.cpu:  # after fusing: the packed layers are the ones transposed
         notes.append(f"{transpose_linears(model)} float32 matrices stored transposed")
         notes.append(f"{use_table_rope(model)} RoPE modules read a cos/sin table")
@@ -245,11 +284,15 @@ def prepare_model(model: object, *, fuse: bool) -> str:
 
 def prepare_draft(draft: object, model: object) -> str:
     """What the draft needs beside a prepared target: float32 weights for float32 activations on CUDA
-    (engine/model/scale_dtype.py); says what was done."""
+    (engine/model/scale_dtype.py), or its linear layers in 8 bits on the quantized CPU kernel where the
+    target runs on it; says what was done."""
+    from engine.model.quant_linear import quantize_onto_kernel
     from engine.model.scale_dtype import widen_draft
 
     if on_cuda() and (widened := widen_draft(draft, model)):
         return f"draft weights widened to float32 ({widened} arrays)"
+    if (quantized := quantize_onto_kernel(draft, model)):
+        return f"{quantized} draft layers in 8 bits on the quantized CPU kernel"
     return ""
 
 

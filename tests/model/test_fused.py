@@ -120,7 +120,7 @@ def test_serving_model_fuses_unless_turned_off(monkeypatch: pytest.MonkeyPatch, 
 
     model = build_target(target_config("qwen3"))
     loaded = engine.model.loader.LoadedModel(model, None, "tiny", Path("."), 2048, "tiny qwen3")
-    monkeypatch.setattr(engine.model.loader, "load_model", lambda spec, dequantize=None, group=None: loaded)
+    monkeypatch.setattr(engine.model.loader, "load_model", lambda spec, dequantize=None, group=None, quant_kernel=None: loaded)
     serving = ServingModel.load(EngineConfig(model="tiny", draft="none", fuse_projections=fuse))
     assert serving.plain.model is model
     assert is_fused(model.model.layers[0].self_attn) == fuse

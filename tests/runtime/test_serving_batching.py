@@ -1,9 +1,10 @@
 """The served embedded model with its shipped draft: concurrent requests return their solo output.
 
 Alone, a greedy request decodes speculatively (the shipped DFlash draft, adaptive width); together,
-requests decode in batched plain steps (4- and 8-row float32 matmuls on this CPU). Each request's
-output must equal its solo output token for token: batched rows round differently from a lone row in
-the last bits (MKL), which could only flip a near-tie, and none of these prompts has one.
+requests decode in batched plain steps (4- and 8-row products). Each request's output must equal its
+solo output token for token, or part from it only at a near-tie: a batched row's attention rounds
+differently from a lone row's in the last bits (and in float32, MKL's products too), which the
+quantized CPU kernel's activation codes can carry to ~1e-4 of a logit.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ PROMPTS = [
 GREEDY = SamplingParams(temperature=0.0)
 PENALISED = SamplingParams(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.2)
 CANCELLED = 3  # this request's client leaves after 4 tokens
+NEAR_TIE = 0.02  # logits this close may swap order under rounding; a wrong row or cache is far from it
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +93,17 @@ def solo(served: ServingModel) -> list[tuple[list[int], Any]]:
     return outs
 
 
+def parts_at_a_near_tie(served: ServingModel, prompt: list[int], want: list[int], got: list[int]) -> bool:
+    """Whether two greedy outputs first differ where the target's logits for both tokens are a near-tie."""
+    at = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), None)
+    if at is None:
+        return len(want) == len(got)
+    logits = served.plain.model(mx.array([prompt + want[:at]]))[0, -1]
+    gap = abs(logits[want[at]] - logits[got[at]]).item()
+    print(f"parted at token {at} of {len(want)}: logit gap {gap:.2e}")
+    return gap < NEAR_TIE
+
+
 @pytest.mark.parametrize("n", [4, 8])
 def test_concurrent_greedy_requests_equal_their_solo_output(served: ServingModel, solo: list, n: int) -> None:
     reqs = requests(served, n, {1: PENALISED}, f"b{n}-")
@@ -100,8 +113,11 @@ def test_concurrent_greedy_requests_equal_their_solo_output(served: ServingModel
         if i == CANCELLED:
             assert got == want[: len(got)] and len(got) >= 4
             assert reqs[i].finish_reason is FinishReason.ABORT
-        else:
+        elif i == 1:  # penalised: its logits are not the model's alone
             assert got == want, f"request {i}: batched output differs from its solo output"
+        else:
+            assert got == want or parts_at_a_near_tie(served, reqs[i].prompt_ids, want, got), \
+                f"request {i}: batched output differs from its solo output away from a near-tie"
     assert sum(last.usage.batched_tokens for _, last in outs) > 0
     assert outs[1][1].usage.batched_tokens > 0  # the penalised request decoded in the batch
     assert engine.scheduler.stats.batch_size.snapshot().count > 0

@@ -1,0 +1,143 @@
+"""engine/backend/cpu_quant.py: where the quantized CPU kernel runs, its build, numerics and choice.
+
+The kernel tests build it (seconds, cached under a temporary XDG_CACHE_HOME per session) and skip, saying
+why, on machines that cannot: another CPU, no compiler or Python headers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from engine.backend import cpu_quant
+from engine.backend.cpu_quant import CpuQuant, KernelUnavailable
+from engine.backend.disk_cache import DiskCache
+from engine.model.quant_linear import pack
+
+FLAGS = "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl avx512_vnni amx_int8\n"
+
+
+@pytest.fixture(scope="session")
+def ext(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
+    try:
+        cpu_quant.unsupported_here()
+        return cpu_quant.load_extension(tmp_path_factory.mktemp("cpu_quant"))
+    except KernelUnavailable as e:
+        pytest.skip(f"the quantized CPU kernel cannot run here: {e}")
+
+
+def test_choice_reads_the_environment() -> None:
+    assert cpu_quant.choice({}) == "auto"
+    assert cpu_quant.choice({"DFLASH_CPU_QUANT": "0"}) == "off"
+    assert cpu_quant.choice({"DFLASH_CPU_QUANT": "On"}) == "on"
+    with pytest.raises(KernelUnavailable, match="expected one of auto, on, off"):
+        cpu_quant.choice({"DFLASH_CPU_QUANT": "fast"})
+
+
+def test_cpus_without_vnni_are_refused_by_name() -> None:
+    if mx.default_device() != mx.cpu:
+        pytest.skip("MLX runs on a GPU")
+    try:
+        cpu_quant.unsupported_here(FLAGS)
+    except KernelUnavailable as e:  # another platform: refused before the flags are read
+        assert "x86-64 Linux only" in str(e)
+        return
+    with pytest.raises(KernelUnavailable, match="lacks avx512_vnni"):
+        cpu_quant.unsupported_here(FLAGS.replace(" avx512_vnni", ""))
+
+
+def test_a_missing_compiler_is_one_clear_reason(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(cpu_quant.shutil, "which", lambda name: None)
+    with pytest.raises(KernelUnavailable, match="no C\\+\\+ compiler"):
+        cpu_quant.compile_extension(tmp_path / "lib.so")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_lays_out_every_weight_once(bits: int) -> None:
+    """Unpacking the kernel's layout by its documented formula gives back MLX's values, rows padded to 16."""
+    rng = np.random.default_rng(bits)
+    n, k = 37, 96
+    w, scales, biases = mx.quantize(mx.array(rng.standard_normal((n, k)).astype(np.float32)), group_size=32, bits=bits)
+    values, packed_scales, mins = pack(w, scales, biases, 32, bits)
+    groups = (n + 15) // 16
+    assert values.shape == (groups, k // 32, 8 * bits * 8) and packed_scales.shape == mins.shape == (groups, k // 32, 16)
+    v = np.asarray(values)
+    q = np.zeros((groups * 16, k), np.uint8)
+    for g in range(groups):
+        for b in range(k // 32):
+            for i in range(8 if bits == 8 else 4):
+                for j in range(16):
+                    for t in range(4):
+                        byte = v[g, b, i * 64 + j * 4 + t]
+                        if bits == 8:
+                            q[16 * g + j, 32 * b + 4 * i + t] = byte
+                        else:
+                            q[16 * g + j, 32 * b + 4 * i + t] = byte & 15
+                            q[16 * g + j, 32 * b + 16 + 4 * i + t] = byte >> 4
+    dense = q[:n] * np.asarray(packed_scales, np.float32).transpose(0, 2, 1).reshape(-1, k // 32)[:n].repeat(32, 1) \
+        + np.asarray(mins, np.float32).transpose(0, 2, 1).reshape(-1, k // 32)[:n].repeat(32, 1)
+    assert np.array_equal(dense.astype(np.float32), np.asarray(mx.dequantize(w, scales, biases, 32, bits)))
+    assert not q[n:].any()  # padding rows are zero
+    assert packed_scales.dtype == mx.float32  # mx.quantize's float32 scales are not all float16-exact
+
+
+def test_float16_exact_scales_are_stored_in_float16() -> None:
+    w, scales, biases = mx.quantize(mx.random.normal((16, 64), key=mx.random.key(0)), group_size=32, bits=4)
+    _, packed, mins = pack(w, scales.astype(mx.float16).astype(mx.float32), biases.astype(mx.float16), 32)
+    assert packed.dtype == mins.dtype == mx.float16
+
+
+def test_kernel_is_exact_on_int8_activations_and_batch_invariant(ext: ModuleType) -> None:
+    assert cpu_quant.max_rel_error(ext) <= cpu_quant.MAX_REL_ERROR
+
+
+@pytest.mark.parametrize(("bits", "group", "rows"), [(4, 32, 1), (4, 64, 5), (8, 32, 9), (8, 128, 16)])
+def test_kernel_tracks_float_on_normal_activations(ext: ModuleType, bits: int, group: int, rows: int) -> None:
+    """Normal activations as two int8 codes per block of 32: within ~1e-4 of the float product (one code
+    was ~1e-2 off, enough to change the embedded model's greedy answers)."""
+    rng = np.random.default_rng(rows)
+    n, k = 50, 256
+    w, scales, biases = mx.quantize(mx.array(rng.standard_normal((n, k)).astype(np.float32)), group_size=group, bits=bits)
+    x = mx.array(rng.standard_normal((rows, k)).astype(np.float32))
+    got = np.asarray(ext.quant_matmul(x, *pack(w, scales, biases, group, bits), n, group))
+    want = np.asarray(x) @ np.asarray(mx.dequantize(w, scales, biases, group, bits)).T
+    assert got.shape == (rows, n)
+    assert np.abs(got - want).mean() / np.abs(want).mean() < 2e-4
+
+
+def test_kernel_refuses_shapes_it_cannot_run(ext: ModuleType) -> None:
+    w, scales, biases = mx.quantize(mx.random.normal((16, 64), key=mx.random.key(1)), group_size=32, bits=4)
+    packed = pack(w, scales, biases, 32)
+    with pytest.raises(ValueError, match="quant_matmul: x"):
+        ext.quant_matmul(mx.zeros((1, 48)), *packed, 16, 32)  # K differs from the weights'
+    with pytest.raises(ValueError, match="quant_matmul: x"):
+        ext.quant_matmul(mx.zeros((1, 64), dtype=mx.float16), *packed, 16, 32)
+
+
+def test_timed_choice_keeps_float32_where_the_kernel_is_slower(ext: ModuleType, tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path / "cpu_quant.json", 4)
+    cache.put(cpu_quant.machine_key(), {"kernel_ms": 10.0, "float32_ms": 10.1}, "test")
+    slow = cpu_quant.timed_choice(ext, cache)
+    assert slow.ext is None and "not faster than float32" in slow.reason
+    cache.put(cpu_quant.machine_key(), {"kernel_ms": 4.0, "float32_ms": 10.0}, "test")
+    fast = cpu_quant.timed_choice(ext, cache)
+    assert fast.ext is ext and "2.50x float32's speed" in fast.reason
+
+
+def test_timing_measures_both(ext: ModuleType) -> None:
+    entry = cpu_quant.time_products(ext, rounds=1)
+    assert entry["kernel_ms"] > 0 and entry["float32_ms"] > 0
+
+
+def test_off_is_float32_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DFLASH_CPU_QUANT", "off")
+    cpu_quant.default_cpu_quant.cache_clear()
+    try:
+        assert cpu_quant.default_cpu_quant() == CpuQuant(None, "off (DFLASH_CPU_QUANT=off)")
+    finally:
+        cpu_quant.default_cpu_quant.cache_clear()
