@@ -52,7 +52,7 @@ CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 COMPILE_FLAGS = ["-O3", "-DNDEBUG", "-fPIC", "-fvisibility=hidden", "-std=gnu++20", "-fno-strict-aliasing"]
 KERNEL_FLAGS = ["-fopenmp", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512vnni"]
 BUILD_TIMEOUT_S = 600
-MAX_REL_ERROR = 1e-4  # float32 rounding; a wrong layout or scale is off by ~100%
+MAX_REL_ERROR = 1e-4  # float32 rounding (and the attention's exp); a wrong layout or scale is off by ~100%
 CACHE_ENV = "DFLASH_CPU_QUANT_CACHE"
 # (N, K) of one SmolLM2-135M layer's products (packed q/k/v, o, packed gate/up, down): what is timed
 TIMED_SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))
@@ -238,6 +238,30 @@ def max_rel_error(ext: ModuleType) -> float:
         dense = np.asarray(mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32), group, bits), np.float64)
         reference = np.asarray(x, np.float64) @ dense.T
         worst = max(worst, float(np.abs(y - reference).max() / np.abs(reference).max()))
+    return max(worst, attention_error(ext, rng))
+
+
+def attention_error(ext: ModuleType, rng: np.random.Generator) -> float:
+    """The block attention's worst error against float64, relative to the largest output (a causal and an
+    unmasked block over a strided cache view, grouped heads), or inf where a row of the block differs
+    from the same row computed alone."""
+    worst = 0.0
+    for rows, length, causal in ((5, 37, True), (3, 20, False)):
+        q = rng.standard_normal((1, 4, rows, 32)).astype(np.float32)
+        cache = rng.standard_normal((2, 1, 2, length + 8, 32)).astype(np.float32)
+        keys, values = (mx.array(c)[:, :, :length] for c in cache)  # a KV cache's view: rows strided
+        got = np.asarray(ext.block_attention(mx.array(q), keys, values, 0.25, causal))
+        for row in range(rows):
+            visible = length - rows + row + 1 if causal else length
+            k, v = np.asarray(keys, np.float64)[0, :, :visible], np.asarray(values, np.float64)[0, :, :visible]
+            scores = np.einsum("hgd,hsd->hgs", q[0, :, row].reshape(2, 2, 32).astype(np.float64), k) * 0.25
+            weights = np.exp(scores - scores.max(-1, keepdims=True))
+            want = np.einsum("hgs,hsd->hgd", weights / weights.sum(-1, keepdims=True), v).reshape(4, 32)
+            alone = np.asarray(ext.block_attention(mx.array(q[:, :, row : row + 1]), keys[:, :, :visible],
+                                                   values[:, :, :visible], 0.25, False))[0, :, 0]
+            if not np.array_equal(alone, got[0, :, row]):
+                return float("inf")
+            worst = max(worst, float(np.abs(got[0, :, row] - want).max() / np.abs(want).max()))
     return worst
 
 

@@ -48,6 +48,15 @@ PREFILL_SCORES_BYTES = 256 << 20
 
 _mode: Mode | None = None
 _cuda: bool | None = None  # MLX's default device is a CUDA GPU (read once)
+_cpu_kernel: object | None = None  # the quantized CPU kernel's extension, once a model runs on it
+
+
+def use_cpu_kernel(ext: object | None) -> None:
+    """Route float32 query blocks with no mask or a causal one through the CPU kernel's attention
+    (kernels/cpu_quant): one pass per query row, the same for a row of a verify block as for a decode
+    step (None: MLX's composition again)."""
+    global _cpu_kernel
+    _cpu_kernel = ext
 
 
 def set_mode(mode: str | None) -> None:
@@ -143,6 +152,10 @@ def block_attention(
     shape new to that layer skip fused attention's per-shape plan (PrefillPlans).
     `key_start`: (B,) a batched one-row step's first key per row (BatchKVCache.left_padding), for which
     `mask` is exactly key >= key_start."""
+    if (_cpu_kernel is not None and (mask is None or isinstance(mask, str)) and key_start is None
+            and queries.shape[2] <= MAX_BLOCK_ROWS and queries.dtype == keys.dtype == values.dtype == mx.float32
+            and queries.shape[-1] % 16 == 0 and mode() == "auto"):
+        return _cpu_kernel.block_attention(queries, keys, values, scale, mask == "causal")
     if _tree is not None and mask is _tree[0] and mode() == "auto" and _on_cuda():
         kernel = attention_kernel.default_kernel()
         if (warps := kernel.tree_warps_for(queries, keys)) is not None:

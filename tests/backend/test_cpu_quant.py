@@ -141,3 +141,37 @@ def test_off_is_float32_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None
         assert cpu_quant.default_cpu_quant() == CpuQuant(None, "off (DFLASH_CPU_QUANT=off)")
     finally:
         cpu_quant.default_cpu_quant.cache_clear()
+
+
+def test_block_attention_matches_float64_and_each_row_alone(ext: ModuleType) -> None:
+    assert cpu_quant.attention_error(ext, np.random.default_rng(5)) <= cpu_quant.MAX_REL_ERROR
+
+
+def test_block_attention_refuses_shapes_it_cannot_run(ext: ModuleType) -> None:
+    q, kv = mx.zeros((1, 4, 3, 32)), mx.zeros((1, 3, 8, 32))  # 4 heads over 3 KV heads
+    with pytest.raises(ValueError, match="block_attention: q"):
+        ext.block_attention(q, kv, kv, 1.0, False)
+    with pytest.raises(ValueError, match="block_attention: q"):
+        ext.block_attention(mx.zeros((1, 2, 9, 32)), mx.zeros((1, 2, 8, 32)), mx.zeros((1, 2, 8, 32)), 1.0, True)
+
+
+def test_attention_routes_blocks_through_the_kernel(ext: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once a model runs on the kernel, unmasked and causal float32 blocks take its attention; the rest
+    (array masks, batched rows' padding) keep MLX's composition."""
+    from engine.model import attention
+
+    calls: list[bool] = []
+
+    class Counting:
+        def block_attention(self, *args: object) -> mx.array:
+            calls.append(bool(args[-1]))
+            return ext.block_attention(*args)
+
+    q, k, v = (mx.random.normal(s, key=mx.random.key(i)) for i, s in enumerate([(1, 4, 3, 32), (1, 2, 9, 32), (1, 2, 9, 32)]))
+    want = attention.block_attention(q, k, v, scale=0.2, mask="causal")
+    monkeypatch.setattr(attention, "_cpu_kernel", Counting())
+    got = attention.block_attention(q, k, v, scale=0.2, mask="causal")
+    attention.block_attention(q, k, v, scale=0.2, mask=None)
+    attention.block_attention(q, k, v, scale=0.2, mask=mx.ones((3, 9), dtype=mx.bool_))
+    assert calls == [True, False]
+    assert mx.allclose(got, want, atol=1e-5).item()
