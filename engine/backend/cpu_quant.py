@@ -1,18 +1,19 @@
-"""The 4- and 8-bit CPU matmul (kernels/cpu_quant): built at the first start, checked, chosen by measurement.
+"""The quantized CPU kernels (kernels/cpu_quant): built at the first start, checked, chosen by measurement.
 
 MLX 0.32.4's CPU backend has no fast path for quantized weights (its 4-bit matmul took 16 ms at one row
-and 259 ms at 16 for the 135M model's products on a 2-core Xeon, against float32's 36 and 65), so the
-server dequantizes small models to float32 there, and a decode step is then mostly the float32 weights'
-stream. The kernel reads the 4- or 8-bit weights with int8 dot products (AVX-512 VNNI) instead. It is an MLX C++
-extension: compiled once per machine, MLX version and source with the system's C++ compiler, against the
-mlx wheel's headers and nanobind (the version MLX's own bindings use, so mx.array crosses unchanged),
-into ~/.cache/dflash-server/cpu_quant/. Where it cannot be built or loaded, fails its numerics check, or is
+and 259 ms at 16 for the 135M model's products on a 2-core Xeon, against float32's 36 and 65), so without
+these kernels the server dequantizes small models to float32 there, and a decode step is mostly the
+float32 weights' stream. The extension reads 4- or 8-bit weights with int8 dot products (AVX-512 VNNI)
+and runs float32 block attention in one pass per query row. It is an MLX C++ extension: compiled once
+per machine, MLX version and source with the system's C++ compiler, against the mlx wheel's headers and
+nanobind (the version MLX's own bindings use, so mx.array crosses unchanged), into
+~/.cache/dflash-server/cpu_quant/. Where it cannot be built or loaded, fails its numerics check, or is
 not faster than float32 on this machine (timed once, cached per machine like the BLAS), the server keeps
 float32 and says why in one line.
 
 DFLASH_CPU_QUANT=auto|on|off: auto builds, checks and times it; on skips the timing; off never builds it.
-Its activations are rounded to int8 per block of 32 (as llama.cpp's are), so greedy output differs from
-the float32 path's; each row is computed alone, so speculative greedy still equals plain greedy.
+Activations are held as two int8 codes per block of 32 (~15 bits), close enough to float32 that the
+embedded model's greedy answers are the float32 path's; each row is computed alone.
 """
 
 from __future__ import annotations
