@@ -209,8 +209,13 @@ def cost_key(loaded: object, config: EngineConfig, drafter: str) -> str:
     draft = resolve_draft(config.draft, config.model, loaded.model_id) if config.drafter == "dflash" else None
     paths = [loaded.path, *([] if draft is None else [Path(draft).expanduser()])]
     stamps = [f"{p}:{_stamp(p)}" for p in paths if p.exists()]
+    kernels = []
+    if uses_quant_kernel(loaded.model):  # a rebuilt kernel (new source or MLX) prices its cycles anew
+        from engine.backend.cpu_quant import build_key
+
+        kernels = [f"cpu_quant {build_key()}"]
     return " | ".join([machine_key([] if blas is None else [blas]), str(mx.default_device()), loaded.model_id, loaded.description, drafter, *stamps,
-                       f"block {config.block_size} dequantize {config.dequantize} fuse {config.fuse_projections}"])
+                       f"block {config.block_size} dequantize {config.dequantize} fuse {config.fuse_projections}", *kernels])
 
 
 def _stamp(path: Path) -> str:

@@ -3,6 +3,7 @@ like MLX's quantized model within int8 rounding, and speculative greedy equals p
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import ModuleType
 
 import mlx.core as mx
@@ -141,3 +142,17 @@ def test_a_float_draft_beside_a_kernel_target_runs_on_the_kernel_in_8_bits(kerne
     assert swapped == len(layers) > 0 and all(m.bits == 8 for m in layers)
     assert not any(isinstance(m, TransposedLinear) for _, m in draft.named_modules())
     assert speculative_greedy(model, draft, PROMPT, 24) == greedy(model, PROMPT, 24)
+
+
+def test_measured_verify_costs_are_keyed_by_the_kernel_build(kernel: CpuQuant, tmp_path: Path) -> None:
+    """A rebuilt kernel (new source or MLX) must not price its cycles with an older build's costs."""
+    from engine.model.loader import LoadedModel
+    from engine.runtime.config import EngineConfig
+    from engine.runtime.serving_model import cost_key
+
+    _, model, _ = quantized_pair("llama")
+    config = EngineConfig(model=str(tmp_path), drafter="ngram")
+    plain_key = cost_key(LoadedModel(model, None, "tiny", tmp_path, 2048, "tiny"), config, "ngram")
+    use_quant_kernel(model, kernel)
+    key = cost_key(LoadedModel(model, None, "tiny", tmp_path, 2048, "tiny"), config, "ngram")
+    assert f"cpu_quant {cpu_quant.build_key()}" in key and "cpu_quant" not in plain_key
