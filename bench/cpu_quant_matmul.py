@@ -31,15 +31,9 @@ SHAPES = [(960, 576, 4), (576, 576, 4), (3072, 576, 4), (576, 1536, 4)] * 30 + [
 
 
 def products(ext: Any, mx: Any, rows: list[int]) -> None:
-    from engine.model.quant_linear import pack
+    from engine.backend.cpu_quant import random_layers
 
-    rng = np.random.default_rng(1)
-    layers = []
-    for n, k, bits in SHAPES:
-        dense = mx.array(rng.standard_normal((n, k)).astype(np.float32) * 0.05)
-        w, scales, biases = mx.quantize(dense, group_size=32, bits=bits)
-        layers.append((pack(w, scales.astype(mx.float16), biases.astype(mx.float16), 32, bits), n, mx.contiguous(dense.T)))
-    mx.eval([layer[2] for layer in layers])
+    layers = random_layers(SHAPES, np.random.default_rng(1))
     for m in rows:
         xs = {k: mx.random.normal((m, k)) for k in {k for _, k, _ in SHAPES}}
         mx.eval(xs)

@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
-from engine.backend.disk_cache import DiskCache
+from engine.backend.disk_cache import DiskCache, cache_home
 
 CHOICE_ENV = "DFLASH_BLAS"
 CHOICES = ("auto", "mkl", "openblas", "none")
@@ -222,8 +222,7 @@ def _size(path: Path) -> int:
 def cache_path(environ: Mapping[str, str] = os.environ) -> Path:
     if environ.get(CACHE_ENV):
         return Path(environ[CACHE_ENV])
-    base = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "dflash-server" / "blas.json"
+    return cache_home(environ) / "blas.json"
 
 
 def measured_choice(candidates: list[Blas], *, timer: Callable[[Blas], float] = time_blas,

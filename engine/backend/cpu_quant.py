@@ -40,7 +40,7 @@ from types import ModuleType
 import mlx.core as mx
 import numpy as np
 
-from engine.backend.disk_cache import DiskCache
+from engine.backend.disk_cache import DiskCache, cache_home
 from engine.backend.verify_matmul import KERNELS_DIR
 
 log = logging.getLogger("dflash.kernels")
@@ -123,11 +123,6 @@ def unsupported_here(cpuinfo: str | None = None) -> None:
         raise KernelUnavailable(f"this CPU lacks {', '.join(missing)} (AVX-512 VNNI)")
 
 
-def cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
-    base = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "dflash-server" / "cpu_quant"
-
-
 def build_key() -> str:
     """What a built extension is valid for: this source, MLX, nanobind, Python and compiler."""
     parts = [SOURCE.read_bytes(), mx.__version__.encode(), _nanobind_version().encode(),
@@ -138,7 +133,7 @@ def build_key() -> str:
 
 def load_extension(directory: Path | None = None) -> ModuleType:
     """The built extension, compiling it first where this key has none yet (~1 minute on 2 cores)."""
-    target = (directory or cache_dir()) / build_key()
+    target = (directory or cache_home() / "cpu_quant") / build_key()
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
     library = target / f"_cpu_quant{suffix}"
     if not library.is_file():
@@ -294,18 +289,26 @@ def _cpuinfo() -> str:
         return ""
 
 
+def random_layers(shapes: list[tuple[int, int, int]], rng: np.random.Generator
+                  ) -> list[tuple[tuple[mx.array, mx.array, mx.array], int, mx.array]]:
+    """Random (N, K) layers quantized to `bits` with float16 scales in groups of 32, as (the kernel's arrays,
+    N, the float32 weights transposed to (K, N) for MLX's product)."""
+    from engine.model.quant_linear import pack
+
+    layers = []
+    for n, k, bits in shapes:
+        dense = mx.array(rng.standard_normal((n, k)).astype(np.float32) * 0.05)
+        w, scales, biases = mx.quantize(dense, group_size=32, bits=bits)
+        layers.append((pack(w, scales.astype(mx.float16), biases.astype(mx.float16), 32, bits), n, mx.contiguous(dense.T)))
+    mx.eval([layer[2] for layer in layers])
+    return layers
+
+
 def time_products(ext: ModuleType, rounds: int = 5) -> dict[str, float]:
     """Milliseconds of TIMED_LAYERS layers' products at 1 row plus a third of 16 rows (a token's share of a
     verify), the kernel against float32 through MLX (with the BLAS this process runs), interleaved."""
-    from engine.model.quant_linear import pack
-
     rng = np.random.default_rng(1)
-    layers = []
-    for n, k in TIMED_SHAPES * TIMED_LAYERS:
-        dense = mx.array(rng.standard_normal((n, k)).astype(np.float32) * 0.05)
-        w, scales, biases = mx.quantize(dense, group_size=32, bits=4)
-        layers.append((pack(w, scales.astype(mx.float16), biases.astype(mx.float16), 32), n, mx.contiguous(dense.T)))
-    mx.eval([layer[2] for layer in layers])
+    layers = random_layers([(n, k, 4) for n, k in TIMED_SHAPES * TIMED_LAYERS], rng)
 
     def timed(product: Callable[[mx.array], mx.array], rows: int) -> float:
         xs = {k: mx.array(rng.standard_normal((rows, k)).astype(np.float32)) for _, k in TIMED_SHAPES}

@@ -20,6 +20,11 @@ from typing import Any
 log = logging.getLogger("dflash.model")
 
 
+def cache_home(environ: Mapping[str, str] = os.environ) -> Path:
+    """~/.cache/dflash-server (XDG_CACHE_HOME respected): where every measurement and build is kept."""
+    return Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dflash-server"
+
+
 class DiskCache:
     """A JSON file of dict entries by key; at most `max_entries`, the oldest dropped first."""
 
@@ -35,8 +40,7 @@ class DiskCache:
             return None
         if value:
             return cls(Path(value), max_entries)
-        base = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        return cls(base / "dflash-server" / name, max_entries)
+        return cls(cache_home(environ) / name, max_entries)
 
     def get(self, key: str) -> dict[str, Any] | None:
         entry = self._read().get(key)

@@ -13,14 +13,15 @@ import re
 from collections.abc import MutableMapping
 from pathlib import Path
 
+from engine.backend.disk_cache import cache_home
+
 ENV = "MLX_PTX_CACHE_DIR"
 
 
 def ptx_cache_dir(device_name: str, mlx_version: str, environ: MutableMapping[str, str] = os.environ) -> Path:
     """~/.cache/dflash-server/ptx/mlx-<version>-<device> (XDG_CACHE_HOME respected)."""
-    base = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     device = re.sub(r"[^A-Za-z0-9.]+", "-", device_name).strip("-") or "gpu"
-    return base / "dflash-server" / "ptx" / f"mlx-{mlx_version}-{device}"
+    return cache_home(environ) / "ptx" / f"mlx-{mlx_version}-{device}"
 
 
 def keep_compiled_kernels(environ: MutableMapping[str, str] = os.environ) -> Path | None:

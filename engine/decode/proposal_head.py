@@ -23,10 +23,10 @@ FILE = "proposal_vocab.npy"
 
 
 def head_matrix(lm_head: Callable[[mx.array], mx.array]) -> mx.array | Any | None:
-    """The (H, V) float matrix behind a target's LM head, a 4-bit embedding the CPU kernel runs, or None
+    """The (H, V) float matrix behind a target's LM head, a quantized embedding the CPU kernel runs, or None
     (other quantized or unknown heads)."""
     owner = getattr(lm_head, "__self__", lm_head)  # a bound `as_linear` or the head module itself
-    if callable(getattr(owner, "subset", None)):  # engine/model/q4_linear.QuantEmbedding
+    if callable(getattr(owner, "subset", None)):  # engine/model/quant_linear.QuantEmbedding
         return owner
     if isinstance(owner, nn.QuantizedLinear | nn.QuantizedEmbedding):
         return None
@@ -43,8 +43,8 @@ class ProposalHead:
     """argmax over a subset of the vocabulary: (k, H) hidden -> (k,) token ids."""
 
     def __init__(self, ids: np.ndarray, matrix: mx.array | Any) -> None:
-        """`matrix`: the head's (H, V) float matrix, or a 4-bit embedding (engine/model/q4_linear.QuantEmbedding)
-        whose `subset` runs the kernel over the chosen rows."""
+        """`matrix`: the head's (H, V) float matrix, or a quantized embedding (engine/model/quant_linear.
+        QuantEmbedding) whose `subset` runs the kernel over the chosen rows."""
         vocab = matrix.shape[1] if isinstance(matrix, mx.array) else matrix.num_embeddings
         if ids.ndim != 1 or len(ids) == 0 or ids.min() < 0 or ids.max() >= vocab:
             raise ValueError(f"{FILE}: token ids must be a non-empty list within the vocabulary (0..{vocab - 1})")

@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
-from mlx_lm.utils import dequantize_model, get_total_parameters, infer_quant_config
+from mlx_lm.utils import get_total_parameters, infer_quant_config
 
 from engine.model.progress import progress_bar
 from engine.model.tokenizer import Tokenizer
@@ -104,17 +104,16 @@ def to_float32(model: nn.Module, keep: Callable[[nn.Module], bool] | None = None
     in place. Casting first makes the dequantized weights float32 too (not float16 from the scales); a
     kept layer's scales become float32, exactly."""
     model.set_dtype(mx.float32)
-    if keep is None:
-        return dequantize_model(model)
     layers = [(name, _dequantized(m)) for name, m in model.named_modules()
-              if isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding | QuantizedSwitchLinear) and not keep(m)]
+              if isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding | QuantizedSwitchLinear)
+              and not (keep is not None and keep(m))]
     if layers:
         model.update_modules(tree_unflatten(layers))
     return model
 
 
 def _dequantized(module: nn.Module) -> nn.Module:
-    """mlx_lm.utils.dequantize_model's swap for one quantized layer."""
+    """The float layer for one quantized layer (as mlx_lm.utils.dequantize_model swaps them)."""
     weight = mx.dequantize(module.weight, module.scales, module.get("biases"), module.group_size, module.bits,
                            getattr(module, "mode", "affine"))
     if isinstance(module, nn.QuantizedEmbedding):

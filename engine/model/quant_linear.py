@@ -59,6 +59,12 @@ def pack(weight: mx.array, scales: mx.array, biases: mx.array, group: int, bits:
     return mx.array(np.ascontiguousarray(values)), out[0], out[1]
 
 
+def product(kernel: Any, x: mx.array, packed: tuple[mx.array, mx.array, mx.array], n_out: int, group: int) -> mx.array:
+    """x @ W^T by the kernel (float32 activations in and out), in x's dtype."""
+    y = kernel.matmul(x.astype(mx.float32), *packed, n_out, group)
+    return y if x.dtype == mx.float32 else y.astype(x.dtype)
+
+
 class QuantLinear(nn.Module):
     def __init__(self, linear: nn.QuantizedLinear, kernel: Any) -> None:
         super().__init__()
@@ -72,12 +78,8 @@ class QuantLinear(nn.Module):
         self.freeze()
 
     def __call__(self, x: mx.array) -> mx.array:
-        dtype = x.dtype
-        y = self._kernel.matmul(x.astype(mx.float32), self.qweight, self.qscales, self.qmins, self.out_dims,
-                                self.group_size)
-        if "bias" in self:
-            y = y + self["bias"]
-        return y if dtype == mx.float32 else y.astype(dtype)
+        y = product(self._kernel, x, (self.qweight, self.qscales, self.qmins), self.out_dims, self.group_size)
+        return y + self["bias"] if "bias" in self else y
 
 
 class QuantEmbedding(nn.Module):
@@ -102,15 +104,13 @@ class QuantEmbedding(nn.Module):
         return rows.astype(self._dtype)
 
     def as_linear(self, x: mx.array) -> mx.array:
-        y = self._kernel.matmul(x.astype(mx.float32), self.qweight, self.qscales, self.qmins,
-                                self.num_embeddings, self.group_size)
-        return y if x.dtype == mx.float32 else y.astype(x.dtype)
+        return product(self._kernel, x, (self.qweight, self.qscales, self.qmins), self.num_embeddings, self.group_size)
 
     def subset(self, ids: mx.array) -> Callable[[mx.array], mx.array]:
         """The LM-head product over these rows only, in their order (a draft's proposal head)."""
         packed = pack(self.weight[ids], self.scales[ids], self.biases[ids], self.group_size, self.bits)
         n, group, kernel = int(ids.shape[0]), self.group_size, self._kernel
-        return lambda x: kernel.matmul(x.astype(mx.float32), *packed, n, group)
+        return lambda x: product(kernel, x, packed, n, group)
 
 
 def use_quant_kernel(model: nn.Module, kernel: Any, dtype: mx.Dtype = mx.float32) -> int:
