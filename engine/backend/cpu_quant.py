@@ -75,6 +75,11 @@ class CpuQuant:
         assert self.ext is not None
         return self.ext.quant_matmul(x, w, scales, mins, n_out, group)
 
+    def top_probability(self, logits: mx.array) -> mx.array:
+        """(..., V) float32 -> (...,) softmax probability of each row's largest entry."""
+        assert self.ext is not None
+        return self.ext.top_probability(logits)
+
 
 def choice(environ: Mapping[str, str] = os.environ) -> str:
     value = environ.get(ENV, "auto").strip().lower() or "auto"
@@ -234,7 +239,7 @@ def max_rel_error(ext: ModuleType) -> float:
         dense = np.asarray(mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32), group, bits), np.float64)
         reference = np.asarray(x, np.float64) @ dense.T
         worst = max(worst, float(np.abs(y - reference).max() / np.abs(reference).max()))
-    return max(worst, attention_error(ext, rng))
+    return max(worst, attention_error(ext, rng), top_probability_error(ext, rng))
 
 
 def attention_error(ext: ModuleType, rng: np.random.Generator) -> float:
@@ -259,6 +264,16 @@ def attention_error(ext: ModuleType, rng: np.random.Generator) -> float:
                 return float("inf")
             worst = max(worst, float(np.abs(got[0, :, row] - want).max() / np.abs(want).max()))
     return worst
+
+
+def top_probability_error(ext: ModuleType, rng: np.random.Generator) -> float:
+    """top_probability's worst relative error against float64 softmax (rows of a length not a multiple of 16)."""
+    logits = (rng.standard_normal((3, 1000)) * 4).astype(np.float32)
+    logits[1, 7] = 30.0  # one sure row
+    got = np.asarray(ext.top_probability(mx.array(logits)))
+    shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    want = 1.0 / np.exp(shifted).sum(-1)
+    return float(np.abs(got - want).max() / want.max())
 
 
 def timed_choice(ext: ModuleType, cache: DiskCache | None = None) -> CpuQuant:

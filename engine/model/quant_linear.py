@@ -112,6 +112,10 @@ class QuantEmbedding(nn.Module):
         n, group, kernel = int(ids.shape[0]), self.group_size, self._kernel
         return lambda x: product(kernel, x, packed, n, group)
 
+    def top_probability(self, logits: mx.array) -> mx.array:
+        """(..., V) -> (...,) softmax probability of each row's largest logit, by the kernel."""
+        return self._kernel.top_probability(logits.astype(mx.float32))
+
 
 def use_quant_kernel(model: nn.Module, kernel: Any, dtype: mx.Dtype = mx.float32) -> int:
     """Swap the kernel-ready quantized layers of `model` for QuantLinear / QuantEmbedding; returns how many.

@@ -175,3 +175,24 @@ def test_attention_routes_blocks_through_the_kernel(ext: ModuleType, monkeypatch
     attention.block_attention(q, k, v, scale=0.2, mask=mx.ones((3, 9), dtype=mx.bool_))
     assert calls == [True, False]
     assert mx.allclose(got, want, atol=1e-5).item()
+
+
+def test_top_probability_matches_softmax(ext: ModuleType) -> None:
+    assert cpu_quant.top_probability_error(ext, np.random.default_rng(3)) <= cpu_quant.MAX_REL_ERROR
+    rows = mx.array([[0.0, -mx.inf, -mx.inf], [-mx.inf, -mx.inf, -mx.inf]])
+    assert np.asarray(ext.top_probability(rows)).tolist() == [1.0, 0.0]  # a sure row; a row with no distribution
+    assert ext.top_probability(mx.zeros((2, 3, 40))).shape == (2, 3)
+
+
+def test_quant_matmul_maps_over_a_batch_of_inputs(ext: ModuleType) -> None:
+    """vmap over the activations (the training objective's per-sequence draft forwards on a kernel draft), the
+    mapped axis first or last: each slice equals the product of that slice alone."""
+    rng = np.random.default_rng(1)
+    w, scales, biases = mx.quantize(mx.array(rng.standard_normal((40, 64)).astype(np.float32)), group_size=32, bits=8)
+    packed = pack(w, scales, biases, 32, 8)
+    x = mx.array(rng.standard_normal((3, 5, 64)).astype(np.float32))
+    alone = np.stack([np.asarray(ext.quant_matmul(x[i], *packed, 40, 32)) for i in range(3)])
+    mapped = mx.vmap(lambda a: ext.quant_matmul(a, *packed, 40, 32))(x)
+    assert np.array_equal(np.asarray(mapped), alone)
+    last = mx.vmap(lambda a: ext.quant_matmul(a, *packed, 40, 32), in_axes=2, out_axes=0)(mx.moveaxis(x, 0, 2))
+    assert np.array_equal(np.asarray(last), alone)
