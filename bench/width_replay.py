@@ -10,6 +10,10 @@ timing noise; bench/bench.py measures the real thing.
     python bench/width_replay.py --draft engine/drafts/smollm2-135m-instruct-dflash
     python bench/width_replay.py --draft DIR --costs 1:4.5,2:4.7,4:5.0,8:5.5,16:7.0 --draft-ms 1.8 --row-ms 0.02 --host-ms 0.3
     python bench/width_replay.py --draft DIR --costs 1:4.4,4:4.7,16:6.0 --draft-ms 0 --row-ms 0 --host-ms 3.2 --plain-ms 3.8
+    python bench/width_replay.py --draft DIR --confidence      # drafting cycles' widths from the draft's confidence
+
+--confidence replays the CPU's default: a drafting cycle verifies as far as the draft is sure of its proposals
+(VerifyWidth.confident_width), from the draft's teacher-forced probabilities of each proposal.
 """
 
 from __future__ import annotations
@@ -49,8 +53,9 @@ class Costs:
         self.curve, self.draft_s, self.row_s, self.host_s = curve, draft_s, row_s, host_s
         self.plain_s = curve(1) if plain_s is None else plain_s  # a chained plain step (GPUs: below a synced forward)
 
-    def cycle(self, drafts: int) -> float:
-        return self.curve(drafts + 1) + self.host_s + (self.draft_s + self.row_s * drafts if drafts else 0.0)
+    def cycle(self, drafts: int, drafted: bool | None = None) -> float:
+        drafting = drafts > 0 if drafted is None else drafted
+        return self.curve(drafts + 1) + self.host_s + (self.draft_s + self.row_s * drafts if drafting else 0.0)
 
     def plain(self) -> float:
         return self.plain_s
@@ -62,35 +67,41 @@ class Costs:
 
 
 def replay(controller: VerifyWidth | None, runs: list[int], length: int, first: int, costs: Costs,
-           block_size: int, fixed: int | None = None) -> float:
-    """Decode tok/s of one request (first token to last, as bench.py counts) under `controller` or a fixed width."""
+           block_size: int, fixed: int | None = None, confidence: list[list[float]] | None = None) -> float:
+    """Decode tok/s of one request (first token to last, as bench.py counts) under `controller` or a fixed width;
+    `confidence`: per anchor, the draft's probability of each proposal (the controller's widths then follow it)."""
     anchor, emitted, seconds = first, 1, 0.0
     total = length - first
     previous: int | None = None  # drafts of the request's previous cycle
     while emitted < total:
         remaining = total - emitted
         width = fixed if controller is None else controller.choose()
+        drafted = width > 0
+        if controller is not None and confidence is not None and drafted:
+            width = controller.confident_width(confidence[anchor - first])
         drafts = min(width, remaining, block_size - 1)
-        accepted, cost = chain_cycle(controller, costs, drafts, runs[anchor - first], previous)
+        accepted, cost = chain_cycle(controller, costs, drafts, runs[anchor - first], previous, drafted)
         emitted += min(accepted + 1, remaining)
         anchor += accepted + 1
         seconds += cost
-        previous = drafts
+        previous = drafts if drafted else 0
     return (total - 1) / seconds
 
 
-def chain_cycle(controller: VerifyWidth | None, costs: Costs, drafts: int, run: int, previous: int | None
-                ) -> tuple[int, float]:
+def chain_cycle(controller: VerifyWidth | None, costs: Costs, drafts: int, run: int, previous: int | None,
+                drafted: bool | None = None) -> tuple[int, float]:
     """(accepted drafts, seconds) of a chain cycle verifying `drafts` where the draft's run is `run`; the
-    controller, if any, learns from it. `previous`: the request's previous cycle's drafts (None: none yet)."""
+    controller, if any, learns from it. `previous`: the request's previous cycle's drafts (None: none yet, 0: a
+    plain step); `drafted`: the draft ran (default: drafts > 0; a confident width may verify none)."""
+    drafted = drafts > 0 if drafted is None else drafted
     accepted = min(run, drafts)
     # a width-0 cycle after another is launched before that one's sync, as plain decoding's next step is:
     # its host work overlaps the device's (SpeculativeDecoder._chain)
-    chained = drafts == 0 and previous == 0
-    cost = costs.plain() if chained else costs.cycle(drafts)
+    chained = not drafted and previous == 0
+    cost = costs.plain() if chained else costs.cycle(drafts, drafted)
     if controller is not None:
         # as SpeculativeDecoder._finish: a drafting cycle after plain steps or the prompt teaches no overheads
-        controller.update(drafts, accepted, cost if drafts == 0 or previous else None, chained=chained)
+        controller.update(drafts, accepted, cost if not drafted or previous else None, chained=chained, drafted=drafted)
     return accepted, cost
 
 
@@ -128,6 +139,9 @@ def main() -> None:
     parser.add_argument("--plain-ms", type=float, default=None,
                         help="ms of a plain step launched before the previous one's sync (default: a 1-row forward)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--confidence", action="store_true",
+                        help="drafting cycles verify as far as the draft is sure (the CPU's default), from its "
+                             "teacher-forced probabilities")
     parser.add_argument("--answers", type=Path, default=None,
                         help="cache of the answers' runs: read if it exists (same draft and prompts), else written")
     args = parser.parse_args()
@@ -136,19 +150,23 @@ def main() -> None:
     from engine.decode.drafters import DFlashDrafter
     from engine.decode.plain_decoder import PlainDecoder
     from engine.model.target import Target
-    from engine.train.objective import anchor_runs
+    from engine.decode.proposal_head import load_proposal_head
+    from engine.train.objective import anchor_confidence, anchor_runs
 
     loaded, model, draft, prepared = load_target_and_draft(args)
     print(f"[replay] {loaded.description}; {prepared}", flush=True)
     block = draft.config.block_size
     target = Target(model, draft.config.target_layer_ids)
-    drafter = DFlashDrafter(draft, target)
+    # as the server builds it: greedy proposals over the draft's proposal vocabulary, where it ships one
+    head = load_proposal_head(args.draft, target.output_head, output_multiplier=draft.config.output_multiplier)
+    drafter = DFlashDrafter(draft, target, head)
 
     names = [p.strip() for p in args.prompts.split(",") if p.strip()]
     answers: dict[str, dict] = {}
     if args.answers is not None and args.answers.exists():
         cached = json.loads(args.answers.read_text())
-        answers = {n: cached[n] for n in names if n in cached and cached[n]["length"] - cached[n]["first"] == args.max_tokens}
+        answers = {n: cached[n] for n in names if n in cached and cached[n]["length"] - cached[n]["first"] == args.max_tokens
+                   and (not args.confidence or "confidence" in cached[n])}
     for name in (n for n in names if n not in answers):
         ids = loaded.tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[name]}])
         out = [t for s in PlainDecoder(model).generate(ids, GREEDY, args.max_tokens, TokenRng(0)) for t in s.tokens]
@@ -156,6 +174,9 @@ def main() -> None:
         _, taps = target(mx.array(seq[None]), None, taps=True)
         runs = anchor_runs(draft, target, taps, seq, len(ids))
         answers[name] = {"first": len(ids), "length": len(seq), "runs": runs.tolist()}
+        if args.confidence:
+            confidence = anchor_confidence(draft, target, taps, seq, len(ids), None if head is None else head.product)
+            answers[name]["confidence"] = confidence.round(5).tolist()
         print(f"[replay] {name}: {len(out)} tokens, mean teacher-forced run {runs.mean():.2f}", flush=True)
     if args.answers is not None:
         args.answers.write_text(json.dumps(answers))
@@ -189,7 +210,8 @@ def main() -> None:
                     if rnd or i:  # as SpeculativeDecoder.generate: every request after the controller's first
                         controller.new_request()
                     spec = answers.get(name) or {"runs": synthetic[name], "length": length, "first": first}
-                    rate = replay(controller, spec["runs"], spec["length"], spec["first"], costs, block) / plain
+                    rate = replay(controller, spec["runs"], spec["length"], spec["first"], costs, block,
+                                  confidence=spec.get("confidence") if args.confidence else None) / plain
                     if rnd:
                         measured.append((name, rate))
         ratios = [r for _, r in measured]

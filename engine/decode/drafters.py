@@ -26,6 +26,9 @@ from engine.model.target import Target
 class Proposal(NamedTuple):
     tokens: mx.array  # (k,) int32, k <= num_tokens; the length must be known without a sync
     draft_logprobs: mx.array | None  # (k, V) what tokens were sampled from; None: deterministic
+    # (k,) the draft's probability of each greedy proposal, where its head computes it cheaply (the CPU
+    # kernel's proposal head); the adaptive width reads it to verify as far as the draft is sure
+    confidence: mx.array | None = None
 
 
 class Drafter(Protocol):
@@ -125,7 +128,8 @@ class DFlashDrafter:
         if kept == 0:  # the forward above still feeds the new context rows to the draft cache
             return Proposal(mx.zeros((0,), dtype=mx.int32), None)
         if params.is_greedy and self.proposal_head is not None:
-            return Proposal(self.proposal_head(hidden[0, 1 : kept + 1]).astype(mx.int32), None)
+            tokens, confidence = self.proposal_head.propose(hidden[0, 1 : kept + 1])
+            return Proposal(tokens.astype(mx.int32), None, confidence)
         logits = self.draft.logits(hidden[0, 1 : kept + 1], self.target.lm_head)  # (kept, V); row 0 is the anchor
         if self.dflash2:
             return self._select(hidden[0, 1 : kept + 1], logits, new_tokens[-1], anchor_position, params, rng)

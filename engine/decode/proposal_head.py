@@ -51,15 +51,25 @@ class ProposalHead:
         if len(np.unique(ids)) != len(ids):
             raise ValueError(f"{FILE}: token ids repeat")
         self.ids = mx.array(ids.astype(np.int32))
+        # the quantized CPU kernel's softmax maximum, where the head runs on it: how sure each proposal is
+        self._top_probability: Callable[[mx.array], mx.array] | None = None
         if isinstance(matrix, mx.array):
             subset = mx.contiguous(matrix[:, self.ids])  # (H, K): a copy, read at K/V of the full head's cost
             mx.eval(self.ids, subset)
             self._product: Callable[[mx.array], mx.array] = lambda hidden: hidden @ subset
         else:
             self._product = matrix.subset(self.ids)
+            self._top_probability = matrix.top_probability
 
     def __call__(self, hidden: mx.array) -> mx.array:
         return self.ids[mx.argmax(self.product(hidden), axis=-1)]
+
+    def propose(self, hidden: mx.array) -> tuple[mx.array, mx.array | None]:
+        """(k, H) hidden -> (k,) token ids and, where the kernel computes it cheaply, (k,) each one's probability
+        under the draft (softmax over the subset), else None."""
+        logits = self.product(hidden)
+        ids = self.ids[mx.argmax(logits, axis=-1)]
+        return ids, None if self._top_probability is None else self._top_probability(logits)
 
     def product(self, hidden: mx.array) -> mx.array:
         """(…, H) -> (…, K): the head's products at the subset's columns, in the subset's order (self.ids)."""

@@ -184,6 +184,7 @@ class _Cycle(NamedTuple):
     verify_s: float
     launched_at: float  # perf_counter() when the launch returned (timing only)
     chained: bool = False  # launched by _chain, before the previous cycle's sync
+    drafted: bool = False  # the draft ran (a confident width may still verify none of its proposals)
     tree: _TreePart | None = None  # a tree cycle (engine/decode/tree.py); None: a chain
     constrained: _Constrained | None = None  # a cycle under a grammar (structured outputs)
 
@@ -206,6 +207,7 @@ class SpeculativeDecoder:
         chain_plain_steps: bool | None = None,
         tree_budget: int | str = 0,
         tree_spine: bool = False,
+        confident_widths: bool | None = None,
     ) -> None:
         if block_size < 2:
             raise ValueError(f"block_size must be >= 2 (the anchor plus at least one draft), got {block_size}")
@@ -235,6 +237,11 @@ class SpeculativeDecoder:
         self.name = f"speculative-{drafter.name}"
         self.tree_budgets, self.tree_status = self._tree_setup(tree_budget, adaptive)
         self.tree_spine = tree_spine  # trees put the top-1 chain first (tree.build_tree)
+        # greedy chains verify as far as the draft is sure of its proposals (VerifyWidth.confident_width), where
+        # the drafter says how sure: a host read between draft and verify, free on the CPU backend, whose
+        # async_eval has run the draft by then (default: on the CPU only)
+        self.confident_widths = (mx.default_device() == mx.cpu) if confident_widths is None else confident_widths
+        self._drafter_confident = True  # False once the drafter proposed without a confidence
         self.stats = SpecStats()
         self._sync_end = 0.0  # perf_counter() at the last sync's return
         self._drafted_last = False  # the last finished cycle verified drafts (its draft had no held context)
@@ -452,7 +459,7 @@ class SpeculativeDecoder:
             num_proposed = width
             kept, states = constraint.mask_drafts(state, best.tolist(), candidates)  # the draft check's sync
         else:
-            drafts, _ = self._draft(new_tokens, new_taps, block - 1, width, params, rng)
+            drafts, _, _ = self._draft(new_tokens, new_taps, block - 1, width, params, rng)
             proposed = drafts.tolist() if drafts.size else []  # the draft check's host sync
             self.stats.syncs += bool(proposed)
             states = constraint.check_drafts(state, proposed)
@@ -696,7 +703,10 @@ class SpeculativeDecoder:
         position = self.target.cache_length(cache) + 1  # of the token after the anchor: verify row 0 samples it
         # position-keyed sampling: made before the draft, which reads the same rows (TokenRng keeps them)
         noise = None if params.is_greedy or not rng.by_position else rng.gumbel(position, width + 1, self.target.vocab_size)
-        drafts, draft_logprobs = self._draft(new_tokens, new_taps, block - 1, width, params, rng)  # (k,)
+        drafting = width > 0
+        confident = self.confident_widths and self._drafter_confident and params.is_greedy and self._width is not None
+        drafts, draft_logprobs, width = self._draft(new_tokens, new_taps, block - 1, width, params, rng,
+                                                    confident=confident)  # (k,)
         draft_s = self._split_sync(drafts, clock)
         clock = time.perf_counter()
         last = new_tokens[-1]
@@ -717,7 +727,8 @@ class SpeculativeDecoder:
         mx.async_eval(*pending)
         verify_s = self._split_sync(pending, clock)
         launched_at = time.perf_counter() if self.timing else 0.0
-        return _Cycle(tokens.shape[0], width, num_accepted, tokens, taps, logprobs, draft_s, verify_s, launched_at)
+        return _Cycle(tokens.shape[0], width, num_accepted, tokens, taps, logprobs, draft_s, verify_s, launched_at,
+                      drafted=drafting)
 
     def _draft(
         self,
@@ -727,10 +738,14 @@ class SpeculativeDecoder:
         width: int,
         params: SamplingParams,
         rng: TokenRng,
-    ) -> tuple[mx.array, mx.array | None]:
-        """The drafter proposes its full block; the first `width` proposals are verified.
+        *,
+        confident: bool = False,
+    ) -> tuple[mx.array, mx.array | None, int]:
+        """The drafter proposes its full block; the first `width` proposals are verified. Returns the drafts,
+        their distributions and the width.
 
-        Width 0 skips the drafter: its new tokens and taps are held for its next call.
+        Width 0 skips the drafter: its new tokens and taps are held for its next call. `confident`: a drafting
+        cycle's width is then chosen from the draft's confidence in each proposal, where the drafter gives it.
         """
         if width == 0:
             held_tokens, held_taps = self._held
@@ -738,13 +753,20 @@ class SpeculativeDecoder:
             if new_taps is not None:
                 held_taps.append(new_taps)
             # made here, not at import: a lazy module-level array belongs to the importing thread's stream
-            return mx.zeros((0,), dtype=mx.int32), None
+            return mx.zeros((0,), dtype=mx.int32), None, 0
         new_tokens, new_taps = self._with_held(new_tokens, new_taps)
-        proposal = self.drafter.propose(new_tokens, new_taps, num_drafts, params, rng, keep=width)
+        proposal = self.drafter.propose(new_tokens, new_taps, num_drafts, params, rng,
+                                        keep=num_drafts if confident else width)
+        if confident and proposal.confidence is not None:
+            assert self._width is not None
+            width = self._width.confident_width(proposal.confidence.tolist(), width)
+            self.stats.syncs += 1
+        elif confident:  # this drafter says nothing of its confidence: keep only `width` rows from now on
+            self._drafter_confident = False
         drafts = proposal.tokens[:width]  # (k,)
         mx.async_eval(drafts)  # the device drafts while the verify graph is built
         logprobs = None if proposal.draft_logprobs is None else proposal.draft_logprobs[:width]
-        return drafts, logprobs
+        return drafts, logprobs, width
 
     def _with_held(self, new_tokens: list[int | mx.array], new_taps: mx.array | None) -> tuple[list[int], mx.array | None]:
         """The drafter's input: what width-0 cycles held for it, then the new tokens and taps."""
@@ -831,16 +853,18 @@ class SpeculativeDecoder:
                 CycleTiming(cycle.draft_s, cycle.verify_s, launch_s, host_s, now - clock, now - self._sync_end)
             )
         outcome = None if cycle.tree is None else self._outcome(cycle, path)
+        drafted = cycle.block > 1 or cycle.drafted
         if self._width is not None:
             one_forward = (not cycle.chained) != chained_next
             # the first drafting cycle after plain steps (or the prompt) also drafts the context they held
-            steady = cycle.block == 1 or self._drafted_last
+            steady = not drafted or self._drafted_last
             seconds = now - self._sync_end if one_forward else None
             if outcome is None:
-                self._width.update(cycle.block - 1, accepted, seconds if steady else None, chained=cycle.chained)
+                self._width.update(cycle.block - 1, accepted, seconds if steady else None, chained=cycle.chained,
+                                   drafted=drafted)
             else:  # held context makes a tree dearer, never cheaper: learning from it errs toward chains
                 self._width.update_tree(outcome, seconds)
-        self._drafted_last = cycle.block > 1
+        self._drafted_last = drafted
         self._sync_end = now
         self.stats.record(cycle.block - 1, accepted)
         self.stats.widths.append(cycle.width)
@@ -902,8 +926,12 @@ class _Script(VerifyWidth):
     def choose(self) -> int:
         return self.plan().width
 
-    def update(self, verified: int, accepted: int, seconds: float | None = None, *, chained: bool = False) -> None:
+    def update(self, verified: int, accepted: int, seconds: float | None = None, *, chained: bool = False,
+               drafted: bool | None = None) -> None:
         pass
+
+    def confident_width(self, confidence: list[float], width: int) -> int:
+        return width  # the rehearsal's widths as planned
 
     def update_tree(self, outcome: TreeOutcome, seconds: float | None = None) -> None:
         pass

@@ -217,6 +217,11 @@ class VerifyWidth:
         self.host_s = 0.0  # per-cycle cost outside the target forward (learned at width 0)
         self.plain_s = max(plain_s, 0.0)  # a chained plain step's seconds, sync to sync (0: unknown, none seen yet)
         self.cap = max_drafts
+        # once widths follow the draft's confidence (confident_width): decayed sums of the tokens and the priced
+        # seconds of drafting cycles, what drafting is seen to yield (the per-position counts then come from
+        # cycles cut where the draft was unsure, and overrate drafting: on chat they kept it 15 cycles at 0.91x)
+        self.confident = False
+        self._yield = [0.0, 0.0]
         self.base_probe_every = probe_every
         self.max_probe_every = max_probe_every
         self.probe_every = probe_every
@@ -273,9 +278,9 @@ class VerifyWidth:
             return self.plain_s
         return self._priced(cap)
 
-    def _priced(self, verified: int) -> float:
+    def _priced(self, verified: int, drafted: bool | None = None) -> float:
         """What a cycle that is not a chained plain step is priced at (cost() without the chained price)."""
-        drafting = self.draft_s + self.draft_row_s * verified if verified else 0.0
+        drafting = self.draft_s + self.draft_row_s * verified if (verified > 0 if drafted is None else drafted) else 0.0
         return self.curve(verified + 1) + self.host_s + drafting
 
     def rate(self, cap: int) -> float:
@@ -289,8 +294,24 @@ class VerifyWidth:
     def _rates_of(self, expected: list[float]) -> list[float]:
         return [tokens / self.cost(cap) for cap, tokens in enumerate(expected)]
 
+    def drafting_rate(self, rates: list[float] | None = None) -> float:
+        """Tokens per second of drafting cycles: with confident widths, what they yielded (one cycle of width 1
+        as a prior: the per-position estimates of wider ones lean on the first's, which confident cycles
+        overrate), else the per-position estimate's best."""
+        rates = self.rates() if rates is None else rates
+        if not self.confident:
+            return rates[self._drafting_width(rates)]
+        tokens, seconds = self._yield
+        return (tokens + self.expected_tokens(1)) / (seconds + self.cost(1))
+
     def best(self) -> int:
         rates = self.rates()
+        if self.confident:  # draft or not; the draft's confidence sets each drafting cycle's width
+            drafting, plain = self.drafting_rate(rates), rates[0]
+            width = self._drafting_width(rates)
+            if self.cap > 0:
+                return width if drafting > plain else 0
+            return width if drafting > plain * (1 + self.margin) else 0
         best = max(range(len(rates)), key=rates.__getitem__)
         # hysteresis: leave the current width only for a clear gain, but never hold one that plain steps beat
         if rates[best] > rates[self.cap] * (1 + self.margin):
@@ -320,6 +341,7 @@ class VerifyWidth:
         self._since_probe = max(self._since_probe, self.probe_every - 1)
         self.hits = [h * self.carry for h in self.hits]
         self.trials = [t * self.carry for t in self.trials]
+        self._yield = [x * self.carry for x in self._yield]
 
     def peek(self) -> int:
         """What choose() would return now, without moving the probe counter."""
@@ -344,21 +366,50 @@ class VerifyWidth:
         """Whether the next narrower-than-full cycle is a probe (wider, see probe_width)."""
         return cap < self.max_drafts and self._since_probe + 1 >= self.probe_every
 
-    def update(self, verified: int, accepted: int, seconds: float | None = None, *, chained: bool = False) -> None:
-        """After a cycle: `verified` drafts went to the target, the first `accepted` were kept.
+    def confident_width(self, confidence: Sequence[float], width: int = 0) -> int:
+        """The drafts worth verifying in a drafting cycle whose draft has run, given the draft's probability of
+        each proposal (`width`, the planned width, is not needed: the draft's confidence replaces it).
+
+        A proposal is verified when what it is expected to add, the product of the confidences up to it, is worth
+        its rows' cost at the rate the stream gets now (the best of rates()); the draft's cost is spent either way.
+        The draft's probabilities are calibrated on the shipped draft (P(accepted | reached) per bin of
+        confidence 0.1-0.9: 0.07-0.97 on chat, code and math answers), so they need no fitting here.
+        bench/width_replay.py --confidence, six prompts x 9 orders, mean x plain 1.258 -> 1.282 with the CPU
+        kernel's costs, 1.307 -> 1.365 with float32's (docs/architecture.md).
+        """
+        self.confident = True
+        rates = self.rates()
+        rate = max(rates[0], self.drafting_rate(rates))
+        best, best_value, tokens, run = 0, 1.0 - rate * self.curve(1), 1.0, 1.0
+        for drafts, q in enumerate(confidence[: self.max_drafts], start=1):
+            run *= min(max(q, 0.0), 1.0)
+            tokens += run
+            value = tokens - rate * (self.curve(drafts + 1) + self.draft_row_s * drafts)
+            if value > best_value:
+                best, best_value = drafts, value
+        return best
+
+    def update(self, verified: int, accepted: int, seconds: float | None = None, *, chained: bool = False,
+               drafted: bool | None = None) -> None:
+        """After a cycle: `verified` drafts went to the target, the first `accepted` were kept; `drafted`: the
+        draft ran (default: some drafts were verified; a confident width may verify none of a draft's).
 
         `chained`: a plain step launched before the previous one's sync. Its seconds price plain steps
         directly: on the H200 such steps took 3.5-4.5 ms where a synced 1-row forward took 4.4 plus 3.8 ms
         of host work, and pricing plain steps at the latter kept a lone stream drafting at a loss on prose.
         """
         self._observe(verified, accepted)
+        drafted = verified > 0 if drafted is None else drafted
+        if self.confident and drafted:
+            self._yield = [self._yield[0] * self.decay + accepted + 1,
+                           self._yield[1] * self.decay + self._priced(verified, True)]
         if seconds is not None and self.learn_overheads:
-            if chained and not verified:
+            if chained and not drafted:
                 if "plain" in self._learned:
                     seconds = min(seconds, OUTLIER * self.plain_s)
                 self.plain_s = self._ewma(self.plain_s, seconds, "plain")
             else:
-                self._learn_overheads(verified, min(seconds, OUTLIER * self._priced(verified)))
+                self._learn_overheads(verified, min(seconds, OUTLIER * self._priced(verified, drafted)), drafted)
         if self._probing:
             self._back_off_unless_drafting_pays()
 
@@ -368,7 +419,7 @@ class VerifyWidth:
         ever less. Not "accepted anything": on chat the shipped draft's probes kept one in two and reset
         the backoff every time, at 16-cycle intervals that cost this CPU 5% (bench/width_replay.py)."""
         rates = self.rates()
-        pays = max(rates[1:]) > rates[0]
+        pays = self.drafting_rate(rates) > rates[0]
         self.probe_every = self.base_probe_every if pays else min(2 * self.probe_every, self.max_probe_every)
 
     def _observe(self, verified: int, accepted: int) -> None:
@@ -380,9 +431,9 @@ class VerifyWidth:
             self.hits[i] += float(i < accepted)
             self.trials[i] += 1.0
 
-    def _learn_overheads(self, verified: int, seconds: float) -> None:
+    def _learn_overheads(self, verified: int, seconds: float, drafted: bool) -> None:
         residual = seconds - self.curve(verified + 1)
-        if verified == 0:
+        if not drafted:
             # from zero, not from a first sample: plain steps are rare while drafting pays, and one that
             # followed a drafting cycle (36.8 ms where they take ~9) priced plain steps out for good
             self.host_s += self.overhead_alpha * (max(residual, 0.0) - self.host_s)

@@ -15,6 +15,7 @@ at each row (soft labels; z-lab found it about equal to CE, converging slower). 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -193,6 +194,27 @@ def anchor_runs(draft: DFlashDraft, target: Target, taps: mx.array, tokens: np.n
         leading = mx.cumprod((correct & (weights > 0)).astype(mx.int32), axis=-1).sum(axis=-1)  # (1, n)
         runs.append(np.array(leading[0]))
     return np.concatenate(runs) if runs else np.zeros((0,), dtype=np.int32)
+
+
+def anchor_confidence(draft: DFlashDraft, target: Target, taps: mx.array, tokens: np.ndarray, first: int,
+                      head: Callable[[mx.array], mx.array] | None = None, chunk: int = 128) -> np.ndarray:
+    """The draft's probability of its greedy proposal at each row 1..B−1 of the blocks anchored at first..L−2,
+    teacher-forced as anchor_runs: (n, B−1). `head`: the products proposals are ranked by (a proposal head's),
+    default the target's LM head."""
+    length, bs = len(tokens), draft.config.block_size
+    out: list[np.ndarray] = []
+    for start in range(first, length - 1, chunk):
+        anchors = np.arange(start, min(start + chunk, length - 1), dtype=np.int32)[None]  # (1, n)
+        batch = BlockBatch(tokens[None].astype(np.int32), np.array([length], dtype=np.int32),
+                           np.array([first], dtype=np.int32), anchors, np.ones(anchors.shape, dtype=bool))
+        blocks = block_targets(batch, bs, draft.config.mask_token_id, gamma=1.0)
+        context = draft.project_context(taps)
+        noise = draft.noise_embedding(blocks.noise_ids, target.embed).astype(context.dtype)
+        hidden = draft_hidden(draft, noise, context, blocks.positions, blocks.mask)
+        hidden = hidden.reshape(-1, bs, hidden.shape[-1])[:, 1:]  # (n, B−1, H)
+        logits = np.asarray(draft.logits(hidden, head or target.lm_head).astype(mx.float32), dtype=np.float64)
+        out.append(1.0 / np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
+    return np.concatenate(out) if out else np.zeros((0, bs - 1))
 
 
 def walk(runs: np.ndarray, first: int, length: int) -> tuple[int, int]:

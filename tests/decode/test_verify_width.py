@@ -22,7 +22,7 @@ from tiny_models import (
     target_config,
 )
 
-from engine.decode.drafters import DFlashDrafter, NgramDrafter, OracleDrafter
+from engine.decode.drafters import DFlashDrafter, NgramDrafter, OracleDrafter, Proposal
 from engine.decode.sampling import SamplingParams, TokenRng
 from engine.decode.speculative import SpeculativeDecoder
 from engine.decode.verify_width import PROBE_MIN, CostCurve, VerifyWidth
@@ -589,10 +589,11 @@ def test_chained_cycles_teach_the_controller_one_forward_each(varied: tuple, mon
     assert _decode(decoder, 8) == ref[:8]  # makes the controller
     update = decoder.verify_width.update
 
-    def recording_update(verified: int, accepted: int, seconds: float | None = None, *, chained: bool = False) -> None:
+    def recording_update(verified: int, accepted: int, seconds: float | None = None, *, chained: bool = False,
+                         drafted: bool | None = None) -> None:
         samples.append(seconds)
         flags.append(chained)
-        update(verified, accepted, seconds, chained=chained)
+        update(verified, accepted, seconds, chained=chained, drafted=drafted)
 
     decoder.verify_width.update = recording_update
     assert _decode(decoder, 60) == ref[:60]
@@ -610,9 +611,10 @@ def _recorded_updates(decoder: SpeculativeDecoder, max_tokens: int, ref: list[in
     calls: list[tuple[int, float | None]] = []
     update = decoder.verify_width.update
 
-    def recording_update(verified: int, accepted: int, seconds: float | None = None, *, chained: bool = False) -> None:
+    def recording_update(verified: int, accepted: int, seconds: float | None = None, *, chained: bool = False,
+                         drafted: bool | None = None) -> None:
         calls.append((verified, seconds))
-        update(verified, accepted, seconds, chained=chained)
+        update(verified, accepted, seconds, chained=chained, drafted=drafted)
 
     decoder.verify_width.update = recording_update
     assert _decode(decoder, max_tokens) == ref[:max_tokens]
@@ -639,3 +641,74 @@ def test_consecutive_drafting_cycles_teach_the_draft_cost(varied: tuple) -> None
     calls = _recorded_updates(decoder, 40, ref)
     assert all(verified for verified, _ in calls)
     assert calls[0][1] is None and all(s is not None for _, s in calls[1:]), calls
+
+
+def test_a_confident_width_verifies_as_far_as_the_draft_is_sure() -> None:
+    """Each further draft is verified while what it is expected to add (the product of the confidences) is worth
+    its rows at the stream's rate; none when the first is unsure, all when every one is certain."""
+    controller = VerifyWidth(15, CPU_CURVE, plain_s=0.070)
+    _teach(controller, [0.8] * 15)
+    assert controller.confident_width([0.99, 0.98, 0.97, 0.05, 0.9] + [0.9] * 10) == 3
+    assert controller.confident_width([0.02] * 15) == 0
+    assert controller.confident_width([1.0] * 15) == 15
+    assert controller.confident
+
+
+def test_confident_cycles_that_yield_little_turn_to_plain_steps() -> None:
+    """Cycles cut where the draft is unsure are mostly accepted, so the per-position counts overrate drafting;
+    with confident widths the draft-or-not choice reads what drafting cycles yielded (tokens per priced
+    second) instead, and turns to plain steps when that is below a plain step's rate."""
+    controller = VerifyWidth(15, CPU_CURVE, plain_s=0.070)
+    controller.draft_s = 0.080  # a costly draft: one sure draft a cycle does not pay for it
+    assert controller.choose() > 0
+    for _ in range(12):
+        width = controller.confident_width([0.99] + [0.02] * 14)
+        assert width == 1
+        controller.update(width, 1, drafted=True)
+    assert max(controller.rates()[1:]) > controller.rates()[0]  # the biased counts would keep drafting
+    assert controller.drafting_rate() < controller.rates()[0]
+    assert controller.choose() == 0
+
+
+def test_a_confident_cycle_that_verifies_nothing_prices_the_draft_not_the_host() -> None:
+    controller = VerifyWidth(15, CPU_CURVE, plain_s=0.070)
+    controller.update(0, 0, CPU_CURVE(1) + 0.030, drafted=True)
+    assert controller.host_s == 0.0 and controller.draft_s == pytest.approx(0.030)
+
+
+class _ConfidentOracle(OracleDrafter):
+    """The oracle's proposals with a confidence: sure up to the corrupted position, unsure from it on."""
+
+    def propose(self, new_tokens: list[int], taps: mx.array | None, num_tokens: int, params: SamplingParams,
+                rng: TokenRng, *, keep: int | None = None) -> Proposal:
+        wrong = self.wrong_at[self._cycle % len(self.wrong_at)]
+        proposal = super().propose(new_tokens, taps, num_tokens, params, rng, keep=keep)
+        k = proposal.tokens.shape[0]
+        sure = k if wrong is None else min(wrong, k)
+        return proposal._replace(confidence=mx.array([0.99] * sure + [0.01] * (k - sure)))
+
+
+def test_greedy_confident_widths_equal_plain_and_stop_at_the_unsure_draft(varied: tuple) -> None:
+    cfg, model, ref = varied
+    drafter = _ConfidentOracle(ref, vocab_size=cfg["vocab_size"], wrong_at=[3])
+    decoder = SpeculativeDecoder(Target(model), drafter, block_size=8, cost_curve=CostCurve.linear(0.01, 0.002, 8),
+                                 learn_overheads=False, confident_widths=True)
+    assert _decode(decoder, 60) == ref
+    drafting = [w for w in decoder.stats.widths if w > 0]
+    assert drafting and set(drafting) == {3}, decoder.stats.widths  # the three sure drafts, never the unsure ones
+    assert decoder.verify_width is not None and decoder.verify_width.confident
+    # the same drafter without confident widths verifies what the per-position counts say
+    plain_widths = SpeculativeDecoder(Target(model), _ConfidentOracle(ref, vocab_size=cfg["vocab_size"], wrong_at=[3]),
+                                      block_size=8, cost_curve=CostCurve.linear(0.01, 0.002, 8), learn_overheads=False,
+                                      confident_widths=False)
+    assert _decode(plain_widths, 60) == ref
+    assert plain_widths.verify_width is not None and not plain_widths.verify_width.confident
+
+
+def test_a_drafter_without_confidence_keeps_the_planned_widths(varied: tuple) -> None:
+    cfg, model, ref = varied
+    decoder = SpeculativeDecoder(Target(model), OracleDrafter(ref, vocab_size=cfg["vocab_size"], wrong_at=[None]),
+                                 block_size=8, cost_curve=CostCurve.linear(0.01, 0.002, 8), learn_overheads=False,
+                                 confident_widths=True)
+    assert _decode(decoder, 60) == ref
+    assert not decoder._drafter_confident and 7 in decoder.stats.widths
