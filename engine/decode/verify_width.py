@@ -302,7 +302,8 @@ class VerifyWidth:
         if not self.confident:
             return rates[self._drafting_width(rates)]
         tokens, seconds = self._yield
-        return (tokens + self.expected_tokens(1)) / (seconds + self.cost(1))
+        one = self.cost(1)
+        return (tokens + rates[1] * one) / (seconds + one)  # rates[1] * cost(1): width 1's expected tokens
 
     def best(self) -> int:
         rates = self.rates()

@@ -15,7 +15,7 @@ at each row (soft labels; z-lab found it about equal to CE, converging slower). 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -103,6 +103,14 @@ def soft_targets(target_logits: mx.array, blocks: BlockTargets, block_size: int)
     return mx.stop_gradient(logp.reshape(*before.shape, -1))
 
 
+def block_rows(draft: DFlashDraft, target: Target, taps: mx.array, blocks: BlockTargets) -> mx.array:
+    """The draft's hidden states at block rows 1..B−1 (row 0, the anchor, has no proposal): (b, N, B−1, H)."""
+    context = draft.project_context(taps)  # (b, S, H)
+    noise = draft.noise_embedding(blocks.noise_ids, target.embed).astype(context.dtype)  # (b, N*B, H)
+    hidden = draft_hidden(draft, noise, context, blocks.positions, blocks.mask)
+    return hidden.reshape(taps.shape[0], -1, draft.config.block_size, hidden.shape[-1])[:, :, 1:]
+
+
 def dflash_loss(
     draft: DFlashDraft, target: Target, taps: mx.array, blocks: BlockTargets, selector_weight: float = 1.0,
     soft: mx.array | None = None,
@@ -116,10 +124,7 @@ def dflash_loss(
     """
     b = taps.shape[0]
     bs = draft.config.block_size
-    context = draft.project_context(taps)  # (b, S, H)
-    noise = draft.noise_embedding(blocks.noise_ids, target.embed).astype(context.dtype)  # (b, N*B, H)
-    hidden = draft_hidden(draft, noise, context, blocks.positions, blocks.mask)
-    hidden = hidden.reshape(b, -1, bs, hidden.shape[-1])[:, :, 1:]  # row 0 has no loss: skip its logits
+    hidden = block_rows(draft, target, taps, blocks)
     labels = blocks.labels.reshape(b, -1, bs)[:, :, 1:]  # (b, N, B−1)
     weights = blocks.weights.reshape(b, -1, bs)[:, :, 1:]
     logits = draft.logits(hidden, target.lm_head)  # (b, N, B−1, V) float32
@@ -183,13 +188,8 @@ def anchor_runs(draft: DFlashDraft, target: Target, taps: mx.array, tokens: np.n
     taps: (1, L, T*H) the target's tapped states over `tokens` (L,). Blocks are teacher-forced, so
     greedy decoding that follows `tokens` would accept exactly these; walk() turns them into its τ.
     """
-    length = len(tokens)
     runs: list[np.ndarray] = []
-    for start in range(first, length - 1, chunk):
-        anchors = np.arange(start, min(start + chunk, length - 1), dtype=np.int32)[None]  # (1, n)
-        batch = BlockBatch(tokens[None].astype(np.int32), np.array([length], dtype=np.int32),
-                           np.array([first], dtype=np.int32), anchors, np.ones(anchors.shape, dtype=bool))
-        blocks = block_targets(batch, draft.config.block_size, draft.config.mask_token_id, gamma=1.0)
+    for blocks in _anchor_blocks(draft, tokens, first, chunk):
         _, correct, weights = dflash_loss(draft, target, taps, blocks)
         leading = mx.cumprod((correct & (weights > 0)).astype(mx.int32), axis=-1).sum(axis=-1)  # (1, n)
         runs.append(np.array(leading[0]))
@@ -201,20 +201,22 @@ def anchor_confidence(draft: DFlashDraft, target: Target, taps: mx.array, tokens
     """The draft's probability of its greedy proposal at each row 1..B−1 of the blocks anchored at first..L−2,
     teacher-forced as anchor_runs: (n, B−1). `head`: the products proposals are ranked by (a proposal head's),
     default the target's LM head."""
-    length, bs = len(tokens), draft.config.block_size
     out: list[np.ndarray] = []
+    for blocks in _anchor_blocks(draft, tokens, first, chunk):
+        hidden = block_rows(draft, target, taps, blocks)[0]  # (n, B−1, H)
+        logits = np.asarray(draft.logits(hidden, head or target.lm_head).astype(mx.float32), dtype=np.float64)
+        out.append(1.0 / np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
+    return np.concatenate(out) if out else np.zeros((0, draft.config.block_size - 1))
+
+
+def _anchor_blocks(draft: DFlashDraft, tokens: np.ndarray, first: int, chunk: int) -> Iterator[BlockTargets]:
+    """One sequence's blocks anchored at first..L−2, `chunk` anchors at a time, teacher-forced."""
+    length = len(tokens)
     for start in range(first, length - 1, chunk):
         anchors = np.arange(start, min(start + chunk, length - 1), dtype=np.int32)[None]  # (1, n)
         batch = BlockBatch(tokens[None].astype(np.int32), np.array([length], dtype=np.int32),
                            np.array([first], dtype=np.int32), anchors, np.ones(anchors.shape, dtype=bool))
-        blocks = block_targets(batch, bs, draft.config.mask_token_id, gamma=1.0)
-        context = draft.project_context(taps)
-        noise = draft.noise_embedding(blocks.noise_ids, target.embed).astype(context.dtype)
-        hidden = draft_hidden(draft, noise, context, blocks.positions, blocks.mask)
-        hidden = hidden.reshape(-1, bs, hidden.shape[-1])[:, 1:]  # (n, B−1, H)
-        logits = np.asarray(draft.logits(hidden, head or target.lm_head).astype(mx.float32), dtype=np.float64)
-        out.append(1.0 / np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
-    return np.concatenate(out) if out else np.zeros((0, bs - 1))
+        yield block_targets(batch, draft.config.block_size, draft.config.mask_token_id, gamma=1.0)
 
 
 def walk(runs: np.ndarray, first: int, length: int) -> tuple[int, int]:
