@@ -239,7 +239,8 @@ def max_rel_error(ext: ModuleType) -> float:
         dense = np.asarray(mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32), group, bits), np.float64)
         reference = np.asarray(x, np.float64) @ dense.T
         worst = max(worst, float(np.abs(y - reference).max() / np.abs(reference).max()))
-    return max(worst, attention_error(ext, rng), top_probability_error(ext, rng))
+    return max(worst, attention_error(ext, rng), top_probability_error(ext, rng), swiglu_error(ext, rng),
+               rms_norm_error(ext, rng))
 
 
 def attention_error(ext: ModuleType, rng: np.random.Generator) -> float:
@@ -274,6 +275,33 @@ def top_probability_error(ext: ModuleType, rng: np.random.Generator) -> float:
     shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
     want = 1.0 / np.exp(shifted).sum(-1)
     return float(np.abs(got - want).max() / want.max())
+
+
+def swiglu_error(ext: ModuleType, rng: np.random.Generator) -> float:
+    """swiglu's worst error against float64, relative to the largest output (a width not a multiple of 16,
+    gates out to where e^-gate saturates), or inf where a row differs from the same row alone."""
+    gate_up = (rng.standard_normal((5, 2 * 50)) * 6).astype(np.float32)
+    gate_up[0, :4] = [-120.0, -90.0, 90.0, 0.0]
+    got = np.asarray(ext.swiglu(mx.array(gate_up), 50))
+    if not np.array_equal(got[2], np.asarray(ext.swiglu(mx.array(gate_up[2:3]), 50))[0]):
+        return float("inf")
+    gate, up = gate_up[:, :50].astype(np.float64), gate_up[:, 50:].astype(np.float64)
+    want = gate * up / (1.0 + np.exp(-gate))
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def rms_norm_error(ext: ModuleType, rng: np.random.Generator) -> float:
+    """rms_norm's worst error against float64, relative to the largest output (a width not a multiple of 16, a
+    strided input), or inf where a row differs from the same row alone."""
+    x = (rng.standard_normal((4, 2, 40)) * 3).astype(np.float32)
+    weight = rng.standard_normal(40).astype(np.float32)
+    view = mx.array(x).transpose(1, 0, 2)  # (2, 4, 40), rows strided
+    got = np.asarray(ext.rms_norm(view, mx.array(weight), 1e-5))
+    if not np.array_equal(got[1, 2], np.asarray(ext.rms_norm(mx.array(x[2:3, 1]), mx.array(weight), 1e-5))[0]):
+        return float("inf")
+    rows = x.transpose(1, 0, 2).astype(np.float64)
+    want = weight * rows / np.sqrt((rows**2).mean(-1, keepdims=True) + 1e-5)
+    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 def timed_choice(ext: ModuleType, cache: DiskCache | None = None) -> CpuQuant:

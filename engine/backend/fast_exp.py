@@ -95,6 +95,24 @@ def logsumexp(x: mx.array, axis: int = -1) -> mx.array:
     return top + mx.log(mx.sum(exp(x - top), axis=axis, keepdims=True))
 
 
+_cpu_kernel: object | None = None  # the quantized CPU kernel's extension, once a model runs on it
+
+
+def use_cpu_kernel(ext: object | None) -> None:
+    """Take packed float32 SwiGLUs through the CPU kernel's one-pass op (kernels/cpu_quant: ~0.25 ms less
+    per 16-row block than the polynomial here, and a value the same in any number of rows); None: not."""
+    global _cpu_kernel
+    _cpu_kernel = ext
+
+
+def packed_swiglu(gate_up: mx.array, hidden: int) -> mx.array:
+    """swiglu of a packed [gate | up] product (..., 2 * hidden): the CPU kernel's op where it runs."""
+    if _cpu_kernel is not None and gate_up.dtype == mx.float32:
+        return _cpu_kernel.swiglu(gate_up, hidden)  # type: ignore[attr-defined]
+    gate, up = mx.split(gate_up, [hidden], axis=-1)
+    return swiglu(gate, up)
+
+
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     """silu(gate) · up = gate · up / (1 + exp(-gate)), as mlx-lm's swiglu."""
     if not enabled() or gate.dtype != mx.float32 or gate.size < MIN_ELEMENTS:

@@ -154,7 +154,7 @@ def block_attention(
     `mask` is exactly key >= key_start."""
     if (_cpu_kernel is not None and (mask is None or isinstance(mask, str)) and key_start is None
             and queries.shape[2] <= MAX_BLOCK_ROWS and queries.dtype == keys.dtype == values.dtype == mx.float32
-            and queries.shape[-1] % 16 == 0 and mode() == "auto"):
+            and queries.shape[-1] % 16 == 0 and mode() == "auto" and not _on_cuda()):
         return _cpu_kernel.block_attention(queries, keys, values, scale, mask == "causal")
     if _tree is not None and mask is _tree[0] and mode() == "auto" and _on_cuda():
         kernel = attention_kernel.default_kernel()

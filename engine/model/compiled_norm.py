@@ -33,11 +33,26 @@ def _scalars(eps: float, dims: int) -> tuple[mx.array, mx.array]:
     return _constants[(eps, dims)]
 
 
+_cpu_kernel: object | None = None  # the quantized CPU kernel's extension, once a model runs on it
+
+
+def use_cpu_kernel(ext: object | None) -> None:
+    """Run float32 norms as the CPU kernel's one-node op (kernels/cpu_quant), any number of rows; None: the
+    compiled formula again."""
+    global _cpu_kernel
+    _cpu_kernel = ext
+
+
 class CompiledRMSNorm(nn.RMSNorm):
-    """nn.RMSNorm whose small float32 calls run the compiled formula (installed by class swap)."""
+    """nn.RMSNorm whose small float32 calls run the compiled formula, or every float32 call the CPU kernel's
+    op where a model runs on it (installed by class swap)."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if x.dtype != mx.float32 or x.size > MAX_ELEMENTS or self.weight.dtype != mx.float32:
+        if x.dtype != mx.float32 or self.weight.dtype != mx.float32:
+            return super().__call__(x)
+        if _cpu_kernel is not None:
+            return _cpu_kernel.rms_norm(x, self.weight, self.eps)  # type: ignore[attr-defined]
+        if x.size > MAX_ELEMENTS:
             return super().__call__(x)
         return _compiled(x, self.weight, *_scalars(self.eps, x.shape[-1]))
 

@@ -155,5 +155,4 @@ def _fused_attention_call(
 
 
 def _fused_mlp_call(self: nn.Module, x: mx.array) -> mx.array:
-    gate, up = mx.split(self.gate_up_proj(x), [self._gate_up_split], axis=-1)  # 2x (..., I)
-    return self.down_proj(fast_exp.swiglu(gate, up))
+    return self.down_proj(fast_exp.packed_swiglu(self.gate_up_proj(x), self._gate_up_split))

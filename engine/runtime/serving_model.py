@@ -274,11 +274,14 @@ def prepare_model(model: object, *, fuse: bool, cpu_quant: CpuQuant | None = Non
     if on_cuda() and (widened := widen_scales(model)):  # before the verify kernels decide on the layers
         notes.append(f"float32 scales in {widened} quantized layers")
     if cpu_quant is not None:  # after fusing: the packed layers are the ones repacked
-        from engine.model.attention import use_cpu_kernel
+        from engine.backend import fast_exp
+        from engine.model import attention, compiled_norm
         from engine.model.quant_linear import use_quant_kernel
 
-        notes.append(f"{use_quant_kernel(model, cpu_quant)} quantized layers and block attention on the CPU kernel")
-        use_cpu_kernel(cpu_quant.ext)
+        notes.append(f"{use_quant_kernel(model, cpu_quant)} quantized layers, block attention, SwiGLU and RMSNorm "
+                     "on the CPU kernel")
+        for module in (attention, fast_exp, compiled_norm):  # the ops of every model in this process
+            module.use_cpu_kernel(cpu_quant.ext)
     if mx.default_device() == mx.cpu:  # after fusing: the packed layers are the ones transposed
         notes.append(f"{transpose_linears(model)} float32 matrices stored transposed")
         notes.append(f"{use_table_rope(model)} RoPE modules read a cos/sin table")

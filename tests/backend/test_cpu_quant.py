@@ -10,6 +10,7 @@ from pathlib import Path
 from types import ModuleType
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -196,3 +197,89 @@ def test_quant_matmul_maps_over_a_batch_of_inputs(ext: ModuleType) -> None:
     assert np.array_equal(np.asarray(mapped), alone)
     last = mx.vmap(lambda a: ext.quant_matmul(a, *packed, 40, 32), in_axes=2, out_axes=0)(mx.moveaxis(x, 0, 2))
     assert np.array_equal(np.asarray(last), alone)
+
+
+def test_strided_inputs_equal_their_row_major_copies(ext: ModuleType) -> None:
+    """The kernel's ops take their inputs as they come (no contiguous() node in the graph) and copy a view
+    that is not row-major when they run: a transposed, a sliced and a broadcast input each give what their
+    contiguous copies give, bit for bit."""
+    rng = np.random.default_rng(2)
+    w, scales, biases = mx.quantize(mx.array(rng.standard_normal((24, 64)).astype(np.float32)), group_size=32, bits=4)
+    packed = pack(w, scales, biases, 32)
+    base = mx.array(rng.standard_normal((64, 6)).astype(np.float32))
+    views = {"transposed": base.T, "sliced": mx.array(rng.standard_normal((5, 128)).astype(np.float32))[:, ::2],
+             "broadcast": mx.broadcast_to(base[:, :1].T, (3, 64))}
+    for name, x in views.items():
+        got, want = ext.quant_matmul(x, *packed, 24, 32), ext.quant_matmul(mx.contiguous(x), *packed, 24, 32)
+        assert np.array_equal(np.asarray(got), np.asarray(want)), name
+    q = mx.array(rng.standard_normal((1, 2, 32, 3)).astype(np.float32)).transpose(0, 1, 3, 2)  # last stride 3
+    k = mx.array(rng.standard_normal((1, 2, 7, 32)).astype(np.float32))
+    v = mx.array(rng.standard_normal((1, 2, 32, 7)).astype(np.float32)).transpose(0, 1, 3, 2)
+    got = ext.block_attention(q, k, v, 0.3, True)
+    want = ext.block_attention(mx.contiguous(q), k, mx.contiguous(v), 0.3, True)
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+    scores = mx.array(rng.standard_normal((40, 3)).astype(np.float32))
+    assert np.array_equal(np.asarray(ext.top_probability(scores.T)), np.asarray(ext.top_probability(mx.contiguous(scores.T))))
+
+
+def test_swiglu_matches_float64_and_each_row_alone(ext: ModuleType) -> None:
+    assert cpu_quant.swiglu_error(ext, np.random.default_rng(4)) <= cpu_quant.MAX_REL_ERROR
+    with pytest.raises(ValueError, match="swiglu: gate_up"):
+        ext.swiglu(mx.zeros((2, 10)), 4)  # not 2 x 4 wide
+
+
+def test_packed_swiglu_takes_the_kernel_where_a_model_runs_on_it(ext: ModuleType) -> None:
+    """fast_exp.packed_swiglu (the packed MLPs' activation) goes through the kernel's op once prepare_model
+    hands it the kernel, and gives mlx-lm's swiglu to float32 rounding; under vmap too (a kernel draft's
+    training-objective forwards)."""
+    from mlx_lm.models.activations import swiglu
+
+    from engine.backend import fast_exp
+
+    gate_up = mx.random.normal((3, 4, 2 * 40), key=mx.random.key(7)) * 3
+    want = swiglu(gate_up[..., :40], gate_up[..., 40:])
+    fast_exp.use_cpu_kernel(ext)
+    try:
+        graph = fast_exp.packed_swiglu(gate_up, 40)
+        assert "DFlashSwiglu" in _graph_ops(graph)
+        assert mx.allclose(graph, want, rtol=1e-5, atol=1e-6).item()
+        columns = mx.moveaxis(gate_up, 1, 2)  # (3, 80, 4): vmap over the last axis, each slice a (3, 80) block
+        mapped = mx.vmap(lambda a: fast_exp.packed_swiglu(a, 40), in_axes=2, out_axes=1)(columns)
+        assert mx.array_equal(mapped, graph).item()
+    finally:
+        fast_exp.use_cpu_kernel(None)
+    assert "DFlashSwiglu" not in _graph_ops(fast_exp.packed_swiglu(gate_up, 40))
+
+
+def _graph_ops(out: mx.array) -> str:
+    import io
+
+    buffer = io.StringIO()
+    mx.export_to_dot(buffer, out)
+    return buffer.getvalue()
+
+
+def test_rms_norm_matches_float64_and_each_row_alone(ext: ModuleType) -> None:
+    assert cpu_quant.rms_norm_error(ext, np.random.default_rng(6)) <= cpu_quant.MAX_REL_ERROR
+    with pytest.raises(ValueError, match="rms_norm: x"):
+        ext.rms_norm(mx.zeros((2, 10)), mx.ones((8,)), 1e-5)
+
+
+def test_compiled_norms_take_the_kernel_where_a_model_runs_on_it(ext: ModuleType) -> None:
+    """A CompiledRMSNorm (every norm of a model on the CPU) runs the kernel's one-node op once prepare_model hands
+    it the kernel, prefill-sized inputs included, and gives nn.RMSNorm's values to float32 rounding."""
+    from engine.model import compiled_norm
+
+    norm = nn.RMSNorm(48, eps=1e-6)
+    norm.weight = mx.random.normal((48,), key=mx.random.key(2))
+    x = mx.random.normal((3, 500, 48), key=mx.random.key(3))
+    want = norm(x)
+    compiled_norm.compile_norms(norm)
+    compiled_norm.use_cpu_kernel(ext)
+    try:
+        got = norm(x)
+        assert "DFlashRmsNorm" in _graph_ops(got)
+        assert mx.allclose(got, want, rtol=1e-5, atol=1e-6).item()
+    finally:
+        compiled_norm.use_cpu_kernel(None)
+    assert "DFlashRmsNorm" not in _graph_ops(norm(x[:, :2]))

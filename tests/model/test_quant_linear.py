@@ -156,3 +156,30 @@ def test_measured_verify_costs_are_keyed_by_the_kernel_build(kernel: CpuQuant, t
     use_quant_kernel(model, kernel)
     key = cost_key(LoadedModel(model, None, "tiny", tmp_path, 2048, "tiny"), config, "ngram")
     assert f"cpu_quant {cpu_quant.build_key()}" in key and "cpu_quant" not in plain_key
+
+
+def test_a_verify_row_is_the_decode_step_bit_for_bit_on_the_embedded_model() -> None:
+    """The embedded model as served on the kernel (products, attention, SwiGLU and norms all the kernel's,
+    each row computed alone): every row of a 16-row verify equals the 1-row decode step at its position,
+    logits and taps bit for bit, so speculative greedy decoding is plain greedy decoding exactly."""
+    from engine.model.target import Target
+    from engine.runtime.config import EngineConfig
+    from engine.runtime.serving_model import load_target
+
+    try:
+        cpu_quant.unsupported_here()
+    except KernelUnavailable as e:
+        pytest.skip(f"the quantized CPU kernel cannot run here: {e}")
+    loaded, prepared = load_target(EngineConfig())
+    assert "SwiGLU and RMSNorm on the CPU kernel" in prepared, prepared
+    target = Target(loaded.model, (1, 14, 27))
+    ids = loaded.tokenizer.encode("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")
+    cache = target.make_cache()
+    mx.eval(target(mx.array([ids]), cache, taps=True))
+    block = [int(t) for t in np.random.default_rng(0).integers(100, 40000, 16)]
+    logits, taps = target(mx.array([block]), cache, taps=True)
+    mx.eval(logits, taps)
+    target.trim(cache, 16)
+    for i, token in enumerate(block):
+        one, one_taps = target(mx.array([[token]]), cache, taps=True)
+        assert mx.array_equal(one[0, 0], logits[0, i]).item() and mx.array_equal(one_taps[0, 0], taps[0, i]).item(), i
