@@ -227,7 +227,7 @@ def _nontrivial_rope(rope: dict[str, Any] | None) -> dict[str, Any] | None:
     return dict(rope)
 
 
-def _rope(rope: nn.Module, x: mx.array, positions: int | mx.array) -> mx.array:
+def rope_at(rope: nn.Module, x: mx.array, positions: int | mx.array) -> mx.array:
     """x: (b, heads, L, d). RoPE at absolute positions (spec §1.6).
 
     An int position is the first of a contiguous run (the fast path); an array gives each row's.
@@ -240,13 +240,13 @@ def _rope(rope: nn.Module, x: mx.array, positions: int | mx.array) -> mx.array:
     return rows[..., 0, :].transpose(1, 2, 0, 3)  # (b, heads, L, d)
 
 
-def _as_array(positions: int | mx.array, length: int) -> mx.array:
+def position_array(positions: int | mx.array, length: int) -> mx.array:
     if isinstance(positions, int):
         return mx.arange(positions, positions + length)
     return positions
 
 
-def _merge_masks(a: mx.array | None, b: mx.array | None) -> mx.array | None:
+def merge_masks(a: mx.array | None, b: mx.array | None) -> mx.array | None:
     if a is None or b is None:
         return a if b is None else b
     if a.dtype == mx.bool_ and b.dtype == mx.bool_:
@@ -293,28 +293,33 @@ class DraftAttention(nn.Module):
     ) -> mx.array:
         b, L, _ = x.shape
         queries = self.q_norm(self.q_proj(x).reshape(b, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
-        queries = _rope(rope, queries, q_positions)  # (b, n_heads, L, head_dim)
+        queries = rope_at(rope, queries, q_positions)  # (b, n_heads, L, head_dim)
         # the same k/v projections read the context and the block (no cross-attention weights)
         ctx_keys, ctx_values = self._kv(context)  # (b, n_kv_heads, S, head_dim)
-        ctx_keys = _rope(rope, ctx_keys, ctx_positions)
+        ctx_keys = rope_at(rope, ctx_keys, ctx_positions)
         block_keys, block_values = self._kv(x)  # (b, n_kv_heads, L, head_dim)
-        block_keys = _rope(rope, block_keys, q_positions)
+        block_keys = rope_at(rope, block_keys, q_positions)
         if cache is not None:
             # only context rows are cached; block K/V are recomputed, so the draft never rolls back
             ctx_keys, ctx_values = cache.update_and_fetch(ctx_keys, ctx_values)
             ctx_positions = 0
-        ctx_len = ctx_keys.shape[2]
-        if cache is not None and self.window is not None and ctx_len > self.window - 1:
-            # rows older than window-1 are out of every block row's window
-            ctx_positions = ctx_len - (self.window - 1)
-            ctx_keys = ctx_keys[:, :, ctx_positions:]
-            ctx_values = ctx_values[:, :, ctx_positions:]
-            ctx_len = self.window - 1
         keys = mx.concatenate([ctx_keys, block_keys], axis=2)  # (b, n_kv_heads, S+L, head_dim)
         values = mx.concatenate([ctx_values, block_values], axis=2)
-        structure = self._structural_mask(_as_array(q_positions, L), _as_array(ctx_positions, ctx_len))
+        return self.attend(queries, keys, values, q_positions, ctx_positions, ctx_keys.shape[2], cache is not None, mask)
+
+    def attend(self, queries: mx.array, keys: mx.array, values: mx.array, q_positions: int | mx.array,
+               ctx_positions: int | mx.array, ctx_len: int, cached: bool, mask: mx.array | None) -> mx.array:
+        """The block's queries (b, n_heads, L, head_dim) over keys and values (b, n_kv_heads, ctx_len + L,
+        head_dim), the context's rows first, through o_proj: (b, L, hidden)."""
+        b, _, L, _ = queries.shape
+        if cached and self.window is not None and ctx_len > self.window - 1:
+            # rows older than window-1 are out of every block row's window
+            ctx_positions = ctx_len - (self.window - 1)
+            keys, values = keys[:, :, ctx_positions:], values[:, :, ctx_positions:]
+            ctx_len = self.window - 1
+        structure = self._structural_mask(position_array(q_positions, L), position_array(ctx_positions, ctx_len))
         out = block_attention(
-            queries, keys, values, scale=self.scale, mask=_merge_masks(structure, mask)
+            queries, keys, values, scale=self.scale, mask=merge_masks(structure, mask)
         )  # (b, n_heads, L, head_dim)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, L, -1))
 
@@ -640,8 +645,12 @@ class DFlash2Draft(DFlashDraft):
             "selector_top_k": min(16, config.vocab_size),
             **dflash2,
         }
+        from engine.model.packed_draft import is_packed, pack_draft, unpacked_parameters
+
         wrapped = cls(replace(config, **values))
-        wrapped.load_weights(untransposed_parameters(draft), strict=False)
+        wrapped.load_weights(unpacked_parameters(draft), strict=False)  # the conv and selector keep their init
+        if is_packed(draft):  # a loaded draft is: so is its wrapper
+            pack_draft(wrapped)
         return wrapped
 
 
@@ -697,6 +706,9 @@ def load_draft(
     # 16-row block took 16.9 ms in bf16, 2.3 ms in float32 with OpenBLAS)
     on_cpu = mx.default_device() == mx.cpu
     draft = materialize(draft, dequantize=on_cpu, desc=f"loading draft {Path(path).name}" + (" (to float32)" if on_cpu else ""))
+    from engine.model.packed_draft import pack_draft  # it builds on this module's layers
+
+    pack_draft(draft)  # before the CPU's layer swaps below: they take the packed layers
     if on_cpu:  # as the target: transposed, table RoPE, compiled norms (transposed.py, rope_table.py, compiled_norm.py)
         transpose_linears(draft)
         use_table_rope(draft)
@@ -739,11 +751,14 @@ def _check_keys(weights: dict[str, mx.array], draft: DFlashDraft) -> None:
 
 def save_draft(draft: DFlashDraft, path: str | Path, dtype: mx.Dtype = mx.bfloat16) -> None:
     """Write config.json + model.safetensors in the published layout."""
+    from engine.model.packed_draft import unpacked_parameters
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    # a loaded draft is packed, and on the CPU stores its matrices transposed
     weights = {
         k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
-        for k, v in untransposed_parameters(draft)  # a draft loaded on the CPU stores its matrices transposed
+        for k, v in unpacked_parameters(draft)
     }
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})
     config = draft.config.to_dict()

@@ -23,12 +23,13 @@ from mlx_lm.models.cache import BatchKVCache
 
 from engine.backend import fast_exp
 from engine.model.attention import block_attention
+from engine.model.draft import MLP as DraftMLP
 from engine.model.target import inner_model
 
 # forwards read: q/k/v of the same x, optional per-head q_norm/k_norm, rope at cache.offset, sdpa, o_proj
 _ATTENTION_CLASSES: tuple[type, ...] = (llama.Attention, qwen2.Attention, qwen3.Attention)
 # forwards read: down_proj(swiglu(gate_proj(x), up_proj(x)))
-_MLP_CLASSES: tuple[type, ...] = (llama.MLP, qwen2.MLP, qwen3.MLP, qwen3_next.Qwen3NextMLP)
+_MLP_CLASSES: tuple[type, ...] = (llama.MLP, qwen2.MLP, qwen3.MLP, qwen3_next.Qwen3NextMLP, DraftMLP)
 _FUSED_CLASSES: dict[type, type] = {}
 
 
@@ -42,7 +43,7 @@ def fuse_projections(model: nn.Module) -> int:
     fused_layers = 0
     for layer in inner_model(model).layers:
         attn = _fuse_attention(getattr(layer, "self_attn", None))
-        mlp = _fuse_mlp(getattr(layer, "mlp", None))
+        mlp = fuse_mlp(getattr(layer, "mlp", None))
         fused_layers += int(attn or mlp)
     return fused_layers
 
@@ -52,8 +53,15 @@ def is_fused(module: nn.Module) -> bool:
 
 
 def _fuse_attention(attn: nn.Module | None) -> bool:
-    if attn is None or type(attn) not in _ATTENTION_CLASSES:
+    if attn is None or type(attn) not in _ATTENTION_CLASSES or not pack_qkv(attn):
         return False
+    attn.__class__ = _fused_class(type(attn), _fused_attention_call)
+    return True
+
+
+def pack_qkv(attn: nn.Module) -> bool:
+    """Replace an attention module's q_proj / k_proj / v_proj by one `qkv_proj`, in place, with the split
+    points as `_q_end` / `_k_end`; False (and nothing changed) where the three cannot be packed."""
     parts = [attn.q_proj, attn.k_proj, attn.v_proj]
     packed = concat_linears(parts)
     if packed is None:
@@ -63,11 +71,11 @@ def _fuse_attention(attn: nn.Module | None) -> bool:
         delattr(attn, name)
     attn.qkv_proj = packed
     attn._q_end, attn._k_end = q_dim, q_dim + k_dim  # ints stay Python attributes, not parameters
-    attn.__class__ = _fused_class(type(attn), _fused_attention_call)
     return True
 
 
-def _fuse_mlp(mlp: nn.Module | None) -> bool:
+def fuse_mlp(mlp: nn.Module | None) -> bool:
+    """Pack a recognised MLP's gate and up projections into one `gate_up_proj`, in place."""
     if mlp is None or type(mlp) not in _MLP_CLASSES:
         return False
     parts = [mlp.gate_proj, mlp.up_proj]

@@ -24,6 +24,7 @@ from engine.model.draft import (
     load_draft,
     save_draft,
 )
+from engine.model.packed_draft import is_packed, unpacked_parameters
 from engine.model.transposed import untransposed_parameters
 
 TARGET = target_config("qwen3")
@@ -91,13 +92,19 @@ def test_save_and_load_use_the_published_keys(tmp_path: Path) -> None:
     save_tiny_draft(draft, tmp_path)
     assert set(mx.load(str(tmp_path / "model.safetensors"))) == _published_keys(2)
     loaded = load_draft(tmp_path, **TARGET_SIZES)
-    # on the CPU the loaded copy stores its matrices transposed (engine/model/transposed.py)
-    for (k, a), (_, b) in zip(tree_flatten(draft.parameters()), untransposed_parameters(loaded), strict=True):
-        assert mx.array_equal(a, b), k
+    # the loaded copy is packed (engine/model/packed_draft.py), and on the CPU stores its matrices transposed
+    assert is_packed(loaded)
+    published = dict(unpacked_parameters(loaded))
+    assert set(published) == _published_keys(2)
+    for k, a in tree_flatten(draft.parameters()):
+        assert mx.array_equal(a, published[k]), k
+    save_draft(loaded, tmp_path / "resaved", dtype=mx.float32)  # a loaded, packed draft saves the published layout
+    assert set(mx.load(str(tmp_path / "resaved" / "model.safetensors"))) == _published_keys(2)
     save_draft(draft, tmp_path / "bf16")  # default dtype: what z-lab publishes
     assert mx.load(str(tmp_path / "bf16" / "model.safetensors"))["fc.weight"].dtype == mx.bfloat16
     on_cpu = mx.default_device() == mx.cpu  # where bf16 matmuls skip BLAS, drafts run in float32
-    reloaded = dict(untransposed_parameters(load_draft(tmp_path / "bf16", **TARGET_SIZES)))
+    bf16 = load_draft(tmp_path / "bf16", **TARGET_SIZES)
+    reloaded = dict(unpacked_parameters(bf16))
     assert reloaded["fc.weight"].dtype == (mx.float32 if on_cpu else mx.bfloat16)
     save_draft(loaded, tmp_path / "again", dtype=mx.float32)  # a loaded (transposed) draft saves as published
     assert set(mx.load(str(tmp_path / "again" / "model.safetensors"))) == _published_keys(2)

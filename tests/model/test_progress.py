@@ -58,7 +58,7 @@ def test_forced_bar_counts_the_embedded_models_layers(capsys: pytest.CaptureFixt
 
 def test_the_shipped_draft_loads_under_its_own_bar(capsys: pytest.CaptureFixture) -> None:
     from engine.model.draft import load_draft
-    from engine.model.transposed import untransposed_parameters
+    from engine.model.packed_draft import unpacked_parameters
 
     progress.configure(True)
     draft = load_draft(Path(__file__).resolve().parents[2] / "engine" / "drafts" / "smollm2-135m-instruct-dflash",
@@ -67,7 +67,7 @@ def test_the_shipped_draft_loads_under_its_own_bar(capsys: pytest.CaptureFixture
     layers = draft.config.num_hidden_layers
     assert final.startswith("loading draft smollm2-135m-instruct-dflash (to float32): 100%")
     assert f" {layers}/{layers} " in final
-    weights = dict(untransposed_parameters(draft))  # on the CPU its matrices are stored transposed
+    weights = dict(unpacked_parameters(draft))  # packed, and on the CPU its matrices are stored transposed
     assert weights["layers.0.mlp.gate_proj.weight"].dtype == mx.float32  # the CPU backend runs it in float32
 
 
