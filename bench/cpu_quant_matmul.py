@@ -1,13 +1,16 @@
 """The quantized CPU kernel (kernels/cpu_quant, engine/backend/cpu_quant.py) against MLX's float32 matmul.
 
-    python bench/cpu_quant_matmul.py [--rows 1,2,4,8,16,32] [--decode]
+    python bench/cpu_quant_matmul.py [--rows 1,2,4,8,16,32] [--decode] [--ops]
 
 Builds the kernel as the server does (or finds it built), checks it, then times the 121 products of a
 SmolLM2-135M decode step (q/k/v as one, o, gate/up as one, down, x30, and the LM head; 4-bit, the head
 8-bit as in the embedded GGUF) through the kernel and through MLX's float32 matmul, in one process,
 interleaved, at each row count. With --decode it also decodes bench.py's code, chat and math prompts
 plainly with the embedded model as the server loads it (on the kernel) and as `--dequantize yes` loads it
-(float32), interleaved, and says how far each greedy text agrees with float32's. x86-64 with AVX-512 VNNI.
+(float32), interleaved, and says how far each greedy text agrees with float32's. With --ops it times the
+served model's decode step, 16-row verify (300 tokens of context) and draft block with the kernel's
+SwiGLU and RMSNorm on and off (fast_exp's and compiled_norm's formulas), interleaved in one process.
+x86-64 with AVX-512 VNNI.
 """
 
 from __future__ import annotations
@@ -81,10 +84,67 @@ def decode(mx: Any) -> None:
               f"{tokenizer.decode(b)[:60]!r}")
 
 
+def ops(mx: Any) -> None:
+    """--ops: the served model's forwards with the kernel's SwiGLU and norms, each on and off, interleaved."""
+    from argparse import Namespace
+
+    from bench import GREEDY, PROMPTS  # bench/bench.py
+    from width_replay import load_target_and_draft
+
+    from engine.backend import fast_exp
+    from engine.decode.drafters import DFlashDrafter
+    from engine.decode.sampling import TokenRng
+    from engine.model import compiled_norm
+    from engine.model.target import Target
+
+    loaded, model, draft, prepared = load_target_and_draft(
+        Namespace(model="embedded", draft=Path(__file__).resolve().parents[1] / "engine/drafts/smollm2-135m-instruct-dflash",
+                  target_dtype="native"))
+    print(f"[cpu_quant] {prepared}", flush=True)
+    ext = fast_exp._cpu_kernel
+    if ext is None:
+        sys.exit("--ops: the served model does not run on the kernel here")
+    target = Target(model, draft.config.target_layer_ids)
+    ids = (list(loaded.tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS["code"]}])) * 8)[:300]
+    cache = target.make_cache()
+    _, taps = target(mx.array([ids]), cache, taps=True)
+    mx.eval(taps)
+    drafter = DFlashDrafter(draft, target)
+    drafter.begin(ids, taps)
+
+    def forward(rows: int) -> Any:
+        def run() -> None:
+            mx.eval(target(mx.full((1, rows), 5, dtype=mx.int32), cache, taps=True))
+            target.trim(cache, rows)
+        return run
+
+    def draft_block() -> None:
+        mx.eval(drafter.propose([ids[-1]], taps[:, -1:], 15, GREEDY, TokenRng(0), keep=1).tokens)
+        for c in drafter._cache or []:
+            c.offset -= 1
+
+    settings = {"kernel SwiGLU and norms": (ext, ext), "kernel norms only": (None, ext),
+                "kernel SwiGLU only": (ext, None), "neither": (None, None)}
+    cases = {"decode step": forward(1), "16-row verify": forward(16), "draft block": draft_block}
+    ms: dict[tuple[str, str], list[float]] = {}
+    for _ in range(3):  # interleaved: a slow moment of the machine hits every setting
+        for setting, (swiglu, norm) in settings.items():
+            fast_exp.use_cpu_kernel(swiglu)
+            compiled_norm.use_cpu_kernel(norm)
+            for case, fn in cases.items():
+                ms.setdefault((setting, case), []).append(median_ms(fn, 20))
+    fast_exp.use_cpu_kernel(ext)
+    compiled_norm.use_cpu_kernel(ext)
+    for setting in settings:
+        print(f"[cpu_quant] {setting:<24} " + ", ".join(f"{case} {min(ms[(setting, case)]):6.2f} ms" for case in cases))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1,2,4,8,16,32", help="comma list of activation rows")
     parser.add_argument("--decode", action="store_true", help="also decode with the embedded model, kernel vs float32")
+    parser.add_argument("--ops", action="store_true", help="also time the served model's forwards with the kernel's "
+                        "SwiGLU and norms on and off")
     args = parser.parse_args()
     maybe_reexec_with_blas()
     import mlx.core as mx
@@ -98,6 +158,8 @@ def main() -> None:
     products(ext, mx, [int(r) for r in args.rows.split(",")])
     if args.decode:
         decode(mx)
+    if args.ops:
+        ops(mx)
 
 
 if __name__ == "__main__":
