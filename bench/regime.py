@@ -3,6 +3,8 @@
     python bench/regime.py --shape qwen3-8b --bits 4          # on a GPU (a random 8B target is 16 GB in bf16)
     python bench/regime.py --shape tiny                         # a smoke run anywhere
     python bench/regime.py --shape qwen3-8b --verify-gemm       # A/B: dense verify-width kernels paused / active
+    python bench/regime.py --shape qwen3-8b --profile           # + kernels and device time per forward (CUDA)
+    python bench/regime.py --shape qwen3-8b --published-draft   # A/B: the draft packed (as loaded) / published
 
 A random target has no draft that predicts it, so acceptance comes from an oracle: the draft's
 forward (a random DFlash draft of the published 8B-class shape, 5 layers at the target's width)
@@ -19,6 +21,9 @@ its layers for the verify-width ones (engine/backend/verify_gemm.py for float we
 check picks kernel or MLX per layer shape. `--verify-gemm` also swaps the draft's layers and measures
 everything twice in this process, interleaved, with the dense kernels paused ("mlx": MLX's matmul
 everywhere) and active ("gemm": where the check chose them), and prints the check's decisions.
+`--profile` (CUDA with PyTorch beside MLX, as bench/kernel_profile.py) adds, per state, the kernels each
+forward launches, their summed device time and the wall time per call: whether a forward is bound by
+reading weights (device time near the wall) or by launching kernels.
 """
 
 from __future__ import annotations
@@ -95,8 +100,11 @@ def build_target(shape: str, bits: int | None, dtype: mx.Dtype) -> nn.Module:
     return model
 
 
-def build_draft(target: Any, layers: int, dtype: mx.Dtype) -> Any:
-    from engine.model.draft import DFlashDraft, DraftConfig, build_target_layer_ids
+def build_draft(target: Any, layers: int, dtype: mx.Dtype, bits: int | None = None, packed: bool = True) -> Any:
+    """A random DFlash draft of the published 8B-class shape at the target's width, as load_draft leaves a
+    published one: quantized (`bits`), then packed (engine/model/packed_draft.py) unless `packed` is False."""
+    from engine.model.draft import DFlashDraft, DraftConfig, build_target_layer_ids, quantizable
+    from engine.model.packed_draft import pack_draft
 
     a = target.model.args
     config = DraftConfig(
@@ -107,6 +115,10 @@ def build_draft(target: Any, layers: int, dtype: mx.Dtype) -> Any:
     )
     draft = DFlashDraft(config)
     draft.set_dtype(dtype)
+    if bits:
+        nn.quantize(draft, group_size=64, bits=bits, class_predicate=quantizable)  # DFlash 2's conv/selector stay
+    if packed:
+        pack_draft(draft)
     mx.eval(draft.parameters())
     return draft
 
@@ -119,6 +131,23 @@ def median_ms(fn: Callable[[], None], repeats: int) -> float:
         fn()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples) * 1e3
+
+
+def forward_call(target: Any, cache: list[Any], rows: int) -> Callable[[], None]:
+    """One target forward of `rows` rows with taps at the cache's context, trimmed again after."""
+    def run() -> None:
+        mx.eval(target(mx.full((1, rows), 5, dtype=mx.int32), cache, taps=True))
+        target.trim(cache, rows)
+    return run
+
+
+def draft_call(drafter: DFlashDrafter, prompt: list[int], taps: mx.array, keep: int) -> Callable[[], None]:
+    """One draft block with one new context row, its LM head on `keep` rows; the context row rewound after."""
+    def run() -> None:
+        mx.eval(drafter.propose([prompt[-1]], taps[:, -1:], 15, GREEDY, TokenRng(0), keep=keep).tokens)
+        for c in drafter._cache:
+            c.offset -= 1
+    return run
 
 
 def decode_tps(stream: Iterator[list[int]]) -> tuple[list[int], float]:
@@ -138,6 +167,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--verify-gemm", action="store_true",
                         help="A/B the dense verify-width kernels (target and draft) in this process")
+    parser.add_argument("--published-draft", action="store_true",
+                        help="also time a draft in the published layer layout beside the packed one the server loads")
+    parser.add_argument("--profile", action="store_true",
+                        help="CUDA: kernels launched, device and wall ms per forward (needs PyTorch)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     maybe_reexec_with_blas()
@@ -155,14 +188,11 @@ def main() -> None:
     model = build_target(args.shape, args.bits, dtype)
     prepared = prepare_model(model, fuse=True)
     draft_probe = Target(model)
-    draft = build_draft(draft_probe, args.draft_layers, dtype)
+    draft = build_draft(draft_probe, args.draft_layers, dtype, args.bits)
+    # --published-draft: the same shape with the published layer layout, timed beside the packed one
+    published = build_draft(draft_probe, args.draft_layers, dtype, args.bits, packed=False) if args.published_draft else None
     draft_probe.close()
-    if args.bits:
-        from engine.model.draft import quantizable
-
-        nn.quantize(draft, group_size=64, bits=args.bits, class_predicate=quantizable)  # DFlash 2's conv/selector stay
-        mx.eval(draft.parameters())
-    states = gemm_states(draft) if args.verify_gemm else {"": lambda: None}
+    states = gemm_states([draft] + ([published] if published is not None else [])) if args.verify_gemm else {"": lambda: None}
     target = Target(model, draft.config.target_layer_ids)
     params = sum(v.size for _, v in tree_flatten(model.parameters()))
     print(f"[regime] {args.shape} {f'{args.bits}-bit' if args.bits else dtype}, {prepared}; draft "
@@ -175,30 +205,31 @@ def main() -> None:
     mx.eval(cache[0].state, taps)
     curves: dict[str, dict[int, float]] = {label: {} for label in states}
     for rows in (1, 2, 4, 8, 16, 32):
-        def forward(rows: int = rows) -> None:
-            mx.eval(target(mx.full((1, rows), 5, dtype=mx.int32), cache, taps=True))
-            target.trim(cache, rows)
         for label, use in states.items():  # interleaved: the states see the same drift
             use()
-            curves[label][rows] = median_ms(forward, 10)
-    drafter = DFlashDrafter(draft, target)
-    drafter.begin(prompt, taps)
-    mx.eval(drafter.propose([prompt[-1]], None, 15, GREEDY, TokenRng(0)).tokens)
-    drafts_ms: dict[str, dict[int, float]] = {label: {} for label in states}
+            curves[label][rows] = median_ms(forward_call(target, cache, rows), 10)
+    drafters = {"": DFlashDrafter(draft, target)}
+    if published is not None:
+        drafters["published layers"] = DFlashDrafter(published, target)
+    for drafter in drafters.values():
+        drafter.begin(prompt, taps)
+        mx.eval(drafter.propose([prompt[-1]], None, 15, GREEDY, TokenRng(0)).tokens)
+    drafts_ms: dict[str, dict[int, float]] = {}
     for keep in (1, 15):
-        def propose(keep: int = keep) -> None:
-            mx.eval(drafter.propose([prompt[-1]], taps[:, -1:], 15, GREEDY, TokenRng(0), keep=keep).tokens)
-            for c in drafter._cache:
-                c.offset -= 1
         for label, use in states.items():
             use()
-            drafts_ms[label][keep] = median_ms(propose, 10)
-    drafter.end()
+            for kind, drafter in drafters.items():  # interleaved, as the states
+                drafts_ms.setdefault(" ".join(filter(None, (label, kind))), {})[keep] = median_ms(
+                    draft_call(drafter, prompt, taps, keep), 10)
+    profiles = profile_forwards(target, cache, drafters, prompt, taps, states) if args.profile else {}
+    for drafter in drafters.values():
+        drafter.end()
     for label, curve in curves.items():
-        draft_ms = drafts_ms[label]
         print(f"[regime]{f' [{label}]' if label else ''} target forward ms by rows "
-              + ", ".join(f"{r}: {ms:.2f}" for r, ms in curve.items())
-              + f"; draft ms, 1 kept row {draft_ms[1]:.2f}, 15 {draft_ms[15]:.2f}", flush=True)
+              + ", ".join(f"{r}: {ms:.2f}" for r, ms in curve.items()), flush=True)
+    for label, draft_ms in drafts_ms.items():
+        print(f"[regime]{f' [{label}]' if label else ''} draft ms, 1 kept row {draft_ms[1]:.2f}, 15 {draft_ms[15]:.2f}",
+              flush=True)
 
     # the greedy continuation the oracle proposes, then decode speeds
     plain = PlainDecoder(model)
@@ -247,10 +278,32 @@ def main() -> None:
         args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "prepared": prepared,
                                         "target_params": params, "forward_ms": curves.get("", curves),
                                         "draft_ms": drafts_ms.get("", drafts_ms), "gemm_decisions": gemm_decisions(),
-                                        "device": str(mx.default_device()), "summary": summary}, indent=1))
+                                        "device": str(mx.default_device()), "summary": summary, "profiles": profiles},
+                                       indent=1))
 
 
-def gemm_states(draft: nn.Module) -> dict[str, Callable[[], None]]:
+def profile_forwards(target: Any, cache: list[Any], drafters: dict[str, DFlashDrafter], prompt: list[int],
+                     taps: mx.array, states: dict[str, Callable[[], None]]) -> dict[str, Any]:
+    """--profile: what each forward launches and how long the device works on it, per state (interleaved)."""
+    from kernel_profile import profile_calls  # bench/kernel_profile.py: this script's folder is on sys.path
+
+    cases = {f"forward, {rows} row{'s' * (rows > 1)}": forward_call(target, cache, rows) for rows in (1, 2, 16)}
+    for kind, drafter in drafters.items():
+        cases |= {f"draft{f' ({kind})' if kind else ''}, {keep} kept row{'s' * (keep > 1)}":
+                  draft_call(drafter, prompt, taps, keep) for keep in (1, 15)}
+    profiles: dict[str, Any] = {}
+    for name, fn in cases.items():
+        for label, use in states.items():
+            use()
+            result = profiles[f"{name}{f' [{label}]' if label else ''}"] = profile_calls(fn, 10)
+            print(f"[profile] {name}{f' [{label}]' if label else ''}: wall {result['wall_ms']:.2f} ms, "
+                  f"{result['kernels']:.0f} kernels, device {result['device_ms']:.2f} ms", flush=True)
+            for kernel in result["top"][:6]:
+                print(f"[profile]   {kernel['us']:8.1f} us  x{kernel['per_call']:5.1f}  {kernel['name'][:70]}")
+    return profiles
+
+
+def gemm_states(drafts: list[nn.Module]) -> dict[str, Callable[[], None]]:
     """--verify-gemm: the draft's layers swapped too, the decisions printed, and the two states to A/B."""
     from engine.backend.verify_gemm import default_verify_gemm
     from engine.backend.verify_kernels import apply as use_verify_kernels
@@ -261,7 +314,7 @@ def gemm_states(draft: nn.Module) -> dict[str, Callable[[], None]]:
               "one state only", flush=True)
         return {"": lambda: None}
     start = time.perf_counter()
-    swapped = use_verify_kernels(draft, confirm=False)  # the A/B below is the end-to-end check
+    swapped = sum(use_verify_kernels(draft, confirm=False) for draft in drafts)  # the A/B below is the end-to-end check
     print(f"[regime] draft: {swapped} layers swapped in {time.perf_counter() - start:.1f} s", flush=True)
     for row in gemm_decisions():
         print(f"[regime] gemm N={row['n']} K={row['k']} {row['dtype']} rows<={row['bucket']}: "
