@@ -197,6 +197,7 @@ def main() -> None:
     params = sum(v.size for _, v in tree_flatten(model.parameters()))
     print(f"[regime] {args.shape} {f'{args.bits}-bit' if args.bits else dtype}, {prepared}; draft "
           f"{args.draft_layers} layers; built in {time.perf_counter() - start:.0f} s", flush=True)
+    print_attention_decisions()
 
     # the target's forward by rows at the prompt's context, and the draft's, each synced on its own
     prompt = [int(t) for t in mx.random.randint(10, target.vocab_size, (args.prompt_tokens,)).tolist()]
@@ -301,6 +302,19 @@ def profile_forwards(target: Any, cache: list[Any], drafters: dict[str, DFlashDr
             for kernel in result["top"][:6]:
                 print(f"[profile]   {kernel['us']:8.1f} us  x{kernel['per_call']:5.1f}  {kernel['name'][:70]}")
     return profiles
+
+
+def print_attention_decisions() -> None:
+    """The block-attention kernel's choices so far (CUDA), and whether forwards run it where it lost alone."""
+    from engine.backend.attention_kernel import default_kernel
+
+    kernel = default_kernel()
+    if kernel.kernel is None:
+        return
+    for name, d in kernel.summary().items():
+        print(f"[regime] block attention {name}: {d['reason']} (kernel {d['kernel_ms']:.3f} ms, explicit "
+              f"{d['explicit_ms']:.3f} ms)", flush=True)
+    print(f"[regime] block attention where it lost alone: {'run' if kernel.in_forward else 'not run'}", flush=True)
 
 
 def gemm_states(drafts: list[nn.Module]) -> dict[str, Callable[[], None]]:

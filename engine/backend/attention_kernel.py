@@ -70,6 +70,7 @@ class Decision:
     reference_ms: float
     max_rel_error: float
     reason: str
+    correct_warps: int | None = None  # the fastest warp count that passed numerics, chosen or not
 
 
 Kernel = Callable[..., mx.array]  # (q, k, v, scale, causal, warps, start=None, bits=None) -> (B, H, L, D)
@@ -169,6 +170,10 @@ class BlockAttentionKernel:
         self.timer = timer
         self.device_name = str(mx.device_info().get("device_name", self.backend))
         self.decisions: dict[AttentionSpec, Decision] = {}
+        # True: block specs whose kernel lost when timed alone run it anyway. A forward bound by launching
+        # kernels (MLX-CUDA's, ~10-15 us of host time each) pays ~6 launches for the explicit composition
+        # and one for the kernel; engine/backend/verify_kernels.py sets this where a whole forward is faster.
+        self.in_forward = False
 
     def spec_for(self, queries: mx.array, keys: mx.array, mask: mx.array | str | None) -> AttentionSpec | None:
         """The kernel's view of a call, or None where the kernel does not cover it."""
@@ -185,7 +190,15 @@ class BlockAttentionKernel:
     def warps_for(self, queries: mx.array, keys: mx.array, mask: mx.array | str | None) -> int | None:
         """Warps per block for this call, or None for the explicit composition."""
         spec = self.spec_for(queries, keys, mask)
-        return None if spec is None else self.decide(spec).warps
+        if spec is None:
+            return None
+        decision = self.decide(spec)
+        return decision.correct_warps if decision.warps is None and self.in_forward else decision.warps
+
+    def lost_alone(self) -> list[AttentionSpec]:
+        """Block specs whose kernel passed numerics but lost when timed alone: what `in_forward` would run."""
+        return [spec for spec, d in self.decisions.items()
+                if d.warps is None and d.correct_warps is not None and not (spec.padded or spec.tree)]
 
     def padded_spec_for(self, queries: mx.array, keys: mx.array) -> AttentionSpec | None:
         """The kernel's view of a one-row decode step with per-row key starts, or None if not covered."""
@@ -286,7 +299,7 @@ class BlockAttentionKernel:
             warps, tolerance=TOLERANCE[spec.dtype], reference_ms=ref_ms, noun="warp count",
             describe=lambda w: f"{w} warps", what=f"{what} {spec}",
             max_rel_error=lambda w: self.max_rel_error(spec, w), time_ms=lambda w: self.timer(lambda: run(w)))
-        return Decision(pick.variant, pick.kernel_ms, ref_ms, pick.max_rel_error, pick.reason)
+        return Decision(pick.variant, pick.kernel_ms, ref_ms, pick.max_rel_error, pick.reason, pick.correct)
 
     def max_rel_error(self, spec: AttentionSpec, warps: int) -> float:
         """Worst max|kernel - float32 reference| / max|reference| over CHECK_SHAPES (DECODE_CHECK_SHAPES when

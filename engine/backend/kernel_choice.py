@@ -33,6 +33,7 @@ class Pick(Generic[V]):
     kernel_ms: float
     max_rel_error: float
     reason: str
+    correct: V | None = None  # the fastest variant that passed numerics, chosen or not
 
 
 def pick_fastest(variants: Iterable[V], *, max_rel_error: Callable[[V], float], time_ms: Callable[[V], float],
@@ -55,6 +56,6 @@ def pick_fastest(variants: Iterable[V], *, max_rel_error: Callable[[V], float], 
     if best.variant is None:
         return best
     if best.kernel_ms >= reference_ms * SPEEDUP_MARGIN:
-        return Pick(None, best.kernel_ms, best.max_rel_error, "kernel not faster")
+        return Pick(None, best.kernel_ms, best.max_rel_error, "kernel not faster", best.variant)
     return Pick(best.variant, best.kernel_ms, best.max_rel_error,
-                f"{reference_ms / best.kernel_ms:.2f}x faster with {describe(best.variant)}")
+                f"{reference_ms / best.kernel_ms:.2f}x faster with {describe(best.variant)}", best.variant)

@@ -312,6 +312,42 @@ def test_a_slower_kernel_is_rejected() -> None:
     assert decision.warps is None and decision.reason == "kernel not faster"
 
 
+def test_a_kernel_that_lost_alone_runs_in_forwards_only_where_they_chose_it() -> None:
+    """A correct kernel slower alone keeps its fastest warp count: it runs when `in_forward` is set (a whole
+    forward was faster with it, engine/backend/verify_kernels.py), never if it failed numerics."""
+    d = decider(exact_kernel, kernel_ms=2.0, reference_ms=1.0)
+    q, k = mx.zeros((1, 4, 16, 64)), mx.zeros((1, 2, 40, 64))
+    assert d.warps_for(q, k, "causal") is None
+    assert d.lost_alone() == [SPEC] and d.decide(SPEC).correct_warps in ak.WARPS[64]
+    d.in_forward = True
+    assert d.warps_for(q, k, "causal") == d.decide(SPEC).correct_warps
+
+    def wrong(queries: mx.array, keys: mx.array, values: mx.array, scale: float, causal: bool, warps: int) -> mx.array:
+        return exact_kernel(queries, keys, values, scale, not causal, warps)
+
+    failed = decider(wrong, kernel_ms=0.1, reference_ms=2.0)
+    failed.in_forward = True
+    assert failed.warps_for(q, k, "causal") is None and failed.lost_alone() == []
+
+
+@pytest.mark.parametrize(("with_ms", "without_ms", "kept"), [(14.8, 17.5, True), (17.9, 17.5, False)])
+def test_the_kernel_runs_where_it_lost_alone_only_if_a_forward_is_faster(with_ms: float, without_ms: float,
+                                                                          kept: bool) -> None:
+    from engine.backend import verify_kernels
+
+    d = decider(exact_kernel, kernel_ms=2.0, reference_ms=1.0)
+    now = [0.0]
+    seen: list[bool] = []
+
+    def forward() -> None:
+        seen.append(d.in_forward)
+        now[0] += (with_ms if d.in_forward else without_ms) / 1e3
+
+    report = verify_kernels.confirm_in_forward(forward, d, reps=3, clock=lambda: now[0])
+    assert d.in_forward is kept and seen == [True, False] * 4  # interleaved, one warm-up round each
+    assert f"{with_ms:.2f} ms with the kernel, {without_ms:.2f} ms without" in report
+
+
 def test_a_kernel_that_raises_is_rejected() -> None:
     def broken(*args: object) -> mx.array:
         raise RuntimeError("nvrtc: compile failed")
