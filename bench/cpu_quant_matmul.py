@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.backend.blas import maybe_reexec_with_blas  # noqa: E402
-from regime import median_ms  # noqa: E402  bench/regime.py: this script's folder is on sys.path
+from regime import draft_call, forward_call, median_ms  # noqa: E402  bench/regime.py: this script's folder is on sys.path
 
 # (N, K, bits) of the 135M decode step's products: packed q/k/v, o, packed gate/up, down (x30), the LM head
 SHAPES = [(960, 576, 4), (576, 576, 4), (3072, 576, 4), (576, 1536, 4)] * 30 + [(49152, 576, 8)]
@@ -88,12 +88,11 @@ def ops(mx: Any) -> None:
     """--ops: the served model's forwards with the kernel's SwiGLU and norms, each on and off, interleaved."""
     from argparse import Namespace
 
-    from bench import GREEDY, PROMPTS  # bench/bench.py
+    from bench import PROMPTS  # bench/bench.py
     from width_replay import load_target_and_draft
 
     from engine.backend import fast_exp
     from engine.decode.drafters import DFlashDrafter
-    from engine.decode.sampling import TokenRng
     from engine.model import compiled_norm
     from engine.model.target import Target
 
@@ -112,20 +111,10 @@ def ops(mx: Any) -> None:
     drafter = DFlashDrafter(draft, target)
     drafter.begin(ids, taps)
 
-    def forward(rows: int) -> Any:
-        def run() -> None:
-            mx.eval(target(mx.full((1, rows), 5, dtype=mx.int32), cache, taps=True))
-            target.trim(cache, rows)
-        return run
-
-    def draft_block() -> None:
-        mx.eval(drafter.propose([ids[-1]], taps[:, -1:], 15, GREEDY, TokenRng(0), keep=1).tokens)
-        for c in drafter._cache or []:
-            c.offset -= 1
-
     settings = {"kernel SwiGLU and norms": (ext, ext), "kernel norms only": (None, ext),
                 "kernel SwiGLU only": (ext, None), "neither": (None, None)}
-    cases = {"decode step": forward(1), "16-row verify": forward(16), "draft block": draft_block}
+    cases = {"decode step": forward_call(target, cache, 1), "16-row verify": forward_call(target, cache, 16),
+             "draft block": draft_call(drafter, ids, taps, 1)}
     ms: dict[tuple[str, str], list[float]] = {}
     for _ in range(3):  # interleaved: a slow moment of the machine hits every setting
         for setting, (swiglu, norm) in settings.items():

@@ -30,6 +30,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlx.core as mx  # noqa: E402
+from regime import draft_call, forward_call  # noqa: E402
 from width_replay import add_draft_args, load_target_and_draft  # noqa: E402
 
 from bench import GREEDY, PROMPTS  # noqa: E402  (bench/bench.py: this script's folder is on sys.path)
@@ -127,21 +128,12 @@ def main() -> None:
     drafter.begin(ids, taps)
     mx.eval(drafter.propose([ids[-1]], None, 15, GREEDY, TokenRng(0)).tokens)
 
-    def forward(rows: int, taps: bool) -> Callable[[], None]:
-        def run() -> None:  # at the prompt's context every time: the rows are trimmed again
-            mx.eval(target(mx.full((1, rows), 5, dtype=mx.int32), cache, taps=taps))
-            target.trim(cache, rows)
-        return run
-
-    def draft_block() -> None:  # one new context row a call, then rewound
-        mx.eval(drafter.propose([ids[-1]], taps[:, -1:], 15, GREEDY, TokenRng(0), keep=15).tokens)
-        for layer_cache in drafter._cache or []:
-            layer_cache.offset -= 1
-
+    # at the prompt's context every time (the rows are trimmed again; the draft's context row rewound);
     # a speculative decoder's width-0 step is a 1-row forward that keeps its taps for the draft
-    cases = {"decode step, 1 row": forward(1, False), "width-0 step, 1 row with taps": forward(1, True),
-             "verify, 3 rows": forward(3, True), "verify, 16 rows": forward(16, True),
-             "draft, 15 kept rows": draft_block}
+    cases = {"decode step, 1 row": forward_call(target, cache, 1, taps=False),
+             "width-0 step, 1 row with taps": forward_call(target, cache, 1),
+             "verify, 3 rows": forward_call(target, cache, 3), "verify, 16 rows": forward_call(target, cache, 16),
+             "draft, 15 kept rows": draft_call(drafter, ids, taps, 15)}
     for rows in (int(n) for n in args.batch.split(",") if n):
         cases[f"batched decode step, {rows} rows"] = batched_step(model, loaded.tokenizer, rows)
     if budgets := [int(n) for n in args.tree.split(",") if n]:

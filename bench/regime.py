@@ -133,10 +133,10 @@ def median_ms(fn: Callable[[], None], repeats: int) -> float:
     return statistics.median(samples) * 1e3
 
 
-def forward_call(target: Any, cache: list[Any], rows: int) -> Callable[[], None]:
-    """One target forward of `rows` rows with taps at the cache's context, trimmed again after."""
+def forward_call(target: Any, cache: list[Any], rows: int, taps: bool = True) -> Callable[[], None]:
+    """One target forward of `rows` rows (with the draft's taps) at the cache's context, trimmed again after."""
     def run() -> None:
-        mx.eval(target(mx.full((1, rows), 5, dtype=mx.int32), cache, taps=True))
+        mx.eval(target(mx.full((1, rows), 5, dtype=mx.int32), cache, taps=taps))
         target.trim(cache, rows)
     return run
 

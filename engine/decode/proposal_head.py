@@ -62,7 +62,7 @@ class ProposalHead:
             self._top_probability = matrix.top_probability
 
     def __call__(self, hidden: mx.array) -> mx.array:
-        return self.ids[mx.argmax(self.product(hidden), axis=-1)]
+        return self.propose(hidden)[0]  # the confidence stays an unevaluated graph: nothing computes it
 
     def propose(self, hidden: mx.array) -> tuple[mx.array, mx.array | None]:
         """(k, H) hidden -> (k,) token ids and, where the kernel computes it cheaply, (k,) each one's probability
