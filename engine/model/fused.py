@@ -12,7 +12,7 @@ same group size, bits and mode (every output row keeps its own scales and biases
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -139,18 +139,8 @@ def _fused_attention_call(
     self: nn.Module, x: mx.array, mask: mx.array | str | None = None, cache: Any | None = None
 ) -> mx.array:
     B, L, _ = x.shape
-    qkv = self.qkv_proj(x)  # (B, L, (nh + 2 nkv) * d)
-    values = qkv[..., self._k_end :].reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, nkv, L, d)
     offset = 0 if cache is None else cache.offset
-    if "q_norm" in self:  # qwen3: per-head RMSNorm before rope
-        queries, keys = mx.split(qkv[..., : self._k_end], [self._q_end], axis=-1)
-        queries = self.q_norm(queries.reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)  # (B, nh, L, d)
-        keys = self.k_norm(keys.reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)  # (B, nkv, L, d)
-        queries, keys = self.rope(queries, offset=offset), self.rope(keys, offset=offset)
-    else:  # one rope call for the query and key heads together (per-head, so exactly the same)
-        heads = qkv[..., : self._k_end].reshape(B, L, self.n_heads + self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        heads = self.rope(heads, offset=offset)  # (B, nh + nkv, L, d)
-        queries, keys = heads[:, : self.n_heads], heads[:, self.n_heads :]
+    queries, keys, values = project_qkv(self, x, lambda heads: self.rope(heads, offset=offset))
     if cache is not None:
         keys, values = cache.update_and_fetch(keys, values)
     if hasattr(cache, "bits"):  # a quantized KV cache: mlx-lm's quantized attention
@@ -160,6 +150,23 @@ def _fused_attention_call(
         output = block_attention(queries, keys, values, scale=self.scale, mask=mask, prefill_on_host=True, site=self,
                                  key_start=start)
     return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))  # (B, L, H)
+
+
+def project_qkv(attn: nn.Module, x: mx.array,
+                rotate: Callable[[mx.array], mx.array]) -> tuple[mx.array, mx.array, mx.array]:
+    """A packed attention module's queries, keys and values (B, heads, L, d) for x (B, L, H), the queries and
+    keys through `rotate` (the module's RoPE at the rows' positions)."""
+    B, L, _ = x.shape
+    qkv = attn.qkv_proj(x)  # (B, L, (nh + 2 nkv) * d)
+    values = qkv[..., attn._k_end :].reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, nkv, L, d)
+    if "q_norm" in attn:  # qwen3: per-head RMSNorm before rope
+        queries, keys = mx.split(qkv[..., : attn._k_end], [attn._q_end], axis=-1)
+        queries = attn.q_norm(queries.reshape(B, L, attn.n_heads, -1)).transpose(0, 2, 1, 3)  # (B, nh, L, d)
+        keys = attn.k_norm(keys.reshape(B, L, attn.n_kv_heads, -1)).transpose(0, 2, 1, 3)  # (B, nkv, L, d)
+        return rotate(queries), rotate(keys), values
+    # one rope call for the query and key heads together (per-head, so exactly the same)
+    heads = rotate(qkv[..., : attn._k_end].reshape(B, L, attn.n_heads + attn.n_kv_heads, -1).transpose(0, 2, 1, 3))
+    return heads[:, : attn.n_heads], heads[:, attn.n_heads :], values
 
 
 def _fused_mlp_call(self: nn.Module, x: mx.array) -> mx.array:

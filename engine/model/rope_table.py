@@ -127,6 +127,17 @@ class TableRoPE(nn.Module):
             return self._table.rotate(x, self._table.cos[positions][:, None], self._table.sin[positions][:, None])
         return self._fast(x, offset)
 
+    def rows(self, offset: int, count: int) -> tuple[mx.array, mx.array]:
+        """The table's cos and sin (count, D) from position `offset` on, for rotate_with."""
+        return self._table.rows(offset, count)
+
+    def rotate_with(self, x: mx.array, offset: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+        """This call at an offset whose rows() the caller read: no int offset, so an `mx.compile` trace holds
+        (engine/model/compiled_layer.py); `offset` serves inputs the table does not cover."""
+        if x.shape[-1] != self.dims or x.dtype != mx.float32:
+            return self._fast(x, offset)
+        return self._table.rotate(x, cos, sin)
+
     def rotate_at(self, x: mx.array, positions: mx.array, end: int) -> mx.array:
         """Each row of x (..., T, D) at its own position, positions (T,) < end: a tree verify's rows."""
         if x.shape[-1] != self.dims or x.dtype != mx.float32:

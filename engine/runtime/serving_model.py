@@ -264,6 +264,7 @@ def prepare_model(model: object, *, fuse: bool, cpu_quant: CpuQuant | None = Non
     weights (or the 4-bit kernel's layers), table RoPE and compiled norms on the CPU; says what was done."""
     from engine.backend.verify_kernels import apply as use_verify_kernels
     from engine.backend.verify_matmul import default_verify_matmul
+    from engine.model.compiled_layer import compile_layers, enabled_by_env
     from engine.model.compiled_norm import compile_norms
     from engine.model.fused import fuse_projections
     from engine.model.rope_table import use_table_rope
@@ -289,6 +290,8 @@ def prepare_model(model: object, *, fuse: bool, cpu_quant: CpuQuant | None = Non
     if default_verify_matmul().kernel is not None:  # a GPU backend; the CPU keeps MLX's own matmul
         # after fusing, so the packed layers are the ones swapped
         notes.append(f"verify kernels considered for {use_verify_kernels(model)} layers")
+    if enabled_by_env():  # last: a layer's graphs capture the modules and routes chosen above
+        notes.append(f"{compile_layers(model)} decoder layers compiled")
     return ", ".join(notes)
 
 

@@ -1,0 +1,137 @@
+"""Decoder layers whose work around attention runs as two compiled graphs, for decode steps and blocks.
+
+MLX builds a forward's graph in Python before it launches anything: ~65 us a Qwen3 decoder layer (the input
+norm, the packed projection and its split, per-head norms, RoPE: ~20 ops through nn.Module calls) and
+~15 us for the MLP and residuals, so ~4 ms of a 36-layer Qwen3-8B-shape forward on a 2-core Xeon, where
+an H100 runs that forward in ~12 ms of wall time and ~7 ms of device time. Under `mx.compile` a layer's
+graphs are traced once per row count and replayed from C++: before attention (input norm, Q/K/V, per-head
+norms, RoPE at an offset array) and after it (o_proj, the residuals, the MLP). The KV cache update and the
+attention stay eager: the cache's slices move every step, and attention picks its kernel per key length.
+Only decode steps and query blocks (rows <= MAX_ROWS) over a plain KVCache with a causal or no mask take
+the graphs; prefill chunks, tree verifies, batched steps and sliding windows run the layer's own forward.
+A trace freezes the routes its ops read while tracing (which kernel a row count takes, the CPU kernel's
+ops): whatever switches a route calls invalidate(). `DFLASH_COMPILE_LAYERS=0` turns this off at load.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models import llama, qwen2, qwen3
+from mlx_lm.models.cache import KVCache
+
+from engine.model.attention import MAX_BLOCK_ROWS, block_attention
+from engine.model.fused import is_fused, project_qkv
+from engine.model.rope_table import TableRoPE
+from engine.model.target import inner_model
+
+ENV = "DFLASH_COMPILE_LAYERS"
+MAX_ROWS = MAX_BLOCK_ROWS
+# forwards read: h = x + attn(input_norm(x)); out = h + mlp(post_norm(h))
+_LAYER_CLASSES: tuple[type, ...] = (llama.TransformerBlock, qwen2.TransformerBlock, qwen3.TransformerBlock)
+_COMPILED_CLASSES: dict[type, type] = {}
+
+_epoch = 0  # bumped by invalidate(); a layer whose graphs are older traces them again
+_enabled = True
+_offset: tuple[int, mx.array] | None = None  # the last offset as an array: one for all layers of a forward
+
+
+def invalidate() -> None:
+    """Drop every compiled layer's traces (a kernel route changed); they are traced again at the next call."""
+    global _epoch
+    _epoch += 1
+
+
+def set_enabled(on: bool) -> None:
+    """Run compiled layers' graphs (True) or their own forwards (False), e.g. to A/B them in one process."""
+    global _enabled
+    _enabled = on
+
+
+def is_enabled() -> bool:
+    return _enabled
+
+
+def enabled_by_env(environ: Any = os.environ) -> bool:
+    return environ.get(ENV, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def compile_layers(model: nn.Module) -> int:
+    """Swap every recognised decoder layer (exact class, packed attention and MLP) for its compiled form,
+    in place; returns how many. Call it last: after fusing and every layer swap."""
+    swapped = 0
+    for layer in inner_model(model).layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if type(layer) not in _LAYER_CLASSES or attn is None or not is_fused(attn) or mlp is None or not is_fused(mlp):
+            continue
+        layer._dflash_graphs = None
+        layer.__class__ = _compiled_class(type(layer))
+        swapped += 1
+    return swapped
+
+
+def is_compiled(layer: nn.Module) -> bool:
+    return type(layer) in _COMPILED_CLASSES.values()
+
+
+class _Graphs:
+    """One layer's two compiled graphs, traced for the routes of one epoch."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        attn = layer.self_attn
+        self.epoch = _epoch
+        # the CPU's table RoPE reads its rows at an int offset: they come in as inputs (the table grows)
+        self.table = isinstance(attn.rope, TableRoPE)
+
+        def before(x: mx.array, offset: mx.array, *rows: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+            if self.table:
+                return project_qkv(attn, layer.input_layernorm(x), lambda t: attn.rope.rotate_with(t, offset, *rows))
+            return project_qkv(attn, layer.input_layernorm(x), lambda t: attn.rope(t, offset=offset))
+
+        def after(x: mx.array, attended: mx.array) -> mx.array:
+            B, L, _ = x.shape
+            h = x + attn.o_proj(attended.transpose(0, 2, 1, 3).reshape(B, L, -1))
+            return h + layer.mlp(layer.post_attention_layernorm(h))
+
+        self.before, self.after = mx.compile(before), mx.compile(after)
+
+
+def _offset_array(offset: int) -> mx.array:
+    global _offset
+    if _offset is None or _offset[0] != offset:
+        _offset = (offset, mx.array(offset, dtype=mx.int32))
+    return _offset[1]
+
+
+def _takes_graphs(layer: nn.Module, x: mx.array, mask: Any, cache: Any) -> bool:
+    if not _enabled or type(cache) is not KVCache or x.shape[1] > MAX_ROWS:
+        return False
+    if mask is not None and not isinstance(mask, str):  # an array mask: a window or a batch's padding
+        return False
+    tree = getattr(layer.self_attn, "_dflash_tree", None)  # engine/model/tree_attention.py
+    return tree is None or tree.rows is None
+
+
+def _compiled_class(cls: type) -> type:
+    if cls not in _COMPILED_CLASSES:
+
+        def __call__(self: nn.Module, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+            if not _takes_graphs(self, x, mask, cache):
+                return cls.__call__(self, x, mask, cache)
+            graphs = self._dflash_graphs
+            if graphs is None or graphs.epoch != _epoch:
+                graphs = self._dflash_graphs = _Graphs(self)
+            attn = self.self_attn
+            rows = attn.rope.rows(cache.offset, x.shape[1]) if graphs.table else ()
+            queries, keys, values = graphs.before(x, _offset_array(cache.offset), *rows)
+            keys, values = cache.update_and_fetch(keys, values)
+            attended = block_attention(queries, keys, values, scale=attn.scale, mask=mask, prefill_on_host=True,
+                                       site=attn)
+            return graphs.after(x, attended)
+
+        name = f"Compiled{cls.__name__}"
+        _COMPILED_CLASSES[cls] = type(name, (cls,), {"__call__": __call__, "__module__": cls.__module__})
+    return _COMPILED_CLASSES[cls]
