@@ -59,6 +59,10 @@ inline float __shfl_xor_sync(unsigned, float v, int off) { return lane_xor(v, of
 inline float __shfl_sync(unsigned, float v, int src) { return lane_read(v, src); }
 using std::min;
 inline float __uint_as_float(unsigned u) { return bits_float(u); }
+inline unsigned __float_as_uint(float f) { return float_bits(f); }
+inline unsigned short __half_as_ushort(__half h) { return h.b; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.b; }
+inline __half __ushort_as_half(unsigned short u) { __half h; h.b = u; return h; }
 inline float __int_as_float(unsigned u) { return bits_float(u); }
 inline float __half2float(__half h) { _Float16 v; memcpy(&v, &h.b, 2); return (float)v; }
 inline __half __float2half(float f) { _Float16 v = (_Float16)f; __half h; memcpy(&h.b, &v, 2); return h; }

@@ -35,8 +35,11 @@ log = logging.getLogger("dflash.attention_kernel")
 HEAD_DIMS = (64, 128)
 FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 # Warps per block tried, fastest correct kept; each lane holds a query row of D floats, so D=128
-# stays at <= 256 threads (255 registers a thread).
-WARPS: dict[int, tuple[int, ...]] = {64: (4, 8), 128: (4, 8)}
+# stays at <= 256 threads (255 registers a thread). GROUPED (0) is the kernel's other work split: a block
+# per KV head and query row, a warp per query head of its group (up to MAX_GROUP), K/V tiles shared.
+GROUPED = 0
+MAX_GROUP = 8
+WARPS: dict[int, tuple[int, ...]] = {64: (GROUPED, 4, 8), 128: (GROUPED, 4, 8)}
 # max|kernel - float32 reference| / max|reference|: float32 accumulation, one rounding at the end
 TOLERANCE = {mx.float32: 2e-3, mx.float16: 2e-3, mx.bfloat16: 1.2e-2}  # float32: the reference is TF32 on CUDA
 CHECK_SHAPES = ((16, 300), (3, 37), (64, 64), (2, 1000))  # (query rows, keys): tails, L = S, long rows
@@ -44,7 +47,7 @@ TIMING_SHAPE = (16, 512)
 # padded decode, (batch rows, keys): each batch's starts include 0 and S - 1 (one key seen)
 DECODE_CHECK_SHAPES = ((5, 37), (3, 300), (2, 1000))
 DECODE_TIMING_SHAPE = (256, 384)  # starts in [0, 64), as a sorted wave of prompts pads
-DECODE_WARPS: dict[int, tuple[int, ...]] = {64: (2, 4, 8), 128: (4, 8)}  # few keys per row: fewer warps may win
+DECODE_WARPS: dict[int, tuple[int, ...]] = {64: (GROUPED, 2, 4, 8), 128: (GROUPED, 4, 8)}  # few keys a row: fewer warps may win
 MAX_TREE_ROWS = 128  # a tree's rows: root + nodes, 4 words of ancestor bits
 TREE_CHECK_SHAPES = ((9, 40), (33, 300), (65, 1000), (128, 200))  # (tree rows, keys): the last has 72 before it
 TREE_TIMING_SHAPE = (33, 512)
@@ -92,14 +95,20 @@ def make_cuda_kernel() -> Kernel:
     def launch(queries: mx.array, keys: mx.array, values: mx.array, scale: float, causal: bool,
                warps: int, start: mx.array | None = None, bits: mx.array | None = None) -> mx.array:
         b, heads, rows, dim = queries.shape
+        grouped = warps == GROUPED
+        if grouped:  # a block per KV head: a warp per query head of its group
+            warps = heads // keys.shape[1]
+            if warps > MAX_GROUP:
+                raise ValueError(f"GROUPED covers up to {MAX_GROUP} query heads a KV head, not {warps}")
         # Every template value is in the kernel's name, which is what MLX caches compiled code by.
         template = [("T", queries.dtype), ("D", dim), ("CAUSAL", causal), ("PADDED", start is not None),
-                    ("TREE", bits is not None), ("WARPS", warps)]
+                    ("TREE", bits is not None), ("GROUPED", grouped), ("WARPS", warps)]
         starts = no_start if start is None else start.astype(mx.int32)
         (out,) = kernel(inputs=[queries, keys, values, mx.array([scale], dtype=mx.float32), starts,
                                 no_bits if bits is None else bits],
                         template=template,
-                        grid=(heads * warps * 32, rows, b), threadgroup=(warps * 32, 1, 1),
+                        grid=((keys.shape[1] if grouped else heads) * warps * 32, rows, b),
+                        threadgroup=(warps * 32, 1, 1),
                         output_shapes=[(b, rows, heads, dim)], output_dtypes=[queries.dtype])
         return out.transpose(0, 2, 1, 3)  # (B, H, L, D), a view: the caller's transpose back is free
 
@@ -238,7 +247,7 @@ class BlockAttentionKernel:
             decision = self._check(spec)
             self.decisions[spec] = decision
             log.info("block attention on %s, %s: %s (%s; kernel %.3f ms, reference %.3f ms, max rel err %.2g)",
-                     self.device_name, spec_name(spec), "kernel" if decision.warps else "reference",
+                     self.device_name, spec_name(spec), "reference" if decision.warps is None else "kernel " + describe_warps(decision.warps),
                      decision.reason, decision.kernel_ms, decision.reference_ms, decision.max_rel_error)
         return self.decisions[spec]
 
@@ -297,7 +306,7 @@ class BlockAttentionKernel:
         """The fastest warp count whose numerics pass, if it beats the reference's `ref_ms`."""
         pick = pick_fastest(
             warps, tolerance=TOLERANCE[spec.dtype], reference_ms=ref_ms, noun="warp count",
-            describe=lambda w: f"{w} warps", what=f"{what} {spec}",
+            describe=describe_warps, what=f"{what} {spec}",
             max_rel_error=lambda w: self.max_rel_error(spec, w), time_ms=lambda w: self.timer(lambda: run(w)))
         return Decision(pick.variant, pick.kernel_ms, ref_ms, pick.max_rel_error, pick.reason, pick.correct)
 
@@ -327,6 +336,10 @@ class BlockAttentionKernel:
             errors.append(mx.max(mx.abs(got - ref)) / mx.maximum(mx.max(mx.abs(ref)), 1e-6))
         values = [e.item() for e in errors]
         return float("nan") if any(x != x for x in values) else max(values)
+
+
+def describe_warps(warps: int) -> str:
+    return "grouped (a warp per query head of a KV group)" if warps == GROUPED else f"{warps} warps"
 
 
 def spec_name(spec: AttentionSpec) -> str:

@@ -85,7 +85,7 @@ int main(int argc, char** argv) {
   std::vector<std::thread> pool;
   for (int t = 0; t < threads; ++t) pool.emplace_back([&, t] {
     g_tid = t;
-    for (int b = 0; b < B; ++b) for (int row = 0; row < L; ++row) for (int h = 0; h < H; ++h) {
+    for (int b = 0; b < B; ++b) for (int row = 0; row < L; ++row) for (int h = 0; h < (GROUPED_ ? Hkv : H); ++h) {
       SET_BLOCK(t, h, row, b);
       block_attention(q.data(), q_shape, q_strides, k.data(), k_shape, kv_strides, v.data(), kv_strides,
                       &scale, start.data(), start_strides, bits.data(), bits_strides, out.data());
@@ -119,19 +119,21 @@ def run_on_shim(tmp: Path, b: int, heads: int, kv_heads: int, rows: int, length:
 
     header, body = read_kernel_source("block_attention.cu")
     if mutate is not None:
-        assert mutate[0] in body, mutate[0]
-        body = body.replace(mutate[0], mutate[1])
+        assert mutate[0] in header + body, mutate[0]
+        header, body = header.replace(mutate[0], mutate[1]), body.replace(mutate[0], mutate[1])
     ct = C_TYPES[dtype][0]
+    grouped = str(warps == ak.GROUPED).lower()
+    warps = heads // kv_heads if warps == ak.GROUPED else warps  # GROUPED: a warp per query head of a group
     constants = (f"  using T = {ct}; constexpr int D = {dim}; constexpr bool CAUSAL = {str(causal).lower()};\n"
                  f"  constexpr bool PADDED = {str(starts is not None).lower()}; constexpr int WARPS = {warps};\n"
-                 f"  constexpr bool TREE = {str(ancestors is not None).lower()};\n")
+                 f"  constexpr bool TREE = {str(ancestors is not None).lower()}; constexpr bool GROUPED = {grouped};\n")
     source = SHIM_CUDA + header + (
         f"void block_attention(const {ct}* q, const int* q_shape, const long long* q_strides, const {ct}* k,"
         f" const int* k_shape, const long long* k_strides, const {ct}* v, const long long* v_strides,"
         f" const float* scale, const int* start, const long long* start_strides, const uint32_t* bits,"
         f" const long long* bits_strides, {ct}* out) {{\n"
         f"{constants}{body}\n}}\n")
-    defines = {"TT": ct, "D_": dim, "WARPS_": warps}
+    defines = {"TT": ct, "D_": dim, "WARPS_": warps, "GROUPED_": grouped}
     source += "".join(f"#define {key} {value}\n" for key, value in defines.items()) + MAIN
     (tmp / "k.cpp").write_text(source)
     subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-w", "-o", str(tmp / "prog"), str(tmp / "k.cpp")],
@@ -149,6 +151,9 @@ SHIM_CASES = [  # b, heads, kv_heads, rows, keys, dim, dtype, causal, warps, spa
     (2, 4, 2, 3, 300, 64, "float32", False, 4, 0),     # several chunks per warp, full attention
     (1, 2, 1, 5, 5, 128, "float16", True, 4, 3),       # L = S: row 0 sees one key
     (1, 3, 3, 2, 70, 64, "bfloat16", False, 8, 0),     # warps with no keys at all
+    (1, 9, 3, 16, 37, 64, "bfloat16", True, ak.GROUPED, 5),    # GROUPED: 3 warps share a KV head's tiles
+    (2, 8, 2, 3, 300, 128, "float32", False, ak.GROUPED, 4),   # ten tiles, the last one partial, D = 128
+    (1, 2, 2, 5, 5, 64, "float16", True, ak.GROUPED, 3),       # no GQA: one warp a block; row 0 sees one key
 ]
 
 
@@ -172,6 +177,7 @@ PADDED_CASES = [  # b, heads, kv_heads, rows, keys, dim, dtype, causal, warps, s
     (5, 3, 3, 1, 100, 64, "float32", False, 8, 0, [0, 1, 31, 32, 99]),     # starts at chunk edges, idle warps
     (2, 2, 1, 1, 70, 128, "float16", True, 4, 3, [69, 33]),                # D = 128; causal is full at L = 1
     (2, 4, 2, 4, 40, 64, "float32", True, 4, 0, [0, 36]),                  # a causal block: row 0 sees key 36
+    (3, 8, 2, 1, 100, 64, "float32", False, ak.GROUPED, 5, [0, 99, 33]),   # GROUPED: tiles from a start on
 ]
 
 
@@ -203,6 +209,7 @@ TREE_CASES = [  # b, heads, kv_heads, rows, keys, dim, dtype, causal, warps, spa
     (1, 4, 2, 33, 60, 64, "float32", False, 8, 0, 1),      # warps whose every key is another branch's
     (1, 2, 1, 65, 70, 128, "float16", False, 4, 3, 2),     # three bit words, D = 128
     (1, 2, 2, 40, 40, 64, "float32", False, 4, 0, 3),      # no committed keys: the root sees itself only
+    (1, 8, 2, 33, 60, 64, "float32", False, ak.GROUPED, 0, 1),   # GROUPED: tiles whose keys are all others'
 ]
 
 
@@ -220,6 +227,24 @@ def test_a_tree_kernel_that_ignores_the_bits_fails_the_shim_check(tmp_path: Path
     case = (1, 4, 2, 17, 50, 64, "float32", False, 4, 0)
     ancestors = ak.random_ancestors(17, 5)
     got, expected = run_on_shim(tmp_path, *case, ancestors=ancestors, mutate=("& 1u;", "| 1u;"))
+    assert not shim_error(got, expected) < 1e-5
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) for the SIMT shim")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_grouped_kernel_stages_word_by_word_where_rows_are_not_16_byte_aligned(dtype: str, tmp_path: Path) -> None:
+    """The shim's rows are contiguous and aligned, so its GROUPED cases take 16-byte loads: here the other path."""
+    case = (1, 6, 2, 7, 45, 64, dtype, True, ak.GROUPED, 3)
+    got, expected = run_on_shim(tmp_path, *case, mutate=("const bool wide = ", "const bool wide = false && "))
+    assert shim_error(got, expected) < {"float32": 1e-5, "bfloat16": 1e-2}[dtype]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) for the SIMT shim")
+def test_a_grouped_kernel_that_gives_every_warp_one_head_fails_the_shim_check(tmp_path: Path) -> None:
+    case = (1, 8, 2, 4, 50, 64, "float32", True, ak.GROUPED, 0)
+    got, expected = run_on_shim(tmp_path, *case)
+    assert shim_error(got, expected) < 1e-5
+    got, expected = run_on_shim(tmp_path, *case, mutate=("blockIdx.x * WARPS + warp", "blockIdx.x * WARPS"))
     assert not shim_error(got, expected) < 1e-5
 
 
@@ -246,9 +271,9 @@ def test_the_float32_oracle_honours_key_starts() -> None:
 def test_kernel_source_exists_and_names_its_inputs() -> None:
     header, body = read_kernel_source("block_attention.cu")
     for needed in ("q_shape[", "q_strides[", "k_shape[", "k_strides[", "v_strides[", "scale[0]", "battn_store(out",
-                   "CAUSAL", "PADDED", START, "WARPS", "__shfl_xor_sync", "__shfl_sync"):
+                   "CAUSAL", "PADDED", "TREE", "GROUPED", START, "WARPS", "__shfl_sync"):
         assert needed in body, needed
-    assert "battn_pair(const __nv_bfloat16*" in header
+    assert "battn_pair(const __nv_bfloat16*" in header and "__shfl_xor_sync" in header
 
 
 # ---------------------------------------------------------------- the runtime decision (fake kernels)
@@ -647,7 +672,7 @@ def test_device_greedy_dflash_through_the_kernel_equals_plain(family: str, monke
     finally:
         attention.set_mode(None)
         target.close()
-    assert {spec.causal for spec, d in kernel.decisions.items() if d.warps} == {True, False}  # verify and draft
+    assert {spec.causal for spec, d in kernel.decisions.items() if d.warps is not None} == {True, False}  # verify and draft
     assert [t for s in steps for t in s.tokens] == ref
 
 
