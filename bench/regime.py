@@ -5,6 +5,8 @@
     python bench/regime.py --shape qwen3-8b --verify-gemm       # A/B: dense verify-width kernels paused / active
     python bench/regime.py --shape qwen3-8b --profile           # + kernels and device time per forward (CUDA)
     python bench/regime.py --shape qwen3-8b --published-draft   # A/B: the draft packed (as loaded) / published
+    python bench/regime.py --shape qwen3-8b --compile-ab --attention-ab  # A/B: layers eager / compiled, and
+                                                                # block attention explicit / kernel where it lost alone
 
 A random target has no draft that predicts it, so acceptance comes from an oracle: the draft's
 forward (a random DFlash draft of the published 8B-class shape, 5 layers at the target's width)
@@ -24,6 +26,10 @@ everywhere) and active ("gemm": where the check chose them), and prints the chec
 `--profile` (CUDA with PyTorch beside MLX, as bench/kernel_profile.py) adds, per state, the kernels each
 forward launches, their summed device time and the wall time per call: whether a forward is bound by
 reading weights (device time near the wall) or by launching kernels.
+`--compile-ab` runs the target's decoder layers as their own forwards ("eager") and as the server runs
+them (engine/model/compiled_layer.py, "compiled"); `--attention-ab` runs the block-attention kernel where
+it lost its check alone ("kernel") or not ("explicit"); together, every pair. mlx-lm's loop always runs
+the layers' own forwards (the projections packed, as the server loads them).
 """
 
 from __future__ import annotations
@@ -133,6 +139,22 @@ def median_ms(fn: Callable[[], None], repeats: int) -> float:
     return statistics.median(samples) * 1e3
 
 
+def interleaved_ms(states: dict[str, Callable[[], None]], make_call: Callable[[str], Callable[[], None]],
+                   repeats: int = 20) -> dict[str, float]:
+    """Median ms of one call per state, the states taking turns call by call: a slow moment of the host (a
+    GPU host's wall times move by 20-50% between seconds) hits every state alike."""
+    calls = {label: make_call(label) for label in states}
+    samples: dict[str, list[float]] = {label: [] for label in states}
+    for rep in range(repeats + 1):
+        for label, use in states.items():
+            use()
+            start = time.perf_counter()
+            calls[label]()
+            if rep:  # the first round warms each state up
+                samples[label].append(time.perf_counter() - start)
+    return {label: statistics.median(times) * 1e3 for label, times in samples.items()}
+
+
 def forward_call(target: Any, cache: list[Any], rows: int, taps: bool = True) -> Callable[[], None]:
     """One target forward of `rows` rows (with the draft's taps) at the cache's context, trimmed again after."""
     def run() -> None:
@@ -169,6 +191,10 @@ def main() -> None:
                         help="A/B the dense verify-width kernels (target and draft) in this process")
     parser.add_argument("--published-draft", action="store_true",
                         help="also time a draft in the published layer layout beside the packed one the server loads")
+    parser.add_argument("--compile-ab", action="store_true",
+                        help="A/B the target's decoder layers eager / compiled (engine/model/compiled_layer.py)")
+    parser.add_argument("--attention-ab", action="store_true",
+                        help="A/B the block-attention kernel where it lost alone: explicit / kernel (CUDA)")
     parser.add_argument("--profile", action="store_true",
                         help="CUDA: kernels launched, device and wall ms per forward (needs PyTorch)")
     parser.add_argument("--out", type=Path, default=None)
@@ -179,6 +205,7 @@ def main() -> None:
 
     from engine.decode.plain_decoder import PlainDecoder
     from engine.decode.speculative import SpeculativeDecoder
+    from engine.model import compiled_layer
     from engine.model.target import Target
     from engine.runtime.serving_model import prepare_model
 
@@ -193,6 +220,10 @@ def main() -> None:
     published = build_draft(draft_probe, args.draft_layers, dtype, args.bits, packed=False) if args.published_draft else None
     draft_probe.close()
     states = gemm_states([draft] + ([published] if published is not None else [])) if args.verify_gemm else {"": lambda: None}
+    if args.compile_ab:
+        states = paired(states, compile_states())
+    if args.attention_ab:
+        states = paired(states, attention_states())
     target = Target(model, draft.config.target_layer_ids)
     params = sum(v.size for _, v in tree_flatten(model.parameters()))
     print(f"[regime] {args.shape} {f'{args.bits}-bit' if args.bits else dtype}, {prepared}; draft "
@@ -206,9 +237,8 @@ def main() -> None:
     mx.eval(cache[0].state, taps)
     curves: dict[str, dict[int, float]] = {label: {} for label in states}
     for rows in (1, 2, 4, 8, 16, 32):
-        for label, use in states.items():  # interleaved: the states see the same drift
-            use()
-            curves[label][rows] = median_ms(forward_call(target, cache, rows), 10)
+        for label, ms in interleaved_ms(states, lambda _: forward_call(target, cache, rows)).items():
+            curves[label][rows] = ms
     drafters = {"": DFlashDrafter(draft, target)}
     if published is not None:
         drafters["published layers"] = DFlashDrafter(published, target)
@@ -217,11 +247,9 @@ def main() -> None:
         mx.eval(drafter.propose([prompt[-1]], None, 15, GREEDY, TokenRng(0)).tokens)
     drafts_ms: dict[str, dict[int, float]] = {}
     for keep in (1, 15):
-        for label, use in states.items():
-            use()
-            for kind, drafter in drafters.items():  # interleaved, as the states
-                drafts_ms.setdefault(" ".join(filter(None, (label, kind))), {})[keep] = median_ms(
-                    draft_call(drafter, prompt, taps, keep), 10)
+        for kind, drafter in drafters.items():
+            for label, ms in interleaved_ms(states, lambda _: draft_call(drafter, prompt, taps, keep)).items():
+                drafts_ms.setdefault(" ".join(filter(None, (label, kind))), {})[keep] = ms
     profiles = profile_forwards(target, cache, drafters, prompt, taps, states) if args.profile else {}
     for drafter in drafters.values():
         drafter.end()
@@ -240,9 +268,13 @@ def main() -> None:
     taus: dict[str, float] = {}
     same: dict[str, bool] = {}
 
-    def mlx_lm_stream() -> Any:
-        steps = generate_step(mx.array(prompt), model, max_tokens=args.max_tokens)
-        return ([int(token)] for token, _ in steps)
+    def mlx_lm_stream() -> Iterator[list[int]]:
+        state = compiled_layer.is_enabled()
+        compiled_layer.set_enabled(False)  # mlx-lm's loop over the layers' own forwards
+        try:
+            yield from ([int(token)] for token, _ in generate_step(mx.array(prompt), model, max_tokens=args.max_tokens))
+        finally:
+            compiled_layer.set_enabled(state)
 
     for round_ in range(args.rounds + 1):
         measured = {}
@@ -306,7 +338,14 @@ def profile_forwards(target: Any, cache: list[Any], drafters: dict[str, DFlashDr
 
 def print_attention_decisions() -> None:
     """The block-attention kernel's choices so far (CUDA), and whether forwards run it where it lost alone."""
-    from engine.backend.attention_kernel import default_kernel
+    from engine.backend.attention_kernel import (
+        TIMING_SHAPE,
+        WARPS,
+        default_kernel,
+        describe_warps,
+        random_block,
+        spec_name,
+    )
 
     kernel = default_kernel()
     if kernel.kernel is None:
@@ -315,12 +354,21 @@ def print_attention_decisions() -> None:
         print(f"[regime] block attention {name}: {d['reason']} (kernel {d['kernel_ms']:.3f} ms, explicit "
               f"{d['explicit_ms']:.3f} ms)", flush=True)
     print(f"[regime] block attention where it lost alone: {'run' if kernel.in_forward else 'not run'}", flush=True)
+    for spec in kernel.decisions:  # every variant alone, at the check's timing shape
+        if spec.padded or spec.tree:
+            continue
+        q, k, v = random_block(spec, *TIMING_SHAPE)
+        for warps in WARPS[spec.head_dim]:
+            ms = kernel.timer(lambda: kernel(q, k, v, spec.head_dim**-0.5, spec.causal, warps))
+            print(f"[regime] block attention {spec_name(spec)}, {describe_warps(warps)}: {ms:.3f} ms, max rel err "
+                  f"{kernel.max_rel_error(spec, warps):.2g}", flush=True)
 
 
 def gemm_states(drafts: list[nn.Module]) -> dict[str, Callable[[], None]]:
     """--verify-gemm: the draft's layers swapped too, the decisions printed, and the two states to A/B."""
     from engine.backend.verify_gemm import default_verify_gemm
     from engine.backend.verify_kernels import apply as use_verify_kernels
+    from engine.model import compiled_layer
 
     gemm = default_verify_gemm()
     if gemm.kernel is None:
@@ -337,11 +385,49 @@ def gemm_states(drafts: list[nn.Module]) -> dict[str, Callable[[], None]]:
 
     def paused() -> None:
         gemm.active = False
+        compiled_layer.invalidate()  # compiled layers traced the other route
 
     def active() -> None:
         gemm.active = True
+        compiled_layer.invalidate()
 
     return {"mlx": paused, "gemm": active}
+
+
+def compile_states() -> dict[str, Callable[[], None]]:
+    """--compile-ab: the target's decoder layers as their own forwards, then as compiled graphs."""
+    from engine.model import compiled_layer
+
+    return {"eager": lambda: compiled_layer.set_enabled(False), "compiled": lambda: compiled_layer.set_enabled(True)}
+
+
+def attention_states() -> dict[str, Callable[[], None]]:
+    """--attention-ab: query blocks through the explicit composition, then through the block-attention kernel
+    (where it lost alone too)."""
+    from engine.backend.attention_kernel import default_kernel
+    from engine.model import attention
+
+    kernel = default_kernel()
+
+    def explicit() -> None:
+        attention.set_mode("unfused")
+
+    def kernel_too() -> None:
+        attention.set_mode("auto")
+        kernel.in_forward = True
+
+    return {"explicit": explicit, "kernel": kernel_too}
+
+
+def paired(first: dict[str, Callable[[], None]], second: dict[str, Callable[[], None]]) -> dict[str, Callable[[], None]]:
+    """Every pair of two state sets, labelled "a+b" (an unlabelled single state takes the other's labels)."""
+    def both(a: Callable[[], None], b: Callable[[], None]) -> Callable[[], None]:
+        def use() -> None:
+            a()
+            b()
+        return use
+
+    return {"+".join(filter(None, (la, lb))): both(a, b) for la, a in first.items() for lb, b in second.items()}
 
 
 def gemm_decisions() -> list[dict[str, Any]]:
