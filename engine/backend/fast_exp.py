@@ -17,6 +17,8 @@ import os
 import mlx.core as mx
 from mlx_lm.models.activations import swiglu as mlx_swiglu
 
+from engine.backend import route_epoch
+
 ENV = "DFLASH_FAST_EXP"
 LOG2E = 1.4426950408889634
 # ln 2 split in two (Cody-Waite) so x - n·ln2 stays exact for |n| <= 127
@@ -103,6 +105,7 @@ def use_cpu_kernel(ext: object | None) -> None:
     per 16-row block than the polynomial here, and a value the same in any number of rows); None: not."""
     global _cpu_kernel
     _cpu_kernel = ext
+    route_epoch.changed()
 
 
 def packed_swiglu(gate_up: mx.array, hidden: int) -> mx.array:

@@ -10,7 +10,9 @@ attention stay eager: the cache's slices move every step, and attention picks it
 Only decode steps and query blocks (rows <= MAX_ROWS) over a plain KVCache with a causal or no mask take
 the graphs; prefill chunks, tree verifies, batched steps and sliding windows run the layer's own forward.
 A trace freezes the routes its ops read while tracing (which kernel a row count takes, the CPU kernel's
-ops): whatever switches a route calls invalidate(). `DFLASH_COMPILE_LAYERS=0` turns this off at load.
+ops): whatever switches a route bumps engine/backend/route_epoch.py (the CPU kernel's setters do; a tool
+that pauses GPU kernels calls invalidate()), and older traces are traced again. `DFLASH_COMPILE_LAYERS=0`
+turns this off at load.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import mlx.nn as nn
 from mlx_lm.models import llama, qwen2, qwen3
 from mlx_lm.models.cache import KVCache
 
+from engine.backend import route_epoch
 from engine.model.attention import MAX_BLOCK_ROWS, block_attention
 from engine.model.fused import is_fused, project_qkv
 from engine.model.rope_table import TableRoPE
@@ -34,15 +37,13 @@ MAX_ROWS = MAX_BLOCK_ROWS
 _LAYER_CLASSES: tuple[type, ...] = (llama.TransformerBlock, qwen2.TransformerBlock, qwen3.TransformerBlock)
 _COMPILED_CLASSES: dict[type, type] = {}
 
-_epoch = 0  # bumped by invalidate(); a layer whose graphs are older traces them again
 _enabled = True
 _offset: tuple[int, mx.array] | None = None  # the last offset as an array: one for all layers of a forward
 
 
 def invalidate() -> None:
     """Drop every compiled layer's traces (a kernel route changed); they are traced again at the next call."""
-    global _epoch
-    _epoch += 1
+    route_epoch.changed()
 
 
 def set_enabled(on: bool) -> None:
@@ -82,7 +83,7 @@ class _Graphs:
 
     def __init__(self, layer: nn.Module) -> None:
         attn = layer.self_attn
-        self.epoch = _epoch
+        self.epoch = route_epoch.current()
         # the CPU's table RoPE reads its rows at an int offset: they come in as inputs (the table grows)
         self.table = isinstance(attn.rope, TableRoPE)
 
@@ -122,7 +123,7 @@ def _compiled_class(cls: type) -> type:
             if not _takes_graphs(self, x, mask, cache):
                 return cls.__call__(self, x, mask, cache)
             graphs = self._dflash_graphs
-            if graphs is None or graphs.epoch != _epoch:
+            if graphs is None or graphs.epoch != route_epoch.current():
                 graphs = self._dflash_graphs = _Graphs(self)
             attn = self.self_attn
             rows = attn.rope.rows(cache.offset, x.shape[1]) if graphs.table else ()

@@ -14,6 +14,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from engine.backend import route_epoch
+
 MAX_ELEMENTS = 16384  # a 16-row block of a 1,024-wide model; prefill chunks are far above it
 
 
@@ -41,6 +43,7 @@ def use_cpu_kernel(ext: object | None) -> None:
     compiled formula again."""
     global _cpu_kernel
     _cpu_kernel = ext
+    route_epoch.changed()
 
 
 class CompiledRMSNorm(nn.RMSNorm):

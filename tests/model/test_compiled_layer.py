@@ -10,6 +10,7 @@ import pytest
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 from tiny_models import build_draft, build_target, draft_config, target_config
 
+from engine.backend import fast_exp, route_epoch
 from engine.decode.drafters import DFlashDrafter
 from engine.decode.plain_decoder import PlainDecoder
 from engine.decode.sampling import SamplingParams, TokenRng
@@ -106,7 +107,17 @@ def test_invalidate_traces_the_graphs_again() -> None:
     compiled_layer.invalidate()
     compiled(mx.array([PROMPT[:2]]), cache=cache)
     again = [layer._dflash_graphs for layer in inner_model(compiled).layers]
-    assert all(a is not b and b.epoch == compiled_layer._epoch for a, b in zip(first, again))
+    assert all(a is not b and b.epoch == route_epoch.current() for a, b in zip(first, again))
+
+
+def test_switching_a_cpu_kernel_route_traces_the_graphs_again() -> None:
+    _, compiled = twins("llama")
+    cache = make_prompt_cache(compiled)
+    compiled(mx.array([PROMPT]), cache=cache)
+    first = [layer._dflash_graphs for layer in inner_model(compiled).layers]
+    fast_exp.use_cpu_kernel(fast_exp._cpu_kernel)  # the same route, set again: still a switch
+    compiled(mx.array([PROMPT[:2]]), cache=cache)
+    assert all(a is not layer._dflash_graphs for a, layer in zip(first, inner_model(compiled).layers))
 
 
 @pytest.mark.parametrize("setting,expected", [("1", 4), ("0", 0)])
