@@ -204,6 +204,8 @@ def warm_batch(batch: BatchDecoder) -> None:
 def cost_key(loaded: object, config: EngineConfig, drafter: str) -> str:
     """What measured verify costs hold for: this machine and backend, the model files, the settings."""
     from engine.backend.blas import loaded_blas, machine_key
+    from engine.model.compiled_layer import enabled_by_env
+    from engine.runtime.cost_cache import engine_stamp
 
     blas = loaded_blas()  # not blas_status(): its words change once the BLAS choice is cached
     draft = resolve_draft(config.draft, config.model, loaded.model_id) if config.drafter == "dflash" else None
@@ -215,7 +217,8 @@ def cost_key(loaded: object, config: EngineConfig, drafter: str) -> str:
 
         kernels = [f"cpu_quant {build_key()}"]
     return " | ".join([machine_key([] if blas is None else [blas]), str(mx.default_device()), loaded.model_id, loaded.description, drafter, *stamps,
-                       f"block {config.block_size} dequantize {config.dequantize} fuse {config.fuse_projections}", *kernels])
+                       f"block {config.block_size} dequantize {config.dequantize} fuse {config.fuse_projections}",
+                       f"engine {engine_stamp()} compiled layers {enabled_by_env()}", *kernels])
 
 
 def _stamp(path: Path) -> str:

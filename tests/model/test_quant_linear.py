@@ -158,6 +158,27 @@ def test_measured_verify_costs_are_keyed_by_the_kernel_build(kernel: CpuQuant, t
     assert f"cpu_quant {cpu_quant.build_key()}" in key and "cpu_quant" not in plain_key
 
 
+def test_measured_verify_costs_are_keyed_by_the_engine_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upgrade (any engine source changed) or compiled layers switched off must measure costs again."""
+    from engine.model.loader import LoadedModel
+    from engine.runtime import cost_cache
+    from engine.runtime.config import EngineConfig
+    from engine.runtime.serving_model import cost_key
+
+    source = tmp_path / "engine"
+    (source / "decode").mkdir(parents=True)
+    (source / "decode" / "step.py").write_text("x = 1\n")
+    before = cost_cache.engine_stamp(source)
+    (source / "decode" / "step.py").write_text("x = 2\n")
+    assert cost_cache.engine_stamp(source) != before
+    _, model, _ = quantized_pair("llama")
+    config = EngineConfig(model=str(tmp_path), drafter="ngram")
+    key = cost_key(LoadedModel(model, None, "tiny", tmp_path, 2048, "tiny"), config, "ngram")
+    assert f"engine {cost_cache.engine_stamp()} compiled layers True" in key
+    monkeypatch.setenv("DFLASH_COMPILE_LAYERS", "0")
+    assert cost_key(LoadedModel(model, None, "tiny", tmp_path, 2048, "tiny"), config, "ngram") != key
+
+
 def test_a_verify_row_is_the_decode_step_bit_for_bit_on_the_embedded_model() -> None:
     """The embedded model as served on the kernel (products, attention, SwiGLU and norms all the kernel's,
     each row computed alone): every row of a 16-row verify equals the 1-row decode step at its position,
