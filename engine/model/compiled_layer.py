@@ -26,8 +26,8 @@ from mlx_lm.models import llama, qwen2, qwen3
 from mlx_lm.models.cache import KVCache
 
 from engine.backend import route_epoch
-from engine.model.attention import MAX_BLOCK_ROWS, block_attention
-from engine.model.fused import is_fused, project_qkv
+from engine.model.attention import MAX_BLOCK_ROWS
+from engine.model.fused import attend, is_fused, project_out, project_qkv
 from engine.model.rope_table import TableRoPE
 from engine.model.target import inner_model
 
@@ -93,8 +93,7 @@ class _Graphs:
             return project_qkv(attn, layer.input_layernorm(x), lambda t: attn.rope(t, offset=offset))
 
         def after(x: mx.array, attended: mx.array) -> mx.array:
-            B, L, _ = x.shape
-            h = x + attn.o_proj(attended.transpose(0, 2, 1, 3).reshape(B, L, -1))
+            h = x + project_out(attn, attended)
             return h + layer.mlp(layer.post_attention_layernorm(h))
 
         self.before, self.after = mx.compile(before), mx.compile(after)
@@ -128,10 +127,7 @@ def _compiled_class(cls: type) -> type:
             attn = self.self_attn
             rows = attn.rope.rows(cache.offset, x.shape[1]) if graphs.table else ()
             queries, keys, values = graphs.before(x, _offset_array(cache.offset), *rows)
-            keys, values = cache.update_and_fetch(keys, values)
-            attended = block_attention(queries, keys, values, scale=attn.scale, mask=mask, prefill_on_host=True,
-                                       site=attn)
-            return graphs.after(x, attended)
+            return graphs.after(x, attend(attn, queries, keys, values, mask, cache))
 
         name = f"Compiled{cls.__name__}"
         _COMPILED_CLASSES[cls] = type(name, (cls,), {"__call__": __call__, "__module__": cls.__module__})

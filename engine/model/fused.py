@@ -138,18 +138,27 @@ def _fused_class(cls: type, call: Any) -> type:
 def _fused_attention_call(
     self: nn.Module, x: mx.array, mask: mx.array | str | None = None, cache: Any | None = None
 ) -> mx.array:
-    B, L, _ = x.shape
     offset = 0 if cache is None else cache.offset
     queries, keys, values = project_qkv(self, x, lambda heads: self.rope(heads, offset=offset))
+    return project_out(self, attend(self, queries, keys, values, mask, cache))
+
+
+def attend(attn: nn.Module, queries: mx.array, keys: mx.array, values: mx.array, mask: mx.array | str | None,
+           cache: Any | None) -> mx.array:
+    """The rows' new keys and values into the cache, then the queries' attention over all of them: (B, nh, L, d)."""
     if cache is not None:
         keys, values = cache.update_and_fetch(keys, values)
     if hasattr(cache, "bits"):  # a quantized KV cache: mlx-lm's quantized attention
-        output = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=self.scale, mask=mask)
-    else:
-        start = cache.left_padding if isinstance(cache, BatchKVCache) else None  # a batched decode step's rows
-        output = block_attention(queries, keys, values, scale=self.scale, mask=mask, prefill_on_host=True, site=self,
-                                 key_start=start)
-    return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))  # (B, L, H)
+        return scaled_dot_product_attention(queries, keys, values, cache=cache, scale=attn.scale, mask=mask)
+    start = cache.left_padding if isinstance(cache, BatchKVCache) else None  # a batched decode step's rows
+    return block_attention(queries, keys, values, scale=attn.scale, mask=mask, prefill_on_host=True, site=attn,
+                           key_start=start)
+
+
+def project_out(attn: nn.Module, attended: mx.array) -> mx.array:
+    """o_proj of the heads' outputs (B, nh, L, d) -> (B, L, H)."""
+    B, _, L, _ = attended.shape
+    return attn.o_proj(attended.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
 def project_qkv(attn: nn.Module, x: mx.array,
