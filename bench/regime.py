@@ -26,9 +26,10 @@ everywhere) and active ("gemm": where the check chose them), and prints the chec
 `--profile` (CUDA with PyTorch beside MLX, as bench/kernel_profile.py) adds, per state, the kernels each
 forward launches, their summed device time and the wall time per call: whether a forward is bound by
 reading weights (device time near the wall) or by launching kernels.
-`--compile-ab` runs the target's decoder layers as their own forwards ("eager") and as the server runs
-them (engine/model/compiled_layer.py, "compiled"); `--attention-ab` runs the block-attention kernel where
-it lost its check alone ("kernel") or not ("explicit"); together, every pair. mlx-lm's loop always runs
+`--compile-ab` runs the target's decoder layers as their own forwards and the draft's q/k norms as two calls
+("eager"), and both as the server runs them (engine/model/compiled_layer.py, fused.QKNorm: "compiled");
+`--attention-ab` runs the block-attention kernel where it lost its check alone ("kernel") or not
+("explicit"); together, every pair. mlx-lm's loop always runs
 the layers' own forwards (the projections packed, as the server loads them).
 """
 
@@ -206,7 +207,7 @@ def main() -> None:
     parser.add_argument("--published-draft", action="store_true",
                         help="also time a draft in the published layer layout beside the packed one the server loads")
     parser.add_argument("--compile-ab", action="store_true",
-                        help="A/B the target's decoder layers eager / compiled (engine/model/compiled_layer.py)")
+                        help="A/B the target's layers and the draft's q/k norms eager / as served (compiled, QKNorm)")
     parser.add_argument("--attention-ab", action="store_true",
                         help="A/B the block-attention kernel where it lost alone: explicit / kernel (CUDA)")
     parser.add_argument("--profile", action="store_true",
@@ -409,10 +410,19 @@ def gemm_states(drafts: list[nn.Module]) -> dict[str, Callable[[], None]]:
 
 
 def compile_states() -> dict[str, Callable[[], None]]:
-    """--compile-ab: the target's decoder layers as their own forwards, then as compiled graphs."""
-    from engine.model import compiled_layer
+    """--compile-ab: the target's decoder layers as their own forwards and the draft's q/k norms as two calls,
+    then as the server runs them (compiled graphs; fused.QKNorm off the CPU)."""
+    from engine.model import compiled_layer, fused
 
-    return {"eager": lambda: compiled_layer.set_enabled(False), "compiled": lambda: compiled_layer.set_enabled(True)}
+    def eager() -> None:
+        compiled_layer.set_enabled(False)
+        fused.set_one_qk_norm(False)
+
+    def compiled() -> None:
+        compiled_layer.set_enabled(True)
+        fused.set_one_qk_norm(None)
+
+    return {"eager": eager, "compiled": compiled}
 
 
 def attention_states() -> dict[str, Callable[[], None]]:

@@ -27,7 +27,7 @@ from mlx_lm.models.cache import KVCache
 
 from engine.backend import route_epoch
 from engine.model.attention import MAX_BLOCK_ROWS
-from engine.model.fused import attend, is_fused, project_out, project_qkv
+from engine.model.fused import attend, is_fused, one_qk_norm, project_out, project_qkv, qk_norm_of
 from engine.model.rope_table import TableRoPE
 from engine.model.target import inner_model
 
@@ -86,11 +86,13 @@ class _Graphs:
         self.epoch = route_epoch.current()
         # the CPU's table RoPE reads its rows at an int offset: they come in as inputs (the table grows)
         self.table = isinstance(attn.rope, TableRoPE)
+        qk_norm = qk_norm_of(attn) if one_qk_norm() else None  # fused.QKNorm: fewer launches off the CPU
 
         def before(x: mx.array, offset: mx.array, *rows: mx.array) -> tuple[mx.array, mx.array, mx.array]:
             if self.table:
-                return project_qkv(attn, layer.input_layernorm(x), lambda t: attn.rope.rotate_with(t, offset, *rows))
-            return project_qkv(attn, layer.input_layernorm(x), lambda t: attn.rope(t, offset=offset))
+                return project_qkv(attn, layer.input_layernorm(x), lambda t: attn.rope.rotate_with(t, offset, *rows),
+                                   qk_norm)
+            return project_qkv(attn, layer.input_layernorm(x), lambda t: attn.rope(t, offset=offset), qk_norm)
 
         def after(x: mx.array, attended: mx.array) -> mx.array:
             h = x + project_out(attn, attended)

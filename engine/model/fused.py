@@ -13,6 +13,7 @@ same group size, bits and mode (every output row keeps its own scales and biases
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -21,7 +22,7 @@ from mlx_lm.models import llama, qwen2, qwen3, qwen3_next
 from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import BatchKVCache
 
-from engine.backend import fast_exp
+from engine.backend import fast_exp, route_epoch
 from engine.model.attention import block_attention
 from engine.model.draft import MLP as DraftMLP
 from engine.model.target import inner_model
@@ -161,12 +162,18 @@ def project_out(attn: nn.Module, attended: mx.array) -> mx.array:
     return attn.o_proj(attended.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
-def project_qkv(attn: nn.Module, x: mx.array,
-                rotate: Callable[[mx.array], mx.array]) -> tuple[mx.array, mx.array, mx.array]:
+def project_qkv(attn: nn.Module, x: mx.array, rotate: Callable[[mx.array], mx.array],
+                qk_norm: QKNorm | None = None) -> tuple[mx.array, mx.array, mx.array]:
     """A packed attention module's queries, keys and values (B, heads, L, d) for x (B, L, H), the queries and
-    keys through `rotate` (the module's RoPE at the rows' positions)."""
+    keys through `rotate` (the module's RoPE at the rows' positions). `qk_norm`: a qwen3 module's q_norm and
+    k_norm as one norm call (QKNorm; the queries and keys are then views of one rotated array)."""
     B, L, _ = x.shape
     qkv = attn.qkv_proj(x)  # (B, L, (nh + 2 nkv) * d)
+    if qk_norm is not None:
+        heads = qk_norm(qkv.reshape(B, L, attn.n_heads + 2 * attn.n_kv_heads, -1))  # (B, L, nh + nkv, d)
+        rotated = rotate(heads.transpose(0, 2, 1, 3))  # one RoPE call: query and key heads sit at the same rows
+        values = qkv[..., attn._k_end :].reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        return rotated[:, : attn.n_heads], rotated[:, attn.n_heads :], values
     values = qkv[..., attn._k_end :].reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, nkv, L, d)
     if "q_norm" in attn:  # qwen3: per-head RMSNorm before rope
         queries, keys = mx.split(qkv[..., : attn._k_end], [attn._q_end], axis=-1)
@@ -176,6 +183,55 @@ def project_qkv(attn: nn.Module, x: mx.array,
     # one rope call for the query and key heads together (per-head, so exactly the same)
     heads = rotate(qkv[..., : attn._k_end].reshape(B, L, attn.n_heads + attn.n_kv_heads, -1).transpose(0, 2, 1, 3))
     return heads[:, : attn.n_heads], heads[:, attn.n_heads :], values
+
+
+@dataclass(frozen=True)
+class QKNorm:
+    """A qwen3 attention's q_norm and k_norm as one RMSNorm call over all heads of the packed projection (the
+    value heads' norms are computed and dropped) and one multiply by each head's own weight, after which one
+    RoPE call rotates the query and key heads together: three launches a layer where the two norms and two
+    RoPE calls take four, and six at more than one row (each norm first copies its strided part of the
+    projection). On a GPU a launch costs more host time than these kernels take on the device. The result
+    is rounded once more (after the norm, before the weight) than q_norm's and k_norm's own."""
+
+    weight: mx.array  # (nh + nkv, d): q_norm's weight on each query head, k_norm's on each key head
+    eps: float
+    sources: tuple[mx.array, mx.array]  # the q_norm and k_norm weights it was built from
+
+    def __call__(self, heads: mx.array) -> mx.array:
+        """(B, L, nh + 2 nkv, d), the projection's heads -> the query and key heads normed, (B, L, nh + nkv, d)."""
+        return mx.fast.rms_norm(heads, None, self.eps)[:, :, : self.weight.shape[0]] * self.weight
+
+
+def qk_norm_of(attn: nn.Module, cached: QKNorm | None = None) -> QKNorm | None:
+    """The packed attention's QKNorm where its norms are plain RMSNorms of one eps (qwen3), else None;
+    `cached` where it was built from the norms' current weights (a cast after loading replaces them)."""
+    if not all(type(attn.get(name)) is nn.RMSNorm for name in ("q_norm", "k_norm")) or "qkv_proj" not in attn:
+        return None
+    if attn.q_norm.eps != attn.k_norm.eps:
+        return None
+    q, k = attn.q_norm.weight, attn.k_norm.weight
+    if cached is not None and cached.sources[0] is q and cached.sources[1] is k:
+        return cached
+    weight = mx.concatenate([mx.broadcast_to(q, (attn.n_heads, q.shape[0])), mx.broadcast_to(k, (attn.n_kv_heads, k.shape[0]))])
+    mx.eval(weight)
+    return QKNorm(weight, attn.q_norm.eps, (q, k))
+
+
+def one_qk_norm() -> bool:
+    """Whether compiled layers and packed drafts take QKNorm: by default off the CPU (where a launch costs
+    more than the kernel; the CPU's forwards stay bit for bit the layers' own), or as set_one_qk_norm said."""
+    return _one_qk_norm if _one_qk_norm is not None else mx.default_device() != mx.cpu
+
+
+def set_one_qk_norm(on: bool | None) -> None:
+    """Force QKNorm on or off (None: the default), e.g. to test it on the CPU; compiled layers retrace."""
+    global _one_qk_norm
+    _one_qk_norm = on
+    route_epoch.changed()
+
+
+_one_qk_norm: bool | None = None
 
 
 def _fused_mlp_call(self: nn.Module, x: mx.array) -> mx.array:

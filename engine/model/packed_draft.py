@@ -21,7 +21,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 
 from engine.model.draft import DFlashDraft, DraftAttention, position_array, rope_at
-from engine.model.fused import fuse_mlp, pack_qkv
+from engine.model.fused import QKNorm, fuse_mlp, one_qk_norm, pack_qkv, project_qkv, qk_norm_of
 from engine.model.transposed import untransposed_parameters
 
 __all__ = ["PackedDraftAttention", "is_packed", "pack_draft", "unpacked_parameters"]
@@ -37,21 +37,38 @@ class PackedDraftAttention(DraftAttention):
                  q_positions: int | mx.array, cache: KVCache | None, mask: mx.array | None) -> mx.array:
         b, L, _ = x.shape
         n = context.shape[1]
-        qkv = self.qkv_proj(mx.concatenate([context, x], axis=1) if n else x)  # (b, n+L, (nh + 2 nkv) d)
+        rows = mx.concatenate([context, x], axis=1) if n else x
+        contiguous = isinstance(ctx_positions, int) and isinstance(q_positions, int) and q_positions == ctx_positions + n
+        if contiguous and one_qk_norm() and (qk_norm := self._one_norm()) is not None:
+            # fused.QKNorm: the context rows' queries are rotated too and dropped (a few rows of one kernel)
+            queries, keys, values = project_qkv(self, rows, lambda t: rope_at(rope, t, ctx_positions), qk_norm)
+            queries = queries[:, :, n:]
+            return self._attend_cached(queries, keys, values, q_positions, ctx_positions, n, L, cache, mask)
+        qkv = self.qkv_proj(rows)  # (b, n+L, (nh + 2 nkv) d)
         queries = qkv[:, n:, : self._q_end].reshape(b, L, self.n_heads, -1)
         keys = qkv[:, :, self._q_end : self._k_end].reshape(b, n + L, self.n_kv_heads, -1)
         values = qkv[:, :, self._k_end :].reshape(b, n + L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         queries = rope_at(rope, self.q_norm(queries).transpose(0, 2, 1, 3), q_positions)
         keys = self.k_norm(keys).transpose(0, 2, 1, 3)  # (b, nkv, n+L, d)
-        if isinstance(ctx_positions, int) and isinstance(q_positions, int) and q_positions == ctx_positions + n:
+        if contiguous:
             keys = rope_at(rope, keys, ctx_positions)  # a cycle's block follows its context rows: one run
         else:
             keys = rope_at(rope, keys, mx.concatenate([position_array(ctx_positions, n), position_array(q_positions, L)]))
+        return self._attend_cached(queries, keys, values, q_positions, ctx_positions, n, L, cache, mask)
+
+    def _attend_cached(self, queries: mx.array, keys: mx.array, values: mx.array, q_positions: int | mx.array,
+                       ctx_positions: int | mx.array, n: int, L: int, cache: KVCache | None,
+                       mask: mx.array | None) -> mx.array:
+        """Attention over the context's and the block's keys (b, nkv, n+L, d), through the cache if any."""
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
             cache.offset -= L  # only context rows stay cached: the block is recomputed every cycle
             return self.attend(queries, keys, values, q_positions, 0, keys.shape[2] - L, True, mask)
         return self.attend(queries, keys, values, q_positions, ctx_positions, n, False, mask)
+
+    def _one_norm(self) -> QKNorm | None:
+        self._qk_norm = qk_norm_of(self, getattr(self, "_qk_norm", None))  # a dataclass: not a parameter
+        return self._qk_norm
 
 
 def _pack_attention(attn: nn.Module) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlx.core as mx
@@ -20,7 +21,9 @@ from tiny_models import (
 from engine.decode.drafters import DFlashDrafter
 from engine.decode.sampling import SamplingParams, TokenRng
 from engine.decode.speculative import SpeculativeDecoder
-from engine.model.fused import concat_linears, fuse_projections, is_fused
+from engine.model.fused import concat_linears, fuse_projections, is_fused, qk_norm_of, set_one_qk_norm
+from engine.model.compiled_layer import compile_layers
+from engine.model.packed_draft import pack_draft
 from engine.model.target import Target
 from engine.runtime.config import EngineConfig
 from engine.runtime.serving_model import ServingModel
@@ -124,3 +127,69 @@ def test_serving_model_fuses_unless_turned_off(monkeypatch: pytest.MonkeyPatch, 
     serving = ServingModel.load(EngineConfig(model="tiny", draft="none", fuse_projections=fuse))
     assert serving.plain.model is model
     assert is_fused(model.model.layers[0].self_attn) == fuse
+
+
+@pytest.fixture
+def one_qk_norm() -> Iterator[None]:
+    set_one_qk_norm(True)
+    yield
+    set_one_qk_norm(None)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_one_qk_norm_call_computes_the_two_norms(dtype: mx.Dtype) -> None:
+    """QKNorm: one RMSNorm over every head of the packed projection, then each head's own weight, equals
+    q_norm on the query heads and k_norm on the key heads (to the rounding after the norm)."""
+    _, model = pair("qwen3", False)
+    fuse_projections(model)
+    model.set_dtype(dtype)
+    attn = model.model.layers[0].self_attn
+    attn.q_norm.weight = mx.random.uniform(0.5, 1.5, attn.q_norm.weight.shape, key=mx.random.key(1)).astype(dtype)
+    qk_norm = qk_norm_of(attn)
+    assert qk_norm is not None and qk_norm.weight.shape == (attn.n_heads + attn.n_kv_heads, attn.q_norm.weight.shape[0])
+    heads = mx.random.normal((1, 5, attn.n_heads + 2 * attn.n_kv_heads, qk_norm.weight.shape[1]), key=mx.random.key(2))
+    heads = heads.astype(dtype)
+    got = qk_norm(heads)
+    want = mx.concatenate([attn.q_norm(heads[:, :, : attn.n_heads]),
+                           attn.k_norm(heads[:, :, attn.n_heads : attn.n_heads + attn.n_kv_heads])], axis=2)
+    assert mx.allclose(got, want, rtol=1e-2 if dtype == mx.bfloat16 else 1e-6).item()
+    assert not mx.allclose(got, mx.fast.rms_norm(heads, None, qk_norm.eps)[:, :, : got.shape[2]]).item()  # weights applied
+
+
+def test_qk_norm_follows_the_norms_weights_and_skips_models_without_them() -> None:
+    _, qwen3 = pair("qwen3", False)
+    _, llama = pair("llama", False)
+    fuse_projections(qwen3)
+    fuse_projections(llama)
+    assert qk_norm_of(llama.model.layers[0].self_attn) is None
+    attn = qwen3.model.layers[0].self_attn
+    first = qk_norm_of(attn)
+    assert qk_norm_of(attn, first) is first  # built from the current weights: kept
+    qwen3.set_dtype(mx.bfloat16)  # a cast after loading replaces the weights
+    again = qk_norm_of(attn, first)
+    assert again is not first and again is not None and again.weight.dtype == mx.bfloat16
+
+
+@pytest.mark.usefixtures("one_qk_norm")
+def test_compiled_layers_and_greedy_dflash_through_one_qk_norm() -> None:
+    """Compiled qwen3 layers through QKNorm compute mlx-lm's logits, and speculative greedy with the packed draft
+    through it equals mlx-lm's plain greedy."""
+    config = target_config("qwen3")
+    model, reference = build_target(config, seed=1), build_target(config, seed=1)
+    for m in (model, reference):  # norms that differ by head dimension and between queries and keys
+        for i, layer in enumerate(m.model.layers):
+            for j, norm in enumerate((layer.self_attn.q_norm, layer.self_attn.k_norm)):
+                norm.weight = mx.random.uniform(0.5, 2.0, norm.weight.shape, key=mx.random.key(10 * i + j))
+    fuse_projections(model)  # as a GPU prepares it (the CPU swaps its norms for compiled ones: no QKNorm there)
+    assert compile_layers(model) == config["num_hidden_layers"]
+    caches = make_prompt_cache(model), make_prompt_cache(reference)
+    ids = mx.array([PROMPT])
+    for chunk in (ids, ids[:, 3:4], ids[:, 5:9]):  # a prompt, a decode step, a verify block
+        assert mx.allclose(model(chunk, cache=caches[0]), reference(chunk, cache=caches[1]), atol=1e-5).item()
+    draft = build_draft(draft_config(config), seed=2)
+    assert pack_draft(draft) > 0
+    target = Target(model, draft.config.target_layer_ids)
+    spec = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=8)
+    got = [t for s in spec.generate(PROMPT, SamplingParams(temperature=0.0), 24, TokenRng(0)) for t in s.tokens]
+    want, gap = plain_greedy(reference, PROMPT, 24)
+    assert got[:24] == want[: len(got[:24])], gap

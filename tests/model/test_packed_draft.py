@@ -9,6 +9,7 @@ from mlx.utils import tree_flatten
 from tiny_models import build_draft, build_draft2, draft_config, target_config
 
 from engine.model.draft import DFlashDraft
+from engine.model.fused import QKNorm, set_one_qk_norm
 from engine.model.packed_draft import PackedDraftAttention, is_packed, pack_draft, unpacked_parameters
 
 TARGET = target_config("qwen3")
@@ -65,3 +66,19 @@ def test_unpacked_parameters_are_the_published_ones() -> None:
     assert dict(unpacked_parameters(packed)).keys() == dict(tree_flatten(published.parameters())).keys()
     for name, value in unpacked_parameters(packed):
         assert mx.array_equal(value, dict(tree_flatten(published.parameters()))[name]).item(), name
+
+
+def test_cycles_through_one_qk_norm_match_the_published_layout() -> None:
+    """fused.QKNorm (one norm call for the query and key heads, one RoPE call over the context's and the block's
+    rows, as GPUs run the packed draft): the published layer's hidden states."""
+    published, packed = twins()
+    for draft in (published, packed):  # norms that differ by head dimension and between queries and keys
+        for i, layer in enumerate(draft.layers):
+            for j, norm in enumerate((layer.self_attn.q_norm, layer.self_attn.k_norm)):
+                norm.weight = mx.random.uniform(0.5, 2.0, norm.weight.shape, key=mx.random.key(10 * i + j))
+    set_one_qk_norm(True)
+    try:
+        assert_cycles_match(published, packed, (7, 1, 3), 5)
+        assert all(isinstance(layer.self_attn._qk_norm, QKNorm) for layer in packed.layers)  # the route ran
+    finally:
+        set_one_qk_norm(None)
