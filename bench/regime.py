@@ -282,6 +282,7 @@ def main() -> None:
     rows: dict[str, list[float]] = {}
     taus: dict[str, float] = {}
     same: dict[str, bool] = {}
+    splits: dict[str, list[Any]] = {}  # each speculative run's cycles (SpeculativeDecoder's CycleTiming)
 
     def mlx_lm_stream() -> Iterator[list[int]]:
         state = compiled_layer.is_enabled()
@@ -302,10 +303,12 @@ def main() -> None:
                 for adaptive in (True, False):
                     oracle = OracleDrafter(continuation, vocab_size=target.vocab_size, wrong_at=[wrong])
                     spec = SpeculativeDecoder(target, CostedOracle(DFlashDrafter(draft, target), oracle),
-                                              block_size=16, adaptive=adaptive)
+                                              block_size=16, adaptive=adaptive, timing="overlap")
                     name = f"spec wrong@{wrong} {'adaptive' if adaptive else 'full'}{tag}"
                     measured[name] = decode_tps(decoder_stream(spec, prompt, args.max_tokens))
                     taus[name] = spec.stats.acceptance_length
+                    if round_:
+                        splits.setdefault(name, []).extend(spec.stats.timings[1:])  # the first follows the prefill
         for name, (tokens, tps) in measured.items():
             # in bf16 a near tie can flip between kernels (1-row vs block, mlx-lm's attention vs ours)
             same[name] = same.get(name, True) and tokens == continuation[: len(tokens)]
@@ -322,11 +325,20 @@ def main() -> None:
                          "same_as_plain": same[name]}
         tau = f"{taus[name]:6.2f}" if name in taus else f"{'-':>6}"
         print(f"{name:<37} {tps:8.1f} {tps / base:9.2f} {tps / plain_tps:8.2f} {tau}  {same[name]}")
+    print(f"\n{'per cycle, medians (ms)':<37} {'cycle':>7} {'launch':>7} {'host':>6} {'wait':>6}")
+    cycle_split = {}
+    for name, timings in splits.items():
+        cycle_split[name] = {part: 1e3 * statistics.median(getattr(t, f"{part}_s") for t in timings)
+                             for part in ("cycle", "launch", "host", "wait")}
+        print(f"{name:<37} " + " ".join(f"{v:{w}.2f}" for v, w in zip(cycle_split[name].values(), (7, 7, 6, 6))))
+    print("launch: bookkeeping after the last sync, then building and launching the draft and the verify; host: "
+          "the caller's work after it; wait: blocked in the cycle's one sync")
     if args.out:
         args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "prepared": prepared,
                                         "target_params": params, "forward_ms": curves.get("", curves),
                                         "draft_ms": drafts_ms.get("", drafts_ms), "gemm_decisions": gemm_decisions(),
-                                        "device": str(mx.default_device()), "summary": summary, "profiles": profiles},
+                                        "device": str(mx.default_device()), "summary": summary, "profiles": profiles,
+                                        "cycle_split_ms": cycle_split},
                                        indent=1))
 
 
