@@ -68,10 +68,12 @@ def test_unpacked_parameters_are_the_published_ones() -> None:
         assert mx.array_equal(value, dict(tree_flatten(published.parameters()))[name]).item(), name
 
 
-def test_cycles_through_one_qk_norm_match_the_published_layout() -> None:
+@pytest.mark.parametrize("dflash2,overrides", [
+    (False, {}), (True, {}), (False, {"layer_types": ("sliding_attention", "full_attention"), "sliding_window": 4})])
+def test_cycles_through_one_qk_norm_match_the_published_layout(dflash2: bool, overrides: dict[str, object]) -> None:
     """fused.QKNorm (one norm call for the query and key heads, one RoPE call over the context's and the block's
     rows, as GPUs run the packed draft): the published layer's hidden states."""
-    published, packed = twins()
+    published, packed = twins(dflash2, **overrides)
     for draft in (published, packed):  # norms that differ by head dimension and between queries and keys
         for i, layer in enumerate(draft.layers):
             for j, norm in enumerate((layer.self_attn.q_norm, layer.self_attn.k_norm)):
