@@ -17,6 +17,7 @@ tied `as_linear` LM-head product), only where a GPU kernel exists.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,18 +26,24 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
+from engine.backend.disk_cache import DiskCache
 from engine.backend.kernel_choice import SPEEDUP_MARGIN, exact_float32, pick_fastest
 from engine.backend.verify_matmul import (
+    CACHE_ENTRIES,
+    CACHE_ENV,
     ENABLE_ENV,
     MAX_ROWS,
     MIN_HEADROOM_MS,
     MIN_ROWS,
     TOLERANCE,
     Decision,
+    decision_entry,
     detect_backend,
+    kernel_file_id,
     kernels_enabled_by_env,
     read_kernel_source,
     retyped,
+    stored_decision,
     time_ms,
 )
 
@@ -48,6 +55,12 @@ BUCKETS = (8, 16, 32)  # x rows per kernel (the CUDA mma takes x in tiles of 8 r
 # CUDA's tensor-core mma takes bf16/fp16; float32 stays with MLX there (its float32 GEMM is TF32).
 DTYPES = {"cuda": (mx.bfloat16, mx.float16), "metal": (mx.bfloat16, mx.float16, mx.float32)}
 K_MULTIPLE = 8  # 16-byte rows of 2-byte values: the kernels' vector loads
+# The check times each product over weights that together outgrow the GPU's L2 (H100/H200: 50 MB), as a
+# forward reads them: a 4096 x 4096 bf16 weight (33 MB) timed over and over stays in L2, where the kernel
+# won alone and lost inside a forward. Smaller weights are rotated with random copies of their shape.
+COLD_BYTES = 256 * 2**20
+MAX_COPIES = 64
+CHECK_VERSION = 1  # how a decision is checked; stored decisions of another version are made again
 
 
 @dataclass(frozen=True)
@@ -112,9 +125,12 @@ def float32_reference(x: mx.array, w: mx.array) -> mx.array:
     return x.astype(mx.float32) @ w.astype(mx.float32).T
 
 
+KERNEL_FILES = {"cuda": "verify_gemm.cu", "metal": "verify_gemm.metal"}
+
+
 def make_gpu_kernel(backend: str) -> Kernel:
     """The launcher for kernels/verify_gemm.cu (backend 'cuda') or .metal ('metal')."""
-    filename = {"cuda": "verify_gemm.cu", "metal": "verify_gemm.metal"}[backend]
+    filename = KERNEL_FILES[backend]
     header, body = read_kernel_source(filename)
     factory = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
     # MLX-CUDA caches compiled code on disk by kernel name alone (MLX_PTX_CACHE_DIR, default under the
@@ -150,14 +166,20 @@ class VerifyGemm:
 
     def __init__(self, backend: str | None = None, kernel: Kernel | None = None,
                  enabled: bool | None = None, device_name: str | None = None,
-                 timer: Callable[[Callable[[], mx.array]], float] = time_ms) -> None:
+                 timer: Callable[[Callable[[], mx.array]], float] = time_ms, store: DiskCache | None = None,
+                 source_id: str = "") -> None:
         self.backend = backend or detect_backend()
         self.enabled = kernels_enabled_by_env() if enabled is None else enabled
         if kernel is None and self.enabled and self.backend in DTYPES:
             kernel = make_gpu_kernel(self.backend)
+            source_id = source_id or kernel_file_id(KERNEL_FILES[self.backend])
         self.kernel = kernel if self.enabled and self.backend in DTYPES else None
         self.device_name = device_name or str(mx.device_info().get("device_name", self.backend))
         self.timer = timer
+        # decisions of earlier starts, by kernel source, check, device, MLX, spec and bucket: a fresh CUDA
+        # process spent minutes compiling and timing tilings for an 8B model's layer shapes
+        self.store = store
+        self.source_id = source_id
         self.decisions: dict[tuple[GemmSpec, int], Decision] = {}
         # False routes every product to MLX without forgetting the decisions (bench/regime.py's A/B)
         self.active = True
@@ -192,25 +214,38 @@ class VerifyGemm:
         """
         key = (spec, bucket)
         if key not in self.decisions:
-            decision = self._check(spec, bucket, w)
+            stored = self._stored(spec, bucket)
+            decision = stored or self._check(spec, bucket, w)
             self.decisions[key] = decision
+            if stored is None and self.store is not None:
+                self.store.put(self._store_key(spec, bucket), decision_entry(decision), "verify gemm decision")
             log.info("verify gemm on %s (%s), N=%d K=%d %s rows<=%d: %s (%s; kernel %.4f ms, MLX %.4f ms, "
-                     "max rel err %.2g)", self.device_name, self.backend, spec.n, spec.k, spec.dtype, bucket,
+                     "max rel err %.2g)%s", self.device_name, self.backend, spec.n, spec.k, spec.dtype, bucket,
                      "kernel" if decision.tiling else "MLX", decision.reason, decision.kernel_ms,
-                     decision.reference_ms, decision.max_rel_error)
+                     decision.reference_ms, decision.max_rel_error,
+                     f", as decided at an earlier start ({self.store.path})" if stored and self.store else "")
         return self.decisions[key]
+
+    def _store_key(self, spec: GemmSpec, bucket: int) -> str:
+        return (f"verify_gemm {self.source_id} check {CHECK_VERSION} | {self.device_name} ({self.backend}) | "
+                f"MLX {mx.__version__} | N={spec.n} K={spec.k} {spec.dtype} | rows<={bucket}")
+
+    def _stored(self, spec: GemmSpec, bucket: int) -> Decision | None:
+        entry = None if self.store is None else self.store.get(self._store_key(spec, bucket))
+        return None if entry is None else stored_decision(entry, GemmTiling, TILINGS[self.backend][bucket])
 
     def _check(self, spec: GemmSpec, bucket: int, w: mx.array | None) -> Decision:
         assert self.kernel is not None
         if w is None or w.shape != (spec.n, spec.k) or w.dtype != spec.dtype:
             w = random_weight(spec)
         ref_x = mx.random.normal((bucket, spec.k)).astype(spec.dtype)
+        weights = cold_rotation(spec, w)  # timed calls take turns over these; numerics read `w`
 
         def bucket_reference() -> mx.array:
-            return reference_gemm(ref_x, w)
+            return reference_gemm(ref_x, next(weights))
 
         def one_row_reference() -> mx.array:
-            return reference_gemm(ref_x[:1], w)
+            return reference_gemm(ref_x[:1], next(weights))
 
         ref_ms = self.timer(bucket_reference)
         one_ms = self.timer(one_row_reference)
@@ -221,7 +256,7 @@ class VerifyGemm:
             TILINGS[self.backend][bucket], tolerance=TOLERANCE[spec.dtype], reference_ms=ref_ms, noun="tiling",
             what=f"{spec} rows<={bucket}",
             max_rel_error=lambda t: self.max_rel_error(spec, bucket, t, w),
-            time_ms=lambda t: self.timer(lambda: self.kernel(ref_x, w, spec, bucket, t)))
+            time_ms=lambda t: self.timer(lambda: self.kernel(ref_x, next(weights), spec, bucket, t)))
         return Decision(pick.variant, pick.kernel_ms, ref_ms, pick.max_rel_error, pick.reason)
 
     def max_rel_error(self, spec: GemmSpec, bucket: int, tiling: GemmTiling, w: mx.array) -> float:
@@ -235,6 +270,13 @@ class VerifyGemm:
             errors.append(mx.max(mx.abs(y - ref)) / mx.maximum(mx.max(mx.abs(ref)), 1e-6))
         values = [e.item() for e in errors]
         return float("nan") if any(v != v for v in values) else max(values)
+
+
+def cold_rotation(spec: GemmSpec, w: mx.array) -> itertools.cycle[mx.array]:
+    """`w` and as many random weights of its shape as take the lot past COLD_BYTES (at most MAX_COPIES), in
+    turn: a timed call then reads its weight from memory, not from L2, as inside a forward."""
+    copies = min(MAX_COPIES, -(-COLD_BYTES // max(w.nbytes, 1))) - 1
+    return itertools.cycle([w] + [random_weight(spec, seed=1 + i) for i in range(copies)])
 
 
 def random_weight(spec: GemmSpec, seed: int = 0) -> mx.array:
@@ -251,7 +293,7 @@ def default_verify_gemm() -> VerifyGemm:
     """The process-wide instance (built at first use, for the default device)."""
     global _DEFAULT
     if _DEFAULT is None:
-        _DEFAULT = VerifyGemm()
+        _DEFAULT = VerifyGemm(store=DiskCache.default("kernels.json", CACHE_ENV, CACHE_ENTRIES))
     return _DEFAULT
 
 

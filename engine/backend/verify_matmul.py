@@ -25,9 +25,10 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -118,9 +119,31 @@ def read_kernel_source(filename: str) -> tuple[str, str]:
     return header, body
 
 
+def decision_entry(decision: Decision) -> dict[str, Any]:
+    """A decision as a JSON-able DiskCache entry."""
+    return {**asdict(decision), "tiling": None if decision.tiling is None else asdict(decision.tiling)}
+
+
+def stored_decision(entry: dict[str, Any], tiling_class: type, candidates: Sequence[object]) -> Decision | None:
+    """The decision an entry of decision_entry() holds; None where a later version would decide again (its
+    tiling no longer a candidate, or fields it does not have)."""
+    try:
+        tiling = None if entry["tiling"] is None else tiling_class(**entry["tiling"])
+        if tiling is not None and tiling not in candidates:
+            return None  # a candidate no longer tried
+        return Decision(tiling, float(entry["kernel_ms"]), float(entry["reference_ms"]),
+                        float(entry["max_rel_error"]), str(entry["reason"]))
+    except (TypeError, KeyError, ValueError):  # written by another version: decide again
+        return None
+
+
 def kernel_source_id(backend: str) -> str:
     """A digest of the kernel file a backend compiles: an edited kernel is decided again."""
-    filename = {"cuda": "verify_qmm.cu", "metal": "verify_qmm.metal"}[backend]
+    return kernel_file_id({"cuda": "verify_qmm.cu", "metal": "verify_qmm.metal"}[backend])
+
+
+def kernel_file_id(filename: str) -> str:
+    """A digest of a kernel file in kernels/."""
     return hashlib.sha256((KERNELS_DIR / filename).read_bytes()).hexdigest()[:12]
 
 
@@ -296,8 +319,7 @@ class VerifyMatmul:
             decision = stored or self._check(spec, bucket)
             self.decisions[key] = decision
             if stored is None and self.store is not None:
-                entry = {**asdict(decision), "tiling": None if decision.tiling is None else asdict(decision.tiling)}
-                self.store.put(self._store_key(spec, bucket), entry, "verify matmul decision")
+                self.store.put(self._store_key(spec, bucket), decision_entry(decision), "verify matmul decision")
             log.info("verify matmul on %s (%s), N=%d K=%d %d-bit g%d %s rows<=%d: %s (%s; kernel %.3f ms, "
                      "mx.quantized_matmul %.3f ms, max rel err %.2g)%s", self.device_name, self.backend,
                      spec.n, spec.k, spec.bits, spec.group_size, spec.x_dtype, bucket,
@@ -313,16 +335,7 @@ class VerifyMatmul:
 
     def _stored(self, spec: QuantSpec, bucket: int) -> Decision | None:
         entry = None if self.store is None else self.store.get(self._store_key(spec, bucket))
-        if entry is None:
-            return None
-        try:
-            tiling = None if entry["tiling"] is None else Tiling(**entry["tiling"])
-            if tiling is not None and tiling not in TILINGS[bucket]:
-                return None  # a candidate no longer tried
-            return Decision(tiling, float(entry["kernel_ms"]), float(entry["reference_ms"]),
-                            float(entry["max_rel_error"]), str(entry["reason"]))
-        except (TypeError, KeyError, ValueError):  # written by another version: decide again
-            return None
+        return None if entry is None else stored_decision(entry, Tiling, TILINGS[bucket])
 
     def _check(self, spec: QuantSpec, bucket: int) -> Decision:
         assert self.kernel is not None

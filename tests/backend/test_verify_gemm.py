@@ -29,6 +29,7 @@ from simt_shim import C_TYPES, SHIM_CUDA, SHIM_METAL, round_to, stored_to_float
 from engine.backend import verify_gemm as vg
 from engine.backend import verify_kernels as vk
 from engine.backend import verify_matmul as vm
+from engine.backend.disk_cache import DiskCache
 
 # ---------------------------------------------------------------- kernel source on a CPU SIMT shim
 
@@ -326,6 +327,46 @@ def test_a_correct_faster_kernel_is_used_and_the_choice_cached() -> None:
     gemm(x[:1], w)  # one row: decode takes MLX's matmul
     gemm(mx.concatenate([x, x, x]), w)  # 48 rows: a prefill chunk takes MLX's matmul
     assert kernel.calls == calls + 1
+
+
+def test_timed_calls_take_turns_over_weights_past_the_l2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check's timed products read their weights from memory, as a forward does: the layer's own and
+    random copies of its shape, together past COLD_BYTES, in turn (numerics on the layer's own)."""
+    monkeypatch.setattr(vg, "COLD_BYTES", 4 * vg.random_weight(SPEC).nbytes)
+
+    def timer(fn: object) -> float:  # calls what is timed, as time_ms does; MLX's timings as the fake's
+        for _ in range(8):
+            fn()
+        return fake_timer(fn)
+
+    gemm, kernel = fake_gemm(timer=timer)
+    w = vg.random_weight(SPEC)
+    assert gemm.decide(SPEC, 16, w).tiling is not None
+    timed = [seen for seen in kernel.weights if seen is not w]
+    assert len({id(seen) for seen in timed}) == 3 and all(seen.shape == w.shape for seen in timed)
+    assert sum(seen is w for seen in kernel.weights) > 3  # numerics (3 row counts per tiling) and its turns
+    rotation = vg.cold_rotation(SPEC, w)
+    assert [next(rotation) is w for _ in range(8)] == [True, False, False, False] * 2
+    big = vg.GemmSpec(n=64, k=64, dtype=mx.float32)
+    monkeypatch.setattr(vg, "COLD_BYTES", 16)  # a weight past the L2 alone is timed alone, no copy made
+    lone = vg.cold_rotation(big, vg.random_weight(big))
+    assert next(lone) is next(lone)
+
+
+def test_decisions_are_stored_and_a_later_start_reads_them_without_checking(tmp_path: Path) -> None:
+    store = DiskCache(tmp_path / "kernels.json", 64)
+    first = vg.VerifyGemm(backend="cuda", kernel=FakeKernel(), enabled=True, timer=fake_timer, store=store,
+                          source_id="abc")
+    decision = first.decide(SPEC, 16)
+    assert decision.tiling is not None
+    later_kernel = FakeKernel()
+    later = vg.VerifyGemm(backend="cuda", kernel=later_kernel, enabled=True, timer=fake_timer, store=store,
+                          source_id="abc")
+    assert later.decide(SPEC, 16) == decision and later_kernel.calls == 0  # read, not checked again
+    edited = FakeKernel()
+    vg.VerifyGemm(backend="cuda", kernel=edited, enabled=True, timer=fake_timer, store=store,
+                  source_id="edited kernel").decide(SPEC, 16)
+    assert edited.calls > 0  # another kernel source is decided again
 
 
 def test_no_kernel_is_compiled_where_rows_cost_what_one_row_costs() -> None:
