@@ -213,14 +213,16 @@ def qk_norm_of(attn: nn.Module, cached: QKNorm | None = None) -> QKNorm | None:
     q, k = attn.q_norm.weight, attn.k_norm.weight
     if cached is not None and cached.sources[0] is q and cached.sources[1] is k:
         return cached
-    weight = mx.concatenate([mx.broadcast_to(q, (attn.n_heads, q.shape[0])), mx.broadcast_to(k, (attn.n_kv_heads, k.shape[0]))])
+    weight = mx.concatenate([mx.broadcast_to(q, (attn.n_heads, q.shape[0])),
+                             mx.broadcast_to(k, (attn.n_kv_heads, k.shape[0]))])
     mx.eval(weight)
     return QKNorm(weight, attn.q_norm.eps, (q, k))
 
 
 def one_qk_norm() -> bool:
-    """Whether compiled layers and packed drafts take QKNorm: by default off the CPU (where a launch costs
-    more than the kernel; the CPU's forwards stay bit for bit the layers' own), or as set_one_qk_norm said."""
+    """Whether compiled layers and packed drafts take QKNorm: by default on GPUs (a launch there costs more
+    host time than these kernels take), not on the CPU (no gain measured on the embedded draft), or as
+    set_one_qk_norm said."""
     return _one_qk_norm if _one_qk_norm is not None else mx.default_device() != mx.cpu
 
 
