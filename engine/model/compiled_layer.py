@@ -81,12 +81,13 @@ def is_compiled(layer: nn.Module) -> bool:
 class _Graphs:
     """One layer's two compiled graphs, traced for the routes of one epoch."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, one_norm: bool) -> None:
         attn = layer.self_attn
         self.epoch = route_epoch.current()
+        self.one_norm = one_norm
         # the CPU's table RoPE reads its rows at an int offset: they come in as inputs (the table grows)
         self.table = isinstance(attn.rope, TableRoPE)
-        qk_norm = qk_norm_of(attn) if one_qk_norm() else None  # fused.QKNorm: fewer launches off the CPU
+        qk_norm = qk_norm_of(attn) if one_norm else None  # fused.QKNorm: fewer launches on GPUs
 
         def before(x: mx.array, offset: mx.array, *rows: mx.array) -> tuple[mx.array, mx.array, mx.array]:
             if self.table:
@@ -123,9 +124,9 @@ def _compiled_class(cls: type) -> type:
         def __call__(self: nn.Module, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
             if not _takes_graphs(self, x, mask, cache):
                 return cls.__call__(self, x, mask, cache)
-            graphs = self._dflash_graphs
-            if graphs is None or graphs.epoch != route_epoch.current():
-                graphs = self._dflash_graphs = _Graphs(self)
+            graphs, one_norm = self._dflash_graphs, one_qk_norm()
+            if graphs is None or graphs.epoch != route_epoch.current() or graphs.one_norm != one_norm:
+                graphs = self._dflash_graphs = _Graphs(self, one_norm)
             attn = self.self_attn
             rows = attn.rope.rows(cache.offset, x.shape[1]) if graphs.table else ()
             queries, keys, values = graphs.before(x, _offset_array(cache.offset), *rows)

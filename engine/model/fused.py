@@ -22,7 +22,7 @@ from mlx_lm.models import llama, qwen2, qwen3, qwen3_next
 from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import BatchKVCache
 
-from engine.backend import fast_exp, route_epoch
+from engine.backend import fast_exp
 from engine.model.attention import block_attention
 from engine.model.draft import MLP as DraftMLP
 from engine.model.target import inner_model
@@ -227,10 +227,11 @@ def one_qk_norm() -> bool:
 
 
 def set_one_qk_norm(on: bool | None) -> None:
-    """Force QKNorm on or off (None: the default), e.g. to test it on the CPU; compiled layers retrace."""
+    """Force QKNorm on or off (None: the default), e.g. to test it on the CPU. Compiled layers trace again at
+    their next call where it changes what they run (not at every switch: bench/regime.py's A/B alternates
+    it with compiled layers off in between)."""
     global _one_qk_norm
     _one_qk_norm = on
-    route_epoch.changed()
 
 
 _one_qk_norm: bool | None = None

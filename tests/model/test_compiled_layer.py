@@ -15,7 +15,7 @@ from engine.decode.drafters import DFlashDrafter
 from engine.decode.plain_decoder import PlainDecoder
 from engine.decode.sampling import SamplingParams, TokenRng
 from engine.decode.speculative import SpeculativeDecoder
-from engine.model import compiled_layer
+from engine.model import compiled_layer, fused
 from engine.model.compiled_layer import compile_layers, is_compiled
 from engine.model.fused import fuse_projections
 from engine.model.rope_table import use_table_rope
@@ -74,6 +74,31 @@ def test_taps_are_the_same_through_compiled_layers() -> None:
         outs.append(target(mx.array([PROMPT[:8]]), cache, taps=True))
         target.close()
     assert mx.array_equal(outs[0][0], outs[1][0]).item() and mx.array_equal(outs[0][1], outs[1][1]).item()
+
+
+def test_the_qk_norm_switch_retraces_only_where_it_changes_the_route() -> None:
+    """fused.set_one_qk_norm: a compiled layer traces again where the route it runs changes, not at every
+    switch (bench/regime.py alternates it call by call, with compiled layers off in between)."""
+    _, compiled = twins("qwen3")
+    layer = inner_model(compiled).layers[0]
+    cache = make_prompt_cache(compiled)
+
+    def graphs_after_a_step() -> object:
+        compiled(mx.array([PROMPT[:1]]), cache=cache)
+        return layer._dflash_graphs
+
+    try:
+        first = graphs_after_a_step()
+        assert first is not None and first.one_norm is False  # the CPU's default
+        fused.set_one_qk_norm(False)
+        assert graphs_after_a_step() is first  # the same route: kept
+        fused.set_one_qk_norm(True)
+        second = graphs_after_a_step()
+        assert second is not first and second.one_norm is True
+        fused.set_one_qk_norm(None)
+        assert graphs_after_a_step().one_norm is False
+    finally:
+        fused.set_one_qk_norm(None)
 
 
 def test_only_steps_and_blocks_over_a_plain_cache_take_the_graphs() -> None:
