@@ -142,6 +142,14 @@ def plain_greedy(model: nn.Module, prompt: list[int], max_tokens: int) -> tuple[
         logits = model(mx.array([[tokens[-1]]]), cache=cache)[0, -1]
 
 
+def random_qk_norms(layers: list[nn.Module]) -> None:
+    """Give each layer's q_norm and k_norm its own random weight (seeded by position): norms that differ by head
+    dimension and between queries and keys, where a fresh model's are all ones."""
+    for i, layer in enumerate(layers):
+        for j, norm in enumerate((layer.self_attn.q_norm, layer.self_attn.k_norm)):
+            norm.weight = mx.random.uniform(0.5, 2.0, norm.weight.shape, key=mx.random.key(10 * i + j))
+
+
 def assert_same_cached_logits(want_model: nn.Module, got_model: nn.Module, prompt: list[int], tol: float = 1e-5) -> None:
     """The two models' logits agree through their caches for a prompt, a decode row and a verify block."""
     caches = [make_prompt_cache(want_model), make_prompt_cache(got_model)]

@@ -169,12 +169,11 @@ def project_qkv(attn: nn.Module, x: mx.array, rotate: Callable[[mx.array], mx.ar
     k_norm as one norm call (QKNorm; the queries and keys are then views of one rotated array)."""
     B, L, _ = x.shape
     qkv = attn.qkv_proj(x)  # (B, L, (nh + 2 nkv) * d)
+    values = qkv[..., attn._k_end :].reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, nkv, L, d)
     if qk_norm is not None:
         heads = qk_norm(qkv.reshape(B, L, attn.n_heads + 2 * attn.n_kv_heads, -1))  # (B, L, nh + nkv, d)
         rotated = rotate(heads.transpose(0, 2, 1, 3))  # one RoPE call: query and key heads sit at the same rows
-        values = qkv[..., attn._k_end :].reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
         return rotated[:, : attn.n_heads], rotated[:, attn.n_heads :], values
-    values = qkv[..., attn._k_end :].reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, nkv, L, d)
     if "q_norm" in attn:  # qwen3: per-head RMSNorm before rope
         queries, keys = mx.split(qkv[..., : attn._k_end], [attn._q_end], axis=-1)
         queries = attn.q_norm(queries.reshape(B, L, attn.n_heads, -1)).transpose(0, 2, 1, 3)  # (B, nh, L, d)
@@ -206,13 +205,13 @@ class QKNorm:
 def qk_norm_of(attn: nn.Module, cached: QKNorm | None = None) -> QKNorm | None:
     """The packed attention's QKNorm where its norms are plain RMSNorms of one eps (qwen3), else None;
     `cached` where it was built from the norms' current weights (a cast after loading replaces them)."""
+    if cached is not None and cached.sources[0] is attn.q_norm.weight and cached.sources[1] is attn.k_norm.weight:
+        return cached  # the packed draft asks every layer call: the checks below held when it was built
     if not all(type(attn.get(name)) is nn.RMSNorm for name in ("q_norm", "k_norm")) or "qkv_proj" not in attn:
         return None
     if attn.q_norm.eps != attn.k_norm.eps:
         return None
     q, k = attn.q_norm.weight, attn.k_norm.weight
-    if cached is not None and cached.sources[0] is q and cached.sources[1] is k:
-        return cached
     weight = mx.concatenate([mx.broadcast_to(q, (attn.n_heads, q.shape[0])),
                              mx.broadcast_to(k, (attn.n_kv_heads, k.shape[0]))])
     mx.eval(weight)

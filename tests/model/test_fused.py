@@ -11,10 +11,12 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 from tiny_models import (
+    assert_same_cached_logits,
     build_draft,
     build_target,
     draft_config,
     plain_greedy,
+    random_qk_norms,
     target_config,
 )
 
@@ -176,16 +178,11 @@ def test_compiled_layers_and_greedy_dflash_through_one_qk_norm() -> None:
     through it equals mlx-lm's plain greedy."""
     config = target_config("qwen3")
     model, reference = build_target(config, seed=1), build_target(config, seed=1)
-    for m in (model, reference):  # norms that differ by head dimension and between queries and keys
-        for i, layer in enumerate(m.model.layers):
-            for j, norm in enumerate((layer.self_attn.q_norm, layer.self_attn.k_norm)):
-                norm.weight = mx.random.uniform(0.5, 2.0, norm.weight.shape, key=mx.random.key(10 * i + j))
+    for m in (model, reference):
+        random_qk_norms(m.model.layers)
     fuse_projections(model)  # as a GPU prepares it (the CPU swaps its norms for compiled ones: no QKNorm there)
     assert compile_layers(model) == config["num_hidden_layers"]
-    caches = make_prompt_cache(model), make_prompt_cache(reference)
-    ids = mx.array([PROMPT])
-    for chunk in (ids, ids[:, 3:4], ids[:, 5:9]):  # a prompt, a decode step, a verify block
-        assert mx.allclose(model(chunk, cache=caches[0]), reference(chunk, cache=caches[1]), atol=1e-5).item()
+    assert_same_cached_logits(reference, model, PROMPT)  # a prompt, a decode step, a verify block
     draft = build_draft(draft_config(config), seed=2)
     assert pack_draft(draft) > 0
     target = Target(model, draft.config.target_layer_ids)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
-from tiny_models import build_draft, build_draft2, draft_config, target_config
+from tiny_models import build_draft, build_draft2, draft_config, random_qk_norms, target_config
 
 from engine.model.draft import DFlashDraft
 from engine.model.fused import QKNorm, set_one_qk_norm
@@ -74,10 +74,8 @@ def test_cycles_through_one_qk_norm_match_the_published_layout(dflash2: bool, ov
     """fused.QKNorm (one norm call for the query and key heads, one RoPE call over the context's and the block's
     rows, as GPUs run the packed draft): the published layer's hidden states."""
     published, packed = twins(dflash2, **overrides)
-    for draft in (published, packed):  # norms that differ by head dimension and between queries and keys
-        for i, layer in enumerate(draft.layers):
-            for j, norm in enumerate((layer.self_attn.q_norm, layer.self_attn.k_norm)):
-                norm.weight = mx.random.uniform(0.5, 2.0, norm.weight.shape, key=mx.random.key(10 * i + j))
+    for draft in (published, packed):
+        random_qk_norms(draft.layers)
     set_one_qk_norm(True)
     try:
         assert_cycles_match(published, packed, (7, 1, 3), 5)
