@@ -17,6 +17,7 @@ from tiny_models import (
     draft_config,
     plain_greedy,
     random_qk_norms,
+    speculative_greedy,
     target_config,
 )
 
@@ -183,10 +184,8 @@ def test_compiled_layers_and_greedy_dflash_through_one_qk_norm() -> None:
     fuse_projections(model)  # as a GPU prepares it (the CPU swaps its norms for compiled ones: no QKNorm there)
     assert compile_layers(model) == config["num_hidden_layers"]
     assert_same_cached_logits(reference, model, PROMPT)  # a prompt, a decode step, a verify block
-    draft = build_draft(draft_config(config), seed=2)
+    draft = build_draft(draft_config(config, block_size=8), seed=2)
     assert pack_draft(draft) > 0
-    target = Target(model, draft.config.target_layer_ids)
-    spec = SpeculativeDecoder(target, DFlashDrafter(draft, target), block_size=8)
-    got = [t for s in spec.generate(PROMPT, SamplingParams(temperature=0.0), 24, TokenRng(0)) for t in s.tokens]
+    got = speculative_greedy(model, draft, PROMPT, 24)
     want, gap = plain_greedy(reference, PROMPT, 24)
     assert got[:24] == want[: len(got[:24])], gap
