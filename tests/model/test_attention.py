@@ -7,12 +7,11 @@ from collections.abc import Iterator
 import mlx.core as mx
 import numpy as np
 import pytest
+from tiny_models import FP32_ATOL
 
 from engine.backend import fast_exp
 from engine.model import attention
 
-# MLX CUDA's float32 matmuls round like TF32: on an H200 the two paths part by up to 7e-4 at 300 keys
-FP32_ATOL = 1e-5 if mx.default_device() == mx.cpu else 2e-3
 
 
 def _qkv(rows: int, length: int, heads: int = 9, kv_heads: int = 3, dim: int = 64) -> tuple[mx.array, ...]:
