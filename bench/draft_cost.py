@@ -6,7 +6,8 @@
 For each draft (the given directories, and random drafts of the shipped draft's shape with each of
 `--layers` decoder layers and as many taps, spread as the published formula does; `--dflash2` adds
 each one's DFlash 2 wrapper), prefill a `--context`-token prompt, then time `DFlashDrafter.propose`
-of `--rows` kept rows, one new context row per call as a cycle that accepted one token feeds it, and
+of the draft's trained block with `--rows` of it scored (over the draft's proposal vocabulary where it ships
+one, as the server builds it), one new context row per call as a cycle that accepted one token feeds it, and
 the target's one-row decode step beside it. Weights do not change the cost, so random drafts price an
 architecture before it is trained (they take the listed draft's shape: a target with none gets only
 `--draft`). Prints median ms and the draft's share of a plain step.
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import load_served  # noqa: E402
 from engine.backend.blas import maybe_reexec_with_blas  # noqa: E402
 from engine.decode.drafters import DFlashDrafter  # noqa: E402
+from engine.decode.proposal_head import load_proposal_head  # noqa: E402
 from engine.decode.sampling import SamplingParams, TokenRng  # noqa: E402
 from engine.model.draft import (  # noqa: E402
     DFlash2Draft,
@@ -83,7 +85,7 @@ def main() -> None:
     parser.add_argument("--layers", default="3,5", help="random drafts with these layer counts ('' for none)")
     parser.add_argument("--dflash2", action="store_true", help="also each random draft's DFlash 2 wrapper")
     parser.add_argument("--context", type=int, default=300)
-    parser.add_argument("--rows", type=int, default=15, help="kept draft rows (the LM head runs on these)")
+    parser.add_argument("--rows", type=int, default=15, help="kept draft rows of the block (the LM head runs on these)")
     parser.add_argument("--iters", type=int, default=40)
     parser.add_argument("--target-dtype", choices=("native", "bfloat16", "float16", "float32"), default="native")
     args = parser.parse_args()
@@ -116,15 +118,20 @@ def main() -> None:
             if plain_ms is None:  # the target's decode step, at the same context
                 plain_ms = median_ms(lambda: target(mx.array([[prompt[-1]]]), cache, taps=False)[0], args.iters)
                 target.trim(cache, args.iters + 5)
-            drafter = DFlashDrafter(draft, target)
+            # as the server builds it: greedy proposals over the draft's proposal vocabulary, where it ships one
+            head = load_proposal_head(path, target.output_head, output_multiplier=draft.config.output_multiplier)
+            drafter = DFlashDrafter(draft, target, head)
             drafter.begin(prompt, taps)
             row = taps[:, -1:]
             rng = TokenRng(0)
-            ms = median_ms(lambda: drafter.propose([prompt[-1]], row, args.rows, GREEDY, rng).tokens, args.iters)
+            block = draft.config.block_size - 1  # the drafter always runs its trained block; `keep` rows are scored
+            ms = median_ms(lambda: drafter.propose([prompt[-1]], row, block, GREEDY, rng, keep=args.rows).tokens,
+                           args.iters)
             params = sum(v.size for _, v in tree_flatten(draft.parameters()))
+            vocab = f"a {head.ids.size:,}-token proposal vocabulary" if head is not None else "the full head"
             print(f"{name:<36} {draft.config.num_hidden_layers} layers, taps {list(draft.config.target_layer_ids)}, "
-                  f"{params / 1e6:.1f}M params: draft {ms:.2f} ms = {ms / plain_ms:.2f} of a plain step "
-                  f"({plain_ms:.2f} ms)")
+                  f"{params / 1e6:.1f}M params, {args.rows} of {block} rows scored over {vocab}: draft {ms:.2f} ms "
+                  f"= {ms / plain_ms:.2f} of a plain step ({plain_ms:.2f} ms)")
             target.close()
 
 
