@@ -28,10 +28,12 @@ forward launches, their summed device time and the wall time per call: whether a
 reading weights (device time near the wall) or by launching kernels.
 `--compile-ab` runs the target's decoder layers as their own forwards and the draft's q/k norms as two calls
 ("eager"), and both as the server runs them (engine/model/compiled_layer.py, fused.QKNorm: "compiled");
-`--attention-ab` runs the block-attention kernel where it lost its check alone ("kernel") or not
-("explicit"); together, every pair. mlx-lm's loop always runs
-the layers' own forwards (the projections packed, as the server loads them); under `--compile-ab` alone that
-is the same code in both states, so x mlx_lm is taken against the mean of all its runs.
+`--qknorm-ab` runs compiled layers and the packed draft with a Qwen3 layer's q/k norms as two calls ("two-norms")
+and as one (fused.QKNorm, as a GPU serves them: "one-norm"); each layer keeps both routes' graphs, so the
+states can take turns call by call. `--attention-ab` runs the block-attention kernel where it lost its check
+alone ("kernel") or not ("explicit"); together, every pair. mlx-lm's loop always runs
+the layers' own forwards (the projections packed, as the server loads them); under `--compile-ab` or
+`--qknorm-ab` alone that is the same code in both states, so x mlx_lm is taken against the mean of all its runs.
 """
 
 from __future__ import annotations
@@ -209,12 +211,16 @@ def main() -> None:
                         help="also time a draft in the published layer layout beside the packed one the server loads")
     parser.add_argument("--compile-ab", action="store_true",
                         help="A/B the target's layers and the draft's q/k norms eager / as served (compiled, QKNorm)")
+    parser.add_argument("--qknorm-ab", action="store_true",
+                        help="A/B a Qwen3 layer's q/k norms inside compiled layers and the draft: two calls / fused.QKNorm")
     parser.add_argument("--attention-ab", action="store_true",
                         help="A/B the block-attention kernel where it lost alone: explicit / kernel (CUDA)")
     parser.add_argument("--profile", action="store_true",
                         help="CUDA: kernels launched, device and wall ms per forward (needs PyTorch)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.compile_ab and args.qknorm_ab:
+        parser.error("--compile-ab already switches the q/k norms with compiled layers; use one of the two")
     maybe_reexec_with_blas()
 
     from mlx_lm.generate import generate_step
@@ -238,6 +244,8 @@ def main() -> None:
     states = gemm_states([draft] + ([published] if published is not None else [])) if args.verify_gemm else {"": lambda: None}
     if args.compile_ab:
         states = paired(states, compile_states())
+    if args.qknorm_ab:
+        states = paired(states, qknorm_states())
     if args.attention_ab:
         states = paired(states, attention_states())
     target = Target(model, draft.config.target_layer_ids)
@@ -317,7 +325,7 @@ def main() -> None:
                 rows.setdefault(name, []).append(tps)
     first = next(iter(states))  # the baseline: MLX's matmul everywhere under --verify-gemm
     base = statistics.fmean(rows["mlx_lm" + (f" [{first}]" if first else "")])
-    if args.compile_ab and not (args.verify_gemm or args.attention_ab):
+    if (args.compile_ab or args.qknorm_ab) and not (args.verify_gemm or args.attention_ab):
         # mlx-lm's loop runs the same code in both states (compiled layers and QKNorm off): every state's runs
         # measure it, and a GPU host's speed moves by a third between seconds
         base = statistics.fmean(tps for name, samples in rows.items() if name.startswith("mlx_lm") for tps in samples)
@@ -430,17 +438,25 @@ def gemm_states(drafts: list[nn.Module]) -> dict[str, Callable[[], None]]:
 def compile_states() -> dict[str, Callable[[], None]]:
     """--compile-ab: the target's decoder layers as their own forwards and the draft's q/k norms as two calls,
     then as the server runs them (compiled graphs; fused.QKNorm off the CPU)."""
+    return _layer_states({"eager": (False, False), "compiled": (True, None)})
+
+
+def qknorm_states() -> dict[str, Callable[[], None]]:
+    """--qknorm-ab: compiled layers and the packed draft with two q/k norm calls, then with fused.QKNorm."""
+    return _layer_states({"two-norms": (True, False), "one-norm": (True, True)})
+
+
+def _layer_states(routes: dict[str, tuple[bool, bool | None]]) -> dict[str, Callable[[], None]]:
+    """Per label: compiled layers on or off, and fused.QKNorm on, off or the device's default (None)."""
     from engine.model import compiled_layer, fused
 
-    def eager() -> None:
-        compiled_layer.set_enabled(False)
-        fused.set_one_qk_norm(False)
+    def state(compiled: bool, one_norm: bool | None) -> Callable[[], None]:
+        def use() -> None:
+            compiled_layer.set_enabled(compiled)
+            fused.set_one_qk_norm(one_norm)
+        return use
 
-    def compiled() -> None:
-        compiled_layer.set_enabled(True)
-        fused.set_one_qk_norm(None)
-
-    return {"eager": eager, "compiled": compiled}
+    return {label: state(*route) for label, route in routes.items()}
 
 
 def attention_states() -> dict[str, Callable[[], None]]:

@@ -68,7 +68,7 @@ def compile_layers(model: nn.Module) -> int:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if type(layer) not in _LAYER_CLASSES or attn is None or not is_fused(attn) or mlp is None or not is_fused(mlp):
             continue
-        layer._dflash_graphs = None
+        layer._dflash_graphs = layer._dflash_spare = None
         layer.__class__ = _compiled_class(type(layer))
         swapped += 1
     return swapped
@@ -101,6 +101,19 @@ class _Graphs:
 
         self.before, self.after = mx.compile(before), mx.compile(after)
 
+    def runs(self, one_norm: bool) -> bool:
+        """Whether these graphs are what the layer runs now: traced in this epoch, for this QKNorm route."""
+        return self.epoch == route_epoch.current() and self.one_norm == one_norm
+
+
+def _switch_graphs(layer: nn.Module, one_norm: bool) -> _Graphs:
+    """The layer's graphs for a new epoch or QKNorm route. The other route's are kept as a spare, so that an A/B
+    switching the route call by call (bench/regime.py --qknorm-ab) traces each route once, not at every call."""
+    spare: _Graphs | None = getattr(layer, "_dflash_spare", None)
+    graphs = spare if spare is not None and spare.runs(one_norm) else _Graphs(layer, one_norm)
+    layer._dflash_spare, layer._dflash_graphs = layer._dflash_graphs, graphs
+    return graphs
+
 
 def _offset_array(offset: int) -> mx.array:
     global _offset
@@ -125,8 +138,8 @@ def _compiled_class(cls: type) -> type:
             if not _takes_graphs(self, x, mask, cache):
                 return cls.__call__(self, x, mask, cache)
             graphs, one_norm = self._dflash_graphs, one_qk_norm()
-            if graphs is None or graphs.epoch != route_epoch.current() or graphs.one_norm != one_norm:
-                graphs = self._dflash_graphs = _Graphs(self, one_norm)
+            if graphs is None or not graphs.runs(one_norm):
+                graphs = _switch_graphs(self, one_norm)
             attn = self.self_attn
             rows = attn.rope.rows(cache.offset, x.shape[1]) if graphs.table else ()
             queries, keys, values = graphs.before(x, _offset_array(cache.offset), *rows)

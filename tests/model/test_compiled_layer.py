@@ -76,9 +76,9 @@ def test_taps_are_the_same_through_compiled_layers() -> None:
     assert mx.array_equal(outs[0][0], outs[1][0]).item() and mx.array_equal(outs[0][1], outs[1][1]).item()
 
 
-def test_the_qk_norm_switch_retraces_only_where_it_changes_the_route() -> None:
+def test_the_qk_norm_switch_traces_each_route_once() -> None:
     """fused.set_one_qk_norm: a compiled layer traces again where the route it runs changes, not at every
-    switch (bench/regime.py alternates it call by call, with compiled layers off in between)."""
+    switch, and keeps the other route's graphs (bench/regime.py --qknorm-ab alternates the routes call by call)."""
     _, compiled = twins("qwen3")
     layer = inner_model(compiled).layers[0]
     cache = make_prompt_cache(compiled)
@@ -97,7 +97,14 @@ def test_the_qk_norm_switch_retraces_only_where_it_changes_the_route() -> None:
         second = graphs_after_a_step()
         assert second is not first and second.one_norm is (not default)
         fused.set_one_qk_norm(None)
-        assert graphs_after_a_step().one_norm is default
+        assert graphs_after_a_step() is first  # back to the first route: its graphs, not a new trace
+        fused.set_one_qk_norm(not default)
+        assert graphs_after_a_step() is second
+        compiled_layer.invalidate()  # a new epoch: neither is current any more
+        fresh = graphs_after_a_step()
+        assert fresh is not second and fresh is not first and fresh.one_norm is (not default)
+        fused.set_one_qk_norm(None)
+        assert graphs_after_a_step() is not first  # the spare was traced in the old epoch
     finally:
         fused.set_one_qk_norm(None)
 
