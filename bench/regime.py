@@ -212,7 +212,7 @@ def main() -> None:
     parser.add_argument("--compile-ab", action="store_true",
                         help="A/B the target's layers and the draft's q/k norms eager / as served (compiled, QKNorm)")
     parser.add_argument("--qknorm-ab", action="store_true",
-                        help="A/B a Qwen3 layer's q/k norms inside compiled layers and the draft: two calls / fused.QKNorm")
+                        help="A/B a Qwen3 layer's q/k norms in compiled layers and the draft: two calls / fused.QKNorm")
     parser.add_argument("--attention-ab", action="store_true",
                         help="A/B the block-attention kernel where it lost alone: explicit / kernel (CUDA)")
     parser.add_argument("--profile", action="store_true",

@@ -13,7 +13,6 @@ from engine.backend import fast_exp
 from engine.model import attention
 
 
-
 def _qkv(rows: int, length: int, heads: int = 9, kv_heads: int = 3, dim: int = 64) -> tuple[mx.array, ...]:
     k1, k2, k3 = mx.random.split(mx.random.key(rows * 1000 + length), 3)
     q = mx.random.normal((2, heads, rows, dim), key=k1)
