@@ -111,7 +111,10 @@ def _switch_graphs(layer: nn.Module, one_norm: bool) -> _Graphs:
     switching the route call by call (bench/regime.py --qknorm-ab) traces each route once, not at every call."""
     spare: _Graphs | None = getattr(layer, "_dflash_spare", None)
     graphs = spare if spare is not None and spare.runs(one_norm) else _Graphs(layer, one_norm)
-    layer._dflash_spare, layer._dflash_graphs = layer._dflash_graphs, graphs
+    current: _Graphs | None = layer._dflash_graphs
+    # graphs of an older epoch are never run again: not kept
+    layer._dflash_spare = current if current is not None and current.epoch == route_epoch.current() else None
+    layer._dflash_graphs = graphs
     return graphs
 
 

@@ -230,9 +230,8 @@ def one_qk_norm() -> bool:
 
 
 def set_one_qk_norm(on: bool | None) -> None:
-    """Force QKNorm on or off (None: the default), e.g. to test it on the CPU. Compiled layers trace again at
-    their next call where it changes what they run (not at every switch: bench/regime.py's A/B alternates
-    it with compiled layers off in between)."""
+    """Force QKNorm on or off (None: the default), e.g. to test it on the CPU. A compiled layer traces each route
+    once and keeps the other's graphs (bench/regime.py --qknorm-ab switches it call by call)."""
     global _one_qk_norm
     _one_qk_norm = on
 
